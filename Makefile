@@ -1,0 +1,34 @@
+# Two commands matter: `make run` and `make test`. Both build the virtualenv
+# on first use, so they work on a fresh machine with only Python and pip.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test lint venv clean bench bench-quick
+
+$(BIN)/nearstore: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/nearstore
+
+run: venv
+	$(BIN)/nearstore serve
+
+lint: venv
+	$(BIN)/ruff check gateway cache metadata clients bench tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+bench-quick: venv
+	$(BIN)/nearstore bench --quick
+
+bench: venv
+	$(BIN)/nearstore bench
+
+clean:
+	rm -rf $(VENV) nearstore-data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,241 @@
+"""The backing-store interface: what the gateway (and later the cache's fill
+path) needs from a place that holds objects.
+
+Two implementations: ``local.LocalStore`` (the embedded default, a directory
+plus SQLite) and the S3 upstream. The interface is deliberately narrow and
+speaks S3 semantics, not storage mechanics: a backend raises the gateway's
+S3 errors (``NoSuchKey``, ``NoSuchBucket`` ...) for conditions S3 defines, so
+that an upstream's error reaches the client unchanged.
+
+Invariants every backend keeps:
+
+- A write is visible only once complete: ``put_object`` consumes the whole
+  body (whose iterator raises if any integrity check fails) before the object
+  replaces the previous version. A failed or interrupted write leaves the old
+  version, or nothing, visible.
+- A reader sees one version whole: an ``ObjectHandle`` pins the version it
+  was opened on, whatever is written afterwards.
+- Keys are opaque strings; no backend derives a filesystem path from one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class BucketInfo:
+    name: str
+    created: float  # epoch seconds
+    region: str = ""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str  # quoted, as S3 returns it: '"9b2cf535f27731c974343645a3985328"'
+    last_modified: float  # epoch seconds
+    content_type: str = "binary/octet-stream"
+    # Standard headers stored verbatim (Content-Encoding, Cache-Control, ...),
+    # lower-case names.
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # x-amz-meta-* without the prefix, lower-case names.
+    user_meta: Mapping[str, str] = field(default_factory=dict)
+    # (algorithm, base64 value, "FULL_OBJECT" | "COMPOSITE") or None.
+    checksum: tuple[str, str, str] | None = None
+    # Sizes of the parts of a multipart object, in order; () for a simple PUT.
+    parts: tuple[int, ...] = ()
+    # Per-part checksums of a multipart object (same order as parts).
+    part_checksums: tuple[str, ...] = ()
+    tag_count: int = 0
+    storage_class: str = "STANDARD"
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    """What a client sets on an object at write time."""
+
+    content_type: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    user_meta: Mapping[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+    checksum_algorithm: str | None = None  # multipart: declared at create
+
+
+@dataclass(frozen=True)
+class WriteConditions:
+    """Conditional writes (``If-Match`` / ``If-None-Match: *`` on PUT)."""
+
+    if_match: str | None = None
+    if_none_match: str | None = None
+
+
+class UploadBody(Protocol):
+    """A streaming, verified request body (see ``gateway.payload.Payload``).
+
+    Iterating ``chunks()`` to the end means every integrity check passed; it
+    raises an S3 error otherwise, and the backend must then discard what it
+    wrote.
+    """
+
+    def chunks(self) -> AsyncIterator[bytes | memoryview]: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def md5_hex(self) -> str: ...
+
+    @property
+    def checksum(self) -> tuple[str, str] | None: ...
+
+
+class ObjectHandle(Protocol):
+    """An open object version; readable until closed, whatever happens after."""
+
+    info: ObjectInfo
+
+    def fileno(self) -> int | None:
+        """A file descriptor for zero-copy sends, or None if not file-backed."""
+        ...
+
+    def read_range(self, start: int, length: int) -> AsyncIterator[bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ListPage:
+    objects: Sequence[ObjectInfo]
+    common_prefixes: Sequence[str]
+    is_truncated: bool
+    # The last key or common prefix returned; the next page starts after it.
+    next_marker: str | None
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    upload_id: str
+    key: str
+    initiated: float
+    meta: ObjectMeta = field(default_factory=ObjectMeta)
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    part_number: int
+    size: int
+    etag: str
+    last_modified: float
+    checksum: str | None = None  # base64 value, of the upload's algorithm
+
+
+@dataclass(frozen=True)
+class CompletedPart:
+    part_number: int
+    etag: str
+    checksum: str | None = None
+
+
+class Backend(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # Buckets
+    async def list_buckets(self) -> list[BucketInfo]: ...
+
+    async def create_bucket(self, bucket: str, region: str = "") -> None: ...
+
+    async def head_bucket(self, bucket: str) -> BucketInfo: ...
+
+    async def delete_bucket(self, bucket: str) -> None: ...
+
+    # Objects
+    async def head_object(self, bucket: str, key: str) -> ObjectInfo: ...
+
+    async def open_object(self, bucket: str, key: str) -> ObjectHandle: ...
+
+    async def put_object(
+        self,
+        bucket: str,
+        key: str,
+        body: UploadBody,
+        meta: ObjectMeta,
+        conditions: WriteConditions = WriteConditions(),
+    ) -> ObjectInfo: ...
+
+    async def copy_object(
+        self,
+        src_bucket: str,
+        src_key: str,
+        dst_bucket: str,
+        dst_key: str,
+        meta: ObjectMeta | None,
+        expected_etag: str | None = None,
+    ) -> ObjectInfo:
+        """Copy server-side. ``meta`` None keeps the source's metadata
+        (directive COPY). ``expected_etag`` pins the source version that the
+        caller's copy-source conditions were evaluated against."""
+        ...
+
+    async def delete_object(self, bucket: str, key: str) -> None: ...
+
+    async def list_objects(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        start_after: str = "",
+        max_keys: int = 1000,
+    ) -> ListPage: ...
+
+    # Tagging
+    async def get_tags(self, bucket: str, key: str) -> dict[str, str]: ...
+
+    async def put_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None: ...
+
+    # Multipart
+    async def create_upload(self, bucket: str, key: str, meta: ObjectMeta) -> str: ...
+
+    async def upload_part(
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: UploadBody
+    ) -> PartInfo: ...
+
+    async def upload_part_copy(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        src_bucket: str,
+        src_key: str,
+        src_range: tuple[int, int] | None,
+        expected_etag: str | None = None,
+    ) -> PartInfo: ...
+
+    async def complete_upload(
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart]
+    ) -> ObjectInfo: ...
+
+    async def abort_upload(self, bucket: str, key: str, upload_id: str) -> None: ...
+
+    async def list_parts(
+        self, bucket: str, key: str, upload_id: str, *, marker: int = 0, max_parts: int = 1000
+    ) -> tuple[UploadInfo, list[PartInfo], bool]: ...
+
+    async def list_uploads(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int = 1000,
+    ) -> tuple[list[UploadInfo], bool]: ...

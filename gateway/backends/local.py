@@ -1,0 +1,1035 @@
+"""The embedded local store: objects as immutable files, metadata in SQLite.
+
+Layout under the data directory::
+
+    meta.sqlite3            buckets, objects, uploads, parts (WAL mode)
+    objects/ab/cd/<id>      one immutable file per object version
+    uploads/<upload>/<id>   one file per uploaded part
+    tmp/<id>                bodies being received; emptied at start-up
+
+Why files named by a random id rather than by key: S3 keys are not paths.
+"a" and "a/b" can both exist, keys may contain "..", "//", NUL-free
+arbitrary UTF-8 up to 1 KiB, and case matters on every filesystem we may run
+on. Naming files by id makes path traversal impossible by construction (no
+byte of a key ever reaches a path) and makes an overwrite an index update.
+
+Write order, and why:
+
+1. the body streams into ``tmp/<id>`` (nothing visible yet);
+2. fsync the file, then rename it to ``objects/..../<id>`` and fsync that
+   directory: the bytes are durable before anything points at them;
+3. one SQLite transaction makes the new version current;
+4. only then is the replaced version's file unlinked.
+
+A crash between 2 and 3 leaves an unreferenced file, removed by the
+start-up sweep; a crash before 2 leaves a temporary file, also swept. A
+reader holds an open descriptor, so a version unlinked in step 4 stays
+readable to those already reading it: a reader sees one version whole.
+
+All SQLite access runs on one dedicated thread (one connection, no locks to
+get wrong); bulk file I/O runs on the default executor so that a slow disk
+write never delays a metadata lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from gateway import errors
+from gateway.backends.base import (
+    BucketInfo,
+    CompletedPart,
+    ListPage,
+    ObjectInfo,
+    ObjectMeta,
+    PartInfo,
+    UploadBody,
+    UploadInfo,
+    WriteConditions,
+)
+from gateway.checksums import new_checksum
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MIN_PART_SIZE = 5 * 1024 * 1024
+MAX_PARTS = 10000
+READ_CHUNK = 1024 * 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS buckets (
+    name    TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    region  TEXT NOT NULL DEFAULT ''
+);
+-- Keys are stored as UTF-8 BLOBs: SQLite compares BLOBs with memcmp, which is
+-- exactly S3's listing order (UTF-8 binary), and makes prefix ranges exact.
+CREATE TABLE IF NOT EXISTS objects (
+    bucket  TEXT NOT NULL,
+    key     BLOB NOT NULL,
+    file    TEXT NOT NULL,
+    size    INTEGER NOT NULL,
+    etag    TEXT NOT NULL,
+    mtime   REAL NOT NULL,
+    info    TEXT NOT NULL,   -- JSON: content type, headers, meta, checksum, parts
+    tags    TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (bucket, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS uploads (
+    upload_id TEXT PRIMARY KEY,
+    bucket    TEXT NOT NULL,
+    key       BLOB NOT NULL,
+    initiated REAL NOT NULL,
+    meta      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS uploads_by_key ON uploads (bucket, key, initiated);
+CREATE TABLE IF NOT EXISTS parts (
+    upload_id   TEXT NOT NULL,
+    part_number INTEGER NOT NULL,
+    file        TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    etag        TEXT NOT NULL,
+    md5         BLOB NOT NULL,
+    mtime       REAL NOT NULL,
+    checksum    TEXT,
+    PRIMARY KEY (upload_id, part_number)
+) WITHOUT ROWID;
+"""
+
+
+def _key_upper_bound(prefix: bytes) -> bytes | None:
+    """The smallest byte string greater than every string starting with
+    ``prefix``, or None when there is none (prefix empty or all 0xFF)."""
+    p = bytearray(prefix)
+    while p and p[-1] == 0xFF:
+        p.pop()
+    if not p:
+        return None
+    p[-1] += 1
+    return bytes(p)
+
+
+def _meta_to_json(meta: ObjectMeta) -> str:
+    return json.dumps(
+        {
+            "content_type": meta.content_type,
+            "headers": dict(meta.headers),
+            "user_meta": dict(meta.user_meta),
+            "tags": dict(meta.tags),
+            "checksum_algorithm": meta.checksum_algorithm,
+        }
+    )
+
+
+def _meta_from_json(text: str) -> ObjectMeta:
+    d = json.loads(text)
+    return ObjectMeta(
+        content_type=d.get("content_type"),
+        headers=d.get("headers") or {},
+        user_meta=d.get("user_meta") or {},
+        tags=d.get("tags") or {},
+        checksum_algorithm=d.get("checksum_algorithm"),
+    )
+
+
+def _info_json(
+    meta: ObjectMeta,
+    checksum: tuple[str, str, str] | None,
+    parts: Sequence[int] = (),
+    part_checksums: Sequence[str] = (),
+) -> str:
+    return json.dumps(
+        {
+            "content_type": meta.content_type or "binary/octet-stream",
+            "headers": dict(meta.headers),
+            "user_meta": dict(meta.user_meta),
+            "checksum": list(checksum) if checksum else None,
+            "parts": list(parts),
+            "part_checksums": list(part_checksums),
+        }
+    )
+
+
+def _row_to_info(key: bytes, size: int, etag: str, mtime: float, info: str, tags: str) -> ObjectInfo:
+    d = json.loads(info)
+    checksum = d.get("checksum")
+    return ObjectInfo(
+        key=key.decode(),
+        size=size,
+        etag=etag,
+        last_modified=mtime,
+        content_type=d["content_type"],
+        headers=d["headers"],
+        user_meta=d["user_meta"],
+        checksum=(checksum[0], checksum[1], checksum[2]) if checksum else None,
+        parts=tuple(d.get("parts") or ()),
+        part_checksums=tuple(d.get("part_checksums") or ()),
+        tag_count=len(json.loads(tags)),
+    )
+
+
+@dataclass
+class LocalHandle:
+    """An open object version (see ``ObjectHandle``)."""
+
+    info: ObjectInfo
+    fd: int
+    _closed: bool = False
+
+    def fileno(self) -> int | None:
+        return self.fd
+
+    async def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        end = start + length
+        pos = start
+        while pos < end:
+            n = min(READ_CHUNK, end - pos)
+            data = await loop.run_in_executor(None, os.pread, self.fd, n, pos)
+            if not data:
+                # The file is shorter than its index entry says: never pad or
+                # truncate silently; the caller aborts the response.
+                raise OSError(errno.EIO, "object file shorter than recorded size")
+            pos += len(data)
+            yield data
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
+class LocalStore:
+    """A bucket store on a local directory (see the module docstring)."""
+
+    name = "local"
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(root).resolve()
+        self.fsync = fsync
+        self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nearstore-db")
+        self._conn: sqlite3.Connection | None = None
+
+    # --- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        for sub in ("objects", "uploads", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        await self._db(self._open_db)
+        await asyncio.get_running_loop().run_in_executor(None, self._sweep)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._db(self._conn.close)
+            self._conn = None
+        self._db_thread.shutdown(wait=True)
+
+    def _open_db(self) -> None:
+        conn = sqlite3.connect(self.root / "meta.sqlite3", isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash; the object
+        # bytes themselves are fsynced before the commit that publishes them.
+        conn.execute("PRAGMA synchronous=NORMAL" if not self.fsync else "PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(_SCHEMA)
+        self._conn = conn
+
+    def _sweep(self) -> None:
+        """Remove what a crash left behind: temporary bodies, and object or
+        part files that no index row references."""
+        tmp = self.root / "tmp"
+        for entry in os.scandir(tmp):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+        conn = self._conn
+        assert conn is not None
+        # The sweep runs before the server accepts requests, so reading the
+        # connection from this thread cannot race with the db thread.
+        referenced = {r[0] for r in conn.execute("SELECT file FROM objects")}
+        referenced.update(r[0] for r in conn.execute("SELECT file FROM parts"))
+        removed = 0
+        for base in (self.root / "objects", self.root / "uploads"):
+            for dirpath, _dirs, files in os.walk(base):
+                for name in files:
+                    rel = os.path.relpath(os.path.join(dirpath, name), self.root)
+                    if rel not in referenced:
+                        with contextlib.suppress(OSError):
+                            os.unlink(os.path.join(dirpath, name))
+                            removed += 1
+        if removed:
+            log.warning("start-up sweep removed %d unreferenced files", removed)
+
+    async def _db(self, fn: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db_thread, fn, *args)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "LocalStore.start() not called"
+        return self._conn
+
+    # --- buckets ------------------------------------------------------------
+
+    async def list_buckets(self) -> list[BucketInfo]:
+        def q() -> list[BucketInfo]:
+            rows = self.conn.execute("SELECT name, created, region FROM buckets ORDER BY name")
+            return [BucketInfo(*r) for r in rows]
+
+        return await self._db(q)
+
+    async def create_bucket(self, bucket: str, region: str = "") -> None:
+        def q() -> None:
+            try:
+                self.conn.execute(
+                    "INSERT INTO buckets (name, created, region) VALUES (?, ?, ?)",
+                    (bucket, time.time(), region),
+                )
+            except sqlite3.IntegrityError:
+                raise errors.BucketAlreadyOwnedByYou(BucketName=bucket) from None
+
+        await self._db(q)
+
+    def _bucket_row(self, bucket: str) -> BucketInfo:
+        row = self.conn.execute(
+            "SELECT name, created, region FROM buckets WHERE name = ?", (bucket,)
+        ).fetchone()
+        if row is None:
+            raise errors.NoSuchBucket(BucketName=bucket)
+        return BucketInfo(*row)
+
+    async def head_bucket(self, bucket: str) -> BucketInfo:
+        return await self._db(self._bucket_row, bucket)
+
+    async def delete_bucket(self, bucket: str) -> None:
+        def q() -> list[str]:
+            c = self.conn
+            self._bucket_row(bucket)
+            if c.execute("SELECT 1 FROM objects WHERE bucket = ? LIMIT 1", (bucket,)).fetchone():
+                raise errors.BucketNotEmpty(BucketName=bucket)
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                files = [
+                    r[0]
+                    for r in c.execute(
+                        "SELECT p.file FROM parts p JOIN uploads u USING (upload_id) WHERE u.bucket = ?",
+                        (bucket,),
+                    )
+                ]
+                c.execute(
+                    "DELETE FROM parts WHERE upload_id IN (SELECT upload_id FROM uploads WHERE bucket = ?)",
+                    (bucket,),
+                )
+                c.execute("DELETE FROM uploads WHERE bucket = ?", (bucket,))
+                c.execute("DELETE FROM buckets WHERE name = ?", (bucket,))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            return files
+
+        for f in await self._db(q):
+            self._unlink(f)
+
+    # --- objects: reads -----------------------------------------------------
+
+    def _object_row(self, bucket: str, key: str) -> tuple[ObjectInfo, str]:
+        row = self.conn.execute(
+            "SELECT key, size, etag, mtime, info, tags, file FROM objects WHERE bucket = ? AND key = ?",
+            (bucket, key.encode()),
+        ).fetchone()
+        if row is None:
+            self._bucket_row(bucket)
+            raise errors.NoSuchKey(Key=key)
+        return _row_to_info(*row[:6]), row[6]
+
+    async def head_object(self, bucket: str, key: str) -> ObjectInfo:
+        return (await self._db(self._object_row, bucket, key))[0]
+
+    async def open_object(self, bucket: str, key: str) -> LocalHandle:
+        def q() -> LocalHandle:
+            # Lookup and open happen on the db thread, where overwrites also
+            # unlink replaced files: the file we open is the one the row names.
+            info, rel = self._object_row(bucket, key)
+            fd = os.open(self.root / rel, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return LocalHandle(info, fd)
+
+        return await self._db(q)
+
+    # --- objects: writes ----------------------------------------------------
+
+    async def _receive(self, body: UploadBody, md5_only: bool = False) -> tuple[str, int]:
+        """Stream ``body`` into a new temporary file; fsync it. Returns the
+        temp path (relative to root) and the size. Removes the file if the
+        body fails any check or the client goes away."""
+        loop = asyncio.get_running_loop()
+        rel = f"tmp/{uuid.uuid4().hex}"
+        path = self.root / rel
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        size = 0
+        try:
+            async for chunk in body.chunks():
+                await loop.run_in_executor(None, _write_all, fd, chunk)
+                size += len(chunk)
+            if self.fsync:
+                await loop.run_in_executor(None, os.fsync, fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        os.close(fd)
+        return rel, size
+
+    def _publish(self, tmp_rel: str, dest_dir: str) -> str:
+        """Move a received temporary file to its final place (fsynced
+        directory), returning the new relative path."""
+        name = os.path.basename(tmp_rel)
+        if dest_dir == "objects":
+            dest_dir = f"objects/{name[:2]}/{name[2:4]}"
+        d = self.root / dest_dir
+        d.mkdir(parents=True, exist_ok=True)
+        rel = f"{dest_dir}/{name}"
+        os.rename(self.root / tmp_rel, self.root / rel)
+        if self.fsync:
+            _fsync_dir(d)
+        return rel
+
+    def _unlink(self, rel: str) -> None:
+        try:
+            os.unlink(self.root / rel)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # the sweep at next start removes it
+            log.warning("could not remove %s: %s", rel, e)
+
+    def _commit_object(
+        self,
+        bucket: str,
+        key: str,
+        rel: str,
+        size: int,
+        etag: str,
+        info_json: str,
+        tags: Mapping[str, str],
+        conditions: WriteConditions,
+        before_commit: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> ObjectInfo:
+        """Make ``rel`` the current version of (bucket, key). Runs on the db
+        thread. Unlinks the replaced version's file after the commit."""
+        c = self.conn
+        mtime = time.time()
+        old: str | None = None
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            self._bucket_row(bucket)
+            row = c.execute(
+                "SELECT file, etag FROM objects WHERE bucket = ? AND key = ?", (bucket, key.encode())
+            ).fetchone()
+            _check_write_conditions(conditions, row[1] if row else None, key)
+            if row:
+                old = row[0]
+            if before_commit is not None:
+                before_commit(c)
+            c.execute(
+                "INSERT OR REPLACE INTO objects (bucket, key, file, size, etag, mtime, info, tags)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (bucket, key.encode(), rel, size, etag, mtime, info_json, json.dumps(dict(tags))),
+            )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            self._unlink(rel)
+            raise
+        if old is not None and old != rel:
+            self._unlink(old)
+        return _row_to_info(key.encode(), size, etag, mtime, info_json, json.dumps(dict(tags)))
+
+    async def put_object(
+        self,
+        bucket: str,
+        key: str,
+        body: UploadBody,
+        meta: ObjectMeta,
+        conditions: WriteConditions = WriteConditions(),
+    ) -> ObjectInfo:
+        await self.head_bucket(bucket)  # fail fast, before reading the body
+        tmp_rel, size = await self._receive(body)
+        loop = asyncio.get_running_loop()
+        try:
+            rel = await loop.run_in_executor(None, self._publish, tmp_rel, "objects")
+        except BaseException:
+            self._unlink(tmp_rel)
+            raise
+        checksum = body.checksum
+        info_json = _info_json(meta, (checksum[0], checksum[1], "FULL_OBJECT") if checksum else None)
+        etag = f'"{body.md5_hex}"'
+        return await self._db(
+            self._commit_object, bucket, key, rel, size, etag, info_json, meta.tags, conditions
+        )
+
+    async def copy_object(
+        self,
+        src_bucket: str,
+        src_key: str,
+        dst_bucket: str,
+        dst_key: str,
+        meta: ObjectMeta | None,
+        expected_etag: str | None = None,
+    ) -> ObjectInfo:
+        src = await self.open_object(src_bucket, src_key)
+        try:
+            if expected_etag is not None and src.info.etag != expected_etag:
+                raise errors.PreconditionFailed(Condition="x-amz-copy-source-if-match")
+            await self.head_bucket(dst_bucket)
+            loop = asyncio.get_running_loop()
+            tmp_rel = f"tmp/{uuid.uuid4().hex}"
+            md5 = await loop.run_in_executor(
+                None, self._copy_range_to, src.fd, 0, src.info.size, tmp_rel
+            )
+        finally:
+            await src.close()
+        try:
+            rel = await loop.run_in_executor(None, self._publish, tmp_rel, "objects")
+        except BaseException:
+            self._unlink(tmp_rel)
+            raise
+        info = src.info
+        if meta is None:
+            meta = ObjectMeta(
+                content_type=info.content_type, headers=info.headers, user_meta=info.user_meta
+            )
+            tags = await self.get_tags(src_bucket, src_key)
+        else:
+            tags = dict(meta.tags)
+        # A copy is a new single-part object: S3 recomputes the ETag as the
+        # MD5 of the bytes (a multipart source's "-N" ETag does not carry over).
+        etag = f'"{md5.hex()}"'
+        checksum = info.checksum if info.checksum and info.checksum[2] == "FULL_OBJECT" else None
+        info_json = _info_json(meta, checksum)
+        return await self._db(
+            self._commit_object, dst_bucket, dst_key, rel, info.size, etag, info_json, tags, WriteConditions()
+        )
+
+    def _copy_range_to(self, src_fd: int, start: int, length: int, tmp_rel: str) -> bytes:
+        """Copy a byte range of an open file into a new temporary file,
+        fsync it, and return the MD5 of the bytes (needed for the ETag, so we
+        read them anyway rather than use copy_file_range)."""
+        md5 = hashlib.md5()
+        path = self.root / tmp_rel
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            pos, end = start, start + length
+            while pos < end:
+                data = os.pread(src_fd, min(READ_CHUNK * 4, end - pos), pos)
+                if not data:
+                    raise OSError(errno.EIO, "source object file shorter than recorded size")
+                md5.update(data)
+                _write_all(fd, data)
+                pos += len(data)
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        os.close(fd)
+        return md5.digest()
+
+    async def delete_object(self, bucket: str, key: str) -> None:
+        def q() -> str | None:
+            c = self.conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                self._bucket_row(bucket)
+                row = c.execute(
+                    "DELETE FROM objects WHERE bucket = ? AND key = ? RETURNING file",
+                    (bucket, key.encode()),
+                ).fetchone()
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            if row:
+                self._unlink(row[0])
+            return None
+
+        await self._db(q)
+
+    # --- listing ------------------------------------------------------------
+
+    async def list_objects(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        start_after: str = "",
+        max_keys: int = 1000,
+    ) -> ListPage:
+        return await self._db(self._list, bucket, prefix, delimiter, start_after, max_keys)
+
+    def _list(
+        self, bucket: str, prefix: str, delimiter: str, start_after: str, max_keys: int
+    ) -> ListPage:
+        self._bucket_row(bucket)
+        c = self.conn
+        bprefix = prefix.encode()
+        upper = _key_upper_bound(bprefix)
+        lower = max(bprefix, start_after.encode())
+        inclusive = lower == bprefix and lower != start_after.encode()
+        objects: list[ObjectInfo] = []
+        prefixes: list[str] = []
+        last: str | None = None
+        batch = max(min(max_keys + 1, 1000), 2)
+        while True:
+            sql = (
+                "SELECT key, size, etag, mtime, info, tags FROM objects WHERE bucket = ? AND key "
+                + (">=" if inclusive else ">")
+                + " ?"
+            )
+            args: list[object] = [bucket, lower]
+            if upper is not None:
+                sql += " AND key < ?"
+                args.append(upper)
+            sql += " ORDER BY key LIMIT ?"
+            args.append(batch)
+            rows = c.execute(sql, args).fetchall()
+            if not rows:
+                return ListPage(objects, prefixes, False, last)
+            jumped = False
+            for row in rows:
+                key = row[0].decode()
+                if delimiter:
+                    idx = key.find(delimiter, len(prefix))
+                    if idx >= 0:
+                        cp = key[: idx + len(delimiter)]
+                        if len(objects) + len(prefixes) >= max_keys:
+                            return ListPage(objects, prefixes, True, last)
+                        prefixes.append(cp)
+                        last = cp
+                        # Skip every other key under this common prefix in one
+                        # index seek instead of reading them all.
+                        nxt = _key_upper_bound(cp.encode())
+                        if nxt is None:
+                            return ListPage(objects, prefixes, False, last)
+                        lower, inclusive, jumped = nxt, True, True
+                        break
+                if len(objects) + len(prefixes) >= max_keys:
+                    return ListPage(objects, prefixes, True, last)
+                objects.append(_row_to_info(*row))
+                last = key
+            if not jumped:
+                if len(rows) < batch:
+                    return ListPage(objects, prefixes, False, last)
+                lower, inclusive = rows[-1][0], False
+
+    # --- tagging ------------------------------------------------------------
+
+    async def get_tags(self, bucket: str, key: str) -> dict[str, str]:
+        def q() -> dict[str, str]:
+            row = self.conn.execute(
+                "SELECT tags FROM objects WHERE bucket = ? AND key = ?", (bucket, key.encode())
+            ).fetchone()
+            if row is None:
+                self._bucket_row(bucket)
+                raise errors.NoSuchKey(Key=key)
+            return dict(json.loads(row[0]))
+
+        return await self._db(q)
+
+    async def put_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
+        def q() -> None:
+            cur = self.conn.execute(
+                "UPDATE objects SET tags = ? WHERE bucket = ? AND key = ?",
+                (json.dumps(dict(tags)), bucket, key.encode()),
+            )
+            if cur.rowcount == 0:
+                self._bucket_row(bucket)
+                raise errors.NoSuchKey(Key=key)
+
+        await self._db(q)
+
+    # --- multipart ----------------------------------------------------------
+
+    def _upload_row(self, bucket: str, key: str, upload_id: str) -> UploadInfo:
+        row = self.conn.execute(
+            "SELECT upload_id, key, initiated, meta FROM uploads WHERE upload_id = ? AND bucket = ? AND key = ?",
+            (upload_id, bucket, key.encode()),
+        ).fetchone()
+        if row is None:
+            self._bucket_row(bucket)
+            raise errors.NoSuchUpload(UploadId=upload_id)
+        return UploadInfo(row[0], row[1].decode(), row[2], _meta_from_json(row[3]))
+
+    async def create_upload(self, bucket: str, key: str, meta: ObjectMeta) -> str:
+        upload_id = base64.urlsafe_b64encode(uuid.uuid4().bytes + os.urandom(8)).decode().rstrip("=")
+
+        def q() -> None:
+            self._bucket_row(bucket)
+            self.conn.execute(
+                "INSERT INTO uploads (upload_id, bucket, key, initiated, meta) VALUES (?, ?, ?, ?, ?)",
+                (upload_id, bucket, key.encode(), time.time(), _meta_to_json(meta)),
+            )
+
+        await self._db(q)
+        return upload_id
+
+    def _commit_part(
+        self, bucket: str, key: str, upload_id: str, part_number: int, rel: str, size: int,
+        md5: bytes, checksum: str | None,
+    ) -> PartInfo:
+        c = self.conn
+        mtime = time.time()
+        old = None
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            self._upload_row(bucket, key, upload_id)
+            row = c.execute(
+                "SELECT file FROM parts WHERE upload_id = ? AND part_number = ?", (upload_id, part_number)
+            ).fetchone()
+            old = row[0] if row else None
+            c.execute(
+                "INSERT OR REPLACE INTO parts (upload_id, part_number, file, size, etag, md5, mtime, checksum)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (upload_id, part_number, rel, size, f'"{md5.hex()}"', md5, mtime, checksum),
+            )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            self._unlink(rel)
+            raise
+        if old:
+            self._unlink(old)
+        return PartInfo(part_number, size, f'"{md5.hex()}"', mtime, checksum)
+
+    async def upload_part(
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: UploadBody
+    ) -> PartInfo:
+        upload = await self._db(self._upload_row, bucket, key, upload_id)
+        alg = upload.meta.checksum_algorithm
+        if alg and body.checksum is not None and body.checksum[0] != alg:
+            raise errors.InvalidRequest(
+                f"Checksum Type mismatch occurred, expected checksum Type: {alg.lower()}, "
+                f"actual checksum Type: {body.checksum[0].lower()}"
+            )
+        tmp_rel, size = await self._receive(body)
+        loop = asyncio.get_running_loop()
+        try:
+            rel = await loop.run_in_executor(None, self._publish, tmp_rel, f"uploads/{upload_id}")
+        except BaseException:
+            self._unlink(tmp_rel)
+            raise
+        md5 = bytes.fromhex(body.md5_hex)
+        checksum = body.checksum[1] if body.checksum else None
+        return await self._db(self._commit_part, bucket, key, upload_id, part_number, rel, size, md5, checksum)
+
+    async def upload_part_copy(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        src_bucket: str,
+        src_key: str,
+        src_range: tuple[int, int] | None,
+        expected_etag: str | None = None,
+    ) -> PartInfo:
+        upload = await self._db(self._upload_row, bucket, key, upload_id)
+        src = await self.open_object(src_bucket, src_key)
+        loop = asyncio.get_running_loop()
+        try:
+            if expected_etag is not None and src.info.etag != expected_etag:
+                raise errors.PreconditionFailed(Condition="x-amz-copy-source-if-match")
+            start, end = src_range if src_range else (0, src.info.size - 1)
+            if src_range and (end >= src.info.size or start > end):
+                raise errors.InvalidRange(
+                    "The specified copy range is invalid for the source object size",
+                    ActualObjectSize=str(src.info.size),
+                )
+            tmp_rel = f"tmp/{uuid.uuid4().hex}"
+            md5 = await loop.run_in_executor(
+                None, self._copy_range_to, src.fd, start, end - start + 1, tmp_rel
+            )
+        finally:
+            await src.close()
+        checksum = None
+        alg = upload.meta.checksum_algorithm
+        if alg:
+            checksum = await loop.run_in_executor(None, self._file_checksum, tmp_rel, alg)
+        try:
+            rel = await loop.run_in_executor(None, self._publish, tmp_rel, f"uploads/{upload_id}")
+        except BaseException:
+            self._unlink(tmp_rel)
+            raise
+        return await self._db(
+            self._commit_part, bucket, key, upload_id, part_number, rel, end - start + 1, md5, checksum
+        )
+
+    def _file_checksum(self, rel: str, alg: str) -> str:
+        ck = new_checksum(alg)
+        with open(self.root / rel, "rb") as f:
+            while data := f.read(READ_CHUNK * 4):
+                ck.update(data)
+        return ck.b64()
+
+    async def complete_upload(
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart]
+    ) -> ObjectInfo:
+        def check() -> tuple[UploadInfo, list[tuple[str, int, bytes, str | None]]]:
+            upload = self._upload_row(bucket, key, upload_id)
+            stored = {
+                r[0]: (r[1], r[2], r[3], r[4], r[5])
+                for r in self.conn.execute(
+                    "SELECT part_number, file, size, etag, md5, checksum FROM parts WHERE upload_id = ?",
+                    (upload_id,),
+                )
+            }
+            chosen: list[tuple[str, int, bytes, str | None]] = []
+            alg = upload.meta.checksum_algorithm
+            for i, p in enumerate(parts):
+                s = stored.get(p.part_number)
+                if s is None or _unquote(s[2]) != _unquote(p.etag):
+                    raise errors.InvalidPart(
+                        ETag=p.etag, PartNumber=str(p.part_number), UploadId=upload_id
+                    )
+                if alg and p.checksum is not None and s[4] is not None and p.checksum != s[4]:
+                    raise errors.InvalidPart(
+                        ETag=p.etag, PartNumber=str(p.part_number), UploadId=upload_id
+                    )
+                if i < len(parts) - 1 and s[1] < MIN_PART_SIZE:
+                    raise errors.EntityTooSmall(
+                        ProposedSize=str(s[1]), MinSizeAllowed=str(MIN_PART_SIZE),
+                        PartNumber=str(p.part_number), ETag=p.etag,
+                    )
+                chosen.append((s[0], s[1], s[3], s[4]))
+            return upload, chosen
+
+        if not parts:
+            raise errors.MalformedXML()
+        numbers = [p.part_number for p in parts]
+        if any(b <= a for a, b in zip(numbers, numbers[1:], strict=False)):
+            raise errors.InvalidPartOrder()
+        upload, chosen = await self._db(check)
+        loop = asyncio.get_running_loop()
+        tmp_rel = f"tmp/{uuid.uuid4().hex}"
+        await loop.run_in_executor(None, self._concat, [c[0] for c in chosen], tmp_rel)
+        try:
+            rel = await loop.run_in_executor(None, self._publish, tmp_rel, "objects")
+        except BaseException:
+            self._unlink(tmp_rel)
+            raise
+        etag = '"' + hashlib.md5(b"".join(c[2] for c in chosen)).hexdigest() + f'-{len(chosen)}"'
+        checksum: tuple[str, str, str] | None = None
+        part_checksums: list[str] = []
+        alg = upload.meta.checksum_algorithm
+        if alg and all(c[3] for c in chosen):
+            part_checksums = [c[3] or "" for c in chosen]
+            if upload.meta.headers.get("x-amz-checksum-type", "COMPOSITE").upper() == "FULL_OBJECT":
+                value = await loop.run_in_executor(None, self._file_checksum, rel, alg)
+                checksum = (alg, value, "FULL_OBJECT")
+            else:
+                ck = new_checksum(alg)
+                for v in part_checksums:
+                    ck.update(base64.b64decode(v))
+                checksum = (alg, f"{ck.b64()}-{len(chosen)}", "COMPOSITE")
+        size = sum(c[1] for c in chosen)
+        meta = upload.meta
+        stored_headers = {k: v for k, v in meta.headers.items() if k != "x-amz-checksum-type"}
+        info_json = _info_json(
+            ObjectMeta(content_type=meta.content_type, headers=stored_headers, user_meta=meta.user_meta),
+            checksum,
+            [c[1] for c in chosen],
+            part_checksums,
+        )
+
+        def finish(c: sqlite3.Connection) -> None:
+            # Completing consumes the upload: in the same transaction as the
+            # object becomes visible, so a retry sees NoSuchUpload, never a
+            # half-completed state.
+            if c.execute("SELECT 1 FROM uploads WHERE upload_id = ?", (upload_id,)).fetchone() is None:
+                raise errors.NoSuchUpload(UploadId=upload_id)
+            c.execute("DELETE FROM parts WHERE upload_id = ?", (upload_id,))
+            c.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+
+        info = await self._db(
+            self._commit_object, bucket, key, rel, size, etag, info_json, meta.tags,
+            WriteConditions(), finish,
+        )
+        await loop.run_in_executor(None, self._remove_upload_dir, upload_id)
+        return info
+
+    def _concat(self, rels: Sequence[str], tmp_rel: str) -> None:
+        """Concatenate part files into a new temporary file with
+        copy_file_range (in-kernel, no copy through user space)."""
+        path = self.root / tmp_rel
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for rel in rels:
+                src = os.open(self.root / rel, os.O_RDONLY)
+                try:
+                    remaining = os.fstat(src).st_size
+                    while remaining > 0:
+                        try:
+                            n = os.copy_file_range(src, out, remaining)
+                        except OSError as e:
+                            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                                raise
+                            n = _copy_fallback(src, out, remaining)
+                        if n == 0:
+                            raise OSError(errno.EIO, "part file shorter than recorded")
+                        remaining -= n
+                finally:
+                    os.close(src)
+            if self.fsync:
+                os.fsync(out)
+        except BaseException:
+            os.close(out)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        os.close(out)
+
+    def _remove_upload_dir(self, upload_id: str) -> None:
+        d = self.root / "uploads" / upload_id
+        if d.is_dir():
+            for entry in os.scandir(d):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+    async def abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
+        def q() -> None:
+            c = self.conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                self._upload_row(bucket, key, upload_id)
+                c.execute("DELETE FROM parts WHERE upload_id = ?", (upload_id,))
+                c.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+        await self._db(q)
+        await asyncio.get_running_loop().run_in_executor(None, self._remove_upload_dir, upload_id)
+
+    async def list_parts(
+        self, bucket: str, key: str, upload_id: str, *, marker: int = 0, max_parts: int = 1000
+    ) -> tuple[UploadInfo, list[PartInfo], bool]:
+        def q() -> tuple[UploadInfo, list[PartInfo], bool]:
+            upload = self._upload_row(bucket, key, upload_id)
+            rows = self.conn.execute(
+                "SELECT part_number, size, etag, mtime, checksum FROM parts"
+                " WHERE upload_id = ? AND part_number > ? ORDER BY part_number LIMIT ?",
+                (upload_id, marker, max_parts + 1),
+            ).fetchall()
+            parts = [PartInfo(*r) for r in rows[:max_parts]]
+            return upload, parts, len(rows) > max_parts
+
+        return await self._db(q)
+
+    async def list_uploads(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int = 1000,
+    ) -> tuple[list[UploadInfo], bool]:
+        def q() -> tuple[list[UploadInfo], bool]:
+            self._bucket_row(bucket)
+            bprefix = prefix.encode()
+            upper = _key_upper_bound(bprefix)
+            sql = "SELECT upload_id, key, initiated, meta FROM uploads WHERE bucket = ? AND key >= ?"
+            args: list[object] = [bucket, bprefix]
+            if upper is not None:
+                sql += " AND key < ?"
+                args.append(upper)
+            if key_marker:
+                # S3: with an upload-id-marker, uploads of key-marker itself
+                # that sort after it are included; without, key-marker is
+                # excluded entirely.
+                if upload_id_marker:
+                    sql += " AND (key > ? OR (key = ? AND upload_id > ?))"
+                    args += [key_marker.encode(), key_marker.encode(), upload_id_marker]
+                else:
+                    sql += " AND key > ?"
+                    args.append(key_marker.encode())
+            sql += " ORDER BY key, initiated, upload_id LIMIT ?"
+            args.append(max_uploads + 1)
+            rows = self.conn.execute(sql, args).fetchall()
+            ups = [UploadInfo(r[0], r[1].decode(), r[2], _meta_from_json(r[3])) for r in rows[:max_uploads]]
+            return ups, len(rows) > max_uploads
+
+        return await self._db(q)
+
+
+def _check_write_conditions(cond: WriteConditions, current_etag: str | None, key: str) -> None:
+    """Conditional writes (S3, 2024): If-None-Match: * fails with 412 when
+    the key exists; If-Match fails with 412 on another ETag and 404 when the
+    key does not exist."""
+    if cond.if_none_match is not None and current_etag is not None:
+        raise errors.PreconditionFailed(Condition="If-None-Match")
+    if cond.if_match is not None:
+        if current_etag is None:
+            raise errors.NoSuchKey(Key=key)
+        if cond.if_match.strip() != "*" and _unquote(cond.if_match) != _unquote(current_etag):
+            raise errors.PreconditionFailed(Condition="If-Match")
+
+
+def _unquote(etag: str) -> str:
+    etag = etag.strip()
+    if len(etag) >= 2 and etag[0] == etag[-1] == '"':
+        return etag[1:-1]
+    return etag
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _copy_fallback(src: int, out: int, remaining: int) -> int:
+    data = os.read(src, min(remaining, READ_CHUNK * 4))
+    _write_all(out, data)
+    return len(data)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def decode_md5_b64(value: str) -> bytes:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise errors.InvalidDigest() from None
+    if len(raw) != 16:
+        raise errors.InvalidDigest()
+    return raw

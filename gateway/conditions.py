@@ -1,0 +1,141 @@
+"""Pure HTTP semantics for reads: byte ranges and conditional requests.
+
+Ranges (RFC 9110 §14, as S3 applies it): a single ``bytes=`` range; S3 does
+not support multi-range requests and, like a syntactically invalid range,
+answers them with the whole object (200). A range that starts past the end,
+or a zero-length suffix, is unsatisfiable: 416 InvalidRange.
+
+Conditionals (RFC 9110 §13.2.2 with S3's documented precedence):
+
+1. If-Match false -> 412. If-Match true makes If-Unmodified-Since irrelevant.
+2. Otherwise If-Unmodified-Since false -> 412.
+3. If-None-Match matches -> 304 (GET/HEAD). If-None-Match present makes
+   If-Modified-Since irrelevant.
+4. Otherwise If-Modified-Since not modified -> 304.
+
+Dates that do not parse are ignored, as HTTP requires. Last-Modified has
+one-second resolution on the wire, so comparisons use whole seconds.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from gateway import errors
+
+
+def http_date(ts: float) -> str:
+    return email.utils.formatdate(int(ts), usegmt=True)
+
+
+def iso8601(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
+
+
+def parse_http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        dt = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) inclusive, or None for "the whole object"."""
+    if header is None:
+        return None
+    value = header.strip()
+    if not value.lower().startswith("bytes="):
+        return None
+    spec = value[6:].strip()
+    if "," in spec:
+        return None
+    first_s, dash, last_s = spec.partition("-")
+    first_s, last_s = first_s.strip(), last_s.strip()
+    if not dash or not (first_s or last_s):
+        return None
+    try:
+        if not first_s:
+            n = int(last_s)
+            if n < 0:
+                return None
+            if n == 0 or size == 0:
+                raise _unsatisfiable(header, size)
+            return max(0, size - n), size - 1
+        first = int(first_s)
+        last = int(last_s) if last_s else size - 1
+    except ValueError:
+        return None
+    if first < 0 or last < first:
+        return None
+    if first >= size:
+        raise _unsatisfiable(header, size)
+    return first, min(last, size - 1)
+
+
+def _unsatisfiable(header: str, size: int) -> errors.InvalidRange:
+    return errors.InvalidRange(RangeRequested=header, ActualObjectSize=str(size))
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    bare = etag.strip('"')
+    for candidate in header.split(","):
+        c = candidate.strip()
+        if c == "*":
+            return True
+        if c.startswith("W/"):
+            c = c[2:]
+        if c.strip('"') == bare:
+            return True
+    return False
+
+
+def check_read_conditions(headers: Mapping[str, str], etag: str, last_modified: float) -> None:
+    """Raise PreconditionFailed (412) or NotModified (304), or return."""
+    lm = int(last_modified)
+    if_match = headers.get("If-Match")
+    if if_match is not None:
+        if not _etag_matches(if_match, etag):
+            raise errors.PreconditionFailed(Condition="If-Match")
+    else:
+        ius = parse_http_date(headers.get("If-Unmodified-Since"))
+        if ius is not None and lm > ius:
+            raise errors.PreconditionFailed(Condition="If-Unmodified-Since")
+    if_none_match = headers.get("If-None-Match")
+    if if_none_match is not None:
+        if _etag_matches(if_none_match, etag):
+            raise errors.NotModified(headers={"ETag": etag, "Last-Modified": http_date(last_modified)})
+    else:
+        ims = parse_http_date(headers.get("If-Modified-Since"))
+        if ims is not None and lm <= ims and ims <= time.time():
+            raise errors.NotModified(headers={"ETag": etag, "Last-Modified": http_date(last_modified)})
+
+
+def check_copy_source_conditions(headers: Mapping[str, str], etag: str, last_modified: float) -> None:
+    """x-amz-copy-source-if-*: every failure is 412 (a copy never answers
+    304). S3 documents that if-match true + if-unmodified-since false, and
+    if-none-match false + if-modified-since true, proceed."""
+    lm = int(last_modified)
+    if_match = headers.get("x-amz-copy-source-if-match")
+    if if_match is not None:
+        if not _etag_matches(if_match, etag):
+            raise errors.PreconditionFailed(Condition="x-amz-copy-source-If-Match")
+    else:
+        ius = parse_http_date(headers.get("x-amz-copy-source-if-unmodified-since"))
+        if ius is not None and lm > ius:
+            raise errors.PreconditionFailed(Condition="x-amz-copy-source-If-Unmodified-Since")
+    if_none_match = headers.get("x-amz-copy-source-if-none-match")
+    if if_none_match is not None:
+        if _etag_matches(if_none_match, etag):
+            raise errors.PreconditionFailed(Condition="x-amz-copy-source-If-None-Match")
+    else:
+        ims = parse_http_date(headers.get("x-amz-copy-source-if-modified-since"))
+        if ims is not None and lm <= ims:
+            raise errors.PreconditionFailed(Condition="x-amz-copy-source-If-Modified-Since")

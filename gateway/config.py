@@ -1,0 +1,129 @@
+"""Configuration: a TOML file, then NEARSTORE_* environment variables, then
+command-line flags, in rising precedence.
+
+Example ``nearstore.toml``::
+
+    [server]
+    host = "0.0.0.0"
+    port = 9000
+    data_dir = "/var/lib/nearstore"
+    domain = "s3.local"          # enables virtual-hosted-style requests
+    region = "us-east-1"
+
+    [[credentials]]              # as many pairs as needed
+    access_key = "trainer"
+    secret_key = "..."
+
+    [tls]
+    cert = "/etc/nearstore/cert.pem"
+    key = "/etc/nearstore/key.pem"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEV_ACCESS_KEY = "nearstore-dev"
+DEV_SECRET_KEY = "nearstore-dev-secret-key"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 9000
+    data_dir: str = "./nearstore-data"
+    domain: str | None = None
+    region: str = "us-east-1"
+    credentials: dict[str, str] = field(default_factory=dict)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    fsync: bool = True
+    # Seconds the server waits for in-flight requests on SIGTERM.
+    shutdown_timeout: float = 30.0
+    using_dev_keys: bool = False
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    sec = doc.get(name, {})
+    if not isinstance(sec, Mapping):
+        raise ConfigError(f"[{name}] must be a table")
+    return sec
+
+
+def load(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    env = os.environ if env is None else env
+    cfg = Config()
+    doc: Mapping[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"invalid TOML in {path}: {e}") from e
+        server = _section(doc, "server")
+        for name in ("host", "data_dir", "domain", "region"):
+            if name in server:
+                setattr(cfg, name, str(server[name]))
+        if "port" in server:
+            cfg.port = int(server["port"])
+        if "fsync" in server:
+            cfg.fsync = bool(server["fsync"])
+        tls = _section(doc, "tls")
+        cfg.tls_cert = tls.get("cert", cfg.tls_cert)
+        cfg.tls_key = tls.get("key", cfg.tls_key)
+        creds = doc.get("credentials", [])
+        if not isinstance(creds, list):
+            raise ConfigError("[[credentials]] must be an array of tables")
+        for c in creds:
+            try:
+                cfg.credentials[str(c["access_key"])] = str(c["secret_key"])
+            except (KeyError, TypeError):
+                raise ConfigError("each [[credentials]] needs access_key and secret_key") from None
+    cfg.raw = doc
+
+    simple = {
+        "NEARSTORE_HOST": "host",
+        "NEARSTORE_DATA_DIR": "data_dir",
+        "NEARSTORE_DOMAIN": "domain",
+        "NEARSTORE_REGION": "region",
+        "NEARSTORE_TLS_CERT": "tls_cert",
+        "NEARSTORE_TLS_KEY": "tls_key",
+    }
+    for var, name in simple.items():
+        if env.get(var):
+            setattr(cfg, name, env[var])
+    if env.get("NEARSTORE_PORT"):
+        cfg.port = int(env["NEARSTORE_PORT"])
+    ak, sk = env.get("NEARSTORE_ACCESS_KEY"), env.get("NEARSTORE_SECRET_KEY")
+    if bool(ak) != bool(sk):
+        raise ConfigError("set both NEARSTORE_ACCESS_KEY and NEARSTORE_SECRET_KEY, or neither")
+    if ak and sk:
+        cfg.credentials[ak] = sk
+
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            setattr(cfg, name, value)
+
+    if not cfg.credentials:
+        cfg.credentials[DEV_ACCESS_KEY] = DEV_SECRET_KEY
+        cfg.using_dev_keys = True
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("TLS needs both a certificate and a key")
+    if not 0 < cfg.port < 65536:
+        raise ConfigError(f"invalid port {cfg.port}")
+    return cfg

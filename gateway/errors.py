@@ -1,0 +1,370 @@
+"""S3 errors: one small class per error code, rendered in one place.
+
+The class name is the S3 error code, ``status`` its HTTP status, ``message``
+the default text S3 itself uses (AWS "Error responses" reference, "List of
+error codes"). Raise them anywhere in the gateway; the error middleware in
+``gateway.app`` renders every one as an XML ``<Error>`` body with a request
+id. Anything else that escapes a handler becomes ``InternalError``, logged
+with the request id.
+
+Extra fields (``BucketName``, ``Key``, ``ArgumentName`` ...) are passed as
+keyword arguments and appear as elements of the ``<Error>`` body, as S3 does.
+
+    S3Error
+     ├── 3xx: NotModified (no body)
+     ├── 4xx: client errors (NoSuchKey, SignatureDoesNotMatch, ...)
+     └── 5xx: InternalError, NotImplemented, ServiceUnavailable, SlowDown
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class S3Error(Exception):
+    status: int = 500
+    message: str = "We encountered an internal error. Please try again."
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **fields: str,
+    ) -> None:
+        self.text = message or self.message
+        self.headers = dict(headers or {})
+        self.fields = fields
+        super().__init__(self.text)
+
+    @property
+    def code(self) -> str:
+        return type(self).__name__
+
+
+# --- 3xx -------------------------------------------------------------------
+
+
+class NotModified(S3Error):
+    status = 304
+    message = "Not Modified"
+
+
+# --- 400 -------------------------------------------------------------------
+
+
+class BadRequest(S3Error):
+    status = 400
+    message = "Bad Request"
+
+
+class AuthorizationHeaderMalformed(S3Error):
+    status = 400
+    message = "The authorization header is malformed."
+
+
+class AuthorizationQueryParametersError(S3Error):
+    status = 400
+    message = "Query-string authentication requires the Signature, Expires and AWSAccessKeyId parameters"
+
+
+class BadDigest(S3Error):
+    status = 400
+    message = "The Content-MD5 you specified did not match what we received."
+
+
+class EntityTooSmall(S3Error):
+    status = 400
+    message = "Your proposed upload is smaller than the minimum allowed object size."
+
+
+class EntityTooLarge(S3Error):
+    status = 400
+    message = "Your proposed upload exceeds the maximum allowed object size."
+
+
+class ExpiredToken(S3Error):
+    status = 400
+    message = "The provided token has expired."
+
+
+class IncompleteBody(S3Error):
+    status = 400
+    message = "You did not provide the number of bytes specified by the Content-Length HTTP header."
+
+
+class InvalidArgument(S3Error):
+    status = 400
+    message = "Invalid Argument"
+
+
+class InvalidBucketName(S3Error):
+    status = 400
+    message = "The specified bucket is not valid."
+
+
+class InvalidDigest(S3Error):
+    status = 400
+    message = "The Content-MD5 you specified is not valid."
+
+
+class InvalidPart(S3Error):
+    status = 400
+    message = (
+        "One or more of the specified parts could not be found. The part may not have been "
+        "uploaded, or the specified entity tag may not match the part's entity tag."
+    )
+
+
+class InvalidPartOrder(S3Error):
+    status = 400
+    message = "The list of parts was not in ascending order. Parts must be ordered by part number."
+
+
+class InvalidRequest(S3Error):
+    status = 400
+    message = "Invalid Request"
+
+
+class InvalidStorageClass(S3Error):
+    status = 400
+    message = "The storage class you specified is not valid."
+
+
+class InvalidTag(S3Error):
+    status = 400
+    message = "The tag provided was not a valid tag."
+
+
+class InvalidEncryptionAlgorithmError(S3Error):
+    status = 400
+    message = "The encryption request you specified is not valid."
+
+
+class KeyTooLongError(S3Error):
+    status = 400
+    message = "Your key is too long."
+
+
+class MalformedXML(S3Error):
+    status = 400
+    message = (
+        "The XML you provided was not well-formed or did not validate against our "
+        "published schema."
+    )
+
+
+class MalformedPOSTRequest(S3Error):
+    status = 400
+    message = "The body of your POST request is not well-formed multipart/form-data."
+
+
+class MalformedPolicy(S3Error):
+    status = 400
+    message = "Policy has invalid resource."
+
+
+class MetadataTooLarge(S3Error):
+    status = 400
+    message = "Your metadata headers exceed the maximum allowed metadata size."
+
+
+class RequestHeaderSectionTooLarge(S3Error):
+    status = 400
+    message = "Your request header section exceeds the maximum allowed size."
+
+
+class RequestTimeout(S3Error):
+    status = 400
+    message = (
+        "Your socket connection to the server was not read from or written to within "
+        "the timeout period."
+    )
+
+
+class TooManyParts(S3Error):
+    status = 400
+    message = "You have attempted to upload more parts than allowed."
+
+
+class UnexpectedContent(S3Error):
+    status = 400
+    message = "This request does not support content."
+
+
+class XAmzContentSHA256Mismatch(S3Error):
+    status = 400
+    message = "The provided 'x-amz-content-sha256' header does not match what was computed."
+
+
+class InvalidChunkSizeError(S3Error):
+    status = 403
+    message = "Only the last chunk is allowed to have a size less than 8192 bytes"
+
+
+# --- 403 -------------------------------------------------------------------
+
+
+class AccessDenied(S3Error):
+    status = 403
+    message = "Access Denied"
+
+
+class InvalidAccessKeyId(S3Error):
+    status = 403
+    message = "The AWS Access Key Id you provided does not exist in our records."
+
+
+class RequestTimeTooSkewed(S3Error):
+    status = 403
+    message = "The difference between the request time and the server's time is too large."
+
+
+class SignatureDoesNotMatch(S3Error):
+    status = 403
+    message = (
+        "The request signature we calculated does not match the signature you provided. "
+        "Check your key and signing method."
+    )
+
+
+# --- 404 -------------------------------------------------------------------
+
+
+class NoSuchBucket(S3Error):
+    status = 404
+    message = "The specified bucket does not exist"
+
+
+class NoSuchKey(S3Error):
+    status = 404
+    message = "The specified key does not exist."
+
+
+class NoSuchUpload(S3Error):
+    status = 404
+    message = (
+        "The specified upload does not exist. The upload ID may be invalid, or the upload "
+        "may have been aborted or completed."
+    )
+
+
+class NoSuchTagSet(S3Error):
+    status = 404
+    message = "The TagSet does not exist"
+
+
+class NoSuchBucketPolicy(S3Error):
+    status = 404
+    message = "The bucket policy does not exist"
+
+
+class NoSuchCORSConfiguration(S3Error):
+    status = 404
+    message = "The CORS configuration does not exist"
+
+
+class NoSuchLifecycleConfiguration(S3Error):
+    status = 404
+    message = "The lifecycle configuration does not exist"
+
+
+class ServerSideEncryptionConfigurationNotFoundError(S3Error):
+    status = 404
+    message = "The server side encryption configuration was not found"
+
+
+class NoSuchVersion(S3Error):
+    status = 404
+    message = "The specified version does not exist."
+
+
+# --- 405 / 409 / 411 / 412 / 416 / 501 / 503 ------------------------------
+
+
+class MethodNotAllowed(S3Error):
+    status = 405
+    message = "The specified method is not allowed against this resource."
+
+
+class BucketAlreadyExists(S3Error):
+    status = 409
+    message = (
+        "The requested bucket name is not available. The bucket namespace is shared by all "
+        "users of the system. Please select a different name and try again."
+    )
+
+
+class BucketAlreadyOwnedByYou(S3Error):
+    status = 409
+    message = "Your previous request to create the named bucket succeeded and you already own it."
+
+
+class BucketNotEmpty(S3Error):
+    status = 409
+    message = "The bucket you tried to delete is not empty"
+
+
+class OperationAborted(S3Error):
+    status = 409
+    message = "A conflicting conditional operation is currently in progress against this resource."
+
+
+class MissingContentLength(S3Error):
+    status = 411
+    message = "You must provide the Content-Length HTTP header."
+
+
+class PreconditionFailed(S3Error):
+    status = 412
+    message = "At least one of the pre-conditions you specified did not hold"
+
+
+class InvalidRange(S3Error):
+    status = 416
+    message = "The requested range is not satisfiable"
+
+
+class InternalError(S3Error):
+    status = 500
+    message = "We encountered an internal error. Please try again."
+
+
+class NotImplemented(S3Error):  # noqa: A001 - the S3 error code is the class name
+    status = 501
+    message = "A header you provided implies functionality that is not implemented"
+
+
+class ServiceUnavailable(S3Error):
+    status = 503
+    message = "Please reduce your request rate."
+
+
+class SlowDown(S3Error):
+    status = 503
+    message = "Please reduce your request rate."
+
+
+class InvalidURI(S3Error):
+    status = 400
+    message = "Couldn't parse the specified URI."
+
+
+class InvalidBucketState(S3Error):
+    status = 409
+    message = "The request is not valid with the current state of the bucket."
+
+
+class NoSuchConfiguration(S3Error):
+    status = 404
+    message = "The specified configuration does not exist."
+
+
+class InvalidLocationConstraint(S3Error):
+    status = 400
+    message = "The specified location-constraint is not valid"
+
+
+class InvalidPartNumber(S3Error):
+    status = 416
+    message = "The requested partnumber is not satisfiable"

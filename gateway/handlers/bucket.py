@@ -1,0 +1,379 @@
+"""Service- and bucket-level operations."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from aiohttp import web
+
+from gateway import errors
+from gateway.backends.base import ListPage
+from gateway.conditions import iso8601
+from gateway.handlers.common import Ctx, acl_policy, encode_key, read_body, xml_response
+from gateway.request import S3Request, check_key, validate_bucket_name
+from gateway.xml import Node, child_text, parse
+
+MAX_KEYS = 1000
+
+
+def _bucket(req: S3Request) -> str:
+    assert req.bucket is not None
+    return req.bucket
+
+
+async def list_buckets(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    buckets = await ctx.backend.list_buckets()
+    return xml_response(
+        "ListAllMyBucketsResult",
+        [
+            ctx.owner(),
+            (
+                "Buckets",
+                [("Bucket", [("Name", b.name), ("CreationDate", iso8601(b.created))]) for b in buckets],
+            ),
+        ],
+    )
+
+
+async def create_bucket(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    bucket = _bucket(req)
+    validate_bucket_name(bucket)
+    body = await read_body(ctx, req, limit=64 * 1024)
+    region = ""
+    if body.strip():
+        root = parse(body)
+        if root.tag != "CreateBucketConfiguration":
+            raise errors.MalformedXML()
+        region = child_text(root, "LocationConstraint") or ""
+        if region == "us-east-1":
+            # S3: us-east-1 is the default and may not be named explicitly.
+            raise errors.InvalidLocationConstraint(
+                "The specified location-constraint is not valid", LocationConstraint=region
+            )
+    await ctx.backend.create_bucket(bucket, region)
+    return web.Response(status=200, headers={"Location": f"/{bucket}"})
+
+
+async def head_bucket(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    info = await ctx.backend.head_bucket(_bucket(req))
+    return web.Response(
+        status=200,
+        headers={"x-amz-bucket-region": info.region or ctx.config.region, "x-amz-access-point-alias": "false"},
+    )
+
+
+async def delete_bucket(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    await ctx.backend.delete_bucket(_bucket(req))
+    return web.Response(status=204)
+
+
+async def get_bucket_location(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    info = await ctx.backend.head_bucket(_bucket(req))
+    # us-east-1 buckets answer an empty LocationConstraint (S3 legacy).
+    return xml_response("LocationConstraint", []) if not info.region else web.Response(
+        body=(
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f'<LocationConstraint xmlns="http://s3.amazonaws.com/doc/2006-03-01/">{info.region}</LocationConstraint>'
+        ).encode(),
+        content_type="application/xml",
+    )
+
+
+async def get_bucket_acl(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    await ctx.backend.head_bucket(_bucket(req))
+    return acl_policy(ctx)
+
+
+async def get_bucket_versioning(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    await ctx.backend.head_bucket(_bucket(req))
+    return xml_response("VersioningConfiguration", [])
+
+
+def _max_keys(req: S3Request, name: str = "max-keys") -> int:
+    raw = req.query.get(name)
+    if raw is None:
+        return MAX_KEYS
+    try:
+        n = int(raw)
+    except ValueError:
+        raise errors.InvalidArgument(
+            "Provided max-keys not an integer or within integer range", ArgumentName=name, ArgumentValue=raw
+        ) from None
+    if n < 0:
+        raise errors.InvalidArgument(
+            "Argument maxKeys must be an integer between 0 and 2147483647", ArgumentName=name, ArgumentValue=raw
+        )
+    return min(n, MAX_KEYS)
+
+
+def _encoding(req: S3Request) -> str | None:
+    enc = req.query.get("encoding-type")
+    if enc is not None and enc != "url":
+        raise errors.InvalidArgument("Invalid Encoding Method specified in Request", ArgumentName="encoding-type", ArgumentValue=enc)
+    return enc
+
+
+def _contents(ctx: Ctx, page: ListPage, enc: str | None, owner: bool) -> list[Node]:
+    out: list[Node] = []
+    for o in page.objects:
+        out.append(
+            (
+                "Contents",
+                [
+                    ("Key", encode_key(o.key, enc)),
+                    ("LastModified", iso8601(o.last_modified)),
+                    ("ETag", o.etag),
+                    ("ChecksumAlgorithm", o.checksum[0]) if o.checksum else None,
+                    ("ChecksumType", o.checksum[2]) if o.checksum else None,
+                    ("Size", o.size),
+                    ctx.owner() if owner else None,
+                    ("StorageClass", o.storage_class),
+                ],
+            )
+        )
+    return out
+
+
+def _prefixes(page: ListPage, enc: str | None) -> list[Node]:
+    return [("CommonPrefixes", [("Prefix", encode_key(p, enc))]) for p in page.common_prefixes]
+
+
+async def list_objects(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    q = req.query
+    enc = _encoding(req)
+    max_keys = _max_keys(req)
+    prefix, delimiter, marker = q.get("prefix", ""), q.get("delimiter", ""), q.get("marker", "")
+    if max_keys == 0:
+        page = ListPage([], [], False, None)
+        await ctx.backend.head_bucket(_bucket(req))
+    else:
+        page = await ctx.backend.list_objects(
+            _bucket(req), prefix=prefix, delimiter=delimiter, start_after=marker, max_keys=max_keys
+        )
+    return xml_response(
+        "ListBucketResult",
+        [
+            ("Name", _bucket(req)),
+            ("Prefix", encode_key(prefix, enc)),
+            ("Marker", encode_key(marker, enc)),
+            ("MaxKeys", max_keys if "max-keys" not in q else q["max-keys"]),
+            ("Delimiter", encode_key(delimiter, enc)) if delimiter else None,
+            ("IsTruncated", page.is_truncated),
+            # S3 returns NextMarker only when a delimiter was given; without
+            # one, clients use the last key.
+            ("NextMarker", encode_key(page.next_marker, enc))
+            if page.is_truncated and delimiter and page.next_marker
+            else None,
+            ("EncodingType", enc) if enc else None,
+            *_contents(ctx, page, enc, owner=True),
+            *_prefixes(page, enc),
+        ],
+    )
+
+
+def _encode_token(marker: str) -> str:
+    return base64.urlsafe_b64encode(b"v1:" + marker.encode()).decode()
+
+
+def _decode_token(token: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(token.encode())
+        if not raw.startswith(b"v1:"):
+            raise ValueError
+        return raw[3:].decode()
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise errors.InvalidArgument(
+            "The continuation token provided is incorrect", ArgumentName="continuation-token"
+        ) from None
+
+
+async def list_objects_v2(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    q = req.query
+    enc = _encoding(req)
+    max_keys = _max_keys(req)
+    prefix, delimiter = q.get("prefix", ""), q.get("delimiter", "")
+    token = q.get("continuation-token")
+    start_after = q.get("start-after", "")
+    if token is not None:
+        if not token:
+            raise errors.InvalidArgument(
+                "The continuation token provided is incorrect", ArgumentName="continuation-token"
+            )
+        after = _decode_token(token)
+    else:
+        after = start_after
+    if max_keys == 0:
+        await ctx.backend.head_bucket(_bucket(req))
+        page = ListPage([], [], False, None)
+    else:
+        page = await ctx.backend.list_objects(
+            _bucket(req), prefix=prefix, delimiter=delimiter, start_after=after, max_keys=max_keys
+        )
+    fetch_owner = q.get("fetch-owner", "false").lower() == "true"
+    return xml_response(
+        "ListBucketResult",
+        [
+            ("Name", _bucket(req)),
+            ("Prefix", encode_key(prefix, enc)),
+            ("MaxKeys", max_keys if "max-keys" not in q else q["max-keys"]),
+            ("Delimiter", encode_key(delimiter, enc)) if delimiter else None,
+            ("IsTruncated", page.is_truncated),
+            ("ContinuationToken", token) if token is not None else None,
+            ("NextContinuationToken", _encode_token(page.next_marker))
+            if page.is_truncated and page.next_marker
+            else None,
+            ("StartAfter", encode_key(start_after, enc)) if start_after else None,
+            ("KeyCount", len(page.objects) + len(page.common_prefixes)),
+            ("EncodingType", enc) if enc else None,
+            *_contents(ctx, page, enc, owner=fetch_owner),
+            *_prefixes(page, enc),
+        ],
+    )
+
+
+async def list_object_versions(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    """An unversioned bucket: every object is its one version, "null"."""
+    q = req.query
+    enc = _encoding(req)
+    max_keys = _max_keys(req)
+    prefix, delimiter, marker = q.get("prefix", ""), q.get("delimiter", ""), q.get("key-marker", "")
+    page = await ctx.backend.list_objects(
+        _bucket(req), prefix=prefix, delimiter=delimiter, start_after=marker, max_keys=max(max_keys, 1)
+    )
+    return xml_response(
+        "ListVersionsResult",
+        [
+            ("Name", _bucket(req)),
+            ("Prefix", encode_key(prefix, enc)),
+            ("KeyMarker", encode_key(marker, enc)),
+            ("VersionIdMarker", q.get("version-id-marker", "")),
+            ("MaxKeys", max_keys),
+            ("Delimiter", encode_key(delimiter, enc)) if delimiter else None,
+            ("IsTruncated", page.is_truncated),
+            ("NextKeyMarker", encode_key(page.next_marker, enc)) if page.is_truncated and page.next_marker else None,
+            ("NextVersionIdMarker", "null") if page.is_truncated else None,
+            ("EncodingType", enc) if enc else None,
+            *[
+                (
+                    "Version",
+                    [
+                        ("Key", encode_key(o.key, enc)),
+                        ("VersionId", "null"),
+                        ("IsLatest", True),
+                        ("LastModified", iso8601(o.last_modified)),
+                        ("ETag", o.etag),
+                        ("Size", o.size),
+                        ctx.owner(),
+                        ("StorageClass", o.storage_class),
+                    ],
+                )
+                for o in page.objects
+            ],
+            *_prefixes(page, enc),
+        ],
+    )
+
+
+async def delete_objects(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    h = req.headers
+    if "Content-MD5" not in h and not any(n.lower().startswith("x-amz-checksum-") for n in h) and (
+        "x-amz-sdk-checksum-algorithm" not in h and "x-amz-trailer" not in h
+    ):
+        # S3 requires an integrity check on this (destructive) request.
+        raise errors.InvalidRequest("Missing required header for this request: Content-MD5")
+    root = parse(await read_body(ctx, req))
+    if root.tag != "Delete":
+        raise errors.MalformedXML()
+    quiet = (child_text(root, "Quiet") or "false").strip().lower() == "true"
+    objects = root.findall("Object")
+    if not objects or len(objects) > 1000:
+        raise errors.MalformedXML()
+    bucket = _bucket(req)
+    await ctx.backend.head_bucket(bucket)
+    results: list[Node] = []
+    for obj in objects:
+        key = child_text(obj, "Key")
+        version = child_text(obj, "VersionId")
+        if key is None:
+            raise errors.MalformedXML()
+        try:
+            check_key(key)
+            if version not in (None, "null"):
+                raise errors.NoSuchVersion(Key=key, VersionId=version or "")
+            await ctx.backend.delete_object(bucket, key)
+        except errors.S3Error as e:
+            results.append(("Error", [("Key", key), ("Code", e.code), ("Message", e.text)]))
+            continue
+        if not quiet:
+            results.append(("Deleted", [("Key", key), ("VersionId", version) if version else None]))
+    return xml_response("DeleteResult", results)
+
+
+async def list_multipart_uploads(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    q = req.query
+    enc = _encoding(req)
+    max_uploads = _max_keys(req, "max-uploads")
+    prefix = q.get("prefix", "")
+    delimiter = q.get("delimiter", "")
+    key_marker = q.get("key-marker", "")
+    upload_id_marker = q.get("upload-id-marker", "") if key_marker else ""
+    uploads, truncated = await ctx.backend.list_uploads(
+        _bucket(req), prefix=prefix, key_marker=key_marker, upload_id_marker=upload_id_marker,
+        max_uploads=max_uploads,
+    )
+    prefixes: list[str] = []
+    listed = []
+    for u in uploads:
+        if delimiter:
+            idx = u.key.find(delimiter, len(prefix))
+            if idx >= 0:
+                cp = u.key[: idx + len(delimiter)]
+                if cp not in prefixes:
+                    prefixes.append(cp)
+                continue
+        listed.append(u)
+    last = uploads[-1] if uploads else None
+    return xml_response(
+        "ListMultipartUploadsResult",
+        [
+            ("Bucket", _bucket(req)),
+            ("KeyMarker", encode_key(key_marker, enc)),
+            ("UploadIdMarker", upload_id_marker),
+            ("NextKeyMarker", encode_key(last.key, enc) if truncated and last else ""),
+            ("NextUploadIdMarker", last.upload_id if truncated and last else ""),
+            ("Delimiter", encode_key(delimiter, enc)) if delimiter else None,
+            ("Prefix", encode_key(prefix, enc)),
+            ("MaxUploads", max_uploads),
+            ("IsTruncated", truncated),
+            ("EncodingType", enc) if enc else None,
+            *[
+                (
+                    "Upload",
+                    [
+                        ("Key", encode_key(u.key, enc)),
+                        ("UploadId", u.upload_id),
+                        ("Initiator", [("ID", ctx.owner_id), ("DisplayName", ctx.auth.access_key)]),
+                        ctx.owner(),
+                        ("StorageClass", "STANDARD"),
+                        ("Initiated", iso8601(u.initiated)),
+                        ("ChecksumAlgorithm", u.meta.checksum_algorithm) if u.meta.checksum_algorithm else None,
+                    ],
+                )
+                for u in listed
+            ],
+            *[("CommonPrefixes", [("Prefix", encode_key(p, enc))]) for p in prefixes],
+        ],
+    )
+
+
+def not_configured(error: type[errors.S3Error]) -> object:
+    """GET of a bucket sub-resource we never store (policy, CORS, lifecycle,
+    encryption, tagging): S3 answers "no such configuration", which tools
+    like the AWS CLI and Terraform handle gracefully."""
+
+    async def handler(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+        await ctx.backend.head_bucket(_bucket(req))
+        raise error(BucketName=_bucket(req))
+
+    return handler

@@ -1,0 +1,169 @@
+"""What every handler shares: the per-request context, XML responses,
+reading small request bodies, and object metadata from headers."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote
+
+from aiohttp import web
+
+from gateway import errors
+from gateway.auth import AuthContext
+from gateway.backends.base import Backend, ObjectMeta
+from gateway.config import Config
+from gateway.payload import Payload
+from gateway.request import S3Request
+from gateway.xml import Node, document
+
+# Standard headers S3 stores with an object and returns on GET/HEAD.
+STORED_HEADERS = (
+    "content-encoding",
+    "content-disposition",
+    "cache-control",
+    "content-language",
+    "expires",
+    "x-amz-website-redirect-location",
+)
+MAX_USER_META = 2048  # bytes of x-amz-meta-* names and values (AWS limit)
+STORAGE_CLASSES = {
+    "STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
+    "GLACIER", "DEEP_ARCHIVE", "OUTPOSTS", "GLACIER_IR", "SNOW", "EXPRESS_ONEZONE",
+}
+
+
+@dataclass(frozen=True)
+class Ctx:
+    backend: Backend
+    config: Config
+    auth: AuthContext
+
+    @property
+    def owner_id(self) -> str:
+        # A stable canonical-user id per access key, in S3's 64-hex form.
+        return hashlib.sha256(self.auth.access_key.encode()).hexdigest()
+
+    def owner(self) -> Node:
+        return ("Owner", [("ID", self.owner_id), ("DisplayName", self.auth.access_key)])
+
+
+def xml_response(root: str, children: Iterable[Node | None], status: int = 200) -> web.Response:
+    return web.Response(body=document(root, children), status=status, content_type="application/xml")
+
+
+def payload(ctx: Ctx, req: S3Request) -> Payload:
+    return Payload(req.http.content, req.headers, ctx.auth)
+
+
+async def read_body(ctx: Ctx, req: S3Request, limit: int = 2 * 1024 * 1024) -> bytes:
+    """A small request body (XML), verified like any upload."""
+    body = payload(ctx, req)
+    out = bytearray()
+    async for chunk in body.chunks():
+        out += chunk
+        if len(out) > limit:
+            raise errors.MalformedXML()
+    return bytes(out)
+
+
+def require_key(req: S3Request) -> str:
+    assert req.key is not None
+    return req.key
+
+
+def encode_key(value: str, encoding: str | None) -> str:
+    return quote(value, safe="/") if encoding == "url" else value
+
+
+def parse_tagging_header(value: str | None) -> dict[str, str]:
+    if not value:
+        return {}
+    tags = dict(parse_qsl(value, keep_blank_values=True))
+    validate_tags(tags)
+    return tags
+
+
+def validate_tags(tags: Mapping[str, str]) -> None:
+    if len(tags) > 10:
+        raise errors.InvalidTag("Object tags cannot be greater than 10")
+    for k, v in tags.items():
+        if not k or len(k) > 128:
+            raise errors.InvalidTag("The TagKey you have provided is invalid")
+        if len(v) > 256:
+            raise errors.InvalidTag("The TagValue you have provided is too long")
+        if k.startswith("aws:"):
+            raise errors.InvalidTag("Your TagKey cannot be prefixed with aws:")
+
+
+def meta_from_headers(req: S3Request, *, with_tags: bool = True) -> ObjectMeta:
+    h = req.headers
+    user_meta: dict[str, str] = {}
+    size = 0
+    for name, value in h.items():
+        lname = name.lower()
+        if lname.startswith("x-amz-meta-"):
+            short = lname[len("x-amz-meta-"):]
+            if short in user_meta:
+                # S3 joins repeated metadata headers with commas.
+                user_meta[short] += "," + value
+            else:
+                user_meta[short] = value
+            size += len(short.encode()) + len(value.encode())
+    if size > MAX_USER_META:
+        raise errors.MetadataTooLarge(Size=str(size), MaxSizeAllowed=str(MAX_USER_META))
+    headers = {n: h[n] for n in STORED_HEADERS if n in h}
+    storage_class = h.get("x-amz-storage-class")
+    if storage_class is not None and storage_class not in STORAGE_CLASSES:
+        raise errors.InvalidStorageClass(StorageClassRequested=storage_class)
+    check_unsupported_headers(req)
+    content_type = h.get("Content-Type") or None
+    tags = parse_tagging_header(h.get("x-amz-tagging")) if with_tags else {}
+    return ObjectMeta(content_type=content_type, headers=headers, user_meta=user_meta, tags=tags)
+
+
+def check_unsupported_headers(req: S3Request) -> None:
+    """Features we do not implement must be refused, not silently ignored:
+    a client that asked for encryption or object lock must not believe it
+    got it."""
+    h = req.headers
+    sse = h.get("x-amz-server-side-encryption")
+    if sse is not None or "x-amz-server-side-encryption-customer-algorithm" in h:
+        raise errors.NotImplemented("Server-side encryption is not implemented", Header="x-amz-server-side-encryption")
+    for name in ("x-amz-object-lock-mode", "x-amz-object-lock-retain-until-date", "x-amz-object-lock-legal-hold"):
+        if name in h:
+            raise errors.NotImplemented("Object Lock is not implemented", Header=name)
+    acl = h.get("x-amz-acl")
+    if acl is not None and acl not in ("private", "bucket-owner-full-control"):
+        raise errors.NotImplemented("Only the private canned ACL is implemented", Header="x-amz-acl")
+    for name in ("x-amz-grant-read", "x-amz-grant-write", "x-amz-grant-full-control",
+                 "x-amz-grant-read-acp", "x-amz-grant-write-acp"):
+        if name in h:
+            raise errors.NotImplemented("ACL grants are not implemented", Header=name)
+
+
+def user_meta_headers(meta: Mapping[str, str]) -> dict[str, str]:
+    return {f"x-amz-meta-{k}": v for k, v in meta.items()}
+
+
+def acl_policy(ctx: Ctx) -> web.Response:
+    grantee = 'Grantee xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="CanonicalUser"'
+    return xml_response(
+        "AccessControlPolicy",
+        [
+            ctx.owner(),
+            (
+                "AccessControlList",
+                [
+                    (
+                        "Grant",
+                        [
+                            (grantee, [("ID", ctx.owner_id), ("DisplayName", ctx.auth.access_key)]),
+                            ("Permission", "FULL_CONTROL"),
+                        ],
+                    )
+                ],
+            ),
+        ],
+    )

@@ -1,0 +1,290 @@
+"""Object-level operations: GET/HEAD/PUT/DELETE, copy, tagging, ACL."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from gateway import errors
+from gateway.backends.base import ObjectInfo, ObjectMeta, WriteConditions
+from gateway.conditions import (
+    check_copy_source_conditions,
+    check_read_conditions,
+    http_date,
+    iso8601,
+    parse_range,
+)
+from gateway.handlers.common import (
+    Ctx,
+    acl_policy,
+    meta_from_headers,
+    payload,
+    read_body,
+    require_key,
+    user_meta_headers,
+    validate_tags,
+    xml_response,
+)
+from gateway.request import S3Request, check_key, validate_bucket_name
+from gateway.sendfile import send_body
+from gateway.xml import child_text, parse
+
+log = logging.getLogger(__name__)
+
+# response-* query parameters and the header each overrides (GetObject).
+RESPONSE_OVERRIDES = {
+    "response-content-type": "Content-Type",
+    "response-content-language": "Content-Language",
+    "response-expires": "Expires",
+    "response-cache-control": "Cache-Control",
+    "response-content-disposition": "Content-Disposition",
+    "response-content-encoding": "Content-Encoding",
+}
+
+
+def _bucket(req: S3Request) -> str:
+    assert req.bucket is not None
+    return req.bucket
+
+
+def check_version_id(req: S3Request) -> None:
+    """Buckets are unversioned: the only version id is "null"."""
+    v = req.query.get("versionId")
+    if v is not None and v != "null":
+        raise errors.InvalidArgument("Invalid version id specified", ArgumentName="versionId", ArgumentValue=v)
+
+
+def object_headers(info: ObjectInfo, req: S3Request) -> dict[str, str]:
+    h: dict[str, str] = {
+        "ETag": info.etag,
+        "Last-Modified": http_date(info.last_modified),
+        "Content-Type": info.content_type,
+        "Accept-Ranges": "bytes",
+    }
+    for name, value in info.headers.items():
+        h[name.title() if not name.startswith("x-amz-") else name] = value
+    h.update(user_meta_headers(info.user_meta))
+    if info.tag_count:
+        h["x-amz-tagging-count"] = str(info.tag_count)
+    if info.storage_class != "STANDARD":
+        h["x-amz-storage-class"] = info.storage_class
+    for param, header in RESPONSE_OVERRIDES.items():
+        if param in req.query:
+            h[header] = req.query[param]
+    return h
+
+
+def _checksum_headers(info: ObjectInfo, req: S3Request, whole: bool) -> dict[str, str]:
+    if not info.checksum or (req.header("x-amz-checksum-mode") or "").upper() != "ENABLED" or not whole:
+        return {}
+    alg, value, kind = info.checksum
+    return {f"x-amz-checksum-{alg.lower()}": value, "x-amz-checksum-type": kind}
+
+
+def _part_range(info: ObjectInfo, req: S3Request) -> tuple[int, int] | None:
+    raw = req.query.get("partNumber")
+    if raw is None:
+        return None
+    if req.header("Range") is not None:
+        raise errors.InvalidRequest("Cannot specify both Range header and partNumber query parameter")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise errors.InvalidArgument("Part number must be an integer between 1 and 10000, inclusive",
+                                     ArgumentName="partNumber", ArgumentValue=raw) from None
+    if not 1 <= n <= 10000:
+        raise errors.InvalidArgument("Part number must be an integer between 1 and 10000, inclusive",
+                                     ArgumentName="partNumber", ArgumentValue=raw)
+    parts = info.parts or (info.size,)
+    if n > len(parts):
+        raise errors.InvalidPartNumber(PartNumberRequested=str(n), ActualPartCount=str(len(parts)))
+    start = sum(parts[: n - 1])
+    return start, start + parts[n - 1] - 1
+
+
+async def get_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    return await _read_object(ctx, req, head=False)
+
+
+async def head_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    return await _read_object(ctx, req, head=True)
+
+
+async def _read_object(ctx: Ctx, req: S3Request, *, head: bool) -> web.StreamResponse:
+    key = require_key(req)
+    check_version_id(req)
+    backend = ctx.backend
+    if head:
+        info = await backend.head_object(_bucket(req), key)
+        handle = None
+    else:
+        handle = await backend.open_object(_bucket(req), key)
+        info = handle.info
+    try:
+        check_read_conditions(req.headers, info.etag, info.last_modified)
+        part = _part_range(info, req)
+        rng = part or parse_range(req.header("Range"), info.size)
+        headers = object_headers(info, req)
+        if part is not None:
+            headers["x-amz-mp-parts-count"] = str(len(info.parts) or 1)
+        if rng is None:
+            start, length, status = 0, info.size, 200
+        else:
+            start, length, status = rng[0], rng[1] - rng[0] + 1, 206
+            headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{info.size}"
+        if part is not None and not info.parts:
+            # partNumber=1 of a single-part object is the whole object.
+            status = 206 if info.size else 200
+        headers.update(_checksum_headers(info, req, whole=rng is None or part is not None and not info.parts))
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = length
+        if head or handle is None:
+            await resp.prepare(req.http)
+            await resp.write_eof()
+            return resp
+        await send_body(req.http, resp, handle, start, length)
+        return resp
+    finally:
+        if handle is not None:
+            await handle.close()
+
+
+def _write_conditions(req: S3Request) -> WriteConditions:
+    inm = req.header("If-None-Match")
+    if inm is not None and inm.strip() != "*":
+        raise errors.NotImplemented("If-None-Match on writes supports only '*'", Header="If-None-Match")
+    return WriteConditions(if_match=req.header("If-Match"), if_none_match=inm)
+
+
+async def put_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    if req.header("x-amz-copy-source") is not None:
+        return await copy_object(ctx, req)
+    key = require_key(req)
+    check_key(key)
+    meta = meta_from_headers(req)
+    body = payload(ctx, req)
+    info = await ctx.backend.put_object(_bucket(req), key, body, _with_encoding(meta, body.content_encoding),
+                                        _write_conditions(req))
+    headers = {"ETag": info.etag}
+    if body.checksum:
+        headers[f"x-amz-checksum-{body.checksum[0].lower()}"] = body.checksum[1]
+        headers["x-amz-checksum-type"] = "FULL_OBJECT"
+    return web.Response(status=200, headers=headers)
+
+
+def _with_encoding(meta: ObjectMeta, content_encoding: str | None) -> ObjectMeta:
+    """Store the Content-Encoding minus the aws-chunked transfer token."""
+    headers = dict(meta.headers)
+    if content_encoding:
+        headers["content-encoding"] = content_encoding
+    else:
+        headers.pop("content-encoding", None)
+    return ObjectMeta(meta.content_type, headers, meta.user_meta, meta.tags, meta.checksum_algorithm)
+
+
+def parse_copy_source(value: str) -> tuple[str, str]:
+    """x-amz-copy-source: "bucket/key" or "/bucket/key", URL-encoded,
+    optionally "?versionId=..."."""
+    src, _, query = value.partition("?")
+    if query:
+        name, _, version = query.partition("=")
+        if name != "versionId" or unquote(version) != "null":
+            raise errors.InvalidArgument("Invalid version id specified", ArgumentName="x-amz-copy-source")
+    src = unquote(src)
+    if src.startswith("/"):
+        src = src[1:]
+    bucket, slash, key = src.partition("/")
+    if not slash or not key or not bucket:
+        raise errors.InvalidArgument(
+            "Copy Source must mention the source bucket and key: sourcebucket/sourcekey",
+            ArgumentName="x-amz-copy-source", ArgumentValue=value,
+        )
+    validate_bucket_name(bucket)
+    check_key(key)
+    return bucket, key
+
+
+async def copy_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    key = require_key(req)
+    check_key(key)
+    src_bucket, src_key = parse_copy_source(req.header("x-amz-copy-source") or "")
+    directive = (req.header("x-amz-metadata-directive") or "COPY").upper()
+    tag_directive = (req.header("x-amz-tagging-directive") or "COPY").upper()
+    if directive not in ("COPY", "REPLACE") or tag_directive not in ("COPY", "REPLACE"):
+        raise errors.InvalidArgument("Unknown metadata directive.", ArgumentName="x-amz-metadata-directive")
+    src = await ctx.backend.head_object(src_bucket, src_key)
+    check_copy_source_conditions(req.headers, src.etag, src.last_modified)
+    if (
+        (src_bucket, src_key) == (_bucket(req), key)
+        and directive == "COPY"
+        and "x-amz-storage-class" not in req.headers
+    ):
+        raise errors.InvalidRequest(
+            "This copy request is illegal because it is trying to copy an object to itself without "
+            "changing the object's metadata, storage class, website redirect location or encryption attributes."
+        )
+    new_meta = meta_from_headers(req, with_tags=tag_directive == "REPLACE")
+    meta: ObjectMeta | None
+    if directive == "REPLACE":
+        meta = new_meta
+    elif tag_directive == "REPLACE":
+        meta = ObjectMeta(src.content_type, src.headers, src.user_meta, new_meta.tags)
+    else:
+        meta = None
+    info = await ctx.backend.copy_object(src_bucket, src_key, _bucket(req), key, meta, expected_etag=src.etag)
+    return xml_response(
+        "CopyObjectResult",
+        [
+            ("LastModified", iso8601(info.last_modified)),
+            ("ETag", info.etag),
+            (f"Checksum{info.checksum[0]}", info.checksum[1]) if info.checksum else None,
+        ],
+    )
+
+
+async def delete_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    key = require_key(req)
+    check_version_id(req)
+    await ctx.backend.delete_object(_bucket(req), key)
+    return web.Response(status=204)
+
+
+async def get_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    check_version_id(req)
+    tags = await ctx.backend.get_tags(_bucket(req), require_key(req))
+    return xml_response(
+        "Tagging", [("TagSet", [("Tag", [("Key", k), ("Value", v)]) for k, v in tags.items()])]
+    )
+
+
+async def put_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    check_version_id(req)
+    root = parse(await read_body(ctx, req, limit=64 * 1024))
+    tagset = root.find("TagSet")
+    if root.tag != "Tagging" or tagset is None:
+        raise errors.MalformedXML()
+    tags: dict[str, str] = {}
+    for tag in tagset.findall("Tag"):
+        k, v = child_text(tag, "Key"), child_text(tag, "Value")
+        if k is None or v is None:
+            raise errors.MalformedXML()
+        if k in tags:
+            raise errors.InvalidTag("Cannot provide multiple Tags with the same key")
+        tags[k] = v
+    validate_tags(tags)
+    await ctx.backend.put_tags(_bucket(req), require_key(req), tags)
+    return web.Response(status=200)
+
+
+async def delete_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    check_version_id(req)
+    await ctx.backend.put_tags(_bucket(req), require_key(req), {})
+    return web.Response(status=204)
+
+
+async def get_object_acl(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    check_version_id(req)
+    await ctx.backend.head_object(_bucket(req), require_key(req))
+    return acl_policy(ctx)
