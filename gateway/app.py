@@ -37,7 +37,7 @@ from gateway.xml import XML_DECL, escape
 log = logging.getLogger("nearstore")
 
 CONFIG_KEY = web.AppKey("config", Config)
-BACKEND_KEY = web.AppKey("backend", Backend)  # type: ignore[type-abstract]
+BACKEND_KEY = web.AppKey("backend", Backend)
 
 # S3 caps the request header section at 8 KiB (user metadata at 2 KiB);
 # aiohttp's parser is given generous limits so that we can answer an

@@ -330,7 +330,7 @@ class InternalError(S3Error):
     message = "We encountered an internal error. Please try again."
 
 
-class NotImplemented(S3Error):  # noqa: A001 - the S3 error code is the class name
+class NotImplemented(S3Error):
     status = 501
     message = "A header you provided implies functionality that is not implemented"
 

@@ -59,7 +59,7 @@ def _sendfile_blocking(out_fd: int, in_fd: int, offset: int, count: int, stop: t
             n = os.sendfile(out_fd, in_fd, offset, min(count, MAX_SENDFILE))
         except BlockingIOError:
             if not poller.poll(STALL_TIMEOUT * 1000):
-                raise ClientStalled("client did not read for %.0f s" % STALL_TIMEOUT) from None
+                raise ClientStalled(f"client did not read for {STALL_TIMEOUT:.0f} s") from None
             continue
         except InterruptedError:
             continue

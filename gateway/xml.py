@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
-from typing import Union
 
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
@@ -26,7 +25,7 @@ XML_DECL = '<?xml version="1.0" encoding="UTF-8"?>\n'
 
 # A node is (tag, text-or-children). None children are skipped, which lets
 # builders write optional elements inline.
-Node = tuple[str, Union[str, int, bool, None, Iterable["Node | None"]]]
+Node = tuple[str, str | int | bool | Iterable["Node | None"] | None]
 
 _ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "\r": "&#13;"})
 

@@ -167,7 +167,7 @@ class Backend(Protocol):
         key: str,
         body: UploadBody,
         meta: ObjectMeta,
-        conditions: WriteConditions = WriteConditions(),
+        conditions: WriteConditions | None = None,
     ) -> ObjectInfo: ...
 
     async def copy_object(

@@ -40,6 +40,7 @@ import concurrent.futures
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -467,8 +468,9 @@ class LocalStore:
         key: str,
         body: UploadBody,
         meta: ObjectMeta,
-        conditions: WriteConditions = WriteConditions(),
+        conditions: WriteConditions | None = None,
     ) -> ObjectInfo:
+        conditions = conditions or WriteConditions()
         await self.head_bucket(bucket)  # fail fast, before reading the body
         tmp_rel, size = await self._receive(body)
         loop = asyncio.get_running_loop()
@@ -825,7 +827,7 @@ class LocalStore:
         if not parts:
             raise errors.MalformedXML()
         numbers = [p.part_number for p in parts]
-        if any(b <= a for a, b in zip(numbers, numbers[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(numbers)):
             raise errors.InvalidPartOrder()
         upload, chosen = await self._db(check)
         loop = asyncio.get_running_loop()

@@ -8,7 +8,7 @@ import binascii
 from aiohttp import web
 
 from gateway import errors
-from gateway.backends.base import ListPage
+from gateway.backends.base import ListPage, ObjectInfo
 from gateway.conditions import iso8601
 from gateway.handlers.common import Ctx, acl_policy, encode_key, read_body, xml_response
 from gateway.request import S3Request, check_key, validate_bucket_name
@@ -232,6 +232,22 @@ async def list_objects_v2(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     )
 
 
+def _version(ctx: Ctx, o: ObjectInfo, enc: str | None) -> Node:
+    return (
+        "Version",
+        [
+            ("Key", encode_key(o.key, enc)),
+            ("VersionId", "null"),
+            ("IsLatest", True),
+            ("LastModified", iso8601(o.last_modified)),
+            ("ETag", o.etag),
+            ("Size", o.size),
+            ctx.owner(),
+            ("StorageClass", o.storage_class),
+        ],
+    )
+
+
 async def list_object_versions(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     """An unversioned bucket: every object is its one version, "null"."""
     q = req.query
@@ -254,22 +270,7 @@ async def list_object_versions(ctx: Ctx, req: S3Request) -> web.StreamResponse:
             ("NextKeyMarker", encode_key(page.next_marker, enc)) if page.is_truncated and page.next_marker else None,
             ("NextVersionIdMarker", "null") if page.is_truncated else None,
             ("EncodingType", enc) if enc else None,
-            *[
-                (
-                    "Version",
-                    [
-                        ("Key", encode_key(o.key, enc)),
-                        ("VersionId", "null"),
-                        ("IsLatest", True),
-                        ("LastModified", iso8601(o.last_modified)),
-                        ("ETag", o.etag),
-                        ("Size", o.size),
-                        ctx.owner(),
-                        ("StorageClass", o.storage_class),
-                    ],
-                )
-                for o in page.objects
-            ],
+            *[_version(ctx, o, enc) for o in page.objects],
             *_prefixes(page, enc),
         ],
     )

@@ -9,7 +9,14 @@ from gateway import errors
 from gateway.backends.base import CompletedPart, ObjectMeta
 from gateway.checksums import ALGORITHMS
 from gateway.conditions import check_copy_source_conditions, iso8601
-from gateway.handlers.common import Ctx, meta_from_headers, payload, read_body, require_key, xml_response
+from gateway.handlers.common import (
+    Ctx,
+    meta_from_headers,
+    payload,
+    read_body,
+    require_key,
+    xml_response,
+)
 from gateway.handlers.object import _with_encoding, parse_copy_source
 from gateway.request import S3Request, check_key
 from gateway.xml import child_text, parse

@@ -137,7 +137,7 @@ async def _read_object(ctx: Ctx, req: S3Request, *, head: bool) -> web.StreamRes
         if part is not None and not info.parts:
             # partNumber=1 of a single-part object is the whole object.
             status = 206 if info.size else 200
-        headers.update(_checksum_headers(info, req, whole=rng is None or part is not None and not info.parts))
+        headers.update(_checksum_headers(info, req, whole=rng is None or (part is not None and not info.parts)))
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = length
         if head or handle is None:
