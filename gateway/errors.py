@@ -368,3 +368,8 @@ class InvalidLocationConstraint(S3Error):
 class InvalidPartNumber(S3Error):
     status = 416
     message = "The requested partnumber is not satisfiable"
+
+
+class MaxPostPreDataLengthExceededError(S3Error):
+    status = 400
+    message = "Your POST request fields preceding the upload file were too large."

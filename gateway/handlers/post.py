@@ -1,14 +1,156 @@
-"""Browser POST uploads (HTML form with a signed policy): placeholder until
-the form parser lands."""
+"""Browser POST uploads: an HTML form with a signed policy (AWS "Browser-
+Based Uploads Using POST").
+
+The form is read as a stream: fields before the ``file`` part are collected
+(bounded in size), the policy's signature and conditions are checked, and
+only then does the file part stream into the backend, its size checked
+against the policy's content-length-range as it goes. Fields after the file
+are ignored, as S3 does.
+"""
 
 from __future__ import annotations
 
-from aiohttp import web
+import hashlib
+from collections.abc import AsyncIterator
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from aiohttp import BodyPartReader, web
 
 from gateway import errors
-from gateway.handlers.common import Ctx
-from gateway.request import S3Request
+from gateway.auth import PostPolicy, authenticate_post
+from gateway.backends.base import ObjectMeta
+from gateway.handlers.common import (
+    MAX_USER_META,
+    STORED_HEADERS,
+    Ctx,
+    check_unsupported_headers,
+    xml_response,
+)
+from gateway.request import S3Request, check_key
+
+MAX_FIELDS_BYTES = 64 * 1024  # all non-file fields together
+READ_SIZE = 256 * 1024
+
+
+class FormFile:
+    """The file part as an ``UploadBody``, size-checked against the policy."""
+
+    def __init__(self, part: BodyPartReader, policy: PostPolicy, fields: dict[str, str], bucket: str) -> None:
+        self._part = part
+        self._policy = policy
+        self._fields = fields
+        self._bucket = bucket
+        self._md5 = hashlib.md5()
+        self._size = 0
+        limits = policy.content_length_range
+        self._max = limits[1] if limits else None
+
+    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
+        while True:
+            data = await self._part.read_chunk(READ_SIZE)
+            if not data:
+                break
+            self._size += len(data)
+            if self._max is not None and self._size > self._max:
+                # Stop early: the policy can never be met.
+                self._policy.check(self._fields, bucket=self._bucket, content_length=self._size)
+            self._md5.update(data)
+            yield data
+        self._policy.check(self._fields, bucket=self._bucket, content_length=self._size)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def md5_hex(self) -> str:
+        return self._md5.hexdigest()
+
+    @property
+    def checksum(self) -> tuple[str, str] | None:
+        return None
+
+
+async def _read_field(part: BodyPartReader, budget: int) -> str:
+    out = bytearray()
+    while True:
+        data = await part.read_chunk(8192)
+        if not data:
+            break
+        out += data
+        if len(out) > budget:
+            raise errors.MaxPostPreDataLengthExceededError()
+    return out.decode("utf-8", errors="replace")
+
+
+def _meta(fields: dict[str, str]) -> ObjectMeta:
+    lower = {k.lower(): v for k, v in fields.items()}
+    user_meta = {k[len("x-amz-meta-"):]: v for k, v in lower.items() if k.startswith("x-amz-meta-")}
+    if sum(len(k) + len(v) for k, v in user_meta.items()) > MAX_USER_META:
+        raise errors.MetadataTooLarge()
+    headers = {n: lower[n] for n in STORED_HEADERS if n in lower}
+    return ObjectMeta(content_type=lower.get("content-type"), headers=headers, user_meta=user_meta)
 
 
 async def post_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
-    raise errors.NotImplemented("POST object is not implemented yet")
+    assert req.bucket is not None
+    bucket = req.bucket
+    check_unsupported_headers(req)
+    try:
+        reader = await req.http.multipart()
+    except (ValueError, AssertionError, KeyError):
+        raise errors.MalformedPOSTRequest() from None
+    fields: dict[str, str] = {}
+    budget = MAX_FIELDS_BYTES
+    while True:
+        try:
+            part = await reader.next()
+        except ValueError:
+            raise errors.MalformedPOSTRequest() from None
+        if part is None:
+            raise errors.InvalidArgument(
+                "POST requires exactly one file upload per request.", ArgumentName="file", ArgumentValue="0"
+            )
+        if not isinstance(part, BodyPartReader):
+            raise errors.MalformedPOSTRequest()
+        name = part.name or ""
+        if name.lower() == "file":
+            break
+        value = await _read_field(part, budget)
+        budget -= len(value)
+        fields.setdefault(name, value)
+
+    _auth, policy = authenticate_post(fields, ctx.config.credentials)
+    lower = {k.lower(): v for k, v in fields.items()}
+    if "key" not in lower:
+        raise errors.InvalidArgument(
+            "Bucket POST must contain a field named 'key'.  If it is specified, please check the order of the fields.",
+            ArgumentName="key", ArgumentValue="",
+        )
+    key = lower["key"].replace("${filename}", part.filename or "")
+    if not key:
+        raise errors.InvalidArgument("User key must have a length greater than 0.", ArgumentName="key")
+    check_key(key)
+    policy.check(fields, bucket=bucket, content_length=None)
+    body = FormFile(part, policy, fields, bucket)
+    info = await ctx.backend.put_object(bucket, key, body, _meta(fields))
+
+    redirect = lower.get("success_action_redirect") or lower.get("redirect")
+    if redirect:
+        parts = urlsplit(redirect)
+        if parts.scheme in ("http", "https"):
+            query = urlencode({"bucket": bucket, "key": key, "etag": info.etag})
+            location = urlunsplit(parts._replace(query=f"{parts.query}&{query}" if parts.query else query))
+            return web.Response(status=303, headers={"Location": location, "ETag": info.etag})
+    status = lower.get("success_action_status", "204")
+    location = f"/{bucket}/{key}"
+    headers = {"ETag": info.etag, "Location": location}
+    if status == "201":
+        resp = xml_response(
+            "PostResponse",
+            [("Location", location), ("Bucket", bucket), ("Key", key), ("ETag", info.etag)],
+            status=201,
+        )
+        resp.headers.update(headers)
+        return resp
+    return web.Response(status=200 if status == "200" else 204, headers=headers)
