@@ -70,14 +70,14 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
                 raise _unsatisfiable(header, size)
             return max(0, size - n), size - 1
         first = int(first_s)
-        last = int(last_s) if last_s else size - 1
+        last = int(last_s) if last_s else None
     except ValueError:
         return None
-    if first < 0 or last < first:
+    if first < 0 or (last is not None and last < first):
         return None
     if first >= size:
         raise _unsatisfiable(header, size)
-    return first, min(last, size - 1)
+    return first, size - 1 if last is None else min(last, size - 1)
 
 
 def _unsatisfiable(header: str, size: int) -> errors.InvalidRange:

@@ -595,8 +595,9 @@ class LocalStore:
         c = self.conn
         bprefix = prefix.encode()
         upper = _key_upper_bound(bprefix)
-        lower = max(bprefix, start_after.encode())
-        inclusive = lower == bprefix and lower != start_after.encode()
+        after = start_after.encode()
+        lower = max(bprefix, after)
+        inclusive = lower == bprefix and lower != after
         objects: list[ObjectInfo] = []
         prefixes: list[str] = []
         last: str | None = None
@@ -623,10 +624,13 @@ class LocalStore:
                     idx = key.find(delimiter, len(prefix))
                     if idx >= 0:
                         cp = key[: idx + len(delimiter)]
-                        if len(objects) + len(prefixes) >= max_keys:
-                            return ListPage(objects, prefixes, True, last)
-                        prefixes.append(cp)
-                        last = cp
+                        # A common prefix at or before the marker was returned
+                        # on an earlier page (S3 paginates by it, too).
+                        if cp.encode() > after:
+                            if len(objects) + len(prefixes) >= max_keys:
+                                return ListPage(objects, prefixes, True, last)
+                            prefixes.append(cp)
+                            last = cp
                         # Skip every other key under this common prefix in one
                         # index seek instead of reading them all.
                         nxt = _key_upper_bound(cp.encode())

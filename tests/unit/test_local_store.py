@@ -1,0 +1,231 @@
+"""The embedded local store, driven directly (no HTTP)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway import errors
+from gateway.backends.base import CompletedPart, ObjectMeta, WriteConditions
+from gateway.backends.local import MIN_PART_SIZE, LocalStore, _key_upper_bound
+
+
+class Body:
+    """An UploadBody over bytes; optionally fails after streaming."""
+
+    def __init__(self, data: bytes, *, fail: bool = False, piece: int = 65536) -> None:
+        self.data, self.fail, self.piece = data, fail, piece
+
+    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
+        for i in range(0, len(self.data), self.piece):
+            yield self.data[i : i + self.piece]
+        if self.fail:
+            raise errors.BadDigest()
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def md5_hex(self) -> str:
+        return hashlib.md5(self.data).hexdigest()
+
+    @property
+    def checksum(self) -> tuple[str, str] | None:
+        return None
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[LocalStore]:
+    s = LocalStore(tmp_path / "data", fsync=False)
+    await s.start()
+    await s.create_bucket("bkt")
+    yield s
+    await s.close()
+
+
+async def read_all(store: LocalStore, key: str) -> bytes:
+    h = await store.open_object("bkt", key)
+    try:
+        return b"".join([c async for c in h.read_range(0, h.info.size)])
+    finally:
+        await h.close()
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_key_upper_bound() -> None:
+    assert _key_upper_bound(b"") is None
+    assert _key_upper_bound(b"ab") == b"ac"
+    assert _key_upper_bound(b"a\xff\xff") == b"b"
+    assert _key_upper_bound(b"\xff") is None
+
+
+async def test_put_get_overwrite_delete(store: LocalStore, tmp_path: Path) -> None:
+    info = await store.put_object("bkt", "k", Body(b"one"), ObjectMeta(content_type="text/plain"))
+    assert info.etag == f'"{hashlib.md5(b"one").hexdigest()}"'
+    assert await read_all(store, "k") == b"one"
+    await store.put_object("bkt", "k", Body(b"two!"), ObjectMeta())
+    assert await read_all(store, "k") == b"two!"
+    # The replaced version's file is gone: one object file remains.
+    assert len([f for f in files_under(tmp_path / "data" / "objects")]) == 1
+    await store.delete_object("bkt", "k")
+    with pytest.raises(errors.NoSuchKey):
+        await store.head_object("bkt", "k")
+    assert files_under(tmp_path / "data" / "objects") == []
+
+
+async def test_reader_keeps_its_version_across_overwrite(store: LocalStore) -> None:
+    await store.put_object("bkt", "k", Body(b"A" * 100000), ObjectMeta())
+    h = await store.open_object("bkt", "k")
+    await store.put_object("bkt", "k", Body(b"B" * 5), ObjectMeta())
+    await store.delete_object("bkt", "k")
+    data = b"".join([c async for c in h.read_range(0, h.info.size)])
+    await h.close()
+    assert data == b"A" * 100000
+
+
+async def test_failed_body_leaves_nothing(store: LocalStore, tmp_path: Path) -> None:
+    await store.put_object("bkt", "k", Body(b"old"), ObjectMeta())
+    with pytest.raises(errors.BadDigest):
+        await store.put_object("bkt", "k", Body(os.urandom(300000), fail=True), ObjectMeta())
+    assert await read_all(store, "k") == b"old"
+    assert files_under(tmp_path / "data" / "tmp") == []
+
+
+@pytest.mark.parametrize("key", ["../../etc/passwd", "..", "/abs/path", "a/../../b", "nul\x01", "\u20ac/\u00e9"])
+async def test_keys_never_become_paths(store: LocalStore, tmp_path: Path, key: str) -> None:
+    await store.put_object("bkt", key, Body(b"x"), ObjectMeta())
+    assert await read_all(store, key) == b"x"
+    for f in files_under(tmp_path):
+        assert ".." not in f and "passwd" not in f and "abs" not in f
+
+
+async def test_file_and_directory_style_keys_coexist(store: LocalStore) -> None:
+    await store.put_object("bkt", "a", Body(b"1"), ObjectMeta())
+    await store.put_object("bkt", "a/b", Body(b"2"), ObjectMeta())
+    assert await read_all(store, "a") == b"1"
+    assert await read_all(store, "a/b") == b"2"
+
+
+async def test_listing_matches_a_reference_model(store: LocalStore) -> None:
+    rng = random.Random(7)
+    alphabet = ["a", "b", "/", "-", "\u00e9", "z", "\U0001f600"]
+    keys = sorted({"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(150)})
+    for k in keys:
+        await store.put_object("bkt", k, Body(b""), ObjectMeta())
+    ordered = sorted(keys, key=lambda k: k.encode())
+
+    def model(prefix: str, delimiter: str, after: str) -> list[str]:
+        out: list[str] = []
+        for k in ordered:
+            if not k.startswith(prefix) or k.encode() <= after.encode():
+                continue
+            if delimiter and delimiter in k[len(prefix) :]:
+                cp = k[: k.index(delimiter, len(prefix)) + len(delimiter)]
+                if cp.encode() <= after.encode():
+                    continue
+                if not out or out[-1] != cp:
+                    out.append(cp)
+            else:
+                out.append(k)
+        return out
+
+    for prefix in ["", "a", "a/", "\u00e9", "zz"]:
+        for delimiter in ["", "/", "b"]:
+            for page_size in [1, 3, 1000]:
+                got: list[str] = []
+                after = ""
+                for _ in range(1000):
+                    page = await store.list_objects(
+                        "bkt", prefix=prefix, delimiter=delimiter, start_after=after, max_keys=page_size
+                    )
+                    entries = sorted([o.key for o in page.objects] + list(page.common_prefixes), key=str.encode)
+                    got += entries
+                    if not page.is_truncated:
+                        break
+                    assert page.next_marker is not None
+                    after = page.next_marker
+                assert got == model(prefix, delimiter, ""), (prefix, delimiter, page_size)
+
+
+async def test_bucket_lifecycle(store: LocalStore) -> None:
+    with pytest.raises(errors.BucketAlreadyOwnedByYou):
+        await store.create_bucket("bkt")
+    await store.put_object("bkt", "k", Body(b"x"), ObjectMeta())
+    with pytest.raises(errors.BucketNotEmpty):
+        await store.delete_bucket("bkt")
+    await store.delete_object("bkt", "k")
+    await store.delete_bucket("bkt")
+    with pytest.raises(errors.NoSuchBucket):
+        await store.put_object("bkt", "k", Body(b"x"), ObjectMeta())
+
+
+async def test_conditional_writes(store: LocalStore) -> None:
+    await store.put_object("bkt", "k", Body(b"1"), ObjectMeta(), WriteConditions(if_none_match="*"))
+    with pytest.raises(errors.PreconditionFailed):
+        await store.put_object("bkt", "k", Body(b"2"), ObjectMeta(), WriteConditions(if_none_match="*"))
+    with pytest.raises(errors.PreconditionFailed):
+        await store.put_object("bkt", "k", Body(b"2"), ObjectMeta(), WriteConditions(if_match='"nope"'))
+    with pytest.raises(errors.NoSuchKey):
+        await store.put_object("bkt", "other", Body(b"2"), ObjectMeta(), WriteConditions(if_match="*"))
+    assert await read_all(store, "k") == b"1"
+
+
+async def test_multipart(store: LocalStore, tmp_path: Path) -> None:
+    uid = await store.create_upload("bkt", "mp", ObjectMeta(content_type="x/y"))
+    p1, p2 = os.urandom(MIN_PART_SIZE), os.urandom(1000)
+    i1 = await store.upload_part("bkt", "mp", uid, 1, Body(p1, piece=1 << 20))
+    i2 = await store.upload_part("bkt", "mp", uid, 2, Body(p2))
+    with pytest.raises(errors.InvalidPart):
+        await store.complete_upload("bkt", "mp", uid, [CompletedPart(1, i1.etag), CompletedPart(2, '"bad"')])
+    with pytest.raises(errors.InvalidPartOrder):
+        await store.complete_upload("bkt", "mp", uid, [CompletedPart(2, i2.etag), CompletedPart(1, i1.etag)])
+    with pytest.raises(errors.EntityTooSmall):
+        await store.complete_upload("bkt", "mp", uid, [CompletedPart(2, i2.etag), CompletedPart(3, i2.etag)])
+    info = await store.complete_upload("bkt", "mp", uid, [CompletedPart(1, i1.etag), CompletedPart(2, i2.etag)])
+    md5s = hashlib.md5(p1).digest() + hashlib.md5(p2).digest()
+    assert info.etag == f'"{hashlib.md5(md5s).hexdigest()}-2"'
+    assert info.parts == (len(p1), len(p2))
+    assert await read_all(store, "mp") == p1 + p2
+    assert (await store.head_object("bkt", "mp")).content_type == "x/y"
+    with pytest.raises(errors.NoSuchUpload):
+        await store.complete_upload("bkt", "mp", uid, [CompletedPart(1, i1.etag)])
+    assert files_under(tmp_path / "data" / "uploads") == []
+
+
+async def test_abort_and_list_uploads(store: LocalStore) -> None:
+    a = await store.create_upload("bkt", "x/1", ObjectMeta())
+    b = await store.create_upload("bkt", "x/2", ObjectMeta())
+    ups, truncated = await store.list_uploads("bkt", prefix="x/")
+    assert [u.upload_id for u in ups] == [a, b] and not truncated
+    ups, truncated = await store.list_uploads("bkt", max_uploads=1)
+    assert len(ups) == 1 and truncated
+    await store.abort_upload("bkt", "x/1", a)
+    with pytest.raises(errors.NoSuchUpload):
+        await store.upload_part("bkt", "x/1", a, 1, Body(b"x"))
+
+
+async def test_restart_sweeps_debris(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    s = LocalStore(root, fsync=False)
+    await s.start()
+    await s.create_bucket("bkt")
+    await s.put_object("bkt", "keep", Body(b"keep"), ObjectMeta())
+    await s.close()
+    (root / "tmp" / "half-written").write_bytes(b"partial")
+    (root / "objects" / "zz" / "zz").mkdir(parents=True)
+    (root / "objects" / "zz" / "zz" / "orphan").write_bytes(b"orphan")
+    s = LocalStore(root, fsync=False)
+    await s.start()
+    assert await read_all(s, "keep") == b"keep"
+    assert files_under(root / "tmp") == []
+    assert not (root / "objects" / "zz" / "zz" / "orphan").exists()
+    await s.close()
