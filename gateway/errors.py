@@ -373,3 +373,10 @@ class InvalidPartNumber(S3Error):
 class MaxPostPreDataLengthExceededError(S3Error):
     status = 400
     message = "Your POST request fields preceding the upload file were too large."
+
+
+class InvalidPolicyDocument(S3Error):
+    """A POST policy that is not valid JSON or not a valid policy."""
+
+    status = 400
+    message = "The content of the form does not meet the conditions specified in the policy document."
