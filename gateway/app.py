@@ -17,11 +17,13 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import ssl
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from aiohttp import http_exceptions, web, web_protocol
+from aiohttp import HttpVersion11, http_exceptions, web, web_protocol
 
 from gateway import errors
 from gateway.auth import AuthContext, SignedRequest, authenticate
@@ -30,7 +32,7 @@ from gateway.backends.local import LocalStore
 from gateway.config import Config
 from gateway.handlers.common import Ctx
 from gateway.request import S3Request, parse_query, split_target
-from gateway.routes import resolve
+from gateway.routes import Handler, resolve
 from gateway.sendfile import ResponseAborted
 from gateway.xml import XML_DECL, escape
 
@@ -90,47 +92,120 @@ def _is_post_object(request: web.Request, bucket: str | None, key: str | None) -
     )
 
 
-async def front(request: web.Request) -> web.StreamResponse:
-    request_id = new_request_id()
+@dataclass(frozen=True)
+class Prepared:
+    """A parsed, authenticated, routed request, ready to run."""
+
+    req: S3Request
+    ctx: Ctx
+    handler: Handler
+
+
+PREPARED_KEY = "nearstore.prepared"
+
+
+def prepare(request: web.Request, request_id: str) -> Prepared:
+    """Everything that can be decided from the request head alone: parse,
+    authenticate, route. Raises S3 errors."""
     raw_path, _, raw_query = request.raw_path.partition("?")
+    cfg = request.app[CONFIG_KEY]
+    if _header_bytes(request) > MAX_HEADER_BYTES:
+        raise errors.RequestHeaderSectionTooLarge(MaxSizeAllowed=str(MAX_HEADER_BYTES))
+    bucket, key, vhost = split_target(raw_path, request.headers.get("Host"), cfg.domain)
+    req = S3Request(
+        http=request,
+        method=request.method,
+        bucket=bucket,
+        key=key,
+        query=parse_query(raw_query),
+        raw_path=raw_path,
+        raw_query=raw_query,
+        request_id=request_id,
+        vhost=vhost,
+    )
+    if _is_post_object(request, bucket, key) and not raw_query:
+        # Browser POST: the signature is in the form, checked by the handler.
+        auth = AuthContext(
+            access_key="", scheme="post-v4", content_sha256=None, signing_key=None,
+            seed_signature=None, amz_date=None, scope=None,
+        )
+    else:
+        auth = authenticate(
+            SignedRequest(
+                method=request.method,
+                raw_path=raw_path,
+                raw_query=raw_query,
+                headers=request.headers,
+                vhost_bucket=bucket if vhost else None,
+            ),
+            cfg.credentials,
+        )
+    handler = resolve(req)
+    return Prepared(req, Ctx(request.app[BACKEND_KEY], cfg, auth), handler)
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: authenticate and route from the head alone
+    and answer an error before the client sends its body (RFC 9110
+    §10.1.1), as S3 does; otherwise invite the body."""
+    if request.headers.get("Expect", "").lower() != "100-continue" or request.version != HttpVersion11:
+        return None
+    request_id = new_request_id()
+    raw_path = request.raw_path.partition("?")[0]
+    if not raw_path.startswith("/_nearstore/"):
+        try:
+            request[PREPARED_KEY] = prepare(request, request_id)
+        except errors.S3Error as e:
+            resp = error_response(e, request_id, raw_path, request.method == "HEAD")
+            # The body never comes: the connection cannot be reused.
+            resp.force_close()
+            return resp
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0
+    return None
+
+
+class InFlight:
+    """Requests being handled, so that shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.idle.set()
+
+
+INFLIGHT_KEY = web.AppKey("inflight", InFlight)
+
+
+async def front(request: web.Request) -> web.StreamResponse:
+    inflight = request.app[INFLIGHT_KEY]
+    inflight.enter()
+    try:
+        return await _front(request)
+    finally:
+        inflight.leave()
+
+
+async def _front(request: web.Request) -> web.StreamResponse:
+    prepared: Prepared | None = request.get(PREPARED_KEY)
+    request_id = prepared.req.request_id if prepared else new_request_id()
+    raw_path = request.raw_path.partition("?")[0]
     head = request.method == "HEAD"
     try:
         if raw_path.startswith("/_nearstore/"):
             return await admin(request, raw_path)
-        cfg = request.app[CONFIG_KEY]
-        if _header_bytes(request) > MAX_HEADER_BYTES:
-            raise errors.RequestHeaderSectionTooLarge(MaxSizeAllowed=str(MAX_HEADER_BYTES))
-        bucket, key, vhost = split_target(raw_path, request.headers.get("Host"), cfg.domain)
-        req = S3Request(
-            http=request,
-            method=request.method,
-            bucket=bucket,
-            key=key,
-            query=parse_query(raw_query),
-            raw_path=raw_path,
-            raw_query=raw_query,
-            request_id=request_id,
-            vhost=vhost,
-        )
-        if _is_post_object(request, bucket, key) and not raw_query:
-            # Browser POST: the signature is in the form, checked by the handler.
-            auth = AuthContext(
-                access_key="", scheme="post-v4", content_sha256=None, signing_key=None,
-                seed_signature=None, amz_date=None, scope=None,
-            )
-        else:
-            auth = authenticate(
-                SignedRequest(
-                    method=request.method,
-                    raw_path=raw_path,
-                    raw_query=raw_query,
-                    headers=request.headers,
-                    vhost_bucket=bucket if vhost else None,
-                ),
-                cfg.credentials,
-            )
-        handler = resolve(req)
-        resp = await handler(Ctx(request.app[BACKEND_KEY], cfg, auth), req)
+        if prepared is None:
+            prepared = prepare(request, request_id)
+        resp = await prepared.handler(prepared.ctx, prepared.req)
     except ResponseAborted as e:
         log.warning("request %s aborted mid-response: %s", request_id, e.__cause__ or e)
         return e.response
@@ -164,9 +239,11 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
 def build_app(cfg: Config, backend: Backend | None = None) -> web.Application:
     app = web.Application(handler_args=PARSER_LIMITS)
     app[CONFIG_KEY] = cfg
+    app[INFLIGHT_KEY] = InFlight()
     app[BACKEND_KEY] = backend or LocalStore(os.path.join(cfg.data_dir), fsync=cfg.fsync)
     app.cleanup_ctx.append(_backend_ctx)
-    app.router.add_route("*", "/{tail:.*}", front)
+    # [\s\S]: keys may contain newlines, which '.' would not match.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", front, expect_handler=expect_continue)
     return app
 
 
@@ -220,29 +297,55 @@ def serve(cfg: Config) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="nearstore-io"))
+    try:
+        loop.run_until_complete(_run(cfg))
+    finally:
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
+async def _run(cfg: Config) -> None:
+    # Not web.run_app: it stops by cancelling its main task, and a cancelled
+    # task cuts aiohttp's graceful wait for in-flight handlers short (an
+    # upload in progress at SIGTERM would be dropped). Here the stop is an
+    # event, and cleanup runs uncancelled.
     app = build_app(cfg)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_context(cfg))
+        await site.start()
+        _announce(cfg)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("nearstore: shutting down; finishing in-flight requests", file=sys.stderr, flush=True)
+        # Stop accepting, then let in-flight requests finish *before*
+        # aiohttp's cleanup: its shutdown marks every connection closing and
+        # from then on drops incoming bytes, which would starve an upload
+        # whose body is still arriving.
+        await site.stop()
+        try:
+            await asyncio.wait_for(app[INFLIGHT_KEY].idle.wait(), cfg.shutdown_timeout)
+        except TimeoutError:
+            log.warning("%d requests still running after %.0f s; closing them",
+                        app[INFLIGHT_KEY].count, cfg.shutdown_timeout)
+    finally:
+        await runner.cleanup()
+
+
+def _announce(cfg: Config) -> None:
     scheme = "https" if cfg.tls_cert else "http"
-
-    def announce(_: str) -> None:
-        print(f"nearstore: serving S3 on {scheme}://{cfg.host}:{cfg.port} (data in {os.path.abspath(cfg.data_dir)})",
-              file=sys.stderr, flush=True)
-        if cfg.using_dev_keys:
-            ak, sk = next(iter(cfg.credentials.items()))
-            print(
-                "nearstore: WARNING: no credentials configured (NEARSTORE_ACCESS_KEY / NEARSTORE_SECRET_KEY);"
-                f" using development keys: access key {ak!r}, secret key {sk!r}",
-                file=sys.stderr, flush=True,
-            )
-
-    web.run_app(
-        app,
-        host=cfg.host,
-        port=cfg.port,
-        ssl_context=ssl_context(cfg),
-        shutdown_timeout=cfg.shutdown_timeout,
-        access_log=None,
-        print=announce,
-        loop=loop,
-        reuse_port=None,
+    print(
+        f"nearstore: serving S3 on {scheme}://{cfg.host}:{cfg.port} (data in {os.path.abspath(cfg.data_dir)})",
+        file=sys.stderr, flush=True,
     )
-
+    if cfg.using_dev_keys:
+        ak, sk = next(iter(cfg.credentials.items()))
+        print(
+            "nearstore: WARNING: no credentials configured (NEARSTORE_ACCESS_KEY / NEARSTORE_SECRET_KEY);"
+            f" using development keys: access key {ak!r}, secret key {sk!r}",
+            file=sys.stderr, flush=True,
+        )

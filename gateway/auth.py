@@ -756,13 +756,17 @@ def _v4_query(
 # --- SigV2 -----------------------------------------------------------------------
 
 
-def _v2_resource(req: SignedRequest, pairs: list[tuple[str, str | None]]) -> str:
+def _v2_resource(
+    req: SignedRequest, pairs: list[tuple[str, str | None]], *, bucket_slash: bool = True
+) -> str:
     """CanonicalizedResource (AWS "Signing and authenticating REST requests"),
-    built as botocore's HmacV1Auth.canonical_resource builds it."""
+    built as botocore's HmacV1Auth.canonical_resource builds it; with
+    ``bucket_slash`` False, as other clients (and S3's documentation) build
+    it, from the path exactly as sent."""
     path = req.raw_path or "/"
     if req.vhost_bucket:
         path = "/" + req.vhost_bucket + path
-    elif path.count("/") == 1 and len(path) > 1:
+    elif bucket_slash and path.count("/") == 1 and len(path) > 1:
         # A bucket-level request, path style: botocore sends "/bucket" and
         # signs its authPath "/bucket/".
         path += "/"
@@ -791,10 +795,21 @@ def _v2_string_to_sign(
     return f"{method}\n{content_md5}\n{content_type}\n{date}\n{amz}{resource}"
 
 
-def _verify_v2(access_key: str, secret: str, string_to_sign: str, signature: str) -> None:
+def _v2_digest(secret: str, string_to_sign: str) -> bytes:
     digest = hmac.new(secret.encode("utf-8"), string_to_sign.encode("utf-8"), hashlib.sha1)
-    expected = base64.b64encode(digest.digest())
-    if not hmac.compare_digest(expected, signature.encode("utf-8")):
+    return base64.b64encode(digest.digest())
+
+
+def _verify_v2(
+    access_key: str, secret: str, string_to_sign: str, signature: str, alternative: str | None = None
+) -> None:
+    """Check a V2 signature; ``alternative`` is a second string to sign
+    that a client may equally have used (a bucket path with or without its
+    trailing slash)."""
+    ok = hmac.compare_digest(_v2_digest(secret, string_to_sign), signature.encode("utf-8"))
+    if not ok and alternative is not None:
+        ok = hmac.compare_digest(_v2_digest(secret, alternative), signature.encode("utf-8"))
+    if not ok:
         raise SignatureDoesNotMatch(
             AWSAccessKeyId=access_key,
             StringToSign=string_to_sign,
@@ -835,15 +850,19 @@ def _v2_header(
     # With x-amz-date the Date line is empty; x-amz-date is signed among the
     # x-amz- headers instead.
     date_line = "" if amz_date is not None else raw_date.strip()
-    string_to_sign = _v2_string_to_sign(
-        req.method,
-        (_first(headers, "content-md5") or "").strip(),
-        (_first(headers, "content-type") or "").strip(),
-        date_line,
-        _amz_headers(headers),
-        _v2_resource(req, pairs),
-    )
-    _verify_v2(access_key, secret, string_to_sign, signature)
+    def sts(bucket_slash: bool) -> str:
+        return _v2_string_to_sign(
+            req.method,
+            (_first(headers, "content-md5") or "").strip(),
+            (_first(headers, "content-type") or "").strip(),
+            date_line,
+            _amz_headers(headers),
+            _v2_resource(req, pairs, bucket_slash=bucket_slash),
+        )
+
+    string_to_sign, alternative = sts(True), sts(False)
+    _verify_v2(access_key, secret, string_to_sign, signature,
+               alternative if alternative != string_to_sign else None)
     return AuthContext(access_key, "v2", None, None, None, None, None)
 
 
@@ -882,15 +901,19 @@ def _v2_query(
     merged = {**query_headers, **headers}
     content_md5 = _first(merged, "content-md5") or ""
     content_type = _first(merged, "content-type") or ""
-    string_to_sign = _v2_string_to_sign(
-        req.method,
-        content_md5.strip(),
-        content_type.strip(),
-        raw_expires,
-        _amz_headers(merged),
-        _v2_resource(req, pairs),
-    )
-    _verify_v2(access_key, secret, string_to_sign, signature)
+    def sts(bucket_slash: bool) -> str:
+        return _v2_string_to_sign(
+            req.method,
+            content_md5.strip(),
+            content_type.strip(),
+            raw_expires,
+            _amz_headers(merged),
+            _v2_resource(req, pairs, bucket_slash=bucket_slash),
+        )
+
+    string_to_sign, alternative = sts(True), sts(False)
+    _verify_v2(access_key, secret, string_to_sign, signature,
+               alternative if alternative != string_to_sign else None)
     return AuthContext(access_key, "v2-query", None, None, None, None, None)
 
 

@@ -1,0 +1,1 @@
+"""Shared code for the integration tests: server processes, raw HTTP, observations."""
