@@ -115,6 +115,8 @@ def _zlib_crc32(data: bytes | memoryview, value: int) -> int:
     return zlib.crc32(data, value)
 
 
+# awscrt's functions are annotated ``bytes`` but read any buffer (the C side
+# takes the buffer protocol), so memoryviews of received blocks pass uncopied.
 def _crt_crc32c(data: bytes | memoryview, value: int) -> int:
     return crt.crc32c(data, value)
 

@@ -380,3 +380,8 @@ class InvalidPolicyDocument(S3Error):
 
     status = 400
     message = "The content of the form does not meet the conditions specified in the policy document."
+
+
+class MalformedTrailerError(S3Error):
+    status = 400
+    message = "The request contained trailing data that was not well-formed or did not conform to our published schema."

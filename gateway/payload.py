@@ -78,7 +78,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 import aiohttp
 from aiohttp.http_exceptions import PayloadEncodingError
@@ -93,6 +93,7 @@ from gateway.errors import (
     InvalidChunkSizeError,
     InvalidDigest,
     InvalidRequest,
+    MalformedTrailerError,
     MissingContentLength,
     S3Error,
     SignatureDoesNotMatch,
@@ -139,6 +140,7 @@ BATCH_BYTES: Final = 1 << 20
 MAX_IN_FLIGHT_BYTES: Final = 4 << 20
 """Bytes queued on an upload's lane before reading waits for it."""
 
+_DECIMAL: Final = re.compile(r"[0-9]{1,19}")
 _HEX64: Final = re.compile(r"[0-9a-fA-F]{64}")
 _HEX_SIZE: Final = re.compile(rb"[0-9a-fA-F]{1,16}")
 _SIGNATURE: Final = re.compile(rb"[0-9a-f]{64}")
@@ -202,9 +204,7 @@ class AuthContextLike(Protocol):
 
 
 def _malformed_trailer() -> S3Error:
-    # S3's code is MalformedTrailerError (400); gateway/errors.py has no such
-    # class yet, so the closest 400 carries S3's message.
-    return InvalidRequest(_MALFORMED_TRAILER)
+    return MalformedTrailerError(_MALFORMED_TRAILER)
 
 
 def _terminated() -> IncompleteBody:
@@ -250,17 +250,17 @@ def _plan(headers: Mapping[str, str], auth: AuthContextLike, max_size: int) -> _
     aws_chunked = any(t.lower() == "aws-chunked" for t in tokens)
     kept = ",".join(t for t in tokens if t.lower() != "aws-chunked") or None
     declared = auth.content_sha256 or h.get("x-amz-content-sha256") or None
-    framed, signed, signed_trailer, trailer_capable, hex_sha = _payload_mode(declared, aws_chunked)
-    signer = _signer(auth, declared) if signed else None
-    content_length, decoded_length = _lengths(h, framed, signed, max_size)
-    trailers = _declared_trailers(h.get("x-amz-trailer"), trailer_capable)
+    mode = _payload_mode(declared, aws_chunked)
+    signer = _signer(auth, declared) if mode.signed else None
+    content_length, decoded_length = _lengths(h, mode.framed, mode.signed, max_size)
+    trailers = _declared_trailers(h.get("x-amz-trailer"), mode.trailer_capable)
     algorithm, value = _checksum(h, trailers)
     return _Plan(
-        framed=framed,
+        framed=mode.framed,
         signer=signer,
-        signed_trailer=signed_trailer,
-        trailer_capable=trailer_capable,
-        content_sha256=hex_sha,
+        signed_trailer=mode.signed_trailer,
+        trailer_capable=mode.trailer_capable,
+        content_sha256=mode.content_sha256,
         content_length=content_length,
         decoded_length=decoded_length,
         content_encoding=kept,
@@ -271,23 +271,28 @@ def _plan(headers: Mapping[str, str], auth: AuthContextLike, max_size: int) -> _
     )
 
 
-def _payload_mode(
-    declared: str | None, aws_chunked: bool
-) -> tuple[bool, bool, bool, bool, str | None]:
-    """(framed, signed chunks, signed trailer, trailer capable, hex to verify)."""
+class _Mode(NamedTuple):
+    framed: bool  # aws-chunked framing
+    signed: bool  # chunk signatures
+    signed_trailer: bool  # x-amz-trailer-signature due
+    trailer_capable: bool  # the framing may carry a trailer
+    content_sha256: str | None  # lower-case hex to verify
+
+
+def _payload_mode(declared: str | None, aws_chunked: bool) -> _Mode:
     if declared is None or declared == _UNSIGNED:
         # Content-Encoding: aws-chunked without a STREAMING- value: unsigned
         # chunks, as some SDKs send with UNSIGNED-PAYLOAD.
-        return aws_chunked, False, False, aws_chunked, None
+        return _Mode(aws_chunked, False, False, aws_chunked, None)
     if _HEX64.fullmatch(declared):
         # Over an aws-chunked body the hash covers the bytes on the wire.
-        return aws_chunked, False, False, aws_chunked, declared.lower()
+        return _Mode(aws_chunked, False, False, aws_chunked, declared.lower())
     if declared == _STREAMING_SIGNED:
-        return True, True, False, False, None
+        return _Mode(True, True, False, False, None)
     if declared == _STREAMING_SIGNED_TRAILER:
-        return True, True, True, True, None
+        return _Mode(True, True, True, True, None)
     if declared == _STREAMING_UNSIGNED_TRAILER:
-        return True, False, False, True, None
+        return _Mode(True, False, False, True, None)
     if declared in _STREAMING_SIGV4A:
         raise errors.NotImplemented(
             "SigV4a (ECDSA) streaming payloads are not supported.",
@@ -316,7 +321,7 @@ def _lengths(
     content_length: int | None = None
     raw = h.get("content-length")
     if raw is not None:
-        if not raw.strip().isdigit():
+        if not _DECIMAL.fullmatch(raw.strip()):
             raise MissingContentLength()
         content_length = int(raw)
     elif "chunked" not in h.get("transfer-encoding", "").lower():
@@ -326,7 +331,7 @@ def _lengths(
         raw = h.get("x-amz-decoded-content-length")
         if raw is not None:
             # S3 answers an unparsable value with MissingContentLength.
-            if not raw.strip().isdigit():
+            if not _DECIMAL.fullmatch(raw.strip()):
                 raise MissingContentLength()
             decoded_length = int(raw)
         elif signed:
