@@ -29,6 +29,8 @@ from gateway import errors
 from gateway.auth import AuthContext, SignedRequest, authenticate
 from gateway.backends.base import Backend
 from gateway.backends.local import LocalStore
+from gateway.backends.router import Router
+from gateway.backends.s3 import S3Upstream
 from gateway.config import Config
 from gateway.handlers.common import Ctx
 from gateway.request import S3Request, parse_query, split_target
@@ -236,11 +238,25 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
     await backend.close()
 
 
+def make_backend(cfg: Config) -> Backend:
+    local = LocalStore(cfg.data_dir, fsync=cfg.fsync)
+    if not cfg.upstreams:
+        return local
+    mapped: dict[str, Backend] = {}
+    wildcard: Backend | None = None
+    for up in cfg.upstreams:
+        if up.name == "*":
+            wildcard = S3Upstream(up)
+        else:
+            mapped[up.name] = S3Upstream(up)
+    return Router(local, mapped, wildcard)
+
+
 def build_app(cfg: Config, backend: Backend | None = None) -> web.Application:
     app = web.Application(handler_args=PARSER_LIMITS)
     app[CONFIG_KEY] = cfg
     app[INFLIGHT_KEY] = InFlight()
-    app[BACKEND_KEY] = backend or LocalStore(os.path.join(cfg.data_dir), fsync=cfg.fsync)
+    app[BACKEND_KEY] = backend or make_backend(cfg)
     app.cleanup_ctx.append(_backend_ctx)
     # [\s\S]: keys may contain newlines, which '.' would not match.
     app.router.add_route("*", r"/{tail:[\s\S]*}", front, expect_handler=expect_continue)

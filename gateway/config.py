@@ -17,6 +17,16 @@ Example ``nearstore.toml``::
     [tls]
     cert = "/etc/nearstore/cert.pem"
     key = "/etc/nearstore/key.pem"
+
+    [[buckets]]                  # front a bucket of another S3 store
+    name = "datasets"            # what clients see; "*" = every bucket there
+    endpoint = "https://s3.us-east-1.amazonaws.com"
+    bucket = "my-datasets"       # default: same as name
+    prefix = ""                  # optional key prefix inside it
+    region = "us-east-1"
+    addressing = "virtual"       # or "path" (MinIO, Ceph, SeaweedFS)
+    access_key = "AKIA..."       # the backing store's own credentials
+    secret_key = "..."
 """
 
 from __future__ import annotations
@@ -35,6 +45,51 @@ class ConfigError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One [[buckets]] entry: a gateway bucket served by an S3 store."""
+
+    name: str  # the bucket clients see, or "*" for every bucket of the upstream
+    endpoint: str
+    bucket: str  # upstream bucket ("" with name "*": same as the client's)
+    prefix: str = ""
+    region: str = "us-east-1"
+    addressing: str = "path"
+    access_key: str = ""
+    secret_key: str = ""
+    connect_timeout: float = 3.0
+    read_timeout: float = 30.0
+    # Total time one request may spend on retries before the client gets 503.
+    deadline: float = 10.0
+    max_attempts: int = 5
+    pool_size: int = 64
+
+
+def _upstream(entry: Mapping[str, Any]) -> UpstreamConfig:
+    try:
+        name = str(entry["name"])
+        endpoint = str(entry["endpoint"]).rstrip("/")
+    except KeyError as e:
+        raise ConfigError(f"[[buckets]] entry needs {e.args[0]!r}") from None
+    if not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"[[buckets]] {name}: endpoint must be an http(s) URL")
+    addressing = str(entry.get("addressing", "path"))
+    if addressing not in ("path", "virtual"):
+        raise ConfigError(f"[[buckets]] {name}: addressing is 'path' or 'virtual'")
+    bucket = str(entry.get("bucket", "" if name == "*" else name))
+    if name == "*" and (bucket or entry.get("prefix")):
+        raise ConfigError("[[buckets]] '*' maps every bucket by its own name: no bucket or prefix")
+    known = set(UpstreamConfig.__dataclass_fields__)
+    unknown = set(entry) - known
+    if unknown:
+        raise ConfigError(f"[[buckets]] {name}: unknown settings {sorted(unknown)}")
+    kwargs = {k: v for k, v in entry.items() if k not in ("name", "endpoint", "bucket", "addressing")}
+    try:
+        return UpstreamConfig(name=name, endpoint=endpoint, bucket=bucket, addressing=addressing, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"[[buckets]] {name}: {e}") from None
+
+
 @dataclass
 class Config:
     host: str = "127.0.0.1"
@@ -49,6 +104,7 @@ class Config:
     # Seconds the server waits for in-flight requests on SIGTERM.
     shutdown_timeout: float = 30.0
     using_dev_keys: bool = False
+    upstreams: list[UpstreamConfig] = field(default_factory=list)
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -94,6 +150,13 @@ def load(
                 cfg.credentials[str(c["access_key"])] = str(c["secret_key"])
             except (KeyError, TypeError):
                 raise ConfigError("each [[credentials]] needs access_key and secret_key") from None
+        buckets = doc.get("buckets", [])
+        if not isinstance(buckets, list):
+            raise ConfigError("[[buckets]] must be an array of tables")
+        cfg.upstreams = [_upstream(b) for b in buckets]
+        names = [u.name for u in cfg.upstreams]
+        if len(names) != len(set(names)):
+            raise ConfigError("[[buckets]]: a bucket name is mapped twice")
     cfg.raw = doc
 
     simple = {

@@ -563,6 +563,28 @@ class Payload:
 
     # --- iteration ------------------------------------------------------------
 
+    @property
+    def declared_size(self) -> int | None:
+        """The decoded body size the client announced (Content-Length, or
+        x-amz-decoded-content-length for aws-chunked), if it did."""
+        plan = self._plan
+        return plan.decoded_length if plan.framed else plan.content_length
+
+    @property
+    def client_checksum(self) -> tuple[str, str] | None:
+        """(algorithm, base64) from a checksum header, known before the body
+        (a trailer's value is not): lets a proxied upload be verified by the
+        store it goes to as well."""
+        plan = self._plan
+        if plan.checksum_algorithm and plan.checksum_value is not None:
+            return plan.checksum_algorithm, base64.b64encode(plan.checksum_value).decode()
+        return None
+
+    @property
+    def client_md5(self) -> str | None:
+        """The Content-MD5 header as sent (validated), if any."""
+        return self._plan.content_md5
+
     async def chunks(self) -> AsyncIterator[bytes | memoryview]:
         """The decoded body in order; raises an S3 error if any check fails."""
         if self._started:

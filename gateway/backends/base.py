@@ -93,10 +93,37 @@ class UploadBody(Protocol):
     def checksum(self) -> tuple[str, str] | None: ...
 
 
+@dataclass(frozen=True)
+class ReadOptions:
+    """What the client asked of a read, for backends that delegate the
+    decision to a store that can make it (the S3 upstream forwards these and
+    reports what it served); the local store lets the handler decide."""
+
+    range_header: str | None = None
+    part_number: int | None = None
+    # If-Match, If-None-Match, If-Modified-Since, If-Unmodified-Since.
+    conditions: Mapping[str, str] = field(default_factory=dict)
+    checksum_mode: bool = False
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a delegating backend served: status and the inclusive byte
+    range of the body (end < start for an empty body), plus headers to pass
+    on (x-amz-mp-parts-count ...)."""
+
+    status: int
+    start: int
+    end: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
 class ObjectHandle(Protocol):
     """An open object version; readable until closed, whatever happens after."""
 
     info: ObjectInfo
+    # None: the handler evaluates range and conditions itself from ``info``.
+    served: Served | None
 
     def fileno(self) -> int | None:
         """A file descriptor for zero-copy sends, or None if not file-backed."""
@@ -159,7 +186,13 @@ class Backend(Protocol):
     # Objects
     async def head_object(self, bucket: str, key: str) -> ObjectInfo: ...
 
-    async def open_object(self, bucket: str, key: str) -> ObjectHandle: ...
+    async def open_object(
+        self, bucket: str, key: str, opts: ReadOptions | None = None, *, head: bool = False
+    ) -> ObjectHandle:
+        """Open the current version. ``head``: metadata only, no body will be
+        read. Raises NotModified / PreconditionFailed / InvalidRange when the
+        backend evaluates ``opts`` itself."""
+        ...
 
     async def put_object(
         self,

@@ -60,6 +60,8 @@ from gateway.backends.base import (
     ObjectInfo,
     ObjectMeta,
     PartInfo,
+    ReadOptions,
+    Served,
     UploadBody,
     UploadInfo,
     WriteConditions,
@@ -193,9 +195,10 @@ class LocalHandle:
     info: ObjectInfo
     fd: int
     _closed: bool = False
+    served: Served | None = None
 
     def fileno(self) -> int | None:
-        return self.fd
+        return self.fd if self.fd >= 0 else None
 
     async def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
@@ -214,7 +217,8 @@ class LocalHandle:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            os.close(self.fd)
+            if self.fd >= 0:
+                os.close(self.fd)
 
 
 class LocalStore:
@@ -363,7 +367,12 @@ class LocalStore:
     async def head_object(self, bucket: str, key: str) -> ObjectInfo:
         return (await self._db(self._object_row, bucket, key))[0]
 
-    async def open_object(self, bucket: str, key: str) -> LocalHandle:
+    async def open_object(
+        self, bucket: str, key: str, opts: ReadOptions | None = None, *, head: bool = False
+    ) -> LocalHandle:
+        if head:
+            return LocalHandle(await self.head_object(bucket, key), -1)
+
         def q() -> LocalHandle:
             # Lookup and open happen on the db thread, where overwrites also
             # unlink replaced files: the file we open is the one the row names.

@@ -8,7 +8,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from gateway import errors
-from gateway.backends.base import ObjectInfo, ObjectMeta, WriteConditions
+from gateway.backends.base import ObjectInfo, ObjectMeta, ReadOptions, WriteConditions
 from gateway.conditions import (
     check_copy_source_conditions,
     check_read_conditions,
@@ -87,8 +87,6 @@ def _part_range(info: ObjectInfo, req: S3Request) -> tuple[int, int] | None:
     raw = req.query.get("partNumber")
     if raw is None:
         return None
-    if req.header("Range") is not None:
-        raise errors.InvalidRequest("Cannot specify both Range header and partNumber query parameter")
     try:
         n = int(raw)
     except ValueError:
@@ -112,43 +110,60 @@ async def head_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     return await _read_object(ctx, req, head=True)
 
 
+def read_options(req: S3Request) -> ReadOptions:
+    h = req.headers
+    part = req.query.get("partNumber")
+    return ReadOptions(
+        range_header=h.get("Range"),
+        part_number=int(part) if part is not None and part.isdigit() else None,
+        conditions={n: h[n] for n in ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since") if n in h},
+        checksum_mode=(h.get("x-amz-checksum-mode") or "").upper() == "ENABLED",
+    )
+
+
 async def _read_object(ctx: Ctx, req: S3Request, *, head: bool) -> web.StreamResponse:
     key = require_key(req)
     check_version_id(req)
-    backend = ctx.backend
-    if head:
-        info = await backend.head_object(_bucket(req), key)
-        handle = None
-    else:
-        handle = await backend.open_object(_bucket(req), key)
-        info = handle.info
+    if req.query.get("partNumber") is not None and req.header("Range") is not None:
+        raise errors.InvalidRequest("Cannot specify both Range header and partNumber query parameter")
+    handle = await ctx.backend.open_object(_bucket(req), key, read_options(req), head=head)
     try:
+        info = handle.info
         check_read_conditions(req.headers, info.etag, info.last_modified)
-        part = _part_range(info, req)
-        rng = part or parse_range(req.header("Range"), info.size)
         headers = object_headers(info, req)
-        if part is not None:
-            headers["x-amz-mp-parts-count"] = str(len(info.parts) or 1)
-        if rng is None:
-            start, length, status = 0, info.size, 200
+        served = handle.served
+        if served is not None:
+            # The backing store evaluated range and part itself.
+            status, start, length = served.status, served.start, served.end - served.start + 1
+            headers.update(served.headers)
+            if status == 206:
+                headers["Content-Range"] = f"bytes {served.start}-{served.end}/{info.size}"
+            whole = status == 200
         else:
-            start, length, status = rng[0], rng[1] - rng[0] + 1, 206
-            headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{info.size}"
-        if part is not None and not info.parts:
-            # partNumber=1 of a single-part object is the whole object.
-            status = 206 if info.size else 200
-        headers.update(_checksum_headers(info, req, whole=rng is None or (part is not None and not info.parts)))
+            part = _part_range(info, req)
+            rng = part or parse_range(req.header("Range"), info.size)
+            if part is not None:
+                headers["x-amz-mp-parts-count"] = str(len(info.parts) or 1)
+            if rng is None:
+                start, length, status = 0, info.size, 200
+            else:
+                start, length, status = rng[0], rng[1] - rng[0] + 1, 206
+                headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{info.size}"
+            if part is not None and not info.parts:
+                # partNumber=1 of a single-part object is the whole object.
+                status = 206 if info.size else 200
+            whole = rng is None or (part is not None and not info.parts)
+        headers.update(_checksum_headers(info, req, whole=whole))
         resp = web.StreamResponse(status=status, headers=headers)
-        resp.content_length = length
-        if head or handle is None:
+        resp.content_length = max(length, 0)
+        if head:
             await resp.prepare(req.http)
             await resp.write_eof()
             return resp
-        await send_body(req.http, resp, handle, start, length)
+        await send_body(req.http, resp, handle, start, max(length, 0))
         return resp
     finally:
-        if handle is not None:
-            await handle.close()
+        await handle.close()
 
 
 def _write_conditions(req: S3Request) -> WriteConditions:

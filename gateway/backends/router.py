@@ -1,0 +1,196 @@
+"""Which backend serves a bucket: the configured [[buckets]] mappings
+first (by name, then a "*" wildcard), the local store for the rest.
+
+A copy between two backends cannot be done server-side: it streams the
+source through this node into the destination (bounded memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+from gateway import errors
+from gateway.backends.base import (
+    Backend,
+    BucketInfo,
+    CompletedPart,
+    ListPage,
+    ObjectHandle,
+    ObjectInfo,
+    ObjectMeta,
+    PartInfo,
+    ReadOptions,
+    UploadBody,
+    UploadInfo,
+    WriteConditions,
+)
+
+
+class _Stream:
+    """An open object as an UploadBody, for cross-backend copies."""
+
+    def __init__(self, handle: ObjectHandle, start: int, length: int) -> None:
+        import hashlib
+
+        self._handle, self._start, self._length = handle, start, length
+        self._md5 = hashlib.md5()
+        self.size = 0
+        self.declared_size = length
+        self.checksum: tuple[str, str] | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
+        async for piece in self._handle.read_range(self._start, self._length):
+            self._md5.update(piece)
+            self.size += len(piece)
+            yield piece
+
+    @property
+    def md5_hex(self) -> str:
+        return self._md5.hexdigest()
+
+
+class Router:
+    name = "router"
+
+    def __init__(self, local: Backend, mapped: Mapping[str, Backend], wildcard: Backend | None) -> None:
+        self.local = local
+        self.mapped = dict(mapped)
+        self.wildcard = wildcard
+
+    def pick(self, bucket: str) -> Backend:
+        b = self.mapped.get(bucket)
+        if b is not None:
+            return b
+        return self.wildcard or self.local
+
+    def _all(self) -> list[Backend]:
+        out = [self.local, *self.mapped.values()]
+        if self.wildcard is not None:
+            out.append(self.wildcard)
+        return out
+
+    async def start(self) -> None:
+        for b in self._all():
+            await b.start()
+
+    async def close(self) -> None:
+        for b in self._all():
+            await b.close()
+
+    async def list_buckets(self) -> list[BucketInfo]:
+        found: dict[str, BucketInfo] = {}
+        if self.wildcard is not None:
+            found.update((b.name, b) for b in await self.wildcard.list_buckets())
+        else:
+            found.update((b.name, b) for b in await self.local.list_buckets())
+        for name in self.mapped:
+            found.setdefault(name, BucketInfo(name, 0.0))
+        return sorted(found.values(), key=lambda b: b.name)
+
+    async def create_bucket(self, bucket: str, region: str = "") -> None:
+        await self.pick(bucket).create_bucket(bucket, region)
+
+    async def head_bucket(self, bucket: str) -> BucketInfo:
+        return await self.pick(bucket).head_bucket(bucket)
+
+    async def delete_bucket(self, bucket: str) -> None:
+        await self.pick(bucket).delete_bucket(bucket)
+
+    async def head_object(self, bucket: str, key: str) -> ObjectInfo:
+        return await self.pick(bucket).head_object(bucket, key)
+
+    async def open_object(
+        self, bucket: str, key: str, opts: ReadOptions | None = None, *, head: bool = False
+    ) -> ObjectHandle:
+        return await self.pick(bucket).open_object(bucket, key, opts, head=head)
+
+    async def put_object(
+        self, bucket: str, key: str, body: UploadBody, meta: ObjectMeta, conditions: WriteConditions | None = None
+    ) -> ObjectInfo:
+        return await self.pick(bucket).put_object(bucket, key, body, meta, conditions)
+
+    async def copy_object(
+        self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str, meta: ObjectMeta | None,
+        expected_etag: str | None = None,
+    ) -> ObjectInfo:
+        src, dst = self.pick(src_bucket), self.pick(dst_bucket)
+        if src is dst:
+            return await src.copy_object(src_bucket, src_key, dst_bucket, dst_key, meta, expected_etag)
+        handle = await src.open_object(src_bucket, src_key)
+        try:
+            info = handle.info
+            if expected_etag is not None and info.etag != expected_etag:
+                raise errors.PreconditionFailed(Condition="x-amz-copy-source-if-match")
+            if meta is None:
+                meta = ObjectMeta(info.content_type, info.headers, info.user_meta,
+                                  await src.get_tags(src_bucket, src_key))
+            return await dst.put_object(dst_bucket, dst_key, _Stream(handle, 0, info.size), meta)
+        finally:
+            await handle.close()
+
+    async def delete_object(self, bucket: str, key: str) -> None:
+        await self.pick(bucket).delete_object(bucket, key)
+
+    async def list_objects(
+        self, bucket: str, *, prefix: str = "", delimiter: str = "", start_after: str = "", max_keys: int = 1000
+    ) -> ListPage:
+        return await self.pick(bucket).list_objects(
+            bucket, prefix=prefix, delimiter=delimiter, start_after=start_after, max_keys=max_keys
+        )
+
+    async def get_tags(self, bucket: str, key: str) -> dict[str, str]:
+        return await self.pick(bucket).get_tags(bucket, key)
+
+    async def put_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
+        await self.pick(bucket).put_tags(bucket, key, tags)
+
+    async def create_upload(self, bucket: str, key: str, meta: ObjectMeta) -> str:
+        return await self.pick(bucket).create_upload(bucket, key, meta)
+
+    async def upload_part(
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: UploadBody
+    ) -> PartInfo:
+        return await self.pick(bucket).upload_part(bucket, key, upload_id, part_number, body)
+
+    async def upload_part_copy(
+        self, bucket: str, key: str, upload_id: str, part_number: int, src_bucket: str, src_key: str,
+        src_range: tuple[int, int] | None, expected_etag: str | None = None,
+    ) -> PartInfo:
+        src, dst = self.pick(src_bucket), self.pick(bucket)
+        if src is dst:
+            return await dst.upload_part_copy(
+                bucket, key, upload_id, part_number, src_bucket, src_key, src_range, expected_etag
+            )
+        handle = await src.open_object(src_bucket, src_key)
+        try:
+            info = handle.info
+            if expected_etag is not None and info.etag != expected_etag:
+                raise errors.PreconditionFailed(Condition="x-amz-copy-source-if-match")
+            start, end = src_range if src_range else (0, info.size - 1)
+            if end >= info.size or start > end:
+                raise errors.InvalidRange(ActualObjectSize=str(info.size))
+            return await dst.upload_part(bucket, key, upload_id, part_number, _Stream(handle, start, end - start + 1))
+        finally:
+            await handle.close()
+
+    async def complete_upload(
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart]
+    ) -> ObjectInfo:
+        return await self.pick(bucket).complete_upload(bucket, key, upload_id, parts)
+
+    async def abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
+        await self.pick(bucket).abort_upload(bucket, key, upload_id)
+
+    async def list_parts(
+        self, bucket: str, key: str, upload_id: str, *, marker: int = 0, max_parts: int = 1000
+    ) -> tuple[UploadInfo, list[PartInfo], bool]:
+        return await self.pick(bucket).list_parts(bucket, key, upload_id, marker=marker, max_parts=max_parts)
+
+    async def list_uploads(
+        self, bucket: str, *, prefix: str = "", key_marker: str = "", upload_id_marker: str = "",
+        max_uploads: int = 1000,
+    ) -> tuple[list[UploadInfo], bool]:
+        return await self.pick(bucket).list_uploads(
+            bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=upload_id_marker,
+            max_uploads=max_uploads,
+        )

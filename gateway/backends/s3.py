@@ -1,0 +1,705 @@
+"""The S3 upstream: a gateway bucket served by a bucket of another S3 store.
+
+Why aiohttp with our own SigV4 signer rather than aiobotocore: the gateway
+streams bodies in both directions and passes errors through byte for byte.
+aiobotocore parses every response into a dict (whole XML in memory), and its
+request pipeline gives no hold on when a streamed upload's last bytes leave.
+With aiohttp we keep one pooled session per upstream, stream with bounded
+buffers, and sign with ``gateway.auth``'s tested SigV4 code; SeaweedFS in the
+tests checks those signatures like AWS does.
+
+Invariants:
+
+- The upstream sees only its own credentials, never the client's.
+- An upload reaches the upstream one piece behind the client: the last piece
+  is sent only after the client's body passed every integrity check, so a
+  body that fails late (BadDigest, a bad chunk signature) leaves the upstream
+  with a short request it discards, never a stored object.
+- Idempotent requests are retried with full-jitter backoff on connection
+  errors, 5xx and throttling, within the mapping's deadline; then the client
+  gets 503 with Retry-After. A GET stream that breaks mid-body resumes from
+  the next byte with If-Match on the ETag it started with; if the object
+  changed, the client's response is cut short, never mixed.
+- Upstream S3 errors reach the client with the same code and status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import hmac
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from gateway import errors
+from gateway.auth import derive_signing_key, uri_encode
+from gateway.backends.base import (
+    BucketInfo,
+    CompletedPart,
+    ListPage,
+    ObjectInfo,
+    ObjectMeta,
+    PartInfo,
+    ReadOptions,
+    Served,
+    UploadBody,
+    UploadInfo,
+    WriteConditions,
+)
+from gateway.config import UpstreamConfig
+from gateway.xml import child_text, document, parse
+
+log = logging.getLogger(__name__)
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+UNSIGNED = "UNSIGNED-PAYLOAD"
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+RETRY_CODES = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling"})
+STREAM_PIECE = 1024 * 1024
+STORED = ("content-encoding", "content-disposition", "cache-control", "content-language", "expires",
+          "x-amz-website-redirect-location")
+
+_ERROR_CLASSES: dict[tuple[str, int], type[errors.S3Error]] = {}
+
+
+def _error_class(code: str, status: int) -> type[errors.S3Error]:
+    """The gateway's class for an S3 error code, or one made on the fly so
+    that any code the upstream uses reaches the client unchanged."""
+    cls = getattr(errors, code, None)
+    if isinstance(cls, type) and issubclass(cls, errors.S3Error) and cls.status == status:
+        return cls
+    made = _ERROR_CLASSES.get((code, status))
+    if made is None:
+        made = type(code, (errors.S3Error,), {"status": status})
+        _ERROR_CLASSES[(code, status)] = made
+    return made
+
+
+_STATUS_CODES = {
+    400: "BadRequest", 403: "AccessDenied", 404: "NoSuchKey", 405: "MethodNotAllowed",
+    409: "OperationAborted", 411: "MissingContentLength", 412: "PreconditionFailed",
+    416: "InvalidRange", 501: "NotImplemented", 503: "SlowDown",
+}
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream could not be reached within the deadline."""
+
+
+@dataclass
+class _Response:
+    status: int
+    headers: CIMultiDictProxy[str]
+    resp: aiohttp.ClientResponse
+
+    async def body(self) -> bytes:
+        return await self.resp.read()
+
+    def release(self) -> None:
+        self.resp.release()
+
+
+class S3Upstream:
+    """One [[buckets]] mapping (see ``gateway.config.UpstreamConfig``)."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.cfg = cfg
+        self.name = f"s3:{cfg.endpoint}"
+        parts = urlsplit(cfg.endpoint)
+        self._scheme = parts.scheme
+        self._host = parts.netloc
+        self._base_path = parts.path.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+
+    # --- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.cfg.pool_size, ttl_dns_cache=60, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self.cfg.connect_timeout, sock_read=self.cfg.read_timeout
+            ),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- naming -------------------------------------------------------------
+
+    def upstream_bucket(self, bucket: str) -> str:
+        return self.cfg.bucket or bucket
+
+    def _key(self, key: str) -> str:
+        return self.cfg.prefix + key
+
+    def _strip(self, key: str) -> str:
+        p = self.cfg.prefix
+        return key[len(p):] if p and key.startswith(p) else key
+
+    def _target(self, bucket: str | None, key: str | None) -> tuple[str, str]:
+        """(host, encoded path) for a bucket/key in the upstream."""
+        ub = self.upstream_bucket(bucket) if bucket is not None else None
+        enc_key = uri_encode(self._key(key), encode_slash=False) if key is not None else None
+        if ub is None:
+            return self._host, self._base_path + "/"
+        if self.cfg.addressing == "virtual":
+            path = self._base_path + "/" + (enc_key or "")
+            return f"{ub}.{self._host}", path
+        path = f"{self._base_path}/{uri_encode(ub, encode_slash=True)}"
+        if enc_key is not None:
+            path += "/" + enc_key
+        return self._host, path
+
+    # --- signing and sending --------------------------------------------------
+
+    def _sign(self, method: str, host: str, path: str, query: str, headers: dict[str, str],
+              payload_hash: str) -> None:
+        now = datetime.now(UTC)
+        amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+        date = amz_date[:8]
+        headers["host"] = host
+        headers["x-amz-date"] = amz_date
+        headers["x-amz-content-sha256"] = payload_hash
+        names = sorted(headers)
+        canonical_headers = "".join(f"{n}:{' '.join(headers[n].split())}\n" for n in names)
+        signed = ";".join(names)
+        canonical = "\n".join([method, path, query, canonical_headers, signed, payload_hash])
+        scope = f"{date}/{self.cfg.region}/s3/aws4_request"
+        sts = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+        key = derive_signing_key(self.cfg.secret_key, date, self.cfg.region)
+        sig = hmac.new(key, sts.encode(), hashlib.sha256).hexdigest()
+        headers["authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={self.cfg.access_key}/{scope}, SignedHeaders={signed}, Signature={sig}"
+        )
+
+    @staticmethod
+    def _query(params: Mapping[str, str | None]) -> str:
+        pairs = sorted(
+            (uri_encode(k, encode_slash=True), uri_encode(v or "", encode_slash=True)) for k, v in params.items()
+        )
+        return "&".join(f"{k}={v}" for k, v in pairs)
+
+    async def _send_once(
+        self, method: str, bucket: str | None, key: str | None, params: Mapping[str, str | None],
+        headers: Mapping[str, str], body: Any, payload_hash: str,
+    ) -> _Response:
+        assert self._session is not None, "S3Upstream.start() not called"
+        host, path = self._target(bucket, key)
+        query = self._query(params)
+        hdrs = {k.lower(): v for k, v in headers.items()}
+        self._sign(method, host, path, query, hdrs, payload_hash)
+        url = URL.build(scheme=self._scheme, authority=host, path=path, query_string=query, encoded=True)
+        resp = await self._session.request(method, url, headers=hdrs, data=body, allow_redirects=False)
+        return _Response(resp.status, resp.headers, resp)
+
+    async def _request(
+        self,
+        method: str,
+        bucket: str | None,
+        key: str | None = None,
+        params: Mapping[str, str | None] | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        *,
+        ok: Sequence[int] = (200, 204, 206),
+        idempotent: bool = True,
+    ) -> _Response:
+        """Send a request with a small (or no) body; retry as the module
+        docstring says; raise the upstream's S3 error on a non-ok status."""
+        params = params or {}
+        headers = dict(headers or {})
+        payload_hash = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        if body is not None:
+            headers["Content-Length"] = str(len(body))
+        deadline = time.monotonic() + self.cfg.deadline
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                r = await self._send_once(method, bucket, key, params, headers, body, payload_hash)
+            except (TimeoutError, aiohttp.ClientConnectionError, OSError) as e:
+                if not self._may_retry(attempt, deadline, idempotent):
+                    raise errors.ServiceUnavailable(
+                        f"The backing store is unreachable: {type(e).__name__}", headers={"Retry-After": "1"}
+                    ) from e
+                await self._backoff(attempt, deadline)
+                continue
+            if r.status in ok:
+                return r
+            err = await self._error(r, method, key)
+            if (r.status in RETRY_STATUSES or err.code in RETRY_CODES) and self._may_retry(
+                attempt, deadline, idempotent
+            ):
+                await self._backoff(attempt, deadline)
+                continue
+            if r.status == 503 and "Retry-After" not in err.headers:
+                err.headers["Retry-After"] = "1"
+            raise err
+
+    def _may_retry(self, attempt: int, deadline: float, idempotent: bool) -> bool:
+        return idempotent and attempt < self.cfg.max_attempts and time.monotonic() < deadline
+
+    async def _backoff(self, attempt: int, deadline: float) -> None:
+        # Full jitter (AWS Architecture Blog, "Exponential Backoff And Jitter").
+        delay = random.uniform(0, min(2.0, 0.05 * 2 ** (attempt - 1)))
+        await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+
+    async def _error(self, r: _Response, method: str, key: str | None) -> errors.S3Error:
+        try:
+            raw = await r.body() if method != "HEAD" else b""
+        except (TimeoutError, aiohttp.ClientError):
+            raw = b""
+        finally:
+            r.release()
+        code, message, fields = None, None, {}
+        if raw.strip():
+            try:
+                root = parse(raw)
+                code = child_text(root, "Code")
+                message = child_text(root, "Message")
+                for el in root:
+                    if el.tag not in ("Code", "Message", "RequestId", "HostId", "Resource") and el.text:
+                        fields[el.tag] = el.text
+            except errors.S3Error:
+                pass
+        if r.status == 304:
+            return errors.NotModified(headers={n: r.headers[n] for n in ("ETag", "Last-Modified") if n in r.headers})
+        if not code:
+            code = _STATUS_CODES.get(r.status, "InternalError" if r.status >= 500 else "BadRequest")
+            if code == "NoSuchKey" and key is None:
+                code = "NoSuchBucket"
+        if key is not None and "Key" in fields:
+            fields["Key"] = self._strip(fields["Key"])
+        err = _error_class(code, r.status)(message or None)
+        err.fields.update(fields)
+        return err
+
+    # --- buckets ------------------------------------------------------------
+
+    async def list_buckets(self) -> list[BucketInfo]:
+        r = await self._request("GET", None)
+        root = parse(await r.body())
+        out = []
+        for b in root.iter("Bucket"):
+            name = child_text(b, "Name") or ""
+            created = _parse_iso(child_text(b, "CreationDate") or "")
+            out.append(BucketInfo(name, created))
+        return out
+
+    async def create_bucket(self, bucket: str, region: str = "") -> None:
+        if self.cfg.name != "*":
+            raise errors.BucketAlreadyOwnedByYou(BucketName=bucket)
+        body = None
+        if region:
+            body = document("CreateBucketConfiguration", [("LocationConstraint", region)])
+        (await self._request("PUT", bucket, body=body, idempotent=False)).release()
+
+    async def head_bucket(self, bucket: str) -> BucketInfo:
+        r = await self._request("HEAD", bucket)
+        r.release()
+        return BucketInfo(bucket, 0.0, r.headers.get("x-amz-bucket-region", ""))
+
+    async def delete_bucket(self, bucket: str) -> None:
+        if self.cfg.name != "*":
+            raise errors.NotImplemented("A bucket mapped in the configuration cannot be deleted through nearstore")
+        (await self._request("DELETE", bucket, ok=(204, 200))).release()
+
+    # --- objects: reads -----------------------------------------------------
+
+    def _info(self, key: str, h: Mapping[str, str], size: int | None = None) -> ObjectInfo:
+        if size is None:
+            cr = h.get("Content-Range")
+            size = int(cr.rsplit("/", 1)[1]) if cr and "/" in cr else int(h.get("Content-Length", "0"))
+        checksum = None
+        for name, value in h.items():
+            lname = name.lower()
+            if lname.startswith("x-amz-checksum-") and lname not in ("x-amz-checksum-type", "x-amz-checksum-mode"):
+                checksum = (lname[len("x-amz-checksum-"):].upper(), value, h.get("x-amz-checksum-type", "FULL_OBJECT"))
+        lm = h.get("Last-Modified")
+        return ObjectInfo(
+            key=key,
+            size=size,
+            etag=h.get("ETag", ""),
+            last_modified=email.utils.parsedate_to_datetime(lm).timestamp() if lm else 0.0,
+            content_type=h.get("Content-Type", "binary/octet-stream"),
+            headers={n: h[n] for n in STORED if n in h},
+            user_meta={k.lower()[len("x-amz-meta-"):]: v for k, v in h.items() if k.lower().startswith("x-amz-meta-")},
+            checksum=checksum,
+            tag_count=int(h.get("x-amz-tagging-count", "0") or 0),
+            storage_class=h.get("x-amz-storage-class", "STANDARD"),
+        )
+
+    async def head_object(self, bucket: str, key: str) -> ObjectInfo:
+        r = await self._request("HEAD", bucket, key)
+        r.release()
+        return self._info(key, r.headers)
+
+    async def open_object(
+        self, bucket: str, key: str, opts: ReadOptions | None = None, *, head: bool = False
+    ) -> UpstreamHandle:
+        opts = opts or ReadOptions()
+        headers = dict(opts.conditions)
+        params: dict[str, str | None] = {}
+        if opts.range_header:
+            headers["Range"] = opts.range_header
+        if opts.part_number is not None:
+            params["partNumber"] = str(opts.part_number)
+        if opts.checksum_mode:
+            headers["x-amz-checksum-mode"] = "ENABLED"
+        r = await self._request("HEAD" if head else "GET", bucket, key, params, headers)
+        info = self._info(key, r.headers)
+        length = int(r.headers.get("Content-Length", "0"))
+        start = 0
+        if r.status == 206 and "Content-Range" in r.headers:
+            span = r.headers["Content-Range"].split()[1].split("/")[0]
+            start = int(span.split("-")[0])
+        extra = {n: r.headers[n] for n in ("x-amz-mp-parts-count",) if n in r.headers}
+        served = Served(r.status, start, start + length - 1, extra)
+        if head:
+            r.release()
+            return UpstreamHandle(self, bucket, key, info, served, None)
+        return UpstreamHandle(self, bucket, key, info, served, r)
+
+    # --- objects: writes ----------------------------------------------------
+
+    async def _upload(
+        self, bucket: str, key: str, params: Mapping[str, str | None], headers: dict[str, str], body: UploadBody,
+        size: int,
+    ) -> _Response:
+        """Stream a verified client body to the upstream, one piece behind
+        (see the module docstring). Not retried: the body is consumed."""
+        headers["Content-Length"] = str(size)
+
+        async def lagged() -> AsyncIterator[bytes]:
+            held: bytes | None = None
+            async for piece in body.chunks():
+                if held is not None:
+                    yield held
+                held = bytes(piece)
+            # Every check passed (the iterator ended normally): send the rest.
+            if held is not None:
+                yield held
+
+        try:
+            r = await self._send_once("PUT", bucket, key, params, headers, lagged() if size else b"", UNSIGNED)
+        except (TimeoutError, aiohttp.ClientConnectionError, OSError) as e:
+            raise errors.ServiceUnavailable(
+                f"The backing store failed during the upload: {type(e).__name__}", headers={"Retry-After": "1"}
+            ) from e
+        if r.status != 200:
+            raise await self._error(r, "PUT", key)
+        return r
+
+    @staticmethod
+    def _meta_headers(meta: ObjectMeta) -> dict[str, str]:
+        h: dict[str, str] = {}
+        if meta.content_type:
+            h["Content-Type"] = meta.content_type
+        h.update(meta.headers)
+        h.update({f"x-amz-meta-{k}": v for k, v in meta.user_meta.items()})
+        if meta.tags:
+            h["x-amz-tagging"] = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in meta.tags.items())
+        return h
+
+    @staticmethod
+    def _declared_size(body: UploadBody) -> int:
+        size = getattr(body, "declared_size", None)
+        if size is None:
+            raise errors.MissingContentLength()
+        return int(size)
+
+    async def put_object(
+        self, bucket: str, key: str, body: UploadBody, meta: ObjectMeta, conditions: WriteConditions | None = None
+    ) -> ObjectInfo:
+        headers = self._meta_headers(meta)
+        if conditions and conditions.if_match:
+            headers["If-Match"] = conditions.if_match
+        if conditions and conditions.if_none_match:
+            headers["If-None-Match"] = conditions.if_none_match
+        headers.update(_integrity_headers(body))
+        r = await self._upload(bucket, key, {}, headers, body, self._declared_size(body))
+        r.release()
+        return ObjectInfo(key=key, size=body.size, etag=r.headers.get("ETag", f'"{body.md5_hex}"'),
+                          last_modified=time.time(), content_type=meta.content_type or "binary/octet-stream")
+
+    def _copy_source(self, src_bucket: str, src_key: str) -> str:
+        return quote(f"/{self.upstream_bucket(src_bucket)}/{self._key(src_key)}", safe="/")
+
+    async def copy_object(
+        self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str, meta: ObjectMeta | None,
+        expected_etag: str | None = None,
+    ) -> ObjectInfo:
+        headers = {"x-amz-copy-source": self._copy_source(src_bucket, src_key)}
+        if expected_etag:
+            headers["x-amz-copy-source-if-match"] = expected_etag
+        if meta is not None:
+            headers["x-amz-metadata-directive"] = "REPLACE"
+            headers["x-amz-tagging-directive"] = "REPLACE"
+            headers.update(self._meta_headers(meta))
+        r = await self._request("PUT", dst_bucket, dst_key, headers=headers)
+        root = parse(await r.body())
+        return ObjectInfo(key=dst_key, size=0, etag=child_text(root, "ETag") or "",
+                          last_modified=_parse_iso(child_text(root, "LastModified") or ""))
+
+    async def delete_object(self, bucket: str, key: str) -> None:
+        (await self._request("DELETE", bucket, key, ok=(204, 200))).release()
+
+    # --- listing ------------------------------------------------------------
+
+    async def list_objects(
+        self, bucket: str, *, prefix: str = "", delimiter: str = "", start_after: str = "", max_keys: int = 1000
+    ) -> ListPage:
+        params: dict[str, str | None] = {"list-type": "2", "max-keys": str(max_keys), "encoding-type": "url"}
+        if self.cfg.prefix or prefix:
+            params["prefix"] = self._key(prefix)
+        if delimiter:
+            params["delimiter"] = delimiter
+        if start_after:
+            params["start-after"] = self._key(start_after)
+        r = await self._request("GET", bucket, None, params)
+        root = parse(await r.body())
+        encoded = child_text(root, "EncodingType") == "url"
+
+        def dec(v: str | None) -> str:
+            from urllib.parse import unquote_plus
+
+            return unquote_plus(v or "") if encoded else (v or "")
+
+        objects = [
+            ObjectInfo(
+                key=self._strip(dec(child_text(c, "Key"))),
+                size=int(child_text(c, "Size") or 0),
+                etag=child_text(c, "ETag") or "",
+                last_modified=_parse_iso(child_text(c, "LastModified") or ""),
+                storage_class=child_text(c, "StorageClass") or "STANDARD",
+            )
+            for c in root.findall("Contents")
+        ]
+        prefixes = [self._strip(dec(child_text(p, "Prefix"))) for p in root.findall("CommonPrefixes")]
+        truncated = (child_text(root, "IsTruncated") or "false").lower() == "true"
+        last = max([o.key for o in objects] + prefixes, key=str.encode, default=None)
+        return ListPage(objects, prefixes, truncated, last)
+
+    # --- tagging ------------------------------------------------------------
+
+    async def get_tags(self, bucket: str, key: str) -> dict[str, str]:
+        r = await self._request("GET", bucket, key, {"tagging": ""})
+        root = parse(await r.body())
+        return {child_text(t, "Key") or "": child_text(t, "Value") or "" for t in root.iter("Tag")}
+
+    async def put_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
+        if not tags:
+            (await self._request("DELETE", bucket, key, {"tagging": ""}, ok=(204, 200))).release()
+            return
+        body = document("Tagging", [("TagSet", [("Tag", [("Key", k), ("Value", v)]) for k, v in tags.items()])])
+        md5 = _b64md5(body)
+        (await self._request("PUT", bucket, key, {"tagging": ""}, {"Content-MD5": md5}, body)).release()
+
+    # --- multipart ----------------------------------------------------------
+
+    async def create_upload(self, bucket: str, key: str, meta: ObjectMeta) -> str:
+        headers = self._meta_headers(meta)
+        if meta.checksum_algorithm:
+            headers["x-amz-checksum-algorithm"] = meta.checksum_algorithm
+        r = await self._request("POST", bucket, key, {"uploads": ""}, headers, idempotent=False)
+        root = parse(await r.body())
+        return child_text(root, "UploadId") or ""
+
+    async def upload_part(
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: UploadBody
+    ) -> PartInfo:
+        headers = _integrity_headers(body)
+        params = {"partNumber": str(part_number), "uploadId": upload_id}
+        r = await self._upload(bucket, key, params, headers, body, self._declared_size(body))
+        r.release()
+        checksum = body.checksum[1] if body.checksum else None
+        return PartInfo(part_number, body.size, r.headers.get("ETag", ""), time.time(), checksum)
+
+    async def upload_part_copy(
+        self, bucket: str, key: str, upload_id: str, part_number: int, src_bucket: str, src_key: str,
+        src_range: tuple[int, int] | None, expected_etag: str | None = None,
+    ) -> PartInfo:
+        headers = {"x-amz-copy-source": self._copy_source(src_bucket, src_key)}
+        if src_range:
+            headers["x-amz-copy-source-range"] = f"bytes={src_range[0]}-{src_range[1]}"
+        if expected_etag:
+            headers["x-amz-copy-source-if-match"] = expected_etag
+        params = {"partNumber": str(part_number), "uploadId": upload_id}
+        r = await self._request("PUT", bucket, key, params, headers)
+        root = parse(await r.body())
+        size = src_range[1] - src_range[0] + 1 if src_range else 0
+        return PartInfo(part_number, size, child_text(root, "ETag") or "",
+                        _parse_iso(child_text(root, "LastModified") or ""))
+
+    async def complete_upload(
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart]
+    ) -> ObjectInfo:
+        if not parts:
+            raise errors.MalformedXML()
+        body = document(
+            "CompleteMultipartUpload",
+            [("Part", [("PartNumber", p.part_number), ("ETag", p.etag)]) for p in parts],
+        )
+        # Not retried: a retry after a lost response would see NoSuchUpload.
+        r = await self._request("POST", bucket, key, {"uploadId": upload_id}, {}, body, idempotent=False)
+        raw = await r.body()
+        root = parse(raw)
+        if root.tag == "Error":
+            # S3 may answer 200 and then an error in the body.
+            code = child_text(root, "Code") or "InternalError"
+            raise _error_class(code, 500 if code == "InternalError" else 400)(child_text(root, "Message"))
+        checksum = None
+        for el in root:
+            if el.tag.startswith("Checksum") and el.tag != "ChecksumType" and el.text:
+                checksum = (el.tag[len("Checksum"):], el.text, child_text(root, "ChecksumType") or "COMPOSITE")
+        return ObjectInfo(key=key, size=0, etag=child_text(root, "ETag") or "", last_modified=time.time(),
+                          checksum=checksum)
+
+    async def abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
+        (await self._request("DELETE", bucket, key, {"uploadId": upload_id}, ok=(204, 200))).release()
+
+    async def list_parts(
+        self, bucket: str, key: str, upload_id: str, *, marker: int = 0, max_parts: int = 1000
+    ) -> tuple[UploadInfo, list[PartInfo], bool]:
+        params = {"uploadId": upload_id, "max-parts": str(max_parts)}
+        if marker:
+            params["part-number-marker"] = str(marker)
+        r = await self._request("GET", bucket, key, params)
+        root = parse(await r.body())
+        alg = child_text(root, "ChecksumAlgorithm")
+        parts = [
+            PartInfo(
+                int(child_text(p, "PartNumber") or 0),
+                int(child_text(p, "Size") or 0),
+                child_text(p, "ETag") or "",
+                _parse_iso(child_text(p, "LastModified") or ""),
+                child_text(p, f"Checksum{alg}") if alg else None,
+            )
+            for p in root.findall("Part")
+        ]
+        truncated = (child_text(root, "IsTruncated") or "false").lower() == "true"
+        return UploadInfo(upload_id, key, 0.0, ObjectMeta(checksum_algorithm=alg)), parts, truncated
+
+    async def list_uploads(
+        self, bucket: str, *, prefix: str = "", key_marker: str = "", upload_id_marker: str = "",
+        max_uploads: int = 1000,
+    ) -> tuple[list[UploadInfo], bool]:
+        params: dict[str, str | None] = {"uploads": "", "max-uploads": str(max_uploads)}
+        if self.cfg.prefix or prefix:
+            params["prefix"] = self._key(prefix)
+        if key_marker:
+            params["key-marker"] = self._key(key_marker)
+            if upload_id_marker:
+                params["upload-id-marker"] = upload_id_marker
+        r = await self._request("GET", bucket, None, params)
+        root = parse(await r.body())
+        ups = [
+            UploadInfo(
+                child_text(u, "UploadId") or "",
+                self._strip(child_text(u, "Key") or ""),
+                _parse_iso(child_text(u, "Initiated") or ""),
+                ObjectMeta(checksum_algorithm=child_text(u, "ChecksumAlgorithm")),
+            )
+            for u in root.findall("Upload")
+        ]
+        return ups, (child_text(root, "IsTruncated") or "false").lower() == "true"
+
+
+class UpstreamHandle:
+    """An object opened on the upstream: the first read streams the response
+    already open; a break resumes with a ranged GET pinned by If-Match."""
+
+    def __init__(self, up: S3Upstream, bucket: str, key: str, info: ObjectInfo, served: Served,
+                 resp: _Response | None) -> None:
+        self.up, self.bucket, self.key = up, bucket, key
+        self.info = info
+        self.served: Served | None = served
+        self._resp = resp
+
+    def fileno(self) -> int | None:
+        return None
+
+    async def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:
+        pos, end = start, start + length
+        resp = self._resp if (self.served and self.served.start == start) else None
+        self._resp = None
+        deadline = time.monotonic() + self.up.cfg.deadline
+        attempt = 0
+        while pos < end:
+            if resp is None:
+                attempt += 1
+                # Pinned to the version the response started with: a changed
+                # object fails with 412 instead of mixing two versions.
+                resp = await self.up._request(
+                    "GET", self.bucket, self.key, {},
+                    {"Range": f"bytes={pos}-{end - 1}", "If-Match": self.info.etag},
+                    ok=(206, 200),
+                )
+            try:
+                async for piece in resp.resp.content.iter_chunked(STREAM_PIECE):
+                    piece = piece[: end - pos]
+                    pos += len(piece)
+                    yield piece
+                    if pos >= end:
+                        break
+                resp.release()
+                resp = None
+                if pos < end:
+                    raise aiohttp.ClientPayloadError("upstream body ended early")
+            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+                if resp is not None:
+                    resp.resp.close()
+                resp = None
+                if attempt >= self.up.cfg.max_attempts or time.monotonic() > deadline:
+                    raise OSError(f"upstream stream broke at byte {pos}: {e}") from e
+                log.info("upstream stream for %s broke at byte %d (%s); resuming", self.key, pos, e)
+
+    async def close(self) -> None:
+        if self._resp is not None:
+            # An unread body: closing (not releasing) drops the connection
+            # instead of draining a possibly huge body.
+            self._resp.resp.close()
+            self._resp = None
+
+
+def _integrity_headers(body: UploadBody) -> dict[str, str]:
+    """Headers that make the upstream verify the bytes too."""
+    h: dict[str, str] = {}
+    declared = getattr(body, "client_checksum", None)
+    if declared:
+        h[f"x-amz-checksum-{declared[0].lower()}"] = declared[1]
+    md5 = getattr(body, "client_md5", None)
+    if md5:
+        h["Content-MD5"] = md5
+    return h
+
+
+def _b64md5(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _parse_iso(value: str) -> float:
+    if not value:
+        return 0.0
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
