@@ -132,6 +132,10 @@ class S3Upstream:
                 total=None, connect=self.cfg.connect_timeout, sock_read=self.cfg.read_timeout
             ),
             auto_decompress=False,
+            # The default 64 KiB read buffer pauses the socket every 64 KiB:
+            # measured 0.67 GB/s proxied vs 1.4 GB/s direct. 4 MiB lets a
+            # large GET stream in big reads.
+            read_bufsize=4 * 1024 * 1024,
             skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
         )
 
@@ -652,7 +656,7 @@ class UpstreamHandle:
                     ok=(206, 200),
                 )
             try:
-                async for piece in resp.resp.content.iter_chunked(STREAM_PIECE):
+                async for piece in resp.resp.content.iter_any():
                     piece = piece[: end - pos]
                     pos += len(piece)
                     yield piece
