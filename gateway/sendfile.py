@@ -28,12 +28,13 @@ import threading
 
 from aiohttp import web
 
-from gateway.backends.base import ObjectHandle
+from gateway.backends.base import FileBacked, ObjectHandle
 
 # A client that reads nothing for this long is dropped (S3 uses a similar
 # idle timeout on slow readers).
 STALL_TIMEOUT = 60.0
 MAX_SENDFILE = 8 * 1024 * 1024
+COPY_PIECE = 1024 * 1024
 
 
 class ClientStalled(ConnectionError):
@@ -112,31 +113,65 @@ async def _send(
     start: int,
     length: int,
 ) -> None:
-    writer = request.writer
-    in_fd = handle.fileno()
-    out_fd = zero_copy_fd(request)
-    if length > 0 and in_fd is not None and out_fd is not None and writer is not None:
-        send_headers = getattr(writer, "send_headers", None)
-        if send_headers is not None:
-            send_headers()
-        await writer.drain()
-        transport = request.transport
-        # drain() returns once below the high-water mark; sendfile needs
-        # the headers fully on the wire first, or bytes would reorder.
-        for _ in range(1000):
-            if transport is None or transport.get_write_buffer_size() == 0:
-                break
-            await asyncio.sleep(0.001)
-        if transport is not None and transport.get_write_buffer_size() == 0:
-            stop = threading.Event()
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(None, _sendfile_blocking, out_fd, in_fd, start, length, stop)
-            except BaseException:
-                stop.set()
-                raise
-            await resp.write_eof()
-            return
-    async for chunk in handle.read_range(start, length):
-        await resp.write(chunk)
+    segments = handle.segments(start, length) if isinstance(handle, FileBacked) else None
+    if segments is None:
+        async for chunk in handle.read_range(start, length):
+            await resp.write(chunk)
+        await resp.write_eof()
+        return
+    out_fd = await _flushed_socket(request) if length > 0 else None
+    loop = asyncio.get_running_loop()
+    if out_fd is None:
+        # TLS (or no socket): copy through user space, 1 MiB at a time.
+        async for seg in segments:
+            pos, end = seg.offset, seg.offset + seg.length
+            while pos < end:
+                data = await loop.run_in_executor(None, _pread_exact, seg.fd, min(COPY_PIECE, end - pos), pos)
+                pos += len(data)
+                await resp.write(data)
+        await resp.write_eof()
+        return
+    stop = threading.Event()
+    try:
+        async for seg in segments:
+            await loop.run_in_executor(None, _sendfile_blocking, out_fd, seg.fd, seg.offset, seg.length, stop)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        os.close(out_fd)
     await resp.write_eof()
+
+
+async def _flushed_socket(request: web.Request) -> int | None:
+    """Send the buffered status line and headers, wait until they are on the
+    wire, and return a *duplicate* of the socket's descriptor for the
+    sending thread (None if zero-copy is impossible). The duplicate matters:
+    if the connection is closed while a thread still sends, the original
+    descriptor number may already belong to another client's connection;
+    the duplicate keeps pointing at this one and fails with EPIPE."""
+    fd = zero_copy_fd(request)
+    writer = request.writer
+    transport = request.transport
+    if fd is None or writer is None or transport is None:
+        return None
+    send_headers = getattr(writer, "send_headers", None)
+    if send_headers is not None:
+        send_headers()
+    await writer.drain()
+    # drain() returns once below the high-water mark; sendfile needs the
+    # headers fully on the wire first, or bytes would reorder.
+    for _ in range(1000):
+        if transport.is_closing():
+            raise ConnectionResetError("client went away")
+        if transport.get_write_buffer_size() == 0:
+            return os.dup(fd)
+        await asyncio.sleep(0.001)
+    raise ClientStalled("client did not read the response headers")
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    if not data:
+        raise OSError(errno.EIO, "file shorter than its recorded size")
+    return data

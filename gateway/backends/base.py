@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -125,13 +125,29 @@ class ObjectHandle(Protocol):
     # None: the handler evaluates range and conditions itself from ``info``.
     served: Served | None
 
-    def fileno(self) -> int | None:
-        """A file descriptor for zero-copy sends, or None if not file-backed."""
-        ...
-
     def read_range(self, start: int, length: int) -> AsyncIterator[bytes]: ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class FileSegment:
+    """A byte range of an open file: what a zero-copy send needs."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+@runtime_checkable
+class FileBacked(Protocol):
+    """A handle whose bytes lie in local files: sent with sendfile.
+
+    ``segments`` yields, in order, the file ranges that make up the
+    requested byte range; each descriptor stays valid until the next
+    segment is requested (or the iteration ends)."""
+
+    def segments(self, start: int, length: int) -> AsyncIterator[FileSegment]: ...
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ from gateway import errors
 from gateway.backends.base import (
     BucketInfo,
     CompletedPart,
+    FileSegment,
     ListPage,
     ObjectInfo,
     ObjectMeta,
@@ -197,8 +198,8 @@ class LocalHandle:
     _closed: bool = False
     served: Served | None = None
 
-    def fileno(self) -> int | None:
-        return self.fd if self.fd >= 0 else None
+    async def segments(self, start: int, length: int) -> AsyncIterator[FileSegment]:
+        yield FileSegment(self.fd, start, length)
 
     async def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()

@@ -636,9 +636,6 @@ class UpstreamHandle:
         self.served: Served | None = served
         self._resp = resp
 
-    def fileno(self) -> int | None:
-        return None
-
     async def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:
         pos, end = start, start + length
         resp = self._resp if (self.served and self.served.start == start) else None
