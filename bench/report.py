@@ -1,0 +1,270 @@
+"""Presenting results: the table, the JSON file, the comparison plot.
+
+The table is Markdown (it pastes into RESULTS.md unchanged): one row per
+case and figure, one column per peer with "median (min-max)", then the
+ratio columns subject / peer. Memory (peak RSS of each server's process
+tree) closes the table. NaN never reaches the JSON: missing figures are null.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from bench.runner import CaseResult, Results, ratio_direction
+from bench.scenarios import LOWER_IS_BETTER, METRIC_UNITS
+from bench.stats import Stat
+
+PEER_ORDER = ["nginx", "seaweedfs", "moto"]
+
+
+def _fmt(metric: str, v: float) -> str:
+    if math.isnan(v):
+        return "-"
+    if metric == "gbps":
+        return f"{v:.2f}" if v >= 0.1 else f"{v:.2g}"
+    if metric == "rps":
+        return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}"
+
+
+def fmt_stat(metric: str, s: Stat | None) -> str:
+    if s is None:
+        return "-"
+    if s.n == 1 or s.min == s.max:
+        return _fmt(metric, s.median)
+    return f"{_fmt(metric, s.median)} ({_fmt(metric, s.min)}-{_fmt(metric, s.max)})"
+
+
+def fmt_ratio(r: float | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r:.2f}" if r >= 0.1 else f"{r:.2g}"
+
+
+def fmt_bytes(n: int) -> str:
+    if n <= 0:
+        return "-"
+    return f"{n / (1 << 20):,.0f} MiB" if n >= 10 << 20 else f"{n / (1 << 20):.1f} MiB"
+
+
+def peer_columns(results: Results) -> list[str]:
+    names = [p.name for p in results.peers]
+    ordered = [n for n in PEER_ORDER if n in names]
+    ordered += [n for n in names if n not in ordered and n != results.subject]
+    if results.subject in names:
+        ordered.append(results.subject)
+    return ordered
+
+
+def table(results: Results) -> str:
+    cols = peer_columns(results)
+    peers = {p.name: p for p in results.peers}
+    subject = results.subject
+    others = [c for c in cols if c != subject] if subject in peers else []
+    head = ["scenario", "case", "figure", *cols, *(f"{subject}/{o}" for o in others)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    footnotes: list[str] = []
+    case_meta: dict[str, CaseResult] = {}
+    for p in results.peers:
+        for cid, cr in p.cases.items():
+            case_meta.setdefault(cid, cr)
+    for cid in results.case_order:
+        meta = case_meta.get(cid)
+        if meta is None:
+            continue
+        for i, metric in enumerate(meta.shown):
+            unit = METRIC_UNITS.get(metric, metric)
+            row = [meta.scenario if i == 0 else "", meta.label if i == 0 else "", unit]
+            for c in cols:
+                pr = peers[c]
+                got = pr.cases.get(cid)
+                if pr.status == "skipped":
+                    row.append("skipped")
+                elif got is None:
+                    row.append("failed" if pr.status == "failed" else "-")
+                else:
+                    cell = fmt_stat(metric, got.summary.get(metric))
+                    if i == 0 and got.errors:
+                        footnotes.append(f"{c} {cid}: {got.errors} errors: {got.first_error}")
+                        cell += " !"
+                    row.append(cell)
+            for o in others:
+                r = results.ratios.get(cid, {}).get(metric, {}).get(o)
+                row.append(fmt_ratio(r))
+            lines.append("| " + " | ".join(row) + " |")
+    mem = ["memory", "peak RSS", "MiB"]
+    for c in cols:
+        pr = peers[c]
+        procs = f" ({pr.processes} proc)" if pr.processes > 1 else ""
+        mem.append(fmt_bytes(pr.peak_rss_bytes) + procs if pr.status != "skipped" else "skipped")
+    mem += [""] * len(others)
+    lines.append("| " + " | ".join(mem) + " |")
+    out = "\n".join(lines)
+    notes = [f"- {p.name} {p.status}: {p.reason}" for p in results.peers if p.status != "ok"]
+    if notes:
+        out += "\n\n" + "\n".join(notes)
+    if footnotes:
+        out += "\n\n" + "\n".join(f"- ! {f[:300]}" for f in footnotes)
+    return out
+
+
+def cpu_table(results: Results) -> str:
+    """Cores busy per case: load generator / server tree / whole machine."""
+    cols = [p for p in peer_columns(results)]
+    peers = {p.name: p for p in results.peers}
+    lines = [
+        "| case | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for cid in results.case_order:
+        cells = []
+        for c in cols:
+            cr = peers[c].cases.get(cid)
+            if cr is None or "server_cpu" not in cr.summary:
+                cells.append("-")
+                continue
+            parts = [cr.summary.get(m) for m in ("client_cpu", "server_cpu", "machine_cpu")]
+            cells.append("/".join("?" if s is None else f"{s.median:.2f}" for s in parts))
+        lines.append(f"| {cid} | " + " | ".join(cells) + " |")
+    return (
+        "CPU, cores busy (median): load generator / server processes / whole machine "
+        f"(of {results.machine.get('cores', '?')}):\n\n" + "\n".join(lines)
+    )
+
+
+def generator_table(results: Results) -> str:
+    if not results.generator:
+        return "generator calibration: not run (needs the nginx peer; --no-calibrate skips it)"
+    lines = [
+        "| load (against nginx) | generator | GB/s | req/s | client CPU (cores) |",
+        "|---|---|---|---|---|",
+    ]
+    for g in results.generator:
+        lines.append(
+            f"| {g.label} | {g.generator} | {fmt_stat('gbps', g.gbps)} | "
+            f"{fmt_stat('rps', g.rps)} | {fmt_stat('p50_ms', g.client_cpu)} |"
+        )
+    return "\n".join(lines) + "\n\n" + results.generator_note
+
+
+def headline(results: Results) -> list[str]:
+    """Per scenario and figure: geometric mean of subject / peer over cases."""
+    subj = next((p for p in results.peers if p.name == results.subject), None)
+    if subj is None or subj.status != "ok":
+        why = subj.reason if subj is not None else "not selected"
+        return [f"no ratios: {results.subject} did not run ({why})"]
+    out = []
+    groups = list(dict.fromkeys((cr.scenario, cr.headline) for cr in subj.cases.values()))
+    for sc, metric in groups:
+        parts = []
+        for other in peer_columns(results):
+            if other == results.subject:
+                continue
+            vals = [
+                r
+                for cid, cr in subj.cases.items()
+                if (cr.scenario, cr.headline) == (sc, metric)
+                and (r := results.ratios.get(cid, {}).get(metric, {}).get(other)) is not None
+                and r > 0
+            ]
+            if vals:
+                g = math.exp(sum(math.log(v) for v in vals) / len(vals))
+                parts.append(f"/{other} {fmt_ratio(g)}")
+        if parts:
+            unit = METRIC_UNITS.get(metric, metric)
+            out.append(
+                f"{sc} ({unit}, {ratio_direction(metric)}): {results.subject} " + ", ".join(parts)
+            )
+    return out
+
+
+def render(results: Results) -> str:
+    m = results.machine
+    head = (
+        f"nearstore bench ({results.plan.mode}): {m.get('cores')} cores, "
+        f"{m.get('memory', '?')}, {m.get('cpu', '?')}; {results.plan.runs} runs per case "
+        f"after {'a warm-up' if results.plan.warmup else 'no warm-up'}, "
+        f"{results.plan.duration_s:g} s each; median (min-max); took {results.elapsed_s:.0f} s"
+    )
+    lines = [head, "", table(results)]
+    notes = {cr.id: cr.note for p in results.peers for cr in p.cases.values() if cr.note}
+    lines += [f"- {cid}: {note}" for cid, note in notes.items()]
+    lines += ["", cpu_table(results), "", generator_table(results)]
+    lines += ["", "Headline ratios:"]
+    lines += [f"- {h}" for h in headline(results)]
+    return "\n".join(lines)
+
+
+def _clean(obj: object) -> object:
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else round(obj, 6)
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def to_json(results: Results) -> dict[str, object]:
+    d = dataclasses.asdict(results)
+    d["headline"] = headline(results)
+    d["lower_is_better"] = sorted(LOWER_IS_BETTER)
+    cleaned = _clean(d)
+    assert isinstance(cleaned, dict)
+    return cleaned
+
+
+def write_json(results: Results, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_json(results), indent=1) + "\n")
+
+
+def write_plot(results: Results, path: Path) -> str | None:
+    """Draw one panel per case (headline figure, min-max bars); None or why not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"matplotlib is not installed ({exc})"
+    cols = [c for c in peer_columns(results)]
+    peers = {p.name: p for p in results.peers}
+    cases = results.case_order
+    ncols = 4
+    nrows = max(1, math.ceil(len(cases) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
+    colors = {"nginx": "#777777", "seaweedfs": "#3b7dd8", "moto": "#e0a030", "nearstore": "#2a9d55"}
+    for ax, cid in zip(axes.flat, cases, strict=False):
+        metric = ""
+        xs, heights, lo, hi, color = [], [], [], [], []
+        for c in cols:
+            res = peers[c].cases.get(cid)
+            if res is None:
+                continue
+            metric = res.headline
+            s = res.summary.get(metric)
+            if s is None:
+                continue
+            xs.append(c)
+            heights.append(s.median)
+            lo.append(s.median - s.min)
+            hi.append(s.max - s.median)
+            color.append(colors.get(c, "#999999"))
+        ax.bar(xs, heights, yerr=[lo, hi], color=color, capsize=3)
+        if metric in LOWER_IS_BETTER and heights and min(heights) > 0:
+            ax.set_yscale("log")  # latencies span orders of magnitude
+        ax.set_title(f"{cid}", fontsize=9)
+        ax.set_ylabel(METRIC_UNITS.get(metric, metric), fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(cases) :]:
+        ax.axis("off")
+    fig.suptitle(f"nearstore bench ({results.plan.mode}); error bars: min-max of runs")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

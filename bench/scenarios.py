@@ -1,0 +1,243 @@
+"""Scenarios: named families of cases, each case one measured load.
+
+A scenario is a function ``Plan -> list[Case]`` registered with
+``@scenario("name", "help")``. A case says which objects must exist on every
+peer, what load to send (a `JobSpec`, turned into a generator job once the
+target is known) and which figure is its headline. Adding a scenario means
+writing one such function; the runner, the table and the JSON pick it up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bench.config import Plan, fmt_size
+from bench.loadgen import ClientKind, GetJob, PutJob
+from bench.targets import Target
+
+Metric = Literal["gbps", "rps", "p50_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms"]
+
+METRIC_UNITS: dict[str, str] = {
+    "gbps": "GB/s",
+    "rps": "req/s",
+    "p50_ms": "ms p50",
+    "p99_ms": "ms p99",
+    "ttfb_p50_ms": "ms p50",
+    "ttfb_p99_ms": "ms p99",
+}
+# Latencies are better when lower; the ratio keeps nearstore / peer either way.
+LOWER_IS_BETTER = {"p50_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms"}
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    op: Literal["get", "put"]
+    concurrency: int
+    keys: tuple[str, ...] = ()
+    object_size: int = 0
+    range_size: int = 0
+    ttfb_only: bool = False
+    put_prefix: str = ""
+    put_slots: int = 0
+    put_part_size: int = 0
+
+    def job(
+        self,
+        target: Target,
+        duration_s: float,
+        max_requests: int,
+        seed: int,
+        client: ClientKind = "raw",
+    ) -> GetJob | PutJob:
+        if self.op == "put":
+            return PutJob(
+                op="put",
+                target=target.to_dict(),
+                key_prefix=self.put_prefix,
+                key_slots=self.put_slots,
+                size=self.object_size,
+                part_size=self.put_part_size,
+                concurrency=self.concurrency,
+                duration_s=duration_s,
+                max_requests=max_requests,
+            )
+        return GetJob(
+            op="get",
+            target=target.to_dict(),
+            keys=list(self.keys),
+            object_size=self.object_size,
+            range_size=self.range_size,
+            concurrency=self.concurrency,
+            duration_s=duration_s,
+            max_requests=max_requests,
+            ttfb_only=self.ttfb_only,
+            client=client,
+            seed=seed,
+        )
+
+
+@dataclass(frozen=True)
+class Case:
+    scenario: str
+    label: str
+    spec: JobSpec
+    headline: Metric
+    shown: tuple[Metric, ...]  # figures the table prints, headline first
+    objects: tuple[ObjectSpec, ...] = ()
+    note: str = ""
+    max_requests: int | None = None  # tighter than the plan's, if set
+
+    @property
+    def id(self) -> str:
+        return f"{self.scenario}/{self.label}"
+
+
+ScenarioFn = Callable[[Plan], list[Case]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    help: str
+    cases: ScenarioFn = field(compare=False)
+
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def scenario(name: str, help: str) -> Callable[[ScenarioFn], ScenarioFn]:
+    def register(fn: ScenarioFn) -> ScenarioFn:
+        SCENARIOS[name] = Scenario(name, help, fn)
+        return fn
+
+    return register
+
+
+def large_key(size: int) -> str:
+    return f"large/{fmt_size(size).replace(' ', '')}"
+
+
+def small_keys(size: int, count: int) -> tuple[str, ...]:
+    return tuple(f"small/{fmt_size(size).replace(' ', '')}/{i:05d}" for i in range(count))
+
+
+@scenario("large", "whole-object GETs of large objects, 1 and N streams: GB/s")
+def large_get(plan: Plan) -> list[Case]:
+    cases = []
+    for size in plan.large_sizes:
+        obj = ObjectSpec(large_key(size), size)
+        for c in plan.large_concurrency:
+            spec = JobSpec("get", c, keys=(obj.key,), object_size=size)
+            cases.append(Case("large", f"{fmt_size(size)} x{c}", spec, "gbps", ("gbps",), (obj,)))
+    return cases
+
+
+@scenario("ranged", "random aligned ranges of one large object: GB/s, req/s")
+def ranged_get(plan: Plan) -> list[Case]:
+    obj = ObjectSpec(large_key(plan.range_object), plan.range_object)
+    cases = []
+    for rsize in plan.range_sizes:
+        for c in plan.range_concurrency:
+            spec = JobSpec("get", c, keys=(obj.key,), object_size=obj.size, range_size=rsize)
+            label = f"{fmt_size(rsize)} of {fmt_size(obj.size)} x{c}"
+            cases.append(Case("ranged", label, spec, "gbps", ("gbps", "rps"), (obj,)))
+    return cases
+
+
+@scenario("small", "small-object GETs: req/s and p50/p99 latency per concurrency")
+def small_get(plan: Plan) -> list[Case]:
+    cases = []
+    for size in plan.small_sizes:
+        keys = small_keys(size, plan.small_objects)
+        objs = tuple(ObjectSpec(k, size) for k in keys)
+        for c in plan.small_concurrency:
+            spec = JobSpec("get", c, keys=keys, object_size=size)
+            cases.append(
+                Case(
+                    "small",
+                    f"{fmt_size(size)} x{c}",
+                    spec,
+                    "rps",
+                    ("rps", "p50_ms", "p99_ms"),
+                    objs,
+                )
+            )
+    return cases
+
+
+@scenario("put", "PUTs: large objects multipart (GB/s), small ones (req/s, p50/p99)")
+def put(plan: Plan) -> list[Case]:
+    cases = []
+    for size in plan.put_sizes:
+        name = fmt_size(size).replace(" ", "")
+        if size > plan.put_part_size:
+            c = plan.put_large_concurrency
+            spec = JobSpec(
+                "put",
+                c,
+                object_size=size,
+                put_prefix=f"put/{name}/",
+                put_slots=max(2, c),
+                put_part_size=plan.put_part_size,
+            )
+            parts = -(-size // plan.put_part_size)
+            label = f"{fmt_size(size)} multipart x{c}"
+            cases.append(
+                Case(
+                    "put",
+                    label,
+                    spec,
+                    "gbps",
+                    ("gbps", "p50_ms"),
+                    note=f"{parts} parts of {fmt_size(plan.put_part_size)}; "
+                    "plain peers (nginx) take one PUT",
+                )
+            )
+        else:
+            c = plan.put_small_concurrency
+            spec = JobSpec("put", c, object_size=size, put_prefix=f"put/{name}/", put_slots=256)
+            cases.append(
+                Case("put", f"{fmt_size(size)} x{c}", spec, "rps", ("rps", "p50_ms", "p99_ms"))
+            )
+    return cases
+
+
+@scenario("ttfb", "time to first body byte of a large GET, concurrency 1: p50/p99 ms")
+def ttfb(plan: Plan) -> list[Case]:
+    obj = ObjectSpec(large_key(plan.ttfb_object), plan.ttfb_object)
+    spec = JobSpec("get", 1, keys=(obj.key,), object_size=obj.size, ttfb_only=True)
+    return [
+        Case(
+            "ttfb",
+            f"{fmt_size(obj.size)} x1",
+            spec,
+            "ttfb_p50_ms",
+            ("ttfb_p50_ms", "ttfb_p99_ms"),
+            (obj,),
+            note="connection closed at the first body byte; a new one per request",
+            max_requests=500,
+        )
+    ]
+
+
+def select(names: list[str], plan: Plan) -> list[Case]:
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}; known: {sorted(SCENARIOS)}")
+    return [case for n in names for case in SCENARIOS[n].cases(plan)]
+
+
+def objects_for(cases: list[Case]) -> list[ObjectSpec]:
+    seen: dict[str, ObjectSpec] = {}
+    for case in cases:
+        for obj in case.objects:
+            seen.setdefault(obj.key, obj)
+    return sorted(seen.values(), key=lambda o: o.key)

@@ -1,0 +1,102 @@
+"""The benchmark harness in its tiny mode (seconds): never the benchmark.
+
+`--smoke` runs every scenario once with small objects against the peers that
+need nothing installed (moto, nearstore; nginx is reported skipped where it
+is not installed) and writes the JSON; this checks that figures and ratios
+are there. The pure helpers are checked directly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.config import PRESETS, parse_size
+from bench.loadgen import LoadError, _parse_head
+from bench.scenarios import SCENARIOS, select
+from bench.stats import percentile, summarize
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_parse_size() -> None:
+    assert parse_size("64KiB") == 64 * 1024
+    assert parse_size("1g") == 1 << 30
+    assert parse_size("4096") == 4096
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_percentile_nearest_rank() -> None:
+    vals = [float(v) for v in range(1, 101)]
+    assert percentile(vals, 50) == 50.0
+    assert percentile(vals, 99) == 99.0
+    assert percentile([], 50) != percentile([], 50)  # NaN
+    s = summarize([3.0, 1.0, 2.0])
+    assert s is not None and (s.median, s.min, s.max) == (2.0, 1.0, 3.0)
+
+
+def test_parse_head() -> None:
+    head = b"HTTP/1.1 206 Partial Content\r\nContent-Length: 10\r\nConnection: close"
+    assert _parse_head(head) == (206, 10, True)
+    assert _parse_head(b"HTTP/1.1 200 OK\r\ncontent-length:5") == (200, 5, False)
+    with pytest.raises(LoadError):
+        _parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked")
+
+
+def test_every_scenario_has_cases() -> None:
+    for plan in PRESETS.values():
+        cases = select(list(SCENARIOS), plan)
+        assert {c.scenario for c in cases} == set(SCENARIOS)
+        assert len({c.id for c in cases}) == len(cases)
+
+
+def test_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--smoke", "--no-progress", "--no-setup", "--workdir", str(tmp_path / "work")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *argv, "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "nearstore/moto" in proc.stdout
+    data = json.loads(out.read_text())
+    peers = {p["name"]: p for p in data["peers"]}
+    assert peers["nginx"]["status"] in ("ok", "skipped")
+    if peers["nginx"]["status"] == "skipped":
+        assert "nginx" in peers["nginx"]["reason"]
+    for name in ("moto", "nearstore"):
+        peer = peers[name]
+        assert peer["status"] == "ok", peer["reason"]
+        assert peer["peak_rss_bytes"] > 0
+        assert set(peer["cases"]) == set(data["case_order"])
+        for case_id, case in peer["cases"].items():
+            headline = case["summary"].get(case["headline"])
+            assert headline is not None and headline["median"] > 0, (name, case_id, case)
+    for case_id in data["case_order"]:
+        assert data["ratios"][case_id][peers["nearstore"]["cases"][case_id]["headline"]]["moto"] > 0
+    assert data["headline"]
+
+
+def test_missing_nginx_is_skipped_with_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh machine without nginx: the peer is skipped, nothing starts."""
+    from bench import peers, runner
+
+    monkeypatch.setattr(peers, "find_tool", lambda name, bin_dir: None)
+    plan = PRESETS["smoke"]
+    run = runner.Runner(plan, select(["small"], plan), ["nginx"], tmp_path)
+    results = run.run("test", lambda _msg: None, lambda _n: None)
+    (nginx,) = results.peers
+    assert nginx.status == "skipped"
+    assert "--setup" in nginx.reason
+    assert results.ratios == {}
