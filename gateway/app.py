@@ -25,9 +25,11 @@ from dataclasses import dataclass
 
 from aiohttp import HttpVersion11, http_exceptions, web, web_protocol
 
+from cache.store import ChunkStore
 from gateway import errors
 from gateway.auth import AuthContext, SignedRequest, authenticate
 from gateway.backends.base import Backend
+from gateway.backends.cached import CachedBackend
 from gateway.backends.local import LocalStore
 from gateway.backends.router import Router
 from gateway.backends.s3 import S3Upstream
@@ -228,6 +230,14 @@ async def _front(request: web.Request) -> web.StreamResponse:
 async def admin(request: web.Request, path: str) -> web.StreamResponse:
     if path == "/_nearstore/health" and request.method in ("GET", "HEAD"):
         return web.json_response({"status": "ok", "pid": os.getpid()})
+    if path == "/_nearstore/metrics" and request.method in ("GET", "HEAD"):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        from cache.metrics import REGISTRY
+
+        resp = web.Response(body=generate_latest(REGISTRY))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
     raise errors.NoSuchKey("No such administrative route", Key=path)
 
 
@@ -242,14 +252,22 @@ def make_backend(cfg: Config) -> Backend:
     local = LocalStore(cfg.data_dir, fsync=cfg.fsync)
     if not cfg.upstreams:
         return local
+    store = ChunkStore(cfg.cache.dir, cfg.cache.size, cfg.cache.policy) if cfg.cache.enabled else None
+
+    def wrap(up: S3Upstream) -> Backend:
+        if store is None:
+            return up
+        return CachedBackend(up, store, chunk_size=cfg.cache.chunk_size, meta_ttl=cfg.cache.meta_ttl,
+                             prefetch=cfg.cache.prefetch)
+
     mapped: dict[str, Backend] = {}
     wildcard: Backend | None = None
     for up in cfg.upstreams:
         if up.name == "*":
-            wildcard = S3Upstream(up)
+            wildcard = wrap(S3Upstream(up))
         else:
-            mapped[up.name] = S3Upstream(up)
-    return Router(local, mapped, wildcard)
+            mapped[up.name] = wrap(S3Upstream(up))
+    return Router(local, mapped, wildcard, store)
 
 
 def build_app(cfg: Config, backend: Backend | None = None) -> web.Application:

@@ -25,6 +25,8 @@ def _serve(args: argparse.Namespace) -> int:
                 "tls_cert": args.tls_cert,
                 "tls_key": args.tls_key,
                 "domain": args.domain,
+                "cache_dir": args.cache_dir,
+                "cache_size": args.cache_size,
             },
         )
     except (config_mod.ConfigError, ValueError) as e:
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--domain", help="serve virtual-hosted-style requests for <bucket>.DOMAIN")
     s.add_argument("--tls-cert", help="PEM certificate: serve HTTPS")
     s.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    s.add_argument("--cache-dir", help="chunk cache directory (default DATA_DIR/cache)")
+    s.add_argument("--cache-size", help="chunk cache byte budget, e.g. 100GiB (default 10GiB)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
     sub.add_parser("bench", help="throughput benchmarks (nearstore bench --help)")

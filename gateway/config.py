@@ -45,6 +45,36 @@ class ConfigError(ValueError):
     pass
 
 
+_UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: object) -> int:
+    """'10GiB', '512MiB', '4M', 1048576 -> bytes."""
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    num = text.rstrip("KMGTIB")
+    unit = text[len(num):]
+    try:
+        return int(float(num) * _UNITS[unit])
+    except (KeyError, ValueError):
+        raise ConfigError(f"not a size: {value!r} (use e.g. 512MiB, 10GiB)") from None
+
+
+@dataclass
+class CacheConfig:
+    """[cache]: the node-local chunk cache in front of upstream buckets."""
+
+    enabled: bool = True
+    dir: str = ""  # default: <data_dir>/cache
+    size: int = 10 << 30
+    chunk_size: int = 8 << 20
+    policy: str = "sieve"  # by hit ratio on training-like traces: bench/eviction.py
+    meta_ttl: float = 5.0
+    prefetch: int = 4
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
     """One [[buckets]] entry: a gateway bucket served by an S3 store."""
@@ -105,6 +135,7 @@ class Config:
     shutdown_timeout: float = 30.0
     using_dev_keys: bool = False
     upstreams: list[UpstreamConfig] = field(default_factory=list)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -157,6 +188,21 @@ def load(
         names = [u.name for u in cfg.upstreams]
         if len(names) != len(set(names)):
             raise ConfigError("[[buckets]]: a bucket name is mapped twice")
+        c = _section(doc, "cache")
+        for name in ("enabled",):
+            if name in c:
+                cfg.cache.enabled = bool(c[name])
+        for name in ("size", "chunk_size"):
+            if name in c:
+                setattr(cfg.cache, name, parse_size(c[name]))
+        if "dir" in c:
+            cfg.cache.dir = str(c["dir"])
+        if "policy" in c:
+            cfg.cache.policy = str(c["policy"])
+        if "meta_ttl" in c:
+            cfg.cache.meta_ttl = float(c["meta_ttl"])
+        if "prefetch" in c:
+            cfg.cache.prefetch = int(c["prefetch"])
     cfg.raw = doc
 
     simple = {
@@ -170,6 +216,10 @@ def load(
     for var, name in simple.items():
         if env.get(var):
             setattr(cfg, name, env[var])
+    if env.get("NEARSTORE_CACHE_DIR"):
+        cfg.cache.dir = env["NEARSTORE_CACHE_DIR"]
+    if env.get("NEARSTORE_CACHE_SIZE"):
+        cfg.cache.size = parse_size(env["NEARSTORE_CACHE_SIZE"])
     if env.get("NEARSTORE_PORT"):
         cfg.port = int(env["NEARSTORE_PORT"])
     ak, sk = env.get("NEARSTORE_ACCESS_KEY"), env.get("NEARSTORE_SECRET_KEY")
@@ -179,8 +229,17 @@ def load(
         cfg.credentials[ak] = sk
 
     for name, value in (overrides or {}).items():
-        if value is not None:
+        if value is None:
+            continue
+        if name.startswith("cache_"):
+            attr = name[len("cache_"):]
+            setattr(cfg.cache, attr, parse_size(value) if attr in ("size", "chunk_size") else value)
+        else:
             setattr(cfg, name, value)
+    if not cfg.cache.dir:
+        cfg.cache.dir = os.path.join(cfg.data_dir, "cache")
+    if cfg.cache.chunk_size < 64 * 1024 or cfg.cache.size < cfg.cache.chunk_size:
+        raise ConfigError("[cache] chunk_size must be at least 64 KiB and size at least one chunk")
 
     if not cfg.credentials:
         cfg.credentials[DEV_ACCESS_KEY] = DEV_SECRET_KEY

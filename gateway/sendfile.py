@@ -124,6 +124,9 @@ async def _send(
     if out_fd is None:
         # TLS (or no socket): copy through user space, 1 MiB at a time.
         async for seg in segments:
+            if isinstance(seg, bytes):
+                await resp.write(seg)
+                continue
             pos, end = seg.offset, seg.offset + seg.length
             while pos < end:
                 data = await loop.run_in_executor(None, _pread_exact, seg.fd, min(COPY_PIECE, end - pos), pos)
@@ -134,6 +137,12 @@ async def _send(
     stop = threading.Event()
     try:
         async for seg in segments:
+            if isinstance(seg, bytes):
+                # Bytes that no file holds (a cache fault): through the
+                # transport, fully flushed before the next zero-copy send.
+                await resp.write(seg)
+                await _wait_flushed(request)
+                continue
             await loop.run_in_executor(None, _sendfile_blocking, out_fd, seg.fd, seg.offset, seg.length, stop)
     except BaseException:
         stop.set()
@@ -158,16 +167,25 @@ async def _flushed_socket(request: web.Request) -> int | None:
     send_headers = getattr(writer, "send_headers", None)
     if send_headers is not None:
         send_headers()
-    await writer.drain()
-    # drain() returns once below the high-water mark; sendfile needs the
-    # headers fully on the wire first, or bytes would reorder.
-    for _ in range(1000):
+    await _wait_flushed(request)
+    return os.dup(fd)
+
+
+async def _wait_flushed(request: web.Request) -> None:
+    """Wait until everything written through the transport is on the wire:
+    sendfile writes to the socket directly, so anything still buffered
+    would come out after it, reordered."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    await request.writer.drain()
+    deadline = asyncio.get_running_loop().time() + STALL_TIMEOUT
+    while transport.get_write_buffer_size() > 0:
         if transport.is_closing():
             raise ConnectionResetError("client went away")
-        if transport.get_write_buffer_size() == 0:
-            return os.dup(fd)
+        if asyncio.get_running_loop().time() > deadline:
+            raise ClientStalled("client stopped reading")
         await asyncio.sleep(0.001)
-    raise ClientStalled("client did not read the response headers")
 
 
 def _pread_exact(fd: int, n: int, offset: int) -> bytes:

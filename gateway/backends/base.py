@@ -144,10 +144,11 @@ class FileBacked(Protocol):
     """A handle whose bytes lie in local files: sent with sendfile.
 
     ``segments`` yields, in order, the file ranges that make up the
-    requested byte range; each descriptor stays valid until the next
-    segment is requested (or the iteration ends)."""
+    requested byte range (or, where no file holds them, the bytes
+    themselves); each descriptor stays valid until the next segment is
+    requested (or the iteration ends)."""
 
-    def segments(self, start: int, length: int) -> AsyncIterator[FileSegment]: ...
+    def segments(self, start: int, length: int) -> AsyncIterator[FileSegment | bytes]: ...
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,7 @@ class LocalHandle:
     _closed: bool = False
     served: Served | None = None
 
-    async def segments(self, start: int, length: int) -> AsyncIterator[FileSegment]:
+    async def segments(self, start: int, length: int) -> AsyncIterator[FileSegment | bytes]:
         yield FileSegment(self.fd, start, length)
 
     async def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:

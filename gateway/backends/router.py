@@ -7,8 +7,10 @@ source through this node into the destination (bounded memory).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 
+from cache.store import ChunkStore
 from gateway import errors
 from gateway.backends.base import (
     Backend,
@@ -24,6 +26,8 @@ from gateway.backends.base import (
     UploadInfo,
     WriteConditions,
 )
+
+log = logging.getLogger(__name__)
 
 
 class _Stream:
@@ -52,10 +56,13 @@ class _Stream:
 class Router:
     name = "router"
 
-    def __init__(self, local: Backend, mapped: Mapping[str, Backend], wildcard: Backend | None) -> None:
+    def __init__(
+        self, local: Backend, mapped: Mapping[str, Backend], wildcard: Backend | None, store: ChunkStore | None = None
+    ) -> None:
         self.local = local
         self.mapped = dict(mapped)
         self.wildcard = wildcard
+        self.store = store
 
     def pick(self, bucket: str) -> Backend:
         b = self.mapped.get(bucket)
@@ -70,6 +77,16 @@ class Router:
         return out
 
     async def start(self) -> None:
+        if self.store is not None:
+            import asyncio
+
+            from cache import metrics
+
+            found = await asyncio.get_running_loop().run_in_executor(None, self.store.load)
+            metrics.CACHE_BYTES.set(self.store.used)
+            metrics.CACHE_CAPACITY.set(self.store.capacity)
+            log.info("chunk cache: %d chunks, %d bytes of %d, in %s", found, self.store.used,
+                     self.store.capacity, self.store.root)
         for b in self._all():
             await b.start()
 

@@ -1,0 +1,268 @@
+"""The node-local chunk store: immutable chunk files on local disk.
+
+Layout under the cache directory::
+
+    chunks/ab/cd/<id>.<xxh3>   one immutable file per chunk
+    tmp/<random>               fills in progress; emptied at start-up
+
+A chunk's id is a hash of (backing store, bucket, key, ETag, chunk size,
+index): an overwritten object can never be served from old chunks, and old
+chunks age out by eviction. The file name carries the XXH3-64 checksum
+recorded at fill, so the store needs no separate index to survive a
+restart: the index is rebuilt from a directory scan (a warm cache stays
+warm), and a file is complete by construction once renamed into place.
+
+Fill: write a temporary file while hashing, then rename. No fsync: a chunk
+that lost its data in a crash fails its checksum and is refilled, which is
+cheaper than an fsync per chunk and as safe.
+
+Integrity: every read verifies the checksum right before the bytes are
+sent, hashing the page-cache pages through mmap (no copy into Python) and
+then sending the same file with sendfile. A chunk that fails is dropped and
+the caller refills it: a flipped bit, on disk or in the page cache, is never
+served. Measured cost: see bench/RESULTS.md ("verify").
+
+Capacity is a byte budget. The store accounts bytes; the eviction policy
+only picks victims. Eviction runs after each admission until the store is
+within budget, so the budget is exceeded at most by the chunks being filled.
+Pinned chunks are never evicted. An open file stays readable after its chunk
+is evicted (unlink), so a reader in flight is never cut off.
+
+Errors: the store raises ``CacheError`` subclasses, never S3 errors; a cache
+fault is a miss for the caller (served from the backing store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from cache.eviction import EvictionPolicy, make_policy
+
+log = logging.getLogger(__name__)
+
+WRITE_PIECE = 1024 * 1024
+
+
+class CacheError(Exception):
+    """Base of the cache's own errors (never an S3 error)."""
+
+
+class ChunkCorrupt(CacheError):
+    pass
+
+
+class ChunkMissing(CacheError):
+    pass
+
+
+def chunk_id(store: str, bucket: str, key: str, etag: str, chunk_size: int, index: int) -> str:
+    h = xxhash.xxh3_128()
+    for part in (store, bucket, key, etag, str(chunk_size), str(index)):
+        data = part.encode()
+        # Length-prefixed, so ("ab","c") and ("a","bc") differ.
+        h.update(len(data).to_bytes(4, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+@dataclass
+class Chunk:
+    id: str
+    size: int
+    checksum: str  # xxh3-64 hex
+
+    def rel(self) -> str:
+        return f"chunks/{self.id[:2]}/{self.id[2:4]}/{self.id}.{self.checksum}"
+
+
+@dataclass
+class StoreStats:
+    hits: int = 0
+    misses: int = 0
+    fills: int = 0
+    evictions: int = 0
+    checksum_failures: int = 0
+    fill_errors: int = 0
+
+
+class ChunkStore:
+    """Chunk files plus an in-memory index rebuilt from the directory.
+
+    Not thread-safe: its methods run on the event loop's thread; the
+    blocking parts (hashing, writing, scanning) are separate functions the
+    caller runs in an executor.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], capacity: int, policy: str = "sieve") -> None:
+        self.root = Path(root)
+        self.capacity = capacity
+        self.policy: EvictionPolicy = make_policy(policy, capacity)
+        self.index: dict[str, Chunk] = {}
+        self.used = 0
+        self.stats = StoreStats()
+
+    # --- start-up -----------------------------------------------------------
+
+    def load(self) -> int:
+        """Rebuild the index from disk (blocking). Returns chunks found."""
+        (self.root / "chunks").mkdir(parents=True, exist_ok=True)
+        tmp = self.root / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        for entry in os.scandir(tmp):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+        found: list[tuple[float, Chunk]] = []
+        for dirpath, _dirs, files in os.walk(self.root / "chunks"):
+            for name in files:
+                cid, dot, checksum = name.partition(".")
+                path = os.path.join(dirpath, name)
+                if not dot or len(cid) != 32 or len(checksum) != 16:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                    continue
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                found.append((st.st_atime, Chunk(cid, st.st_size, checksum)))
+        # Oldest first, so the policy's notion of age roughly survives.
+        found.sort(key=lambda t: t[0])
+        for _, c in found:
+            self._add(c)
+        self._evict()
+        return len(found)
+
+    # --- index --------------------------------------------------------------
+
+    def _add(self, c: Chunk) -> None:
+        old = self.index.get(c.id)
+        if old is not None:
+            self.used -= old.size
+            self.policy.remove(c.id)
+        self.index[c.id] = c
+        self.used += c.size
+        self.policy.admit(c.id, c.size)
+
+    def lookup(self, cid: str) -> Chunk | None:
+        c = self.index.get(cid)
+        if c is not None:
+            self.policy.touch(cid)
+        return c
+
+    def path(self, c: Chunk) -> Path:
+        return self.root / c.rel()
+
+    def drop(self, cid: str) -> None:
+        """Forget a chunk and remove its file (corrupt, or evicted)."""
+        c = self.index.pop(cid, None)
+        if c is None:
+            return
+        self.used -= c.size
+        self.policy.remove(cid)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path(c))
+
+    def pin(self, cid: str) -> None:
+        if cid in self.index:
+            self.policy.pin(cid)
+
+    def _evict(self) -> None:
+        while self.used > self.capacity:
+            victim = self.policy.victim()
+            if victim is None:
+                break
+            self.drop(victim)
+            self.stats.evictions += 1
+
+    # --- fill ---------------------------------------------------------------
+
+    def new_temp(self) -> Path:
+        return self.root / "tmp" / uuid.uuid4().hex
+
+    def commit(self, cid: str, tmp: Path, size: int, checksum: str) -> Chunk:
+        """Rename a filled temp file into place (blocking, fast) and admit it."""
+        c = Chunk(cid, size, checksum)
+        dest = self.path(c)
+        try:
+            os.rename(tmp, dest)
+        except FileNotFoundError:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, dest)
+        self._add(c)
+        self.stats.fills += 1
+        self._evict()
+        return c
+
+
+class ChunkWriter:
+    """Writes one chunk's bytes to a temp file while hashing (blocking
+    calls, run in an executor)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self.hash = xxhash.xxh3_64()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.hash.update(data)
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.size += len(data)
+
+    def close(self) -> str:
+        os.close(self.fd)
+        return self.hash.hexdigest()
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def open_verified(path: Path, checksum: str, size: int) -> int:
+    """Open a chunk file and verify its checksum (blocking). Returns an open
+    descriptor positioned nowhere in particular (use pread/sendfile with
+    offsets). Raises ChunkCorrupt or ChunkMissing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ChunkMissing(str(path)) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_size != size:
+            raise ChunkCorrupt(f"{path}: size {st.st_size} != {size}")
+        if size == 0:
+            digest = xxhash.xxh3_64(b"").hexdigest()
+        else:
+            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+                digest = xxhash.xxh3_64(m).hexdigest()
+        if digest != checksum:
+            raise ChunkCorrupt(f"{path}: checksum {digest} != {checksum}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_file_range(fd: int, offset: int, length: int, piece: int = WRITE_PIECE) -> Iterator[bytes]:
+    pos, end = offset, offset + length
+    while pos < end:
+        data = os.pread(fd, min(piece, end - pos), pos)
+        if not data:
+            raise OSError(errno.EIO, "chunk file shorter than expected")
+        pos += len(data)
+        yield data

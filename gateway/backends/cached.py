@@ -1,0 +1,412 @@
+"""A backing store seen through the node-local chunk cache.
+
+Reads: the object's metadata comes from a short-TTL cache; the requested
+byte range is cut into fixed-size chunks; each chunk is served from its
+file on local disk (verified, then sendfile) or filled first from the
+backing store with a ranged GET carrying If-Match, so that a read never
+mixes two versions. Chunks ahead of the one being sent are filled in
+parallel (bounded), concurrent misses of one chunk share one fill, and the
+first chunk is ready before the response starts, so a changed object is
+retried with fresh metadata instead of failing a client that asked for no
+condition.
+
+A cache fault (disk full, unwritable directory, a corrupt chunk twice) is a
+miss: the chunk's bytes come straight from the backing store, logged, and
+the client never notices.
+
+Writes go through to the backing store and invalidate the metadata entry;
+chunks of the old version are unreachable (their id has the old ETag) and
+age out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+from cache import metrics
+from cache.store import (
+    Chunk,
+    ChunkCorrupt,
+    ChunkMissing,
+    ChunkStore,
+    ChunkWriter,
+    chunk_id,
+    open_verified,
+)
+from gateway import errors
+from gateway.backends.base import (
+    Backend,
+    BucketInfo,
+    CompletedPart,
+    FileSegment,
+    ListPage,
+    ObjectHandle,
+    ObjectInfo,
+    ObjectMeta,
+    PartInfo,
+    ReadOptions,
+    Served,
+    UploadBody,
+    UploadInfo,
+    WriteConditions,
+)
+from gateway.conditions import parse_range
+from metadata.objects import MetaCache
+
+log = logging.getLogger(__name__)
+
+
+class ObjectChanged(Exception):
+    """The backing object's ETag changed under a read."""
+
+
+class CachedBackend:
+    """Wraps a backing store (see the module docstring)."""
+
+    def __init__(
+        self,
+        inner: Backend,
+        store: ChunkStore,
+        *,
+        chunk_size: int,
+        meta_ttl: float = 5.0,
+        prefetch: int = 4,
+    ) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.store = store
+        self.chunk_size = chunk_size
+        self.prefetch = max(1, prefetch)
+        self.meta: MetaCache[ObjectInfo] = MetaCache(meta_ttl)
+        self._fills: dict[str, asyncio.Future[Chunk]] = {}
+        self._fill_tasks: set[asyncio.Task[Chunk]] = set()
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        for t in list(self._fill_tasks):
+            t.cancel()
+        await self.inner.close()
+
+    # --- reads --------------------------------------------------------------
+
+    async def head_object(self, bucket: str, key: str) -> ObjectInfo:
+        return await self.meta.get(bucket, key, lambda: self.inner.head_object(bucket, key))
+
+    async def open_object(
+        self, bucket: str, key: str, opts: ReadOptions | None = None, *, head: bool = False
+    ) -> ObjectHandle:
+        opts = opts or ReadOptions()
+        if opts.part_number is not None or opts.checksum_mode:
+            # Part boundaries and stored checksums live with the backing
+            # store; these rare reads go straight there.
+            return await self.inner.open_object(bucket, key, opts, head=head)
+        for attempt in (1, 2):
+            info = await self.head_object(bucket, key)
+            handle = CachedHandle(self, bucket, key, info)
+            if head or info.size == 0:
+                return handle
+            try:
+                rng = parse_range(opts.range_header, info.size)
+            except errors.InvalidRange:
+                return handle  # the handler answers 416 from info
+            first = (rng[0] if rng else 0) // self.chunk_size
+            try:
+                await handle.ready(first)
+            except ObjectChanged:
+                self.meta.invalidate(bucket, key)
+                if attempt == 2:
+                    raise errors.ServiceUnavailable(
+                        "The object is changing too fast to read consistently", headers={"Retry-After": "1"}
+                    ) from None
+                continue
+            return handle
+        raise AssertionError("unreachable")
+
+    def _chunk_id(self, bucket: str, info: ObjectInfo, index: int) -> str:
+        return chunk_id(self.inner.name, bucket, info.key, info.etag, self.chunk_size, index)
+
+    def chunk(self, bucket: str, info: ObjectInfo, index: int) -> asyncio.Future[Chunk]:
+        """The chunk, cached or being filled (one fill per chunk at a time)."""
+        cid = self._chunk_id(bucket, info, index)
+        c = self.store.lookup(cid)
+        if c is not None:
+            metrics.HITS.inc()
+            fut: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
+            fut.set_result(c)
+            return fut
+        pending = self._fills.get(cid)
+        if pending is not None:
+            return pending
+        metrics.MISSES.inc()
+        task = asyncio.ensure_future(self._fill(cid, bucket, info, index))
+        self._fills[cid] = task
+        self._fill_tasks.add(task)
+
+        def done(t: asyncio.Task[Chunk]) -> None:
+            self._fills.pop(cid, None)
+            self._fill_tasks.discard(t)
+            if not t.cancelled():
+                t.exception()  # retrieved: waiters get it through the future
+
+        task.add_done_callback(done)
+        return task
+
+    async def _fill(self, cid: str, bucket: str, info: ObjectInfo, index: int) -> Chunk:
+        start = index * self.chunk_size
+        length = min(self.chunk_size, info.size - start)
+        loop = asyncio.get_running_loop()
+        began = time.monotonic()
+        metrics.FILLS_IN_FLIGHT.inc()
+        writer: ChunkWriter | None = None
+        try:
+            try:
+                src = await self.inner.open_object(
+                    bucket, info.key,
+                    ReadOptions(range_header=f"bytes={start}-{start + length - 1}", conditions={"If-Match": info.etag}),
+                )
+            except errors.PreconditionFailed:
+                raise ObjectChanged(info.key) from None
+            try:
+                if src.info.etag and src.info.etag != info.etag:
+                    raise ObjectChanged(info.key)
+                writer = await loop.run_in_executor(None, ChunkWriter, self.store.new_temp())
+                async for piece in src.read_range(start, length):
+                    await loop.run_in_executor(None, writer.write, piece)
+                    metrics.BYTES_FROM_BACKING.inc(len(piece))
+            finally:
+                await src.close()
+            if writer.size != length:
+                raise OSError(f"fill of {info.key} chunk {index}: {writer.size} bytes, expected {length}")
+            checksum = await loop.run_in_executor(None, writer.close)
+            tmp, writer = writer.path, None
+            chunk = self.store.commit(cid, tmp, length, checksum)
+            metrics.BACKING_LATENCY.observe(time.monotonic() - began)
+            self._update_gauges()
+            return chunk
+        except BaseException:
+            if writer is not None:
+                await loop.run_in_executor(None, writer.abort)
+            raise
+        finally:
+            metrics.FILLS_IN_FLIGHT.dec()
+
+    def _update_gauges(self) -> None:
+        metrics.CACHE_BYTES.set(self.store.used)
+        metrics.EVICTIONS.inc(self.store.stats.evictions - getattr(self, "_evictions_seen", 0))
+        self._evictions_seen = self.store.stats.evictions
+
+    async def direct_chunk(self, bucket: str, info: ObjectInfo, index: int) -> bytes:
+        """A chunk's bytes straight from the backing store (cache fault)."""
+        start = index * self.chunk_size
+        length = min(self.chunk_size, info.size - start)
+        src = await self.inner.open_object(
+            bucket, info.key,
+            ReadOptions(range_header=f"bytes={start}-{start + length - 1}", conditions={"If-Match": info.etag}),
+        )
+        try:
+            data = b"".join([p async for p in src.read_range(start, length)])
+        finally:
+            await src.close()
+        metrics.BYTES_FROM_BACKING.inc(len(data))
+        return data
+
+    # --- writes: through, then invalidate ------------------------------------
+
+    async def put_object(
+        self, bucket: str, key: str, body: UploadBody, meta: ObjectMeta, conditions: WriteConditions | None = None
+    ) -> ObjectInfo:
+        try:
+            return await self.inner.put_object(bucket, key, body, meta, conditions)
+        finally:
+            self.meta.invalidate(bucket, key)
+
+    async def copy_object(
+        self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str, meta: ObjectMeta | None,
+        expected_etag: str | None = None,
+    ) -> ObjectInfo:
+        try:
+            return await self.inner.copy_object(src_bucket, src_key, dst_bucket, dst_key, meta, expected_etag)
+        finally:
+            self.meta.invalidate(dst_bucket, dst_key)
+
+    async def delete_object(self, bucket: str, key: str) -> None:
+        try:
+            await self.inner.delete_object(bucket, key)
+        finally:
+            self.meta.invalidate(bucket, key)
+
+    async def complete_upload(
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart]
+    ) -> ObjectInfo:
+        try:
+            return await self.inner.complete_upload(bucket, key, upload_id, parts)
+        finally:
+            self.meta.invalidate(bucket, key)
+
+    async def put_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
+        try:
+            await self.inner.put_tags(bucket, key, tags)
+        finally:
+            self.meta.invalidate(bucket, key)
+
+    async def delete_bucket(self, bucket: str) -> None:
+        await self.inner.delete_bucket(bucket)
+        self.meta.invalidate_bucket(bucket)
+
+    # --- the rest: straight through -------------------------------------------
+
+    async def list_buckets(self) -> list[BucketInfo]:
+        return await self.inner.list_buckets()
+
+    async def create_bucket(self, bucket: str, region: str = "") -> None:
+        await self.inner.create_bucket(bucket, region)
+
+    async def head_bucket(self, bucket: str) -> BucketInfo:
+        return await self.inner.head_bucket(bucket)
+
+    async def list_objects(
+        self, bucket: str, *, prefix: str = "", delimiter: str = "", start_after: str = "", max_keys: int = 1000
+    ) -> ListPage:
+        return await self.inner.list_objects(
+            bucket, prefix=prefix, delimiter=delimiter, start_after=start_after, max_keys=max_keys
+        )
+
+    async def get_tags(self, bucket: str, key: str) -> dict[str, str]:
+        return await self.inner.get_tags(bucket, key)
+
+    async def create_upload(self, bucket: str, key: str, meta: ObjectMeta) -> str:
+        return await self.inner.create_upload(bucket, key, meta)
+
+    async def upload_part(
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: UploadBody
+    ) -> PartInfo:
+        return await self.inner.upload_part(bucket, key, upload_id, part_number, body)
+
+    async def upload_part_copy(
+        self, bucket: str, key: str, upload_id: str, part_number: int, src_bucket: str, src_key: str,
+        src_range: tuple[int, int] | None, expected_etag: str | None = None,
+    ) -> PartInfo:
+        return await self.inner.upload_part_copy(
+            bucket, key, upload_id, part_number, src_bucket, src_key, src_range, expected_etag
+        )
+
+    async def abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
+        await self.inner.abort_upload(bucket, key, upload_id)
+
+    async def list_parts(
+        self, bucket: str, key: str, upload_id: str, *, marker: int = 0, max_parts: int = 1000
+    ) -> tuple[UploadInfo, list[PartInfo], bool]:
+        return await self.inner.list_parts(bucket, key, upload_id, marker=marker, max_parts=max_parts)
+
+    async def list_uploads(
+        self, bucket: str, *, prefix: str = "", key_marker: str = "", upload_id_marker: str = "",
+        max_uploads: int = 1000,
+    ) -> tuple[list[UploadInfo], bool]:
+        return await self.inner.list_uploads(
+            bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=upload_id_marker, max_uploads=max_uploads
+        )
+
+
+class CachedHandle:
+    """An object read through the cache; bytes come as verified chunk files
+    (sendfile) or, after a cache fault, as bytes from the backing store."""
+
+    served: Served | None = None
+
+    def __init__(self, cb: CachedBackend, bucket: str, key: str, info: ObjectInfo) -> None:
+        self.cb, self.bucket, self.key, self.info = cb, bucket, key, info
+        self._ahead: dict[int, asyncio.Future[Chunk]] = {}
+
+    def _want(self, index: int) -> asyncio.Future[Chunk]:
+        fut = self._ahead.get(index)
+        if fut is None:
+            fut = self._ahead[index] = self.cb.chunk(self.bucket, self.info, index)
+        return fut
+
+    async def ready(self, index: int) -> None:
+        """Wait for one chunk (used before the response starts)."""
+        try:
+            await asyncio.shield(self._want(index))
+        except ObjectChanged:
+            raise
+        except Exception:  # a cache fault: the read will serve it directly
+            self._ahead.pop(index, None)
+
+    async def segments(self, start: int, length: int) -> AsyncIterator[FileSegment | bytes]:
+        if length <= 0:
+            return
+        cs = self.cb.chunk_size
+        first, last = start // cs, (start + length - 1) // cs
+        loop = asyncio.get_running_loop()
+        for index in range(first, last + 1):
+            # Keep a bounded window of fills ahead of the chunk being sent.
+            for ahead in range(index, min(last, index + self.cb.prefetch) + 1):
+                self._want(ahead)
+            lo = max(start, index * cs) - index * cs
+            hi = min(start + length, (index + 1) * cs) - index * cs
+            fd = await self._open(index, loop)
+            if fd is None:
+                data = await self.cb.direct_chunk(self.bucket, self.info, index)
+                yield data[lo:hi]
+                continue
+            try:
+                metrics.BYTES_FROM_CACHE.inc(hi - lo)
+                yield FileSegment(fd, lo, hi - lo)
+            finally:
+                os.close(fd)
+            self._ahead.pop(index, None)
+
+    async def _open(self, index: int, loop: asyncio.AbstractEventLoop) -> int | None:
+        """An open, verified descriptor of the chunk, or None on a cache
+        fault. A chunk that fails verification is dropped and refilled once."""
+        for attempt in (1, 2):
+            try:
+                chunk = await asyncio.shield(self._want(index))
+            except ObjectChanged:
+                raise
+            except Exception as e:
+                log.warning("cache fill failed for %s chunk %d (%s); serving from the backing store",
+                            self.key, index, e)
+                metrics.FILL_ERRORS.inc()
+                self._ahead.pop(index, None)
+                return None
+            try:
+                return await loop.run_in_executor(
+                    None, open_verified, self.cb.store.path(chunk), chunk.checksum, chunk.size
+                )
+            except (ChunkCorrupt, ChunkMissing) as e:
+                log.error("chunk %s failed verification (%s); dropped, refilling", chunk.id, e)
+                metrics.CHECKSUM_FAILURES.inc()
+                self.cb.store.drop(chunk.id)
+                self._ahead.pop(index, None)
+            except OSError as e:
+                log.warning("cannot open chunk %s (%s); serving from the backing store", chunk.id, e)
+                return None
+            if attempt == 2:
+                return None
+        return None
+
+    async def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        async for seg in self.segments(start, length):
+            if isinstance(seg, bytes):
+                yield seg
+                continue
+            pos, end = seg.offset, seg.offset + seg.length
+            while pos < end:
+                data = await loop.run_in_executor(None, os.pread, seg.fd, min(1 << 20, end - pos), pos)
+                if not data:
+                    raise OSError("chunk file shorter than expected")
+                pos += len(data)
+                yield data
+
+    async def close(self) -> None:
+        # Fills started for this read keep running: they benefit the next
+        # reader and are bounded by the prefetch window.
+        self._ahead.clear()
