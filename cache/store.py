@@ -109,6 +109,8 @@ class ChunkStore:
         self.policy: EvictionPolicy = make_policy(policy, capacity)
         self.index: dict[str, Chunk] = {}
         self.used = 0
+        self.pinned: set[str] = set()
+        self.pinned_bytes = 0
         self.stats = StoreStats()
 
     # --- start-up -----------------------------------------------------------
@@ -167,14 +169,39 @@ class ChunkStore:
         c = self.index.pop(cid, None)
         if c is None:
             return
+        if cid in self.pinned:
+            self.pinned.discard(cid)
+            self.pinned_bytes -= c.size
         self.used -= c.size
         self.policy.remove(cid)
         with contextlib.suppress(OSError):
             os.unlink(self.path(c))
 
-    def pin(self, cid: str) -> None:
-        if cid in self.index:
-            self.policy.pin(cid)
+    # Pins may take at most this share of the budget, so that eviction can
+    # always make room and the budget holds.
+    MAX_PINNED_SHARE = 0.8
+
+    def pin(self, cid: str) -> bool:
+        """Protect a chunk from eviction. False when it is not cached or
+        pinning it would take pins past MAX_PINNED_SHARE of the budget."""
+        c = self.index.get(cid)
+        if c is None:
+            return False
+        if cid in self.pinned:
+            return True
+        if self.pinned_bytes + c.size > self.capacity * self.MAX_PINNED_SHARE:
+            return False
+        self.pinned.add(cid)
+        self.pinned_bytes += c.size
+        self.policy.pin(cid)
+        return True
+
+    def unpin(self, cid: str) -> None:
+        c = self.index.get(cid)
+        if cid in self.pinned:
+            self.pinned.discard(cid)
+            self.pinned_bytes -= c.size if c else 0
+            self.policy.unpin(cid)
 
     def _evict(self) -> None:
         while self.used > self.capacity:

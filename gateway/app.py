@@ -14,6 +14,7 @@ line) would be plain text; ``_xml_handle_error`` renders those as S3 XML too.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import secrets
@@ -26,9 +27,10 @@ from dataclasses import dataclass
 from aiohttp import HttpVersion11, http_exceptions, web, web_protocol
 
 from cache.store import ChunkStore
+from cache.warm import WarmProgress, warm
 from gateway import errors
 from gateway.auth import AuthContext, SignedRequest, authenticate
-from gateway.backends.base import Backend
+from gateway.backends.base import Backend, ObjectInfo
 from gateway.backends.cached import CachedBackend
 from gateway.backends.local import LocalStore
 from gateway.backends.router import Router
@@ -238,7 +240,64 @@ async def admin(request: web.Request, path: str) -> web.StreamResponse:
         resp = web.Response(body=generate_latest(REGISTRY))
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
+    if path == "/_nearstore/warm" and request.method == "POST":
+        return await warm_route(request)
     raise errors.NoSuchKey("No such administrative route", Key=path)
+
+
+async def warm_route(request: web.Request) -> web.StreamResponse:
+    """POST /_nearstore/warm?bucket=B&prefix=P[&pin=true]: fill the cache
+    with every chunk of the objects under a prefix; answers JSON lines of
+    progress, the last one the summary. Signed like any S3 request."""
+    raw_path, _, raw_query = request.raw_path.partition("?")
+    cfg = request.app[CONFIG_KEY]
+    authenticate(SignedRequest(request.method, raw_path, raw_query, request.headers), cfg.credentials)
+    q = parse_query(raw_query)
+    bucket = q.get("bucket", "")
+    prefix = q.get("prefix", "")
+    pin = q.get("pin", "").lower() in ("1", "true", "yes")
+    backend = request.app[BACKEND_KEY]
+    target = backend.pick(bucket) if isinstance(backend, Router) else backend
+    if not isinstance(target, CachedBackend):
+        raise errors.InvalidRequest(f"Bucket {bucket!r} is not served through the cache")
+    objects: list[tuple[str, int]] = []
+    after = ""
+    while True:
+        page = await target.list_objects(bucket, prefix=prefix, start_after=after, max_keys=1000)
+        objects += [(o.key, o.size) for o in page.objects]
+        if not page.is_truncated or not page.next_marker:
+            break
+        after = page.next_marker
+    infos: dict[str, ObjectInfo] = {}
+    not_pinned = 0
+
+    async def fill(key: str, index: int) -> int:
+        nonlocal not_pinned
+        info = infos.get(key)
+        if info is None:
+            info = infos[key] = await target.head_object(bucket, key)
+        chunk = await target.chunk(bucket, info, index)
+        if pin and not target.store.pin(chunk.id):
+            not_pinned += 1
+        return chunk.size
+
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    latest: list[WarmProgress] = []
+    task = asyncio.ensure_future(
+        warm(objects, target.chunk_size, fill, report=lambda p: latest.append(p), report_every=0.5)
+    )
+    while not task.done():
+        await asyncio.wait([task], timeout=0.5)
+        if latest and not task.done():
+            await resp.write((json.dumps(latest[-1].as_dict()) + "\n").encode())
+            latest.clear()
+    summary = task.result().as_dict()
+    summary["pinned"] = pin
+    summary["not_pinned_chunks"] = not_pinned
+    await resp.write((json.dumps(summary) + "\n").encode())
+    await resp.write_eof()
+    return resp
 
 
 async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from typing import Any
 
 from gateway import config as config_mod
 
@@ -46,6 +48,64 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warm(args: argparse.Namespace) -> int:
+    """Ask a running node to warm s3://bucket/prefix, showing progress."""
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlencode
+
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    if not args.target.startswith("s3://"):
+        print("nearstore warm: the target is s3://bucket/prefix", file=sys.stderr)
+        return 2
+    bucket, _, prefix = args.target[5:].partition("/")
+    query = urlencode({"bucket": bucket, "prefix": prefix, "pin": "true" if args.pin else "false"})
+    url = f"{args.endpoint.rstrip('/')}/_nearstore/warm?{query}"
+    creds = Credentials(
+        os.environ.get("NEARSTORE_ACCESS_KEY", config_mod.DEV_ACCESS_KEY),
+        os.environ.get("NEARSTORE_SECRET_KEY", config_mod.DEV_SECRET_KEY),
+    )
+    req = AWSRequest(method="POST", url=url, data=b"", headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+    S3SigV4Auth(creds, "s3", "us-east-1").add_auth(req)
+    http_req = urllib.request.Request(url, data=b"", method="POST", headers=dict(req.headers.items()))
+    try:
+        resp = urllib.request.urlopen(http_req, timeout=3600)
+    except urllib.error.HTTPError as e:
+        print(f"nearstore warm: {e.code} {e.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"nearstore warm: cannot reach {args.endpoint}: {e}", file=sys.stderr)
+        return 1
+    bar = None
+    last: dict[str, Any] = {}
+    try:
+        from tqdm import tqdm
+    except ImportError:  # plain progress lines without tqdm
+        tqdm = None
+    for raw in resp:
+        last = json.loads(raw)
+        total, done = int(last.get("bytes_total", 0) or 0), int(last.get("bytes", 0) or 0)
+        if tqdm is not None:
+            if bar is None:
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"warming {args.target}")
+            bar.update(done - bar.n)
+        else:
+            print(f"{done / 2**20:,.0f} / {total / 2**20:,.0f} MiB", file=sys.stderr)
+    if bar is not None:
+        bar.close()
+    print(
+        f"warmed {last.get('objects')} objects, {int(last.get('bytes', 0) or 0) / 1e9:.2f} GB "
+        f"in {last.get('seconds', 0):.1f} s ({last.get('gbps')} GB/s), {last.get('errors')} errors"
+        + (f", pinned (chunks not pinned: {last.get('not_pinned_chunks')})" if args.pin else "")
+    )
+    return 0 if not last.get("errors") else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
@@ -67,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cache-size", help="chunk cache byte budget, e.g. 100GiB (default 10GiB)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
+    w = sub.add_parser("warm", help="load s3://bucket/prefix into a running node's cache")
+    w.add_argument("target", help="s3://bucket/prefix")
+    w.add_argument("--pin", action="store_true", help="protect the chunks from eviction")
+    w.add_argument("--endpoint", default=os.environ.get("NEARSTORE_ENDPOINT", "http://127.0.0.1:9000"))
+    w.set_defaults(func=_warm)
     sub.add_parser("bench", help="throughput benchmarks (nearstore bench --help)")
     args = parser.parse_args(argv)
     result: int = args.func(args)

@@ -180,3 +180,35 @@ async def test_concurrent_misses_share_one_fill(env: tuple[CachedBackend, LocalS
     results = await asyncio.gather(*[read(cb, "k") for _ in range(10)])
     assert all(r == data for r in results)
     assert cb.store.stats.fills == 1
+
+
+async def test_warm_fills_and_pins(env: tuple[CachedBackend, LocalStore, Path]) -> None:
+    from cache.warm import warm
+
+    cb, local, _ = env
+    objects = {f"w/{i}": os.urandom(2 * CS + i) for i in range(3)}
+    for k, v in objects.items():
+        await local.put_object("bkt", k, Body(v), ObjectMeta())
+
+    async def fill(key: str, index: int) -> int:
+        info = await cb.head_object("bkt", key)
+        chunk = await cb.chunk("bkt", info, index)
+        assert cb.store.pin(chunk.id)
+        return chunk.size
+
+    seen: list[int] = []
+    progress = await warm([(k, len(v)) for k, v in objects.items()], CS, fill,
+                          report=lambda p: seen.append(p.bytes), report_every=0)
+    assert progress.done and progress.errors == 0
+    assert progress.objects == 3 and progress.bytes == sum(map(len, objects.values()))
+    assert seen == sorted(seen) and seen[-1] == progress.bytes
+    fills = cb.store.stats.fills
+    # Pinned chunks survive a flood of other reads.
+    for i in range(20):
+        await local.put_object("bkt", f"flood{i}", Body(os.urandom(CS)), ObjectMeta())
+        await read(cb, f"flood{i}")
+    for k, v in objects.items():
+        assert await read(cb, k) == v
+    assert cb.store.stats.fills == fills + 20
+    # Pins never take the whole budget.
+    assert cb.store.pinned_bytes <= cb.store.capacity * cb.store.MAX_PINNED_SHARE
