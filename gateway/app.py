@@ -14,6 +14,7 @@ line) would be plain text; ``_xml_handle_error`` renders those as S3 XML too.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -56,8 +57,14 @@ PARSER_LIMITS = {"max_line_size": 64 * 1024, "max_field_size": 64 * 1024, "max_h
 _POST_OBJECT_HINT = "multipart/form-data"
 
 
+_ID_PREFIX = secrets.token_hex(4).upper()
+_ids = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return secrets.token_hex(8).upper()
+    # A per-process random prefix and a counter: unique, and no urandom
+    # syscall per request (that was 6% of a small GET's CPU).
+    return f"{_ID_PREFIX}{next(_ids) & 0xFFFFFFFF:08X}"
 
 
 def error_body(err: errors.S3Error, request_id: str, resource: str | None) -> bytes:
