@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.config import PRESETS, Plan, parse_size
-from bench.peers import PEERS
+from bench.peers import PEER_ALIASES, PEERS
 from bench.scenarios import SCENARIOS, select
 
 DEFAULT_PEERS = ["nginx", "seaweedfs", "moto", "nearstore"]
@@ -133,11 +133,13 @@ def main(argv: list[str]) -> int:
         for s in SCENARIOS.values():
             print(f"scenario {s.name:8s} {s.help}")
         for name, cls in PEERS.items():
-            print(f"peer     {name:10s} {cls.description}")
+            print(f"peer     {name:20s} {cls.description}")
         return 0
     plan = plan_from_args(args)
     scenarios = args.scenarios or list(SCENARIOS)
-    peers = args.peers or (SMOKE_PEERS if args.smoke else DEFAULT_PEERS)
+    peers = [PEER_ALIASES.get(p, p) for p in args.peers or ()] or (
+        SMOKE_PEERS if args.smoke else DEFAULT_PEERS
+    )
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         print(f"unknown peer(s) {unknown}; known: {sorted(PEERS)}", file=sys.stderr)
@@ -160,7 +162,7 @@ def main(argv: list[str]) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     runner = Runner(plan, cases, peers, workdir, subject=args.subject, keep=args.keep,
                     bin_dir=bin_dir)  # fmt: skip
-    say, tick, close = _progress(not args.no_progress, runner.steps_per_peer() * len(peers))
+    say, tick, close = _progress(not args.no_progress, runner.total_steps())
     command = "nearstore bench " + " ".join(argv)
     try:
         results = runner.run(command, say, tick)

@@ -442,3 +442,104 @@ class NearstorePeer(S3Peer):
             return f"nearstore {version('nearstore')}"
         except Exception:
             return ""
+
+
+# ------------------------------------------------- nearstore fronting a store
+
+
+PROXY_CONFIG = """\
+# nearstore fronting the {backing} peer: every bucket there, same names.
+[[buckets]]
+name = "*"
+endpoint = "{endpoint}"
+region = "us-east-1"
+addressing = "path"
+access_key = "{access_key}"
+secret_key = "{secret_key}"
+
+# The pass-through is measured, not a node-local cache (where the gateway
+# has one): every GET goes to the backing store.
+[cache]
+enabled = false
+"""
+
+
+class ProxyPeer(NearstorePeer):
+    """nearstore serving the buckets of a backing S3 peer ('*' mapping).
+
+    The backing peer runs beside the gateway for the whole of this peer's
+    turn; the objects are written once, to the backing peer, and the runner
+    measures every case on both legs, alternating run by run: ``direct``
+    (the backing peer's own endpoint) and ``through`` (nearstore's).
+    `target()` is the through leg; `direct_target()` the direct one.
+    """
+
+    backing_cls: ClassVar[type[S3Peer]]
+    legs: ClassVar[int] = 2
+
+    def __init__(self, ctx: PeerContext) -> None:
+        super().__init__(ctx)
+        self.backing = self.backing_cls(
+            PeerContext(ctx.workdir / "backing", ctx.data_dir, ctx.bucket, ctx.bin_dir)
+        )
+
+    def unavailable(self) -> str | None:
+        why = self.backing.unavailable()
+        if why:
+            return f"backing store {self.backing.name}: {why}"
+        return super().unavailable()
+
+    def start(self) -> None:
+        self.backing.start()
+        try:
+            conf = self.ctx.workdir / "nearstore.toml"
+            conf.parent.mkdir(parents=True, exist_ok=True)
+            conf.write_text(
+                PROXY_CONFIG.format(
+                    backing=self.backing.name,
+                    endpoint=self.backing.endpoint(),
+                    access_key=self.backing.access_key,
+                    secret_key=self.backing.secret_key,
+                )
+            )
+            super().start()
+        except BaseException:
+            self.backing.stop()
+            raise
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--config", str(self.ctx.workdir / "nearstore.toml")]
+
+    def load(self, objects: list[ObjectSpec], files: dict[str, Path]) -> None:
+        # Written once, to the backing store; nearstore only reads them.
+        self.backing.load(objects, files)
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            self.backing.stop()
+
+    def direct_target(self) -> Target:
+        return self.backing.target()
+
+    def version(self) -> str:
+        return f"{super().version()} -> {self.backing.version()}"
+
+
+@peer
+class ProxySeaweedPeer(ProxyPeer):
+    name = "nearstore+seaweedfs"
+    description = "nearstore fronting the buckets of a SeaweedFS (weed mini) beside it"
+    backing_cls = SeaweedPeer
+
+
+@peer
+class ProxyMotoPeer(ProxyPeer):
+    name = "nearstore+moto"
+    description = "nearstore fronting the buckets of a moto server beside it"
+    backing_cls = MotoPeer
+
+
+# "->" reads well but is a redirection in a shell: accepted, never required.
+PEER_ALIASES = {"nearstore->seaweedfs": "nearstore+seaweedfs", "nearstore->moto": "nearstore+moto"}

@@ -135,6 +135,60 @@ def cpu_table(results: Results) -> str:
     )
 
 
+def overhead_table(results: Results) -> str:
+    """Gateway peers: each figure direct from the backing store and through
+    nearstore, through/direct, the goal and whether it is met, and the CPU of
+    both legs (client / gateway / backing store / whole machine)."""
+    if not results.overhead:
+        return ""
+    peers = {p.name: p for p in results.peers}
+    out: list[str] = []
+    for name in dict.fromkeys(r.peer for r in results.overhead):
+        pr = peers[name]
+        lines = [
+            f"Through nearstore vs direct ({name}: nearstore fronting {pr.backing}, "
+            "both legs alternating in the same run):",
+            "",
+            "| case | figure | direct | through | through/direct | through-direct | target "
+            "| met | CPU direct c/b/m | CPU through c/g/b/m |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        last = ""
+        for r in (r for r in results.overhead if r.peer == name):
+            first = r.case != last
+            last = r.case
+            cpu_d = cpu_t = ""
+            if first:
+                d, t = pr.direct.get(r.case), pr.cases.get(r.case)
+                cpu_d = _cores(d, ("client_cpu", "backing_cpu", "machine_cpu"))
+                cpu_t = _cores(t, ("client_cpu", "gateway_cpu", "backing_cpu", "machine_cpu"))
+            delta = "-" if r.delta is None else _fmt(r.metric, r.delta)
+            met = "" if r.met is None else ("met" if r.met else "**not met**")
+            lines.append(
+                f"| {r.case if first else ''} | {METRIC_UNITS.get(r.metric, r.metric)} | "
+                f"{fmt_stat(r.metric, r.direct)} | {fmt_stat(r.metric, r.through)} | "
+                f"{fmt_ratio(r.ratio)} | {delta} | {r.goal} | {met} | {cpu_d} | {cpu_t} |"
+            )
+        goals = [r for r in results.overhead if r.peer == name and r.met is not None]
+        if goals:
+            n_met = sum(1 for r in goals if r.met)
+            lines += ["", f"Targets met: {n_met} of {len(goals)}."]
+        lines += [
+            "",
+            "CPU in cores (median): c client (load generator), g nearstore, b backing store, "
+            f"m whole machine (of {results.machine.get('cores', '?')}).",
+        ]
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def _cores(cr: CaseResult | None, metrics: tuple[str, ...]) -> str:
+    if cr is None:
+        return "-"
+    vals = [cr.summary.get(m) for m in metrics]
+    return "/".join("?" if s is None else f"{s.median:.2f}" for s in vals)
+
+
 def generator_table(results: Results) -> str:
     if not results.generator:
         return "generator calibration: not run (needs the nginx peer; --no-calibrate skips it)"
@@ -192,7 +246,11 @@ def render(results: Results) -> str:
     lines = [head, "", table(results)]
     notes = {cr.id: cr.note for p in results.peers for cr in p.cases.values() if cr.note}
     lines += [f"- {cid}: {note}" for cid, note in notes.items()]
-    lines += ["", cpu_table(results), "", generator_table(results)]
+    lines += ["", cpu_table(results)]
+    overhead = overhead_table(results)
+    if overhead:
+        lines += ["", overhead]
+    lines += ["", generator_table(results)]
     lines += ["", "Headline ratios:"]
     lines += [f"- {h}" for h in headline(results)]
     return "\n".join(lines)

@@ -11,6 +11,10 @@ Order and invariants:
   start, load, or dies mid-run is *failed* (with the log's tail). Neither
   stops the run.
 - Ratios are subject / peer on each case's figures (subject: nearstore).
+- A peer that is a gateway in front of a backing store (`ProxyPeer`) is
+  measured on two legs, direct (the backing store) and through (the
+  gateway), alternating run by run in one process of each: the report's
+  overhead table is through / direct, against the case's goals.
 - The generator is calibrated against nginx (the fastest peer): the Python
   generator's raw and aiohttp clients and wrk on the same load, so the output
   says how close the generator gets to what the machine serves.
@@ -32,11 +36,20 @@ from bench import dataset
 from bench.config import Plan, fmt_size
 from bench.generators import PythonGenerator, run_wrk
 from bench.loadgen import ClientKind, RunResult
-from bench.peers import PEERS, Peer, PeerContext, PeerFailed, ProcessPeer, find_tool
-from bench.procs import tail, timed
+from bench.peers import (
+    PEERS,
+    Peer,
+    PeerContext,
+    PeerFailed,
+    ProcessPeer,
+    ProxyPeer,
+    find_tool,
+)
+from bench.procs import TreeMonitor, tail, timed
 from bench.scenarios import (
     LOWER_IS_BETTER,
     Case,
+    Goal,
     JobSpec,
     ObjectSpec,
     large_key,
@@ -80,6 +93,25 @@ class PeerResult:
     peak_rss_bytes: int = 0
     processes: int = 0
     cases: dict[str, CaseResult] = field(default_factory=dict)
+    # Gateway peers only: the backing store's name, and every case measured
+    # on it directly (`cases` then holds the figures through the gateway).
+    backing: str = ""
+    direct: dict[str, CaseResult] = field(default_factory=dict)
+
+
+@dataclass
+class OverheadRow:
+    """One figure of a gateway peer: direct vs through, and its goal."""
+
+    peer: str
+    case: str
+    metric: str
+    direct: Stat | None
+    through: Stat | None
+    ratio: float | None  # through / direct of the medians
+    delta: float | None  # through - direct of the medians
+    goal: str = ""
+    met: bool | None = None
 
 
 @dataclass
@@ -106,6 +138,7 @@ class Results:
     generator: list[GeneratorCase] = field(default_factory=list)
     generator_note: str = ""
     case_order: list[str] = field(default_factory=list)
+    overhead: list[OverheadRow] = field(default_factory=list)
 
 
 def machine_info() -> dict[str, str]:
@@ -215,8 +248,12 @@ class Runner:
         self.calibration: list[GeneratorCase] = []
         self.calibration_note = ""
 
-    def steps_per_peer(self) -> int:
-        return len(self.cases) * (self.plan.runs + (1 if self.plan.warmup else 0))
+    def steps_per_peer(self, name: str = "") -> int:
+        legs = getattr(PEERS.get(name), "legs", 1)
+        return legs * len(self.cases) * (self.plan.runs + (1 if self.plan.warmup else 0))
+
+    def total_steps(self) -> int:
+        return sum(self.steps_per_peer(n) for n in self.peer_names)
 
     def run(self, command: str, progress: ProgressFn, tick: Callable[[int], None]) -> Results:
         t0 = time.monotonic()
@@ -244,6 +281,7 @@ class Runner:
         results.generator = self.calibration
         results.generator_note = self.calibration_note
         results.ratios = compute_ratios(results, self.subject)
+        results.overhead = compute_overhead(results, self.cases)
         results.elapsed_s = time.monotonic() - t0
         return results
 
@@ -256,10 +294,13 @@ class Runner:
         tick: Callable[[int], None],
     ) -> PeerResult:
         pr = PeerResult(peer.name, peer.description, "ok")
+        steps = self.steps_per_peer(peer.name)
+        if isinstance(peer, ProxyPeer):
+            pr.backing = peer.backing.name
         reason = peer.unavailable()
         if reason:
             pr.status, pr.reason = "skipped", reason
-            tick(self.steps_per_peer())
+            tick(steps)
             return pr
         pr.version = peer.version()
         try:
@@ -275,23 +316,28 @@ class Runner:
             pr.status, pr.reason = "failed", str(exc)
             peer.stop()
             self._cleanup(peer)
-            tick(self.steps_per_peer())
+            tick(steps)
             return pr
         except BaseException:
             peer.stop()
             raise
         try:
-            target = peer.target()
+            legs = [Leg("", peer.target())]
+            if isinstance(peer, ProxyPeer):
+                legs = [Leg("direct", peer.direct_target()), Leg("through", peer.target())]
             for case in self.cases:
                 dead = _dead(peer)
                 if dead:
                     pr.status, pr.reason = "failed", dead
                     break
                 progress(f"{peer.name}: {case.id}")
-                pr.cases[case.id] = self._run_case(peer, target, case, tick)
+                got = self._run_case(peer, legs, case, tick)
+                pr.cases[case.id] = got[-1]
+                if len(got) == 2:
+                    pr.direct[case.id] = got[0]
             if peer.name == "nginx" and self.plan.calibrate and pr.status == "ok":
                 progress("nginx: calibrating the load generator")
-                self.calibration, self.calibration_note = self._calibrate(target)
+                self.calibration, self.calibration_note = self._calibrate(legs[-1].target)
         finally:
             if peer.monitor is not None:
                 pr.peak_rss_bytes = peer.monitor.peak_rss_bytes()
@@ -299,7 +345,7 @@ class Runner:
             peer.stop()
             self._cleanup(peer)
         done = sum(1 for _ in pr.cases) * (self.plan.runs + (1 if self.plan.warmup else 0))
-        tick(self.steps_per_peer() - done)
+        tick(steps - done * (2 if pr.direct else 1))
         return pr
 
     def _cleanup(self, peer: Peer) -> None:
@@ -310,40 +356,63 @@ class Runner:
                     shutil.rmtree(child, ignore_errors=True)
 
     def _run_case(
-        self, peer: Peer, target: Target, case: Case, tick: Callable[[int], None]
-    ) -> CaseResult:
-        cr = CaseResult(
-            case.id, case.scenario, case.label, case.headline, list(case.shown), case.note
-        )
+        self, peer: Peer, legs: list[Leg], case: Case, tick: Callable[[int], None]
+    ) -> list[CaseResult]:
+        """One CaseResult per leg. With two legs the runs alternate (direct,
+        through; then through, direct; ...) so drift on the machine lands on
+        both alike."""
+        crs = [
+            CaseResult(
+                case.id, case.scenario, case.label, case.headline, list(case.shown), case.note
+            )
+            for _ in legs
+        ]
         max_req = min(self.plan.max_requests, case.max_requests or self.plan.max_requests)
         runs = ([True] if self.plan.warmup else []) + [False] * self.plan.runs
+        all_monitors = _monitors(peer)
+        stopped = False
         for i, warm in enumerate(runs):
-            duration = self.plan.warmup_s if warm else self.plan.duration_s
-            job = case.spec.job(target, duration, max_req, seed=1000 + i)
-            cpu0 = peer.monitor.cpu_seconds() if peer.monitor else 0.0
-            busy0 = machine_busy_s()
-            t0 = time.perf_counter()
-            r = self.gen.run(job)
-            span = time.perf_counter() - t0
-            busy = machine_busy_s() - busy0
-            cpu = (peer.monitor.cpu_seconds() if peer.monitor else 0.0) - cpu0
-            tick(1)
-            if warm:
-                continue
-            cr.errors += r["errors"]
-            if r["first_error"] and not cr.first_error:
-                cr.first_error = r["first_error"]
-            cr.runs.append(run_metrics(r, cpu, busy, span))
-            dead = _dead(peer)
-            if dead:
-                cr.first_error = cr.first_error or dead
+            order = list(range(len(legs)))
+            if i % 2:
+                order.reverse()
+            for li in order:
+                leg, cr = legs[li], crs[li]
+                duration = self.plan.warmup_s if warm else self.plan.duration_s
+                job = case.spec.job(leg.target, duration, max_req, seed=1000 + i)
+                cpu0 = [_cpu(m) for m in all_monitors]
+                busy0 = machine_busy_s()
+                t0 = time.perf_counter()
+                r = self.gen.run(job)
+                span = time.perf_counter() - t0
+                busy = machine_busy_s() - busy0
+                cpu = [_cpu(m) - c0 for m, c0 in zip(all_monitors, cpu0, strict=True)]
+                tick(1)
+                if warm:
+                    continue
+                cr.errors += r["errors"]
+                if r["first_error"] and not cr.first_error:
+                    cr.first_error = r["first_error"]
+                # Server CPU: every server process of the peer (the gateway
+                # and its backing store, on either leg: both are the server).
+                m = run_metrics(r, sum(cpu), busy, span)
+                if len(legs) > 1 and span > 0:
+                    m["gateway_cpu"] = cpu[0] / span
+                    m["backing_cpu"] = sum(cpu[1:]) / span
+                cr.runs.append(m)
+                dead = _dead(peer)
+                if dead:
+                    cr.first_error = cr.first_error or dead
+                    stopped = True
+                    break
+            if stopped:
                 break
-        for metric in cr.runs[0] if cr.runs else []:
-            s = summarize([run[metric] for run in cr.runs])
-            if s is not None:
-                cr.summary[metric] = s
-        cr.bound = guess_bound(cr.summary, self.cores) if cr.ok else ""
-        return cr
+        for cr in crs:
+            for metric in cr.runs[0] if cr.runs else []:
+                s = summarize([run[metric] for run in cr.runs])
+                if s is not None:
+                    cr.summary[metric] = s
+            cr.bound = guess_bound(cr.summary, self.cores) if cr.ok else ""
+        return crs
 
     def _calibrate(self, target: Target) -> tuple[list[GeneratorCase], str]:
         """Python raw vs aiohttp vs wrk, same loads, against nginx."""
@@ -430,15 +499,64 @@ def compute_ratios(results: Results, subject: str) -> dict[str, dict[str, dict[s
     return out
 
 
+def compute_overhead(results: Results, cases: list[Case]) -> list[OverheadRow]:
+    """through / direct for every figure of every gateway peer, with goals."""
+    goals: dict[tuple[str, str], Goal] = {(c.id, g.metric): g for c in cases for g in c.goals}
+    rows: list[OverheadRow] = []
+    for pr in results.peers:
+        if pr.status != "ok" or not pr.direct:
+            continue
+        for cid in results.case_order:
+            through, direct = pr.cases.get(cid), pr.direct.get(cid)
+            if through is None or direct is None:
+                continue
+            for metric in through.shown:
+                t, d = through.summary.get(metric), direct.summary.get(metric)
+                ratio = t.median / d.median if t and d and d.median > 0 else None
+                delta = t.median - d.median if t and d else None
+                row = OverheadRow(pr.name, cid, metric, d, t, ratio, delta)
+                goal = goals.get((cid, metric))
+                if goal is not None:
+                    row.goal = goal.describe()
+                    row.met = goal.met(d.median, t.median) if t and d else False
+                rows.append(row)
+    return rows
+
+
 def ratio_direction(metric: str) -> str:
     return "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
 
 
+@dataclass(frozen=True)
+class Leg:
+    """Where one leg of a case sends its load ("" for ordinary peers)."""
+
+    name: str
+    target: Target
+
+
+def _monitors(peer: Peer) -> list[TreeMonitor | None]:
+    """The peer's process trees: its own first, then its backing store's."""
+    if isinstance(peer, ProxyPeer):
+        return [peer.monitor, peer.backing.monitor]
+    return [peer.monitor]
+
+
+def _cpu(m: TreeMonitor | None) -> float:
+    return m.cpu_seconds() if m is not None else 0.0
+
+
 def _dead(peer: Peer) -> str:
-    if isinstance(peer, ProcessPeer) and peer.proc is not None:
-        rc = peer.proc.poll()
-        if rc is not None:
-            return f"server exited with {rc}: {tail(peer.log)}"
+    procs: list[ProcessPeer] = []
+    if isinstance(peer, ProcessPeer):
+        procs.append(peer)
+    if isinstance(peer, ProxyPeer):
+        procs.append(peer.backing)
+    for p in procs:
+        if p.proc is not None:
+            rc = p.proc.poll()
+            if rc is not None:
+                return f"{p.name} exited with {rc}: {tail(p.log)}"
     return ""
 
 

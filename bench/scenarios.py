@@ -85,6 +85,23 @@ class JobSpec:
 
 
 @dataclass(frozen=True)
+class Goal:
+    metric: Metric
+    ratio_min: float | None = None
+    delta_max: float | None = None
+
+    def describe(self) -> str:
+        if self.ratio_min is not None:
+            return f"through/direct >= {self.ratio_min:g}"
+        return f"through - direct <= {self.delta_max:g} {METRIC_UNITS[self.metric].split()[0]}"
+
+    def met(self, direct: float, through: float) -> bool:
+        if self.ratio_min is not None and not (direct > 0 and through / direct >= self.ratio_min):
+            return False
+        return not (self.delta_max is not None and through - direct > self.delta_max)
+
+
+@dataclass(frozen=True)
 class Case:
     scenario: str
     label: str
@@ -94,6 +111,10 @@ class Case:
     objects: tuple[ObjectSpec, ...] = ()
     note: str = ""
     max_requests: int | None = None  # tighter than the plan's, if set
+    # Targets for peers measured on two legs (a gateway in front of a store):
+    # through / direct of the figure at least `ratio_min`, or through - direct
+    # at most `delta_max` (in the figure's unit).
+    goals: tuple[Goal, ...] = ()
 
     @property
     def id(self) -> str:
@@ -226,6 +247,48 @@ def ttfb(plan: Plan) -> list[Case]:
             max_requests=500,
         )
     ]
+
+
+# The issue "Front a backing bucket": nearstore in front of a store costs at
+# most 10% of large-object throughput and at most 1 ms of p50 latency on 4 KiB.
+PROXY_GBPS_RATIO_MIN = 0.9
+PROXY_P50_DELTA_MAX_MS = 1.0
+PROXY_SMALL_SIZE = 4 * 1024
+
+
+@scenario(
+    "proxy",
+    "overhead of a gateway in front of a store: large GB/s and 4 KiB x1 p50/p99, "
+    "through/direct (on nearstore+<store> peers)",
+)
+def proxy(plan: Plan) -> list[Case]:
+    """The large and small-GET loads the issue's targets are stated for.
+
+    Same keys as `large` and `small`, so the objects are shared. On a plain
+    peer these are ordinary cases; on a peer with two legs the runner measures
+    each on both, and the report prints through/direct against the goals.
+    """
+    gbps = Goal("gbps", ratio_min=PROXY_GBPS_RATIO_MIN)
+    cases = [
+        Case(c.scenario.replace("large", "proxy"), c.label, c.spec, c.headline, c.shown,
+             c.objects, goals=(gbps,))
+        for c in large_get(plan)
+    ]  # fmt: skip
+    size = PROXY_SMALL_SIZE if PROXY_SMALL_SIZE in plan.small_sizes else min(plan.small_sizes)
+    keys = small_keys(size, plan.small_objects)
+    spec = JobSpec("get", 1, keys=keys, object_size=size)
+    cases.append(
+        Case(
+            "proxy",
+            f"{fmt_size(size)} x1",
+            spec,
+            "p50_ms",
+            ("p50_ms", "p99_ms", "rps"),
+            tuple(ObjectSpec(k, size) for k in keys),
+            goals=(Goal("p50_ms", delta_max=PROXY_P50_DELTA_MAX_MS),),
+        )
+    )
+    return cases
 
 
 def select(names: list[str], plan: Plan) -> list[Case]:

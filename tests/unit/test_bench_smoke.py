@@ -100,3 +100,31 @@ def test_missing_nginx_is_skipped_with_reason(
     assert nginx.status == "skipped"
     assert "--setup" in nginx.reason
     assert results.ratios == {}
+
+
+def test_smoke_proxy_through_moto(tmp_path: Path) -> None:
+    """nearstore fronting moto: both legs measured, through/direct with goals."""
+    out = tmp_path / "proxy.json"
+    argv = ["--smoke", "--no-progress", "--no-setup", "--workdir", str(tmp_path / "work")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *argv, "--scenarios", "proxy", "--peers",
+         "nearstore->moto", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Through nearstore vs direct (nearstore+moto" in proc.stdout
+    data = json.loads(out.read_text())
+    (peer,) = data["peers"]
+    assert peer["status"] == "ok", peer["reason"]
+    assert peer["backing"] == "moto"
+    assert set(peer["cases"]) == set(peer["direct"]) == set(data["case_order"])
+    for legs in (peer["cases"], peer["direct"]):
+        for case in legs.values():
+            assert case["summary"][case["headline"]]["median"] > 0, case
+    goals = [r for r in data["overhead"] if r["goal"]]
+    assert {r["metric"] for r in goals} == {"gbps", "p50_ms"}
+    assert all(r["ratio"] > 0 and r["met"] in (True, False) for r in goals)
