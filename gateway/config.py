@@ -69,7 +69,12 @@ class CacheConfig:
     enabled: bool = True
     dir: str = ""  # default: <data_dir>/cache
     size: int = 10 << 30
-    chunk_size: int = 8 << 20
+    # 16 MiB by measurement (512 MiB object, nearstore as the backing store,
+    # curl, this 2-core machine; cold / warm GB/s): 1 MiB 0.34 / 1.65,
+    # 4 MiB 0.31 / 2.15, 8 MiB 0.49 / 1.85, 16 MiB 0.78 / 2.77,
+    # 32 MiB 0.76 / 2.58. Larger chunks mean fewer fills and sends per byte;
+    # beyond 16 MiB nothing improves and random small ranges read more.
+    chunk_size: int = 16 << 20
     policy: str = "sieve"  # by hit ratio on training-like traces: bench/eviction.py
     meta_ttl: float = 5.0
     prefetch: int = 4
