@@ -1,5 +1,10 @@
 """Prometheus metrics of the chunk cache and the backing store (served at
-``/_nearstore/metrics``). One registry per process."""
+``/_nearstore/metrics``).
+
+A node with several worker processes runs prometheus_client's multiprocess
+mode (``PROMETHEUS_MULTIPROC_DIR``, set by ``nearstore serve`` before this
+module is imported): every process writes its values to files there and
+``exposition()`` sums them, so any process answers for the whole node."""
 
 from __future__ import annotations
 
@@ -11,15 +16,33 @@ HITS = Counter("nearstore_cache_hits", "Chunk reads served from the cache", regi
 MISSES = Counter("nearstore_cache_misses", "Chunk reads that needed a fill", registry=REGISTRY)
 BYTES_FROM_CACHE = Counter("nearstore_bytes_from_cache", "Bytes sent to clients from cached chunks", registry=REGISTRY)
 BYTES_FROM_BACKING = Counter("nearstore_bytes_from_backing", "Bytes read from the backing store", registry=REGISTRY)
-FILLS_IN_FLIGHT = Gauge("nearstore_fills_in_flight", "Chunk fills in progress", registry=REGISTRY)
+FILLS_IN_FLIGHT = Gauge("nearstore_fills_in_flight", "Chunk fills in progress", registry=REGISTRY,
+                        multiprocess_mode="livesum")
 EVICTIONS = Counter("nearstore_cache_evictions", "Chunks evicted", registry=REGISTRY)
 CHECKSUM_FAILURES = Counter("nearstore_cache_checksum_failures", "Chunks that failed verification", registry=REGISTRY)
 FILL_ERRORS = Counter("nearstore_cache_fill_errors", "Fills that failed (served from backing instead)", registry=REGISTRY)
-CACHE_BYTES = Gauge("nearstore_cache_bytes", "Bytes of chunks on disk", registry=REGISTRY)
-CACHE_CAPACITY = Gauge("nearstore_cache_capacity_bytes", "The cache's byte budget", registry=REGISTRY)
+# Only the owner process fills and evicts: its value is the node's.
+CACHE_BYTES = Gauge("nearstore_cache_bytes", "Bytes of chunks on disk", registry=REGISTRY, multiprocess_mode="max")
+CACHE_CAPACITY = Gauge("nearstore_cache_capacity_bytes", "The cache's byte budget", registry=REGISTRY,
+                       multiprocess_mode="max")
 BACKING_LATENCY = Histogram(
     "nearstore_backing_fill_seconds",
     "Time to fill one chunk from the backing store",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
+
+
+def exposition() -> tuple[bytes, str]:
+    """The node's metrics in the Prometheus text format, and its type."""
+    import os
+
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -164,6 +164,26 @@ class ChunkStore:
     def path(self, c: Chunk) -> Path:
         return self.root / c.rel()
 
+    def find(self, cid: str) -> Chunk | None:
+        """Look a chunk up on disk rather than in the index (blocking, one
+        small directory listing): how worker processes, which hold no index,
+        find the chunks the owner filled."""
+        d = self.root / "chunks" / cid[:2] / cid[2:4]
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return None
+        prefix = cid + "."
+        for name in names:
+            if name.startswith(prefix):
+                checksum = name[len(prefix):]
+                try:
+                    size = os.stat(d / name).st_size
+                except FileNotFoundError:
+                    return None
+                return Chunk(cid, size, checksum)
+        return None
+
     def drop(self, cid: str) -> None:
         """Forget a chunk and remove its file (corrupt, or evicted)."""
         c = self.index.pop(cid, None)
@@ -180,6 +200,15 @@ class ChunkStore:
     # Pins may take at most this share of the budget, so that eviction can
     # always make room and the budget holds.
     MAX_PINNED_SHARE = 0.8
+
+    def discard(self, c: Chunk) -> None:
+        """Remove a chunk known to be bad, indexed here or not (a worker
+        process holds no index but must not leave a corrupt file behind)."""
+        if c.id in self.index:
+            self.drop(c.id)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path(c))
 
     def pin(self, cid: str) -> bool:
         """Protect a chunk from eviction. False when it is not cached or

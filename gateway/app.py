@@ -21,12 +21,14 @@ import os
 import secrets
 import signal
 import ssl
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import HttpVersion11, http_exceptions, web, web_protocol
 
+from cache.metrics import exposition as metrics_exposition
 from cache.store import ChunkStore
 from cache.warm import WarmProgress, warm
 from gateway import errors
@@ -37,6 +39,7 @@ from gateway.backends.local import LocalStore
 from gateway.backends.router import Router
 from gateway.backends.s3 import S3Upstream
 from gateway.config import Config
+from gateway.control import Control
 from gateway.handlers.common import Ctx
 from gateway.request import S3Request, parse_query, split_target
 from gateway.routes import Handler, resolve
@@ -240,12 +243,9 @@ async def admin(request: web.Request, path: str) -> web.StreamResponse:
     if path == "/_nearstore/health" and request.method in ("GET", "HEAD"):
         return web.json_response({"status": "ok", "pid": os.getpid()})
     if path == "/_nearstore/metrics" and request.method in ("GET", "HEAD"):
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        from cache.metrics import REGISTRY
-
-        resp = web.Response(body=generate_latest(REGISTRY))
-        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        body, content_type = metrics_exposition()
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
         return resp
     if path == "/_nearstore/warm" and request.method == "POST":
         return await warm_route(request)
@@ -307,6 +307,23 @@ async def warm_route(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _control_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Multi-process nodes: the control plane (gateway.control)."""
+    cfg = app[CONFIG_KEY]
+    if cfg.workers <= 1:
+        yield
+        return
+    control = Control(cfg.data_dir, owner=not cfg.worker)
+    backend = app[BACKEND_KEY]
+    cached = [b for b in ([*backend.mapped.values(), backend.wildcard] if isinstance(backend, Router) else [backend])
+              if isinstance(b, CachedBackend)]
+    for b in cached:
+        b.attach(control)
+    await control.start()
+    yield
+    await control.close()
+
+
 async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
     backend = app[BACKEND_KEY]
     await backend.start()
@@ -315,7 +332,7 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_backend(cfg: Config) -> Backend:
-    local = LocalStore(cfg.data_dir, fsync=cfg.fsync)
+    local = LocalStore(cfg.data_dir, fsync=cfg.fsync, sweep=not cfg.worker)
     if not cfg.upstreams:
         return local
     store = ChunkStore(cfg.cache.dir, cfg.cache.size, cfg.cache.policy) if cfg.cache.enabled else None
@@ -333,7 +350,8 @@ def make_backend(cfg: Config) -> Backend:
             wildcard = wrap(S3Upstream(up))
         else:
             mapped[up.name] = wrap(S3Upstream(up))
-    return Router(local, mapped, wildcard, store)
+    # Workers hold no chunk index: the owner loads it.
+    return Router(local, mapped, wildcard, None if cfg.worker else store)
 
 
 def build_app(cfg: Config, backend: Backend | None = None) -> web.Application:
@@ -342,6 +360,7 @@ def build_app(cfg: Config, backend: Backend | None = None) -> web.Application:
     app[INFLIGHT_KEY] = InFlight()
     app[BACKEND_KEY] = backend or make_backend(cfg)
     app.cleanup_ctx.append(_backend_ctx)
+    app.cleanup_ctx.append(_control_ctx)
     # [\s\S]: keys may contain newlines, which '.' would not match.
     app.router.add_route("*", r"/{tail:[\s\S]*}", front, expect_handler=expect_continue)
     return app
@@ -409,19 +428,27 @@ async def _run(cfg: Config) -> None:
     # task cuts aiohttp's graceful wait for in-flight handlers short (an
     # upload in progress at SIGTERM would be dropped). Here the stop is an
     # event, and cleanup runs uncancelled.
+    if cfg.worker:
+        _die_with_parent()
     app = build_app(cfg)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.shutdown_timeout)
+    workers: list[subprocess.Popen[bytes]] = []
     await runner.setup()
     try:
-        site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_context(cfg))
+        site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_context(cfg),
+                           reuse_port=True if cfg.workers > 1 else None)
         await site.start()
-        _announce(cfg)
+        if not cfg.worker:
+            _announce(cfg)
+            workers = _start_workers(cfg)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        print("nearstore: shutting down; finishing in-flight requests", file=sys.stderr, flush=True)
+        if not cfg.worker:
+            print("nearstore: shutting down; finishing in-flight requests", file=sys.stderr, flush=True)
+            await _stop_workers(workers, cfg.shutdown_timeout)
         # Stop accepting, then let in-flight requests finish *before*
         # aiohttp's cleanup: its shutdown marks every connection closing and
         # from then on drops incoming bytes, which would starve an upload
@@ -434,6 +461,43 @@ async def _run(cfg: Config) -> None:
                         app[INFLIGHT_KEY].count, cfg.shutdown_timeout)
     finally:
         await runner.cleanup()
+
+
+def _start_workers(cfg: Config) -> list[subprocess.Popen[bytes]]:
+    """The owner starts workers-1 more processes serving the same port."""
+    if cfg.workers <= 1:
+        return []
+    argv = [sys.executable, "-m", "gateway.cli", *sys.argv[1:], "--worker"]
+    if "--workers" not in sys.argv:
+        argv += ["--workers", str(cfg.workers)]
+    procs = [subprocess.Popen(argv) for _ in range(cfg.workers - 1)]
+    print(f"nearstore: {cfg.workers} processes serve the port (pids {os.getpid()} owner, "
+          f"{', '.join(str(p.pid) for p in procs)})", file=sys.stderr, flush=True)
+    return procs
+
+
+async def _stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for p in procs:
+        while p.poll() is None and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if p.poll() is None:
+            p.kill()
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive its owner (Linux: PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _announce(cfg: Config) -> None:

@@ -29,6 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
                 "domain": args.domain,
                 "cache_dir": args.cache_dir,
                 "cache_size": args.cache_size,
+                "workers": args.workers,
+                "worker": True if args.worker else None,
             },
         )
     except (config_mod.ConfigError, ValueError) as e:
@@ -38,6 +40,17 @@ def _serve(args: argparse.Namespace) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if cfg.workers > 1:
+        # Before prometheus_client is first imported (cache.metrics).
+        from gateway.control import run_dir
+
+        mdir = run_dir(cfg.data_dir) / "metrics"
+        if not cfg.worker:
+            import shutil
+
+            shutil.rmtree(mdir, ignore_errors=True)
+            mdir.mkdir(parents=True, mode=0o700)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mdir)
     from gateway.app import serve
 
     try:
@@ -125,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tls-key", help="PEM private key for --tls-cert")
     s.add_argument("--cache-dir", help="chunk cache directory (default DATA_DIR/cache)")
     s.add_argument("--cache-size", help="chunk cache byte budget, e.g. 100GiB (default 10GiB)")
+    s.add_argument("--workers", type=int, help="processes serving the port (default 1)")
+    s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
     w = sub.add_parser("warm", help="load s3://bucket/prefix into a running node's cache")

@@ -141,6 +141,10 @@ class Config:
     using_dev_keys: bool = False
     upstreams: list[UpstreamConfig] = field(default_factory=list)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    # Processes serving the port (SO_REUSEPORT); the first owns fills and
+    # eviction. ``worker`` is set in the processes the owner starts.
+    workers: int = 1
+    worker: bool = False
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -173,6 +177,8 @@ def load(
                 setattr(cfg, name, str(server[name]))
         if "port" in server:
             cfg.port = int(server["port"])
+        if "workers" in server:
+            cfg.workers = int(server["workers"])
         if "fsync" in server:
             cfg.fsync = bool(server["fsync"])
         tls = _section(doc, "tls")
@@ -225,6 +231,8 @@ def load(
         cfg.cache.dir = env["NEARSTORE_CACHE_DIR"]
     if env.get("NEARSTORE_CACHE_SIZE"):
         cfg.cache.size = parse_size(env["NEARSTORE_CACHE_SIZE"])
+    if env.get("NEARSTORE_WORKERS"):
+        cfg.workers = int(env["NEARSTORE_WORKERS"])
     if env.get("NEARSTORE_PORT"):
         cfg.port = int(env["NEARSTORE_PORT"])
     ak, sk = env.get("NEARSTORE_ACCESS_KEY"), env.get("NEARSTORE_SECRET_KEY")
@@ -251,6 +259,8 @@ def load(
         cfg.using_dev_keys = True
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("TLS needs both a certificate and a key")
+    if not 1 <= cfg.workers <= 256:
+        raise ConfigError(f"workers must be between 1 and 256, not {cfg.workers}")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"invalid port {cfg.port}")
     return cfg

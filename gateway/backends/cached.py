@@ -55,6 +55,7 @@ from gateway.backends.base import (
     WriteConditions,
 )
 from gateway.conditions import parse_range
+from gateway.control import Control
 from metadata.objects import MetaCache
 
 log = logging.getLogger(__name__)
@@ -84,14 +85,54 @@ class CachedBackend:
         self.meta: MetaCache[ObjectInfo] = MetaCache(meta_ttl)
         self._fills: dict[str, asyncio.Future[Chunk]] = {}
         self._fill_tasks: set[asyncio.Task[Chunk]] = set()
+        # Multi-process node (see gateway.control): None when alone.
+        self.control: Control | None = None
+        self.follower = False
+        self._touched: set[str] = set()
+        self._toucher: asyncio.Task[None] | None = None
+
+    def attach(self, control: Control) -> None:
+        """Join a multi-process node: the owner fills and evicts for all;
+        a follower finds chunks on disk and asks the owner for fills."""
+        self.control = control
+        self.follower = not control.owner
+        if control.owner:
+            control.on_fill = self._fill_for_worker
+            control.on_touch = self._touch_from_worker
+        control.on_invalidate = self.meta.invalidate
+
+    def _touch_from_worker(self, ids: list[str]) -> None:
+        for cid in ids:
+            self.store.lookup(cid)
+
+    async def _fill_for_worker(self, req: dict[str, object]) -> int:
+        info = ObjectInfo(key=str(req["key"]), size=int(str(req["size"])), etag=str(req["etag"]), last_modified=0.0)
+        chunk = await self.chunk(str(req["bucket"]), info, int(str(req["index"])))
+        return chunk.size
+
+    async def _flush_touches(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._touched and self.control is not None:
+                ids, self._touched = list(self._touched), set()
+                await self.control.touch(ids)
 
     async def start(self) -> None:
         await self.inner.start()
+        if self.follower:
+            self._toucher = asyncio.ensure_future(self._flush_touches())
 
     async def close(self) -> None:
+        if self._toucher is not None:
+            self._toucher.cancel()
         for t in list(self._fill_tasks):
             t.cancel()
         await self.inner.close()
+
+    async def _invalidate(self, bucket: str, key: str) -> None:
+        self.meta.invalidate(bucket, key)
+        if self.control is not None:
+            await self.control.broadcast_invalidate(bucket, key)
 
     # --- reads --------------------------------------------------------------
 
@@ -102,9 +143,9 @@ class CachedBackend:
         self, bucket: str, key: str, opts: ReadOptions | None = None, *, head: bool = False
     ) -> ObjectHandle:
         opts = opts or ReadOptions()
-        if opts.part_number is not None or opts.checksum_mode:
-            # Part boundaries and stored checksums live with the backing
-            # store; these rare reads go straight there.
+        if opts.part_number is not None:
+            # Part boundaries live with the backing store; these rare reads
+            # go straight there. (Checksums come with the cached metadata.)
             return await self.inner.open_object(bucket, key, opts, head=head)
         for attempt in (1, 2):
             info = await self.head_object(bucket, key)
@@ -134,6 +175,8 @@ class CachedBackend:
     def chunk(self, bucket: str, info: ObjectInfo, index: int) -> asyncio.Future[Chunk]:
         """The chunk, cached or being filled (one fill per chunk at a time)."""
         cid = self._chunk_id(bucket, info, index)
+        if self.follower:
+            return self._follower_chunk(cid, bucket, info, index)
         c = self.store.lookup(cid)
         if c is not None:
             metrics.HITS.inc()
@@ -156,6 +199,32 @@ class CachedBackend:
 
         task.add_done_callback(done)
         return task
+
+    def _follower_chunk(self, cid: str, bucket: str, info: ObjectInfo, index: int) -> asyncio.Future[Chunk]:
+        pending = self._fills.get(cid)
+        if pending is not None:
+            return pending
+        task = asyncio.ensure_future(self._follower_get(cid, bucket, info, index))
+        self._fills[cid] = task
+        task.add_done_callback(lambda t: (self._fills.pop(cid, None), t.cancelled() or t.exception()) and None)
+        return task
+
+    async def _follower_get(self, cid: str, bucket: str, info: ObjectInfo, index: int) -> Chunk:
+        loop = asyncio.get_running_loop()
+        c = await loop.run_in_executor(None, self.store.find, cid)
+        if c is not None:
+            metrics.HITS.inc()
+            self._touched.add(cid)
+            return c
+        metrics.MISSES.inc()
+        assert self.control is not None
+        await self.control.fill(
+            {"bucket": bucket, "key": info.key, "etag": info.etag, "size": info.size, "index": index}
+        )
+        c = await loop.run_in_executor(None, self.store.find, cid)
+        if c is None:
+            raise ChunkMissing(cid)
+        return c
 
     async def _fill(self, cid: str, bucket: str, info: ObjectInfo, index: int) -> Chunk:
         start = index * self.chunk_size
@@ -224,7 +293,7 @@ class CachedBackend:
         try:
             return await self.inner.put_object(bucket, key, body, meta, conditions)
         finally:
-            self.meta.invalidate(bucket, key)
+            await self._invalidate(bucket, key)
 
     async def copy_object(
         self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str, meta: ObjectMeta | None,
@@ -233,13 +302,13 @@ class CachedBackend:
         try:
             return await self.inner.copy_object(src_bucket, src_key, dst_bucket, dst_key, meta, expected_etag)
         finally:
-            self.meta.invalidate(dst_bucket, dst_key)
+            await self._invalidate(dst_bucket, dst_key)
 
     async def delete_object(self, bucket: str, key: str) -> None:
         try:
             await self.inner.delete_object(bucket, key)
         finally:
-            self.meta.invalidate(bucket, key)
+            await self._invalidate(bucket, key)
 
     async def complete_upload(
         self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart]
@@ -247,13 +316,13 @@ class CachedBackend:
         try:
             return await self.inner.complete_upload(bucket, key, upload_id, parts)
         finally:
-            self.meta.invalidate(bucket, key)
+            await self._invalidate(bucket, key)
 
     async def put_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
         try:
             await self.inner.put_tags(bucket, key, tags)
         finally:
-            self.meta.invalidate(bucket, key)
+            await self._invalidate(bucket, key)
 
     async def delete_bucket(self, bucket: str) -> None:
         await self.inner.delete_bucket(bucket)
@@ -383,7 +452,7 @@ class CachedHandle:
             except (ChunkCorrupt, ChunkMissing) as e:
                 log.error("chunk %s failed verification (%s); dropped, refilling", chunk.id, e)
                 metrics.CHECKSUM_FAILURES.inc()
-                self.cb.store.drop(chunk.id)
+                self.cb.store.discard(chunk)
                 self._ahead.pop(index, None)
             except OSError as e:
                 log.warning("cannot open chunk %s (%s); serving from the backing store", chunk.id, e)

@@ -227,9 +227,12 @@ class LocalStore:
 
     name = "local"
 
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True, sweep: bool = True) -> None:
         self.root = Path(root).resolve()
         self.fsync = fsync
+        # Only one process of a node sweeps: a worker must not delete the
+        # temporary files of another process's uploads in flight.
+        self.sweep = sweep
         self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nearstore-db")
         self._conn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
@@ -240,7 +243,8 @@ class LocalStore:
         for sub in ("objects", "uploads", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         await self._db(self._open_db)
-        await asyncio.get_running_loop().run_in_executor(None, self._sweep)
+        if self.sweep:
+            await asyncio.get_running_loop().run_in_executor(None, self._sweep)
 
     async def close(self) -> None:
         if self._conn is not None:

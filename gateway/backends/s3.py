@@ -350,7 +350,9 @@ class S3Upstream:
         )
 
     async def head_object(self, bucket: str, key: str) -> ObjectInfo:
-        r = await self._request("HEAD", bucket, key)
+        # Always ask for the stored checksum: the cache answers
+        # x-amz-checksum-mode reads (boto3 sends it on every GET) from this.
+        r = await self._request("HEAD", bucket, key, headers={"x-amz-checksum-mode": "ENABLED"})
         r.release()
         return self._info(key, r.headers)
 

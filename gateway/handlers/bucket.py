@@ -71,7 +71,7 @@ async def delete_bucket(ctx: Ctx, req: S3Request) -> web.StreamResponse:
 async def get_bucket_location(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     info = await ctx.backend.head_bucket(_bucket(req))
     # us-east-1 buckets answer an empty LocationConstraint (S3 legacy).
-    return xml_response("LocationConstraint", []) if not info.region else web.Response(
+    return xml_response("LocationConstraint", []) if info.region in ("", "us-east-1") else web.Response(
         body=(
             '<?xml version="1.0" encoding="UTF-8"?>\n'
             f'<LocationConstraint xmlns="http://s3.amazonaws.com/doc/2006-03-01/">{info.region}</LocationConstraint>'

@@ -1,0 +1,140 @@
+"""The node's control plane between its worker processes.
+
+With ``--workers N`` a node is N processes serving the same port
+(SO_REUSEPORT). The first is the owner: it alone fills chunks and evicts
+(one writer per chunk store, one eviction policy that sees every read);
+the others serve hits straight from the chunk files and ask the owner for
+fills. Every process listens on a Unix socket in a private directory (``run_dir``):
+
+- ``POST /fill``        owner: fill one chunk (single flight), answer when done
+- ``POST /touch``       owner: chunk ids a worker served (for the policy)
+- ``POST /invalidate``  everyone: drop an object's cached metadata
+
+Writes through any process invalidate every process's metadata before the
+client gets its answer, so read-after-write holds across workers.
+Sockets are files only root (or the node's user) can open; nothing here is
+reachable from the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+OWNER_SOCKET = "owner.sock"
+
+
+def run_dir(data_dir: str) -> Path:
+    """A short private directory for the node's sockets (a Unix socket path
+    may not exceed 107 bytes, so not under an arbitrarily deep data dir)."""
+    digest = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:16]
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"nearstore-{digest}"
+
+
+class Control:
+    """One process's end of the control plane."""
+
+    def __init__(self, data_dir: str, *, owner: bool) -> None:
+        self.dir = run_dir(data_dir)
+        self.owner = owner
+        self.name = OWNER_SOCKET if owner else f"worker-{os.getpid()}.sock"
+        self.on_fill: Callable[[dict[str, object]], Awaitable[int]] | None = None
+        self.on_touch: Callable[[list[str]], None] | None = None
+        self.on_invalidate: Callable[[str, str], None] | None = None
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._connectors: dict[str, aiohttp.UnixConnector] = {}
+
+    async def start(self) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.dir / self.name
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        app = web.Application()
+        app.router.add_post("/fill", self._fill)
+        app.router.add_post("/touch", self._touch)
+        app.router.add_post("/invalidate", self._invalidate)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.UnixSite(self._runner, str(path)).start()
+        os.chmod(path, 0o600)
+
+    async def close(self) -> None:
+        for c in self._connectors.values():
+            await c.close()
+        self._connectors.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / self.name).unlink()
+
+    # --- server side ----------------------------------------------------------
+
+    async def _fill(self, request: web.Request) -> web.Response:
+        if self.on_fill is None:
+            return web.Response(status=404)
+        try:
+            size = await self.on_fill(await request.json())
+        except Exception as e:  # the worker falls back to the backing store
+            return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=503)
+        return web.json_response({"size": size})
+
+    async def _touch(self, request: web.Request) -> web.Response:
+        if self.on_touch is not None:
+            self.on_touch(list(await request.json()))
+        return web.Response(status=204)
+
+    async def _invalidate(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if self.on_invalidate is not None:
+            self.on_invalidate(str(body["bucket"]), str(body["key"]))
+        return web.Response(status=204)
+
+    # --- client side ----------------------------------------------------------
+
+    async def _post(self, sock: str, route: str, payload: object, timeout: float) -> aiohttp.ClientResponse:
+        connector = self._connectors.get(sock)
+        if connector is None:
+            connector = self._connectors[sock] = aiohttp.UnixConnector(path=str(self.dir / sock))
+        async with aiohttp.ClientSession(connector=connector, connector_owner=False) as s:
+            resp = await s.post(f"http://nearstore{route}", data=json.dumps(payload),
+                                timeout=aiohttp.ClientTimeout(total=timeout))
+            await resp.read()
+            return resp
+
+    async def fill(self, request: dict[str, object], timeout: float = 120.0) -> int:
+        resp = await self._post(OWNER_SOCKET, "/fill", request, timeout)
+        if resp.status != 200:
+            raise OSError(f"owner could not fill: {resp.status}")
+        return int((await resp.json())["size"])
+
+    async def touch(self, ids: list[str]) -> None:
+        with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            await self._post(OWNER_SOCKET, "/touch", ids, 5.0)
+
+    async def broadcast_invalidate(self, bucket: str, key: str) -> None:
+        """Tell every other process; best effort, bounded: a process that
+        does not answer within a second is dead or about to be."""
+        others = [p.name for p in self.dir.glob("*.sock") if p.name != self.name]
+        if not others:
+            return
+
+        async def one(sock: str) -> None:
+            with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                await self._post(sock, "/invalidate", {"bucket": bucket, "key": key}, 1.0)
+
+        await asyncio.gather(*(one(s) for s in others))

@@ -1,0 +1,143 @@
+"""A node of several processes (--workers): all serve the port, the owner
+fills for everyone, writes are visible at once through every process, and
+SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.helpers.servers import free_port
+
+KEYS = {"NEARSTORE_ACCESS_KEY": "wk-access", "NEARSTORE_SECRET_KEY": "wk-secret"}
+BIN = Path(sys.executable).parent
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(url + "/moto-api/", proc)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def _node(tmp: Path, moto: str | None, workers: int = 2) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    args = [str(BIN / "nearstore"), "serve", "--port", str(port), "--data-dir", str(tmp / "data"),
+            "--workers", str(workers)]
+    if moto:
+        cfg = tmp / "node.toml"
+        cfg.write_text(
+            f'[[buckets]]\nname = "*"\nendpoint = "{moto}"\naccess_key = "x"\nsecret_key = "x"\n'
+            '[cache]\nchunk_size = "1MiB"\nsize = "64MiB"\n'
+        )
+        args += ["--config", str(cfg)]
+    log = open(tmp / "node.log", "wb")
+    proc = subprocess.Popen(args, env={**os.environ, **KEYS}, stderr=log)
+    log.close()  # the child holds its own descriptor
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(url + "/_nearstore/health", proc)
+    return proc, url
+
+
+def _client(url: str) -> Any:
+    return boto3.client("s3", endpoint_url=url, aws_access_key_id=KEYS["NEARSTORE_ACCESS_KEY"],
+                        aws_secret_access_key=KEYS["NEARSTORE_SECRET_KEY"], region_name="us-east-1")
+
+
+def _pids_serving(url: str, want: int, timeout: float = 20) -> set[int]:
+    """Process ids answering on the port (new connection each time; the
+    kernel spreads them over the SO_REUSEPORT sockets)."""
+    import json
+
+    pids: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(pids) < want and time.monotonic() < deadline:
+        with urllib.request.urlopen(url + "/_nearstore/health", timeout=5) as r:
+            pids.add(json.loads(r.read())["pid"])
+        time.sleep(0.02)
+    return pids
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(90)
+def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
+    proc, url = _node(tmp_path, None, workers=2)
+    try:
+        pids = _pids_serving(url, 2)
+        assert len(pids) == 2, pids
+        s3 = _client(url)
+        s3.create_bucket(Bucket="workers")
+        for i in range(30):
+            body = os.urandom(1000 + i)
+            s3.put_object(Bucket="workers", Key=f"k{i % 3}", Body=body)
+            assert s3.get_object(Bucket="workers", Key=f"k{i % 3}")["Body"].read() == body
+    finally:
+        _stop(proc)
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in pids)
+
+
+@pytest.mark.timeout(120)
+def test_cache_across_workers_is_consistent(tmp_path: Path, moto: str) -> None:
+    proc, url = _node(tmp_path, moto, workers=2)
+    try:
+        s3 = _client(url)
+        s3.create_bucket(Bucket="workers-cache")
+        data = os.urandom(3 * 1024 * 1024 + 5)
+        s3.put_object(Bucket="workers-cache", Key="obj", Body=data)
+        _pids_serving(url, 2)
+        for _ in range(12):
+            assert s3.get_object(Bucket="workers-cache", Key="obj")["Body"].read() == data
+        # Only the owner fills: one file per chunk, each filled once.
+        chunks = list((tmp_path / "data" / "cache" / "chunks").rglob("*.*"))
+        assert len(chunks) == 4
+        # Read-after-write through whichever process answers.
+        for i in range(15):
+            v = os.urandom(200_000 + i)
+            s3.put_object(Bucket="workers-cache", Key="raw", Body=v)
+            assert s3.get_object(Bucket="workers-cache", Key="raw")["Body"].read() == v
+        metrics = urllib.request.urlopen(url + "/_nearstore/metrics", timeout=5).read().decode()
+        hits = [line for line in metrics.splitlines() if line.startswith("nearstore_cache_hits_total")]
+        assert hits and float(hits[0].split()[1]) > 0
+    finally:
+        _stop(proc)
