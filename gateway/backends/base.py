@@ -182,6 +182,7 @@ class CompletedPart:
     part_number: int
     etag: str
     checksum: str | None = None
+    checksum_algorithm: str | None = None
 
 
 class Backend(Protocol):

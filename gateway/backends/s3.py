@@ -57,6 +57,7 @@ from gateway.backends.base import (
     UploadInfo,
     WriteConditions,
 )
+from gateway.checksums import ALGORITHMS
 from gateway.config import UpstreamConfig
 from gateway.xml import child_text, document, parse
 
@@ -121,6 +122,7 @@ class S3Upstream:
         self._host = parts.netloc
         self._base_path = parts.path.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
+        self._known_buckets: dict[str, float] = {}
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -320,6 +322,7 @@ class S3Upstream:
         return BucketInfo(bucket, 0.0, r.headers.get("x-amz-bucket-region", ""))
 
     async def delete_bucket(self, bucket: str) -> None:
+        self._known_buckets.pop(bucket, None)
         if self.cfg.name != "*":
             raise errors.NotImplemented("A bucket mapped in the configuration cannot be deleted through nearstore")
         (await self._request("DELETE", bucket, ok=(204, 200))).release()
@@ -333,8 +336,13 @@ class S3Upstream:
         checksum = None
         for name, value in h.items():
             lname = name.lower()
-            if lname.startswith("x-amz-checksum-") and lname not in ("x-amz-checksum-type", "x-amz-checksum-mode"):
-                checksum = (lname[len("x-amz-checksum-"):].upper(), value, h.get("x-amz-checksum-type", "FULL_OBJECT"))
+            if lname.startswith("x-amz-checksum-") and lname[len("x-amz-checksum-"):].upper() in ALGORITHMS:
+                kind = h.get("x-amz-checksum-type", "FULL_OBJECT").upper()
+                if kind == "COMPOSITE" and "-" not in value:
+                    # A composite checksum without its part count (moto) would
+                    # make clients validate it as a full-object one and fail.
+                    continue
+                checksum = (lname[len("x-amz-checksum-"):].upper(), value, kind)
         lm = h.get("Last-Modified")
         return ObjectInfo(
             key=key,
@@ -352,9 +360,19 @@ class S3Upstream:
     async def head_object(self, bucket: str, key: str) -> ObjectInfo:
         # Always ask for the stored checksum: the cache answers
         # x-amz-checksum-mode reads (boto3 sends it on every GET) from this.
-        r = await self._request("HEAD", bucket, key, headers={"x-amz-checksum-mode": "ENABLED"})
+        try:
+            r = await self._request("HEAD", bucket, key, headers={"x-amz-checksum-mode": "ENABLED"})
+        except errors.NoSuchKey:
+            await self._missing_key_or_bucket(bucket)
+            raise
         r.release()
         return self._info(key, r.headers)
+
+    async def _missing_key_or_bucket(self, bucket: str) -> None:
+        """A 404 to a HEAD has no body to say which: ask about the bucket
+        (raises NoSuchBucket), so the client hears what S3 would say."""
+        self._known_buckets.pop(bucket, None)
+        (await self._request("HEAD", bucket)).release()
 
     async def open_object(
         self, bucket: str, key: str, opts: ReadOptions | None = None, *, head: bool = False
@@ -368,7 +386,12 @@ class S3Upstream:
             params["partNumber"] = str(opts.part_number)
         if opts.checksum_mode:
             headers["x-amz-checksum-mode"] = "ENABLED"
-        r = await self._request("HEAD" if head else "GET", bucket, key, params, headers)
+        try:
+            r = await self._request("HEAD" if head else "GET", bucket, key, params, headers)
+        except errors.NoSuchKey:
+            if head:
+                await self._missing_key_or_bucket(bucket)
+            raise
         info = self._info(key, r.headers)
         length = int(r.headers.get("Content-Length", "0"))
         start = 0
@@ -391,13 +414,21 @@ class S3Upstream:
         """Stream a verified client body to the upstream, one piece behind
         (see the module docstring). Not retried: the body is consumed."""
         headers["Content-Length"] = str(size)
+        await self._check_bucket(bucket)
+        failed: list[BaseException] = []
 
         async def lagged() -> AsyncIterator[bytes]:
             held: bytes | None = None
-            async for piece in body.chunks():
-                if held is not None:
-                    yield held
-                held = bytes(piece)
+            try:
+                async for piece in body.chunks():
+                    if held is not None:
+                        yield held
+                    held = bytes(piece)
+            except BaseException as e:
+                # The client's body failed a check (or the client went away):
+                # that, not the aborted upstream request, is the answer.
+                failed.append(e)
+                raise
             # Every check passed (the iterator ended normally): send the rest.
             if held is not None:
                 yield held
@@ -405,12 +436,24 @@ class S3Upstream:
         try:
             r = await self._send_once("PUT", bucket, key, params, headers, lagged() if size else b"", UNSIGNED)
         except (TimeoutError, aiohttp.ClientConnectionError, OSError) as e:
+            if failed:
+                raise failed[0] from None
             raise errors.ServiceUnavailable(
                 f"The backing store failed during the upload: {type(e).__name__}", headers={"Retry-After": "1"}
             ) from e
         if r.status != 200:
             raise await self._error(r, "PUT", key)
         return r
+
+    async def _check_bucket(self, bucket: str) -> None:
+        """Before streaming an upload: a store that rejects it early (no such
+        bucket) may close the connection mid-body, and its error would be
+        lost. Known buckets are remembered for a while."""
+        now = time.monotonic()
+        if self._known_buckets.get(bucket, 0.0) > now:
+            return
+        (await self._request("HEAD", bucket)).release()
+        self._known_buckets[bucket] = now + 30.0
 
     @staticmethod
     def _meta_headers(meta: ObjectMeta) -> dict[str, str]:
@@ -560,7 +603,19 @@ class S3Upstream:
             raise errors.MalformedXML()
         body = document(
             "CompleteMultipartUpload",
-            [("Part", [("PartNumber", p.part_number), ("ETag", p.etag)]) for p in parts],
+            [
+                (
+                    "Part",
+                    [
+                        ("PartNumber", p.part_number),
+                        ("ETag", p.etag),
+                        (f"Checksum{p.checksum_algorithm}", p.checksum)
+                        if p.checksum and p.checksum_algorithm
+                        else None,
+                    ],
+                )
+                for p in parts
+            ],
         )
         # Not retried: a retry after a lost response would see NoSuchUpload.
         r = await self._request("POST", bucket, key, {"uploadId": upload_id}, {}, body, idempotent=False)

@@ -151,12 +151,12 @@ async def complete_multipart_upload(ctx: Ctx, req: S3Request) -> web.StreamRespo
             n = int(num)
         except ValueError:
             raise errors.MalformedXML() from None
-        checksum = None
+        checksum = checksum_alg = None
         for alg in ALGORITHMS:
             value = child_text(el, f"Checksum{alg}")
             if value is not None:
-                checksum = value
-        parts.append(CompletedPart(n, etag.strip(), checksum))
+                checksum, checksum_alg = value, alg
+        parts.append(CompletedPart(n, etag.strip(), checksum, checksum_alg))
     info = await ctx.backend.complete_upload(_bucket(req), key, upload_id, parts)
     host = req.header("Host") or "localhost"
     resp = xml_response(
