@@ -341,7 +341,7 @@ def make_backend(cfg: Config) -> Backend:
         if store is None:
             return up
         return CachedBackend(up, store, chunk_size=cfg.cache.chunk_size, meta_ttl=cfg.cache.meta_ttl,
-                             prefetch=cfg.cache.prefetch)
+                             prefetch=cfg.cache.prefetch, verify=cfg.cache.verify)
 
     mapped: dict[str, Backend] = {}
     wildcard: Backend | None = None

@@ -78,6 +78,10 @@ class CacheConfig:
     policy: str = "sieve"  # by hit ratio on training-like traces: bench/eviction.py
     meta_ttl: float = 5.0
     prefetch: int = 4
+    # Verify each chunk's checksum before every send. Turning it off exists
+    # to measure what it costs (bench/RESULTS.md); it gives up the promise
+    # that a flipped bit is never served.
+    verify: bool = True
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,8 @@ def load(
             cfg.cache.meta_ttl = float(c["meta_ttl"])
         if "prefetch" in c:
             cfg.cache.prefetch = int(c["prefetch"])
+        if "verify" in c:
+            cfg.cache.verify = bool(c["verify"])
     cfg.raw = doc
 
     simple = {

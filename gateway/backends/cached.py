@@ -76,12 +76,14 @@ class CachedBackend:
         chunk_size: int,
         meta_ttl: float = 5.0,
         prefetch: int = 4,
+        verify: bool = True,
     ) -> None:
         self.inner = inner
         self.name = inner.name
         self.store = store
         self.chunk_size = chunk_size
         self.prefetch = max(1, prefetch)
+        self.verify = verify
         self.meta: MetaCache[ObjectInfo] = MetaCache(meta_ttl)
         self._fills: dict[str, asyncio.Future[Chunk]] = {}
         self._fill_tasks: set[asyncio.Task[Chunk]] = set()
@@ -447,7 +449,8 @@ class CachedHandle:
                 return None
             try:
                 return await loop.run_in_executor(
-                    None, open_verified, self.cb.store.path(chunk), chunk.checksum, chunk.size
+                    None, open_verified, self.cb.store.path(chunk), chunk.checksum if self.cb.verify else None,
+                    chunk.size,
                 )
             except (ChunkCorrupt, ChunkMissing) as e:
                 log.error("chunk %s failed verification (%s); dropped, refilling", chunk.id, e)
