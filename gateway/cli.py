@@ -56,7 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve(cfg)
     except OSError as e:
-        print(f"nearstore: cannot serve on {cfg.host}:{cfg.port}: {e}", file=sys.stderr)
+        where = f"{cfg.host}:{cfg.port}" if e.errno in (98, 99, 13) else cfg.data_dir
+        print(f"nearstore: cannot serve ({where}): {e}", file=sys.stderr)
         return 1
     return 0
 

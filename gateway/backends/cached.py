@@ -247,9 +247,14 @@ class CachedBackend:
                 if src.info.etag and src.info.etag != info.etag:
                     raise ObjectChanged(info.key)
                 writer = await loop.run_in_executor(None, ChunkWriter, self.store.new_temp())
-                async for piece in src.read_range(start, length):
-                    await loop.run_in_executor(None, writer.write, piece)
-                    metrics.BYTES_FROM_BACKING.inc(len(piece))
+                try:
+                    async for piece in src.read_range(start, length):
+                        await loop.run_in_executor(None, writer.write, piece)
+                        metrics.BYTES_FROM_BACKING.inc(len(piece))
+                except errors.PreconditionFailed:
+                    # A resumed stream found another version: not the
+                    # client's condition failing, the object changing.
+                    raise ObjectChanged(info.key) from None
             finally:
                 await src.close()
             if writer.size != length:
@@ -404,7 +409,9 @@ class CachedHandle:
         """Wait for one chunk (used before the response starts)."""
         try:
             await asyncio.shield(self._want(index))
-        except ObjectChanged:
+        except (ObjectChanged, errors.S3Error):
+            # The backing store's own answer (503 after retries, 403 ...):
+            # before the response starts, the client gets it as it is.
             raise
         except Exception:  # a cache fault: the read will serve it directly
             self._ahead.pop(index, None)

@@ -82,7 +82,13 @@ class Router:
 
             from cache import metrics
 
-            found = await asyncio.get_running_loop().run_in_executor(None, self.store.load)
+            try:
+                found = await asyncio.get_running_loop().run_in_executor(None, self.store.load)
+            except OSError as e:
+                # A cache that cannot even be opened is a cache fault like any
+                # other: serve everything from the backing store, loudly.
+                log.error("chunk cache at %s unusable (%s); serving from the backing store", self.store.root, e)
+                found = 0
             metrics.CACHE_BYTES.set(self.store.used)
             metrics.CACHE_CAPACITY.set(self.store.capacity)
             log.info("chunk cache: %d chunks, %d bytes of %d, in %s", found, self.store.used,

@@ -337,11 +337,14 @@ class S3Upstream:
         for name, value in h.items():
             lname = name.lower()
             if lname.startswith("x-amz-checksum-") and lname[len("x-amz-checksum-"):].upper() in ALGORITHMS:
-                kind = h.get("x-amz-checksum-type", "FULL_OBJECT").upper()
-                if kind == "COMPOSITE" and "-" not in value:
-                    # A composite checksum without its part count (moto) would
-                    # make clients validate it as a full-object one and fail.
+                kind = h.get("x-amz-checksum-type", "").upper()
+                multipart = "-" in h.get("ETag", "")
+                if (kind == "COMPOSITE" or (not kind and multipart)) and "-" not in value:
+                    # A composite checksum without its part count (moto's
+                    # HEAD) would make clients validate it as a full-object
+                    # checksum and fail: not passed on.
                     continue
+                kind = kind or ("COMPOSITE" if "-" in value else "FULL_OBJECT")
                 checksum = (lname[len("x-amz-checksum-"):].upper(), value, kind)
         lm = h.get("Last-Modified")
         return ObjectInfo(
@@ -742,6 +745,8 @@ def _integrity_headers(body: UploadBody) -> dict[str, str]:
     declared = getattr(body, "client_checksum", None)
     if declared:
         h[f"x-amz-checksum-{declared[0].lower()}"] = declared[1]
+        # As SDKs send it; some stores (moto) keep the checksum only with it.
+        h["x-amz-sdk-checksum-algorithm"] = declared[0].upper()
     md5 = getattr(body, "client_md5", None)
     if md5:
         h["Content-MD5"] = md5
