@@ -6,10 +6,16 @@ lazily, once per session and kind, on a free port with a temporary data dir:
     servers.get("nearstore")       plain HTTP nearstore
     servers.get("nearstore-tls")   the same over HTTPS (trustme CA)
     servers.get("moto")            moto's S3, the reference for differential tests
+    servers.get("seaweed")         SeaweedFS (`weed server -s3`), checks signatures
+    servers.get("nearstore-moto")  nearstore with every bucket on the moto above
+    servers.get("nearstore-seaweed")  the same in front of SeaweedFS
 
 ``server``/``s3``/``bucket`` run a test once per kind in ``API_SERVER_KINDS``
 (default: nearstore over HTTP and HTTPS; set NEARSTORE_IT_SERVERS=moto to run
-the same tests against moto). ``fresh_server`` starts private servers a test
+the same tests against moto). Tests marked ``@pytest.mark.backend`` (they
+exercise the backend interface: put/get/range/list/copy/multipart ...) also
+run once per kind in ``UPSTREAM_API_KINDS`` (default: nearstore-moto and
+nearstore-seaweed; NEARSTORE_IT_UPSTREAM_SERVERS= turns them off). ``fresh_server`` starts private servers a test
 may kill or restart. When a test fails, the output its servers logged during
 the test is attached to the report.
 """
@@ -25,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.servers import S3Server, start_server
+from tests.helpers.servers import SERVER_DEPENDS, UPSTREAM_KINDS, S3Server, start_server
 
 # Clients must see boto3's *default* settings: nothing from the developer's
 # ~/.aws or AWS_* environment may change checksums, addressing or retries.
@@ -38,6 +44,11 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 API_SERVER_KINDS = [
     k.strip()
     for k in os.environ.get("NEARSTORE_IT_SERVERS", "nearstore,nearstore-tls").split(",")
+    if k.strip()
+]
+UPSTREAM_API_KINDS = [
+    k.strip()
+    for k in os.environ.get("NEARSTORE_IT_UPSTREAM_SERVERS", ",".join(UPSTREAM_KINDS)).split(",")
     if k.strip()
 ]
 # What the differential tests compare against moto.
@@ -56,12 +67,28 @@ class ServerPool:
 
     def get(self, kind: str) -> S3Server:
         if kind not in self._servers:
-            srv = start_server(kind, self.base / kind)
+            deps = {arg: self.get(dep) for arg, dep in SERVER_DEPENDS.get(kind, {}).items()}
+            srv = start_server(kind, self.base / kind, **deps)
             self._servers[kind] = srv
             _RUNNING.append(srv)
         srv = self._servers[kind]
         if not srv.alive():
             raise RuntimeError(f"{kind} server died:\n{srv.log_text()}")
+        return srv
+
+    def private(self, name: str, factory: str, /, **kwargs: Any) -> S3Server:
+        """A session-wide server built by ``SERVER_KINDS[factory]`` with its own
+        settings (``kwargs``: ``buckets=`` mappings ...), known by ``name``;
+        started on first use."""
+        if name not in self._servers:
+            for arg, dep in SERVER_DEPENDS.get(factory, {}).items():
+                kwargs.setdefault(arg, self.get(dep))
+            srv = start_server(factory, self.base / name, **kwargs)
+            self._servers[name] = srv
+            _RUNNING.append(srv)
+        srv = self._servers[name]
+        if not srv.alive():
+            raise RuntimeError(f"{name} server died:\n{srv.log_text()}")
         return srv
 
     def client(self, kind: str) -> Any:
@@ -98,9 +125,36 @@ def nearstore_tls_server(servers: ServerPool) -> S3Server:
     return servers.get("nearstore-tls")
 
 
-@pytest.fixture(params=API_SERVER_KINDS)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "backend: exercises the backend interface; also runs against nearstore "
+        "in front of each upstream kind (UPSTREAM_API_KINDS)")
+    config.addinivalue_line(
+        "markers", "gateway_only: answered by the gateway alone; not repeated per upstream "
+        "kind even where the module is marked backend")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "server" in metafunc.fixturenames:
+        kinds = list(API_SERVER_KINDS)
+        node = metafunc.definition
+        if node.get_closest_marker("backend") and not node.get_closest_marker("gateway_only"):
+            kinds += [k for k in UPSTREAM_API_KINDS if k not in kinds]
+        metafunc.parametrize("server", kinds, indirect=True)
+
+
+@pytest.fixture
 def server(request: pytest.FixtureRequest, servers: ServerPool) -> S3Server:
+    """One server per kind (parametrized in ``pytest_generate_tests``)."""
     return servers.get(request.param)
+
+
+@pytest.fixture
+def backing(server: S3Server, servers: ServerPool) -> Any:
+    """For nearstore in front of an upstream: a boto3 client straight to the
+    upstream (to see what really landed there); None for other kinds."""
+    upstream = server.extra.get("upstream")
+    return servers.client(upstream.kind) if upstream is not None else None
 
 
 @pytest.fixture
@@ -127,12 +181,15 @@ def bucket(s3: Any, bucket_name: str) -> str:
 
 
 @pytest.fixture
-def fresh_server(tmp_path: Path) -> Iterator[Callable[..., S3Server]]:
+def fresh_server(tmp_path: Path, servers: ServerPool) -> Iterator[Callable[..., S3Server]]:
     """Start private servers (``fresh_server("nearstore", data_dir=...)``) that a
     test may kill, signal or restart; all are stopped at teardown."""
     started: list[S3Server] = []
 
     def start(kind: str = "nearstore", **kwargs: Any) -> S3Server:
+        for arg, dep in SERVER_DEPENDS.get(kind, {}).items():
+            if arg not in kwargs:
+                kwargs[arg] = servers.get(dep)
         srv = start_server(kind, tmp_path / f"{kind}-{len(started)}", **kwargs)
         started.append(srv)
         _RUNNING.append(srv)
@@ -161,11 +218,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and report.when in ("setup", "call"):
         offsets = item.stash.get(_LOG_OFFSETS, {})
         for srv in list(_RUNNING):
-            if srv.kind == "moto":  # moto logs one line per request: noise
+            if srv.kind in ("moto", "seaweed"):  # one line per request / chatty: noise
                 continue
             text = srv.log_text(since=offsets.get(id(srv), 0), limit=8000)
             if text.strip():
                 report.sections.append((f"{srv.kind} server log (port {srv.port})", text))
 
 
-__all__ = ["API_SERVER_KINDS", "DIFF_TARGET", "ServerPool", "unique_bucket_name"]
+__all__ = ["API_SERVER_KINDS", "DIFF_TARGET", "UPSTREAM_API_KINDS", "ServerPool",
+           "unique_bucket_name"]

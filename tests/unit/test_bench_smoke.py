@@ -128,3 +128,54 @@ def test_smoke_proxy_through_moto(tmp_path: Path) -> None:
     goals = [r for r in data["overhead"] if r["goal"]]
     assert {r["metric"] for r in goals} == {"gbps", "p50_ms"}
     assert all(r["ratio"] > 0 and r["met"] in (True, False) for r in goals)
+
+
+def test_cache_scenario_cases() -> None:
+    """Cold cases clear the cache and read each key once; warm ones prime."""
+    for plan in PRESETS.values():
+        cases = select(["cache"], plan)
+        cold = [c for c in cases if c.cold]
+        warm = [c for c in cases if c.prime]
+        assert cold and warm and len(cold) + len(warm) == len(cases)
+        for c in cold:
+            assert c.max_requests == len(c.spec.keys) >= c.spec.concurrency
+            assert any(g.reference == "seaweedfs" and g.ratio_min for g in c.peer_goals)
+        assert any(c.headline == "rps" for c in warm)
+
+
+def test_smoke_cache_cold_and_warm(tmp_path: Path) -> None:
+    """The cache scenario's cold runs restart a peer on the same port: moto
+    and nearstore have no cache (clear_cache is a no-op) but run every case;
+    nearstore-cache+seaweedfs is only checked where weed is installed."""
+    from bench import peers as peers_mod
+
+    names = ["nearstore"]
+    bin_dir = Path(sys.executable).parent
+    if peers_mod.find_tool("weed", bin_dir) is not None:
+        names.append("nearstore-cache+seaweedfs")
+    out = tmp_path / "cache.json"
+    argv = ["--smoke", "--no-progress", "--no-setup", "--workdir", str(tmp_path / "work")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *argv, "--scenarios", "cache", "--peers",
+         ",".join(names), "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    for peer in data["peers"]:
+        assert peer["status"] == "ok", peer["reason"]
+        for case in peer["cases"].values():
+            assert case["summary"][case["headline"]]["median"] > 0, case
+    if "nearstore-cache+seaweedfs" in names:
+        cached = next(p for p in data["peers"] if p["name"] == "nearstore-cache+seaweedfs")
+        for cid, case in cached["cases"].items():
+            s = case["summary"]
+            if "/cold " in cid:  # emptied before the run: every chunk a miss
+                assert s["cache_misses"]["median"] > 0 and s["backing_bytes"]["median"] > 0
+            else:  # primed: nothing from the backing store
+                assert s["cache_hits"]["median"] > 0 and s["backing_bytes"]["median"] == 0
+        assert any(r["goal"] for r in data["peer_goals"])
