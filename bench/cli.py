@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--put-large-concurrency", type=int, metavar="N")
     g.add_argument("--put-small-concurrency", type=int, metavar="N")
     g.add_argument("--ttfb-object", type=parse_size, metavar="1GiB")
+    g.add_argument("--cache-sizes", type=_sizes, metavar="16MiB,1GiB")
+    g.add_argument("--cache-concurrency", type=_ints, metavar="1,4")
+    g.add_argument("--cache-small-concurrency", type=_ints, metavar="16,64")
     r = p.add_argument_group("repetitions")
     r.add_argument("--runs", type=int, help="measured runs per case (after a warm-up)")
     r.add_argument("--duration", type=float, dest="duration_s", help="seconds per run")
@@ -90,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 _PLAN_FIELDS = (
     "large_sizes", "large_concurrency", "range_object", "range_sizes", "range_concurrency",
     "small_sizes", "small_concurrency", "put_sizes", "put_part_size", "put_large_concurrency",
-    "put_small_concurrency", "ttfb_object", "runs", "duration_s", "warmup_s", "max_requests",
+    "put_small_concurrency", "ttfb_object", "cache_sizes", "cache_concurrency",
+    "cache_small_concurrency", "runs", "duration_s", "warmup_s", "max_requests",
 )  # fmt: skip
 
 
@@ -133,7 +137,7 @@ def main(argv: list[str]) -> int:
         for s in SCENARIOS.values():
             print(f"scenario {s.name:8s} {s.help}")
         for name, cls in PEERS.items():
-            print(f"peer     {name:20s} {cls.description}")
+            print(f"peer     {name:26s} {cls.description}")
         return 0
     plan = plan_from_args(args)
     scenarios = args.scenarios or list(SCENARIOS)

@@ -41,6 +41,14 @@ class Plan:
     put_small_concurrency: int = 16
     # time to first body byte of a large GET, concurrency 1
     ttfb_object: int = GiB
+    # cache: cold (cache emptied before each run) and warm (after one full
+    # read) whole-object GETs; each run reads max(streams, cache_run_bytes /
+    # size) distinct objects; then warm small-object req/s
+    cache_sizes: tuple[int, ...] = (16 * MiB, GiB)
+    cache_concurrency: tuple[int, ...] = (1, 4)
+    cache_run_bytes: int = 128 * MiB
+    cache_small_size: int = 64 * KiB
+    cache_small_concurrency: tuple[int, ...] = (16, 64)
     # repetitions and bounds
     runs: int = 3
     warmup: bool = True
@@ -65,6 +73,7 @@ PRESETS: dict[Mode, Plan] = {
         small_objects=32,
         put_sizes=(64 * MiB, 64 * KiB),
         ttfb_object=256 * MiB,
+        cache_sizes=(16 * MiB, 256 * MiB),
         duration_s=0.8,
         warmup_s=0.3,
     ),
@@ -83,6 +92,11 @@ PRESETS: dict[Mode, Plan] = {
         put_part_size=5 * MiB,
         put_small_concurrency=2,
         ttfb_object=2 * MiB,
+        cache_sizes=(2 * MiB,),
+        cache_concurrency=(2,),
+        cache_run_bytes=4 * MiB,
+        cache_small_size=4 * KiB,
+        cache_small_concurrency=(4,),
         runs=1,
         warmup=False,
         duration_s=0.2,

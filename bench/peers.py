@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import json
 import os
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 from bench import procs
 from bench.scenarios import ObjectSpec
@@ -80,6 +82,15 @@ class Peer(abc.ABC):
     def version(self) -> str:
         return ""
 
+    def counters(self) -> dict[str, float]:
+        """Monotonic counters the peer exports (cache hits...); per run the
+        runner records their increase."""
+        return {}
+
+    def clear_cache(self) -> None:  # noqa: B027
+        """Empty the peer's cache, if it has one (the `cache` scenario's cold
+        runs call it before each run). The endpoint must stay the same."""
+
 
 PEERS: dict[str, type[Peer]] = {}
 
@@ -114,6 +125,8 @@ class ProcessPeer(Peer):
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = ctx.workdir / f"{self.name}.log"
+        self.past_peak_rss = 0  # of processes before a restart
+        self.past_processes = 0
 
     @abc.abstractmethod
     def command(self) -> list[str]: ...
@@ -133,9 +146,32 @@ class ProcessPeer(Peer):
     def start(self) -> None:
         self.ctx.workdir.mkdir(parents=True, exist_ok=True)
         self.assign_ports(procs.free_ports(self.ports_needed()))
+        self._launch()
+
+    def restart(self, between: Callable[[], None] | None = None) -> None:
+        """Stop this process only (not a backing store beside it), run
+        `between`, start it again on the same ports; its peak RSS so far is
+        kept."""
+        if self.monitor is not None:
+            self.past_peak_rss = max(self.past_peak_rss, self.monitor.peak_rss_bytes())
+            self.past_processes += self.monitor.processes()
+        ProcessPeer.stop(self)
+        if between is not None:
+            between()
+        self._launch()
+
+    def peak_rss_bytes(self) -> int:
+        now = self.monitor.peak_rss_bytes() if self.monitor is not None else 0
+        return max(self.past_peak_rss, now)
+
+    def _launch(self) -> None:
         self.proc = procs.spawn(self.command(), self.log, env=self.env(), cwd=self.ctx.workdir)
         self.monitor = procs.TreeMonitor(self.proc.pid)
         self.monitor.start()
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -361,6 +397,10 @@ class SeaweedPeer(S3Peer):
     name = "seaweedfs"
     description = "SeaweedFS `weed mini`: master, volume, filer and S3 gateway in Go"
     _PORTS = ("master", "volume", "filer", "s3", "admin")
+    # Set by a peer that reads this store without signing (nginx-cache):
+    # the bucket then answers anonymous GETs (an "anonymous" identity with
+    # Read on it in an -s3.config file; writes still need the keys).
+    anonymous_read = False
 
     def unavailable(self) -> str | None:
         if find_tool("weed", self.ctx.bin_dir) is None:
@@ -385,7 +425,21 @@ class SeaweedPeer(S3Peer):
             cmd += [f"-{comp}.port={self.ports[comp]}", f"-{comp}.port.grpc={self.grpc[comp]}"]
         # Only S3 is measured: no Iceberg/Lance catalogs, WebDAV or admin UI.
         cmd += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false"]
+        if self.anonymous_read:
+            conf = self.ctx.workdir / "s3.json"
+            conf.write_text(json.dumps(self.s3_identities()))
+            cmd.append(f"-s3.config={conf}")
         return cmd
+
+    def s3_identities(self) -> dict[str, object]:
+        admin = ["Admin", "Read", "Write", "List", "Tagging"]
+        creds = [{"accessKey": self.access_key, "secretKey": self.secret_key}]
+        return {
+            "identities": [
+                {"name": "bench", "credentials": creds, "actions": admin},
+                {"name": "anonymous", "actions": [f"Read:{self.ctx.bucket}"]},
+            ]
+        }
 
     def env(self) -> dict[str, str]:
         # weed mini takes its S3 identity from the AWS variables.
@@ -541,5 +595,246 @@ class ProxyMotoPeer(ProxyPeer):
     backing_cls = MotoPeer
 
 
+# ------------------------------------------------ caches in front of a store
+
+CACHE_CONFIG = """\
+# nearstore with its node-local chunk cache, fronting the {backing} peer.
+[[buckets]]
+name = "*"
+endpoint = "{endpoint}"
+region = "us-east-1"
+addressing = "path"
+access_key = "{access_key}"
+secret_key = "{secret_key}"
+
+[cache]
+enabled = true
+dir = "{cache_dir}"
+size = "{size}"
+chunk_size = "{chunk_size}"
+"""
+
+
+class CachePeer(ProxyPeer):
+    """nearstore with the chunk cache on, in front of a backing S3 peer.
+
+    One leg only (its own endpoint): the backing store is measured on its own
+    as a separate peer (``seaweedfs``). `clear_cache` stops the node, deletes
+    the cache directory and starts it again on the same port, so the next
+    read is cold (its metadata cache goes with the process).
+    """
+
+    legs = 1
+    cache_size = "8GiB"
+    chunk_size = "16MiB"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.ctx.workdir / "cache"
+
+    def start(self) -> None:
+        self.backing.start()
+        try:
+            self.ctx.workdir.mkdir(parents=True, exist_ok=True)
+            (self.ctx.workdir / "nearstore.toml").write_text(
+                CACHE_CONFIG.format(
+                    backing=self.backing.name,
+                    endpoint=self.backing.endpoint(),
+                    access_key=self.backing.access_key,
+                    secret_key=self.backing.secret_key,
+                    cache_dir=self.cache_dir,
+                    size=self.cache_size,
+                    chunk_size=self.chunk_size,
+                )
+            )
+            NearstorePeer.start(self)
+        except BaseException:
+            self.backing.stop()
+            raise
+
+    def clear_cache(self) -> None:
+        self.restart(lambda: shutil.rmtree(self.cache_dir, ignore_errors=True))
+
+    METRICS = {
+        "nearstore_cache_hits_total": "cache_hits",
+        "nearstore_cache_misses_total": "cache_misses",
+        "nearstore_bytes_from_backing_total": "backing_bytes",
+    }
+
+    def counters(self) -> dict[str, float]:
+        try:
+            url = f"{self.endpoint()}/_nearstore/metrics"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in self.METRICS:
+                out[self.METRICS[name]] = float(value)
+        return out
+
+
+@peer
+class CacheSeaweedPeer(CachePeer):
+    name = "nearstore-cache+seaweedfs"
+    description = "nearstore with its chunk cache on, fronting a SeaweedFS (weed mini)"
+    backing_cls = SeaweedPeer
+
+
+NGINX_CACHE_CONF = """\
+{user}worker_processes {workers};
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    sendfile on;
+    sendfile_max_chunk 0;
+    tcp_nopush off;  # "on" stalls kept-alive cache hits by 40 ms (MEASURED.md)
+    tcp_nodelay on;
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    default_type application/octet-stream;
+    client_body_temp_path {workdir}/tmp/body;
+    proxy_temp_path {workdir}/tmp/proxy;
+    fastcgi_temp_path {workdir}/tmp/fastcgi;
+    uwsgi_temp_path {workdir}/tmp/uwsgi;
+    scgi_temp_path {workdir}/tmp/scgi;
+    proxy_cache_path {cache} levels=1:2 keys_zone=bench:64m max_size={max_size}
+                     inactive=1d use_temp_path=off;
+    upstream backing {{
+        server {backing};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            # One cache entry per slice: a range or a whole object is served
+            # from (and filled in) slices of {slice}, like nearstore's chunks.
+            slice {slice};
+            proxy_cache bench;
+            proxy_cache_key $uri$slice_range;
+            proxy_set_header Range $slice_range;
+            proxy_cache_valid 200 206 1d;
+            proxy_cache_lock on;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffer_size 64k;
+            proxy_buffers 64 256k;
+            proxy_busy_buffers_size 1m;
+            add_header X-Cache-Status $upstream_cache_status;
+            proxy_pass http://backing;
+        }}
+        location = /_health {{ return 200 "ok"; }}
+    }}
+}}
+"""
+
+
+class NginxCachePeer(ProcessPeer):
+    """nginx proxy_cache + slice in front of a backing S3 peer.
+
+    nginx cannot sign S3 requests, so the backing bucket is made readable
+    anonymously (SeaweedFS: an -s3.config with an "anonymous" identity that
+    has Read on the bucket); the objects are uploaded with the keys as usual.
+    """
+
+    backing_cls: ClassVar[type[SeaweedPeer]]
+    workers = 2
+    slice = "16m"
+    max_size = "16g"
+
+    def __init__(self, ctx: PeerContext) -> None:
+        super().__init__(ctx)
+        self.backing = self.backing_cls(
+            PeerContext(ctx.workdir / "backing", ctx.data_dir, ctx.bucket, ctx.bin_dir)
+        )
+        self.backing.anonymous_read = True
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.ctx.workdir / "cache"
+
+    def unavailable(self) -> str | None:
+        why = self.backing.unavailable()
+        if why:
+            return f"backing store {self.backing.name}: {why}"
+        if find_tool("nginx", self.ctx.bin_dir) is None:
+            return "nginx is not installed (nearstore bench --setup installs it with apt)"
+        return None
+
+    def start(self) -> None:
+        self.backing.start()
+        try:
+            super().start()
+        except BaseException:
+            self.backing.stop()
+            raise
+
+    def command(self) -> list[str]:
+        nginx = find_tool("nginx", self.ctx.bin_dir)
+        assert nginx is not None
+        (self.ctx.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        conf = self.ctx.workdir / "nginx.conf"
+        conf.write_text(
+            NGINX_CACHE_CONF.format(
+                user="user root;\n" if os.geteuid() == 0 else "",
+                workers=self.workers,
+                workdir=self.ctx.workdir,
+                port=self.port,
+                cache=self.cache_dir,
+                max_size=self.max_size,
+                backing=self.backing.endpoint().removeprefix("http://"),
+                slice=self.slice,
+            )
+        )
+        return [nginx, "-p", str(self.ctx.workdir), "-c", str(conf), "-g", "daemon off;"]
+
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/_health"
+
+    def target(self) -> Target:
+        return Target("plain", self.endpoint(), self.ctx.bucket)
+
+    def load(self, objects: list[ObjectSpec], files: dict[str, Path]) -> None:
+        self.backing.load(objects, files)
+        # The anonymous read nginx relies on: fail here, not in every run.
+        if objects:
+            url = f"{self.backing.endpoint()}/{self.ctx.bucket}/{quote(objects[0].key)}"
+            req = urllib.request.Request(url, method="HEAD")
+            try:
+                urllib.request.urlopen(req, timeout=10).close()
+            except OSError as exc:
+                raise PeerFailed(f"anonymous read of {url} refused: {exc}") from exc
+
+    def clear_cache(self) -> None:
+        self.restart(lambda: shutil.rmtree(self.cache_dir, ignore_errors=True))
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            self.backing.stop()
+
+    def version(self) -> str:
+        nginx = find_tool("nginx", self.ctx.bin_dir)
+        mine = _run_quiet([nginx, "-v"])[1] if nginx else ""
+        return f"{mine} proxy_cache slice {self.slice} -> {self.backing.version()}"
+
+
+@peer
+class NginxCacheSeaweedPeer(NginxCachePeer):
+    name = "nginx-cache+seaweedfs"
+    description = "nginx proxy_cache + slice 16m fronting a SeaweedFS bucket (anonymous read)"
+    backing_cls = SeaweedPeer
+
+
 # "->" reads well but is a redirection in a shell: accepted, never required.
-PEER_ALIASES = {"nearstore->seaweedfs": "nearstore+seaweedfs", "nearstore->moto": "nearstore+moto"}
+PEER_ALIASES = {
+    "nearstore->seaweedfs": "nearstore+seaweedfs",
+    "nearstore->moto": "nearstore+moto",
+    "nearstore-cache->seaweedfs": "nearstore-cache+seaweedfs",
+    "nginx-cache->seaweedfs": "nginx-cache+seaweedfs",
+}

@@ -17,7 +17,7 @@ from bench.runner import CaseResult, Results, ratio_direction
 from bench.scenarios import LOWER_IS_BETTER, METRIC_UNITS
 from bench.stats import Stat
 
-PEER_ORDER = ["nginx", "seaweedfs", "moto"]
+PEER_ORDER = ["nginx", "nginx-cache+seaweedfs", "seaweedfs", "moto"]
 
 
 def _fmt(metric: str, v: float) -> str:
@@ -126,13 +126,67 @@ def cpu_table(results: Results) -> str:
             if cr is None or "server_cpu" not in cr.summary:
                 cells.append("-")
                 continue
-            parts = [cr.summary.get(m) for m in ("client_cpu", "server_cpu", "machine_cpu")]
+            server = ("gateway_cpu", "backing_cpu") if "gateway_cpu" in cr.summary else (
+                "server_cpu",)  # fmt: skip
+            parts = [cr.summary.get(m) for m in ("client_cpu", *server, "machine_cpu")]
             cells.append("/".join("?" if s is None else f"{s.median:.2f}" for s in parts))
         lines.append(f"| {cid} | " + " | ".join(cells) + " |")
     return (
         "CPU, cores busy (median): load generator / server processes / whole machine "
-        f"(of {results.machine.get('cores', '?')}):\n\n" + "\n".join(lines)
+        f"(of {results.machine.get('cores', '?')}); a peer with a backing store beside it "
+        "shows load generator / front (nearstore or nginx) / backing store / whole machine:"
+        "\n\n" + "\n".join(lines)
     )
+
+
+def counters_table(results: Results) -> str:
+    """Cache counters per run (median) of the peers that export them."""
+    lines: list[str] = []
+    for p in results.peers:
+        rows = []
+        for cid in results.case_order:
+            cr = p.cases.get(cid)
+            if cr is None or "cache_hits" not in cr.summary:
+                continue
+            hits, misses = cr.summary["cache_hits"].median, cr.summary["cache_misses"].median
+            back = cr.summary.get("backing_bytes")
+            mib = f"{back.median / (1 << 20):,.0f}" if back is not None else "?"
+            rows.append(f"| {cid} | {hits:,.0f} | {misses:,.0f} | {mib} |")
+        if rows:
+            lines += [
+                f"{p.name}, its cache counters per measured run (median):",
+                "",
+                "| case | hits | misses | MiB from the backing store |",
+                "|---|---|---|---|",
+                *rows,
+                "",
+            ]
+    return "\n".join(lines).rstrip()
+
+
+def peer_goal_table(results: Results) -> str:
+    """Targets between peers (the `cache` scenario): subject / reference."""
+    if not results.peer_goals:
+        return ""
+    lines = [
+        "Targets between peers (same run, same case; subject / reference of the median):",
+        "",
+        "| case | figure | subject | reference | subject's | reference's | ratio | target | met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results.peer_goals:
+        met = "" if r.goal == "" else (
+            "not judged (reference missing)" if r.met is None
+            else ("met" if r.met else "**not met**"))  # fmt: skip
+        lines.append(
+            f"| {r.case} | {METRIC_UNITS.get(r.metric, r.metric)} | {r.subject} | {r.reference} | "
+            f"{fmt_stat(r.metric, r.value)} | {fmt_stat(r.metric, r.ref_value)} | "
+            f"{fmt_ratio(r.ratio)} | {r.goal or '(no target)'} | {met} |"
+        )
+    judged = [r for r in results.peer_goals if r.goal and r.met is not None]
+    if judged:
+        lines += ["", f"Targets met: {sum(1 for r in judged if r.met)} of {len(judged)}."]
+    return "\n".join(lines)
 
 
 def overhead_table(results: Results) -> str:
@@ -250,6 +304,12 @@ def render(results: Results) -> str:
     overhead = overhead_table(results)
     if overhead:
         lines += ["", overhead]
+    goals = peer_goal_table(results)
+    if goals:
+        lines += ["", goals]
+    counters = counters_table(results)
+    if counters:
+        lines += ["", counters]
     lines += ["", generator_table(results)]
     lines += ["", "Headline ratios:"]
     lines += [f"- {h}" for h in headline(results)]
@@ -295,7 +355,14 @@ def write_plot(results: Results, path: Path) -> str | None:
     ncols = 4
     nrows = max(1, math.ceil(len(cases) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
-    colors = {"nginx": "#777777", "seaweedfs": "#3b7dd8", "moto": "#e0a030", "nearstore": "#2a9d55"}
+    colors = {
+        "nginx": "#777777",
+        "seaweedfs": "#3b7dd8",
+        "moto": "#e0a030",
+        "nearstore": "#2a9d55",
+        "nginx-cache+seaweedfs": "#aaaaaa",
+        "nearstore-cache+seaweedfs": "#1f7a42",
+    }
     for ax, cid in zip(axes.flat, cases, strict=False):
         metric = ""
         xs, heights, lo, hi, color = [], [], [], [], []

@@ -47,6 +47,7 @@ from bench.peers import (
 )
 from bench.procs import TreeMonitor, tail, timed
 from bench.scenarios import (
+    COLD_DURATION_S,
     LOWER_IS_BETTER,
     Case,
     Goal,
@@ -139,6 +140,22 @@ class Results:
     generator_note: str = ""
     case_order: list[str] = field(default_factory=list)
     overhead: list[OverheadRow] = field(default_factory=list)
+    peer_goals: list[PeerGoalRow] = field(default_factory=list)
+
+
+@dataclass
+class PeerGoalRow:
+    """One figure of one case, subject peer against a reference peer."""
+
+    case: str
+    metric: str
+    subject: str
+    reference: str
+    value: Stat | None
+    ref_value: Stat | None
+    ratio: float | None
+    goal: str
+    met: bool | None
 
 
 def machine_info() -> dict[str, str]:
@@ -248,9 +265,12 @@ class Runner:
         self.calibration: list[GeneratorCase] = []
         self.calibration_note = ""
 
+    def case_steps(self, case: Case) -> int:
+        return self.plan.runs + (1 if self.plan.warmup and not case.cold else 0)
+
     def steps_per_peer(self, name: str = "") -> int:
         legs = getattr(PEERS.get(name), "legs", 1)
-        return legs * len(self.cases) * (self.plan.runs + (1 if self.plan.warmup else 0))
+        return legs * sum(self.case_steps(c) for c in self.cases)
 
     def total_steps(self) -> int:
         return sum(self.steps_per_peer(n) for n in self.peer_names)
@@ -282,6 +302,7 @@ class Runner:
         results.generator_note = self.calibration_note
         results.ratios = compute_ratios(results, self.subject)
         results.overhead = compute_overhead(results, self.cases)
+        results.peer_goals = compute_peer_goals(results, self.cases)
         results.elapsed_s = time.monotonic() - t0
         return results
 
@@ -295,8 +316,9 @@ class Runner:
     ) -> PeerResult:
         pr = PeerResult(peer.name, peer.description, "ok")
         steps = self.steps_per_peer(peer.name)
-        if isinstance(peer, ProxyPeer):
-            pr.backing = peer.backing.name
+        backing = _backing(peer)
+        if backing is not None:
+            pr.backing = backing.name
         reason = peer.unavailable()
         if reason:
             pr.status, pr.reason = "skipped", reason
@@ -323,7 +345,7 @@ class Runner:
             raise
         try:
             legs = [Leg("", peer.target())]
-            if isinstance(peer, ProxyPeer):
+            if isinstance(peer, ProxyPeer) and peer.legs > 1:
                 legs = [Leg("direct", peer.direct_target()), Leg("through", peer.target())]
             for case in self.cases:
                 dead = _dead(peer)
@@ -339,12 +361,14 @@ class Runner:
                 progress("nginx: calibrating the load generator")
                 self.calibration, self.calibration_note = self._calibrate(legs[-1].target)
         finally:
+            if isinstance(peer, ProcessPeer):
+                pr.peak_rss_bytes = peer.peak_rss_bytes()
+                pr.processes = peer.past_processes
             if peer.monitor is not None:
-                pr.peak_rss_bytes = peer.monitor.peak_rss_bytes()
-                pr.processes = peer.monitor.processes()
+                pr.processes += peer.monitor.processes()
             peer.stop()
             self._cleanup(peer)
-        done = sum(1 for _ in pr.cases) * (self.plan.runs + (1 if self.plan.warmup else 0))
+        done = sum(self.case_steps(c) for c in self.cases if c.id in pr.cases)
         tick(steps - done * (2 if pr.direct else 1))
         return pr
 
@@ -368,7 +392,14 @@ class Runner:
             for _ in legs
         ]
         max_req = min(self.plan.max_requests, case.max_requests or self.plan.max_requests)
-        runs = ([True] if self.plan.warmup else []) + [False] * self.plan.runs
+        warmup = self.plan.warmup and not case.cold
+        runs = ([True] if warmup else []) + [False] * self.plan.runs
+        if case.prime:
+            # One full read of every key, unmeasured: the caches are warm.
+            for leg in legs:
+                keys = case.spec.keys
+                prime = JobSpec("get", min(4, len(keys)), keys, case.spec.object_size)
+                self.gen.run(prime.job(leg.target, COLD_DURATION_S, len(keys), seed=999))
         all_monitors = _monitors(peer)
         stopped = False
         for i, warm in enumerate(runs):
@@ -377,8 +408,19 @@ class Runner:
                 order.reverse()
             for li in order:
                 leg, cr = legs[li], crs[li]
+                if case.cold:
+                    try:
+                        peer.clear_cache()
+                    except PeerFailed as exc:
+                        cr.first_error = cr.first_error or f"clearing the cache: {exc}"
+                        stopped = True
+                        break
+                    all_monitors = _monitors(peer)  # a restart makes new ones
                 duration = self.plan.warmup_s if warm else self.plan.duration_s
+                if case.duration_s is not None:
+                    duration = max(duration, case.duration_s)
                 job = case.spec.job(leg.target, duration, max_req, seed=1000 + i)
+                counters0 = peer.counters()
                 cpu0 = [_cpu(m) for m in all_monitors]
                 busy0 = machine_busy_s()
                 t0 = time.perf_counter()
@@ -395,7 +437,11 @@ class Runner:
                 # Server CPU: every server process of the peer (the gateway
                 # and its backing store, on either leg: both are the server).
                 m = run_metrics(r, sum(cpu), busy, span)
-                if len(legs) > 1 and span > 0:
+                counters1 = peer.counters()
+                for k, v in counters1.items():
+                    if k in counters0:
+                        m[k] = v - counters0[k]
+                if len(all_monitors) > 1 and span > 0:
                     m["gateway_cpu"] = cpu[0] / span
                     m["backing_cpu"] = sum(cpu[1:]) / span
                 cr.runs.append(m)
@@ -427,6 +473,9 @@ class Runner:
                 JobSpec("get", 64, small_keys(small, plan.small_objects), small),
             ),
         ]
+        # Only loads whose objects this run wrote (e.g. not with `cache` alone).
+        have = {o.key for o in objects_for(self.cases)}
+        loads = [(label, spec) for label, spec in loads if set(spec.keys) <= have]
         wrk = find_tool("wrk", self.bin_dir)
         out: list[GeneratorCase] = []
         for label, spec in loads:
@@ -523,6 +572,29 @@ def compute_overhead(results: Results, cases: list[Case]) -> list[OverheadRow]:
     return rows
 
 
+def compute_peer_goals(results: Results, cases: list[Case]) -> list[PeerGoalRow]:
+    """Each case's peer goals where its subject ran (the reference may not)."""
+    peers = {p.name: p for p in results.peers if p.status == "ok"}
+    rows: list[PeerGoalRow] = []
+    for case in cases:
+        for g in case.peer_goals:
+            subj = peers.get(g.subject)
+            if subj is None or case.id not in subj.cases:
+                continue
+            ref = peers.get(g.reference)
+            v = subj.cases[case.id].summary.get(g.metric)
+            rcr = ref.cases.get(case.id) if ref is not None else None
+            rv = rcr.summary.get(g.metric) if rcr is not None else None
+            ratio = v.median / rv.median if v and rv and rv.median > 0 else None
+            # Without the reference's figure the goal is not judged (None).
+            met: bool | None = None
+            if rv is not None and g.ratio_min is not None:
+                met = v is not None and g.met(v.median, rv.median) is True
+            rows.append(PeerGoalRow(case.id, g.metric, g.subject, g.reference, v, rv,
+                                    ratio, g.text if g.ratio_min is not None else "", met))  # fmt: skip
+    return rows
+
+
 def ratio_direction(metric: str) -> str:
     return "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
 
@@ -535,10 +607,17 @@ class Leg:
     target: Target
 
 
+def _backing(peer: Peer) -> ProcessPeer | None:
+    """The backing store a gateway or cache peer runs beside it, if any."""
+    backing = getattr(peer, "backing", None)
+    return backing if isinstance(backing, ProcessPeer) else None
+
+
 def _monitors(peer: Peer) -> list[TreeMonitor | None]:
     """The peer's process trees: its own first, then its backing store's."""
-    if isinstance(peer, ProxyPeer):
-        return [peer.monitor, peer.backing.monitor]
+    backing = _backing(peer)
+    if backing is not None:
+        return [peer.monitor, backing.monitor]
     return [peer.monitor]
 
 
@@ -550,8 +629,9 @@ def _dead(peer: Peer) -> str:
     procs: list[ProcessPeer] = []
     if isinstance(peer, ProcessPeer):
         procs.append(peer)
-    if isinstance(peer, ProxyPeer):
-        procs.append(peer.backing)
+    backing = _backing(peer)
+    if backing is not None:
+        procs.append(backing)
     for p in procs:
         if p.proc is not None:
             rc = p.proc.poll()

@@ -102,6 +102,23 @@ class Goal:
 
 
 @dataclass(frozen=True)
+class PeerGoal:
+    """subject / reference of one figure on one case, at least ratio_min
+    (None: shown for information, no target)."""
+
+    metric: Metric
+    subject: str
+    reference: str
+    ratio_min: float | None
+    text: str
+
+    def met(self, subject: float, reference: float) -> bool | None:
+        if self.ratio_min is None:
+            return None
+        return reference > 0 and subject / reference >= self.ratio_min
+
+
+@dataclass(frozen=True)
 class Case:
     scenario: str
     label: str
@@ -115,6 +132,15 @@ class Case:
     # through / direct of the figure at least `ratio_min`, or through - direct
     # at most `delta_max` (in the figure's unit).
     goals: tuple[Goal, ...] = ()
+    # Cold cases: the peer's cache is emptied (Peer.clear_cache) before every
+    # run, there is no warm-up, and a run reads each key once (max_requests
+    # = len(keys), duration_s long enough for that).
+    cold: bool = False
+    # Read every key once before the case's runs (unmeasured): a warm cache.
+    prime: bool = False
+    duration_s: float | None = None  # longer than the plan's, if set
+    # Targets between two peers on this case (the `cache` scenario).
+    peer_goals: tuple[PeerGoal, ...] = ()
 
     @property
     def id(self) -> str:
@@ -288,6 +314,85 @@ def proxy(plan: Plan) -> list[Case]:
             goals=(Goal("p50_ms", delta_max=PROXY_P50_DELTA_MAX_MS),),
         )
     )
+    return cases
+
+
+# The issue "Node-local chunk cache": its targets, nearstore-cache+seaweedfs
+# against the peers of the same run.
+CACHE_SUBJECT = "nearstore-cache+seaweedfs"
+CACHE_WARM_VS_NGINX = 0.9  # warm, objects >= 16 MiB, GB/s vs nginx static
+CACHE_WARM_VS_NGINX_CACHE = 1.0  # warm, large objects, vs nginx proxy_cache
+CACHE_SMALL_VS_NGINX = 0.5  # warm 64 KiB req/s vs nginx static
+CACHE_COLD_VS_BACKING = 0.9  # cold GB/s vs the backing store read directly
+CACHE_LARGE_MIN = 16 * 1024 * 1024
+COLD_DURATION_S = 600.0  # cold runs stop after reading each key once
+
+
+def cache_keys(size: int, count: int) -> tuple[str, ...]:
+    return tuple(f"cache/{fmt_size(size).replace(' ', '')}/{i:03d}" for i in range(count))
+
+
+@scenario(
+    "cache",
+    "node-local cache: cold GET (cache emptied before each run) and warm GET, "
+    "large GB/s and 64 KiB req/s (with nearstore-cache+<store>, nginx-cache+<store>)",
+)
+def cache(plan: Plan) -> list[Case]:
+    """Cold and warm whole-object GETs, then warm small-object req/s.
+
+    A cold run reads each of its keys once, right after the peer's cache was
+    emptied (peers without a cache simply serve them: nginx static and the
+    backing store read directly are the references). A warm case first reads
+    every key once, then runs as usual. Each run of an object case reads
+    max(streams, cache_run_bytes / size) distinct objects.
+    """
+    s = CACHE_SUBJECT
+    cases: list[Case] = []
+    for size in plan.cache_sizes:
+        sz = fmt_size(size)
+        for c in plan.cache_concurrency:
+            n = max(c, -(-plan.cache_run_bytes // size))
+            keys = cache_keys(size, n)
+            objs = tuple(ObjectSpec(k, size) for k in keys)
+            spec = JobSpec("get", c, keys=keys, object_size=size)
+            cold_goal = PeerGoal("gbps", s, "seaweedfs", CACHE_COLD_VS_BACKING,
+                                 "cold >= 0.9 x SeaweedFS direct")  # fmt: skip
+            warm_goals: tuple[PeerGoal, ...] = ()
+            if size >= CACHE_LARGE_MIN:
+                warm_goals = (
+                    PeerGoal("gbps", s, "nginx", CACHE_WARM_VS_NGINX, "warm >= 0.9 x nginx static"),
+                    PeerGoal(
+                        "gbps",
+                        s,
+                        "nginx-cache+seaweedfs",
+                        CACHE_WARM_VS_NGINX_CACHE,
+                        "warm >= 1.0 x nginx proxy_cache warm",
+                    ),
+                )
+            cases.append(
+                Case("cache", f"cold {sz} x{c}", spec, "gbps", ("gbps", "p50_ms"), objs,
+                     note=f"{n} object(s) of {sz} read once per run, cache emptied before each",
+                     max_requests=n, cold=True, duration_s=COLD_DURATION_S,
+                     peer_goals=(cold_goal, PeerGoal("gbps", s, "nginx-cache+seaweedfs", None,
+                                                     "cold vs nginx proxy_cache cold")))
+            )  # fmt: skip
+            cases.append(
+                Case("cache", f"warm {sz} x{c}", spec, "gbps", ("gbps",), objs, prime=True,
+                     peer_goals=warm_goals)
+            )  # fmt: skip
+    size = plan.cache_small_size
+    keys = small_keys(size, plan.small_objects)
+    objs = tuple(ObjectSpec(k, size) for k in keys)
+    for c in plan.cache_small_concurrency:
+        spec = JobSpec("get", c, keys=keys, object_size=size)
+        goals = (
+            PeerGoal("rps", s, "nginx", CACHE_SMALL_VS_NGINX, "warm >= 0.5 x nginx static"),
+            PeerGoal("rps", s, "nginx-cache+seaweedfs", None, "warm vs nginx proxy_cache warm"),
+        )
+        cases.append(
+            Case("cache", f"warm {fmt_size(size)} x{c}", spec, "rps",
+                 ("rps", "p50_ms", "p99_ms"), objs, prime=True, peer_goals=goals)
+        )  # fmt: skip
     return cases
 
 
