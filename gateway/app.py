@@ -433,6 +433,7 @@ async def _run(cfg: Config) -> None:
     app = build_app(cfg)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.shutdown_timeout)
     workers: list[subprocess.Popen[bytes]] = []
+    supervisor: asyncio.Future[None] | None = None
     await runner.setup()
     try:
         site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_context(cfg),
@@ -442,12 +443,16 @@ async def _run(cfg: Config) -> None:
             _announce(cfg)
             workers = _start_workers(cfg)
         stop = asyncio.Event()
+        if workers:
+            supervisor = asyncio.ensure_future(_supervise(cfg, workers, stop))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         if not cfg.worker:
             print("nearstore: shutting down; finishing in-flight requests", file=sys.stderr, flush=True)
+            if supervisor is not None:
+                supervisor.cancel()
             await _stop_workers(workers, cfg.shutdown_timeout)
         # Stop accepting, then let in-flight requests finish *before*
         # aiohttp's cleanup: its shutdown marks every connection closing and
@@ -463,14 +468,30 @@ async def _run(cfg: Config) -> None:
         await runner.cleanup()
 
 
+def _worker_argv(cfg: Config) -> list[str]:
+    argv = [sys.executable, "-m", "gateway.cli", *sys.argv[1:], "--worker"]
+    if "--workers" not in sys.argv:
+        argv += ["--workers", str(cfg.workers)]
+    return argv
+
+
+async def _supervise(cfg: Config, procs: list[subprocess.Popen[bytes]], stop: asyncio.Event) -> None:
+    """Restart a worker that died (crash, OOM kill) while the node runs;
+    at most one restart a second per worker, so a worker that cannot start
+    does not spin."""
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        for i, p in enumerate(procs):
+            if p.poll() is not None and not stop.is_set():
+                log.error("worker %d exited with %s; starting another", p.pid, p.returncode)
+                procs[i] = subprocess.Popen(_worker_argv(cfg))
+
+
 def _start_workers(cfg: Config) -> list[subprocess.Popen[bytes]]:
     """The owner starts workers-1 more processes serving the same port."""
     if cfg.workers <= 1:
         return []
-    argv = [sys.executable, "-m", "gateway.cli", *sys.argv[1:], "--worker"]
-    if "--workers" not in sys.argv:
-        argv += ["--workers", str(cfg.workers)]
-    procs = [subprocess.Popen(argv) for _ in range(cfg.workers - 1)]
+    procs = [subprocess.Popen(_worker_argv(cfg)) for _ in range(cfg.workers - 1)]
     print(f"nearstore: {cfg.workers} processes serve the port (pids {os.getpid()} owner, "
           f"{', '.join(str(p.pid) for p in procs)})", file=sys.stderr, flush=True)
     return procs

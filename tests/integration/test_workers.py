@@ -80,8 +80,13 @@ def _pids_serving(url: str, want: int, timeout: float = 20) -> set[int]:
     pids: set[int] = set()
     deadline = time.monotonic() + timeout
     while len(pids) < want and time.monotonic() < deadline:
-        with urllib.request.urlopen(url + "/_nearstore/health", timeout=5) as r:
-            pids.add(json.loads(r.read())["pid"])
+        try:
+            with urllib.request.urlopen(url + "/_nearstore/health", timeout=5) as r:
+                pids.add(json.loads(r.read())["pid"])
+        except OSError:
+            # A connection queued on a process that just died is reset (the
+            # kernel's SO_REUSEPORT behaviour); the next one goes elsewhere.
+            pass
         time.sleep(0.02)
     return pids
 
@@ -139,5 +144,23 @@ def test_cache_across_workers_is_consistent(tmp_path: Path, moto: str) -> None:
         metrics = urllib.request.urlopen(url + "/_nearstore/metrics", timeout=5).read().decode()
         hits = [line for line in metrics.splitlines() if line.startswith("nearstore_cache_hits_total")]
         assert hits and float(hits[0].split()[1]) > 0
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.timeout(90)
+def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
+    proc, url = _node(tmp_path, None, workers=2)
+    try:
+        pids = _pids_serving(url, 2)
+        worker = next(p for p in pids if p != proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        replaced: set[int] = set()
+        while time.monotonic() < deadline:
+            replaced = _pids_serving(url, 2, timeout=2)
+            if len(replaced) == 2 and worker not in replaced:
+                break
+        assert len(replaced) == 2 and worker not in replaced, replaced
     finally:
         _stop(proc)
