@@ -446,9 +446,12 @@ def test_cache_dir_under_regular_file_reads_from_backing(
 
 @pytest.mark.timeout(90)
 def test_kill9_during_fills_restarts_clean(make_node: NodeFactory, backing: Any, bucket: str) -> None:
-    node = make_node()
-    size = 4 * MiB
-    objs = put_objects(backing, bucket, "k/", 6, size)
+    # Big chunks of big objects: moto re-reads the whole object for every
+    # ranged GET, so each fill takes tens of milliseconds and the kill
+    # reliably lands while some are in flight.
+    node = make_node(chunk_size="8MiB", size="256MiB")
+    size = 24 * MiB
+    objs = put_objects(backing, bucket, "k/", 4, size)
     keys = sorted(objs)
     results: list[str] = []
     lock = threading.Lock()
