@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import errors
 
@@ -97,45 +99,50 @@ def _etag_matches(header: str, etag: str) -> bool:
     return False
 
 
-def check_read_conditions(headers: Mapping[str, str], etag: str, last_modified: float) -> None:
-    """Raise PreconditionFailed (412) or NotModified (304), or return."""
+def _evaluate(
+    headers: Mapping[str, str],
+    etag: str,
+    last_modified: float,
+    prefix: str,
+    not_modified: Callable[[str], errors.S3Error],
+) -> None:
+    """The precedence both families share (module docstring); ``prefix`` is
+    "" for GET/HEAD and "x-amz-copy-source-" for a copy's source, and
+    ``not_modified`` builds the error for the two "not modified" cases."""
     lm = int(last_modified)
-    if_match = headers.get("If-Match")
+    if not isinstance(headers, (CIMultiDict, CIMultiDictProxy)):
+        headers = CIMultiDict(headers)  # header names are case-insensitive
+    if_match = headers.get(prefix + "If-Match")
     if if_match is not None:
         if not _etag_matches(if_match, etag):
-            raise errors.PreconditionFailed(Condition="If-Match")
+            raise errors.PreconditionFailed(Condition=prefix + "If-Match")
     else:
-        ius = parse_http_date(headers.get("If-Unmodified-Since"))
+        ius = parse_http_date(headers.get(prefix + "If-Unmodified-Since"))
         if ius is not None and lm > ius:
-            raise errors.PreconditionFailed(Condition="If-Unmodified-Since")
-    if_none_match = headers.get("If-None-Match")
+            raise errors.PreconditionFailed(Condition=prefix + "If-Unmodified-Since")
+    if_none_match = headers.get(prefix + "If-None-Match")
     if if_none_match is not None:
         if _etag_matches(if_none_match, etag):
-            raise errors.NotModified(headers={"ETag": etag, "Last-Modified": http_date(last_modified)})
+            raise not_modified(prefix + "If-None-Match")
     else:
-        ims = parse_http_date(headers.get("If-Modified-Since"))
-        if ims is not None and lm <= ims and ims <= time.time():
-            raise errors.NotModified(headers={"ETag": etag, "Last-Modified": http_date(last_modified)})
+        ims = parse_http_date(headers.get(prefix + "If-Modified-Since"))
+        # A date in the future is ignored (RFC 9110 13.1.3).
+        if ims is not None and lm <= ims and (prefix or ims <= time.time()):
+            raise not_modified(prefix + "If-Modified-Since")
+
+
+def check_read_conditions(headers: Mapping[str, str], etag: str, last_modified: float) -> None:
+    """Raise PreconditionFailed (412) or NotModified (304), or return."""
+
+    def not_modified(_: str) -> errors.S3Error:
+        return errors.NotModified(headers={"ETag": etag, "Last-Modified": http_date(last_modified)})
+
+    _evaluate(headers, etag, last_modified, "", not_modified)
 
 
 def check_copy_source_conditions(headers: Mapping[str, str], etag: str, last_modified: float) -> None:
     """x-amz-copy-source-if-*: every failure is 412 (a copy never answers
     304). S3 documents that if-match true + if-unmodified-since false, and
     if-none-match false + if-modified-since true, proceed."""
-    lm = int(last_modified)
-    if_match = headers.get("x-amz-copy-source-if-match")
-    if if_match is not None:
-        if not _etag_matches(if_match, etag):
-            raise errors.PreconditionFailed(Condition="x-amz-copy-source-If-Match")
-    else:
-        ius = parse_http_date(headers.get("x-amz-copy-source-if-unmodified-since"))
-        if ius is not None and lm > ius:
-            raise errors.PreconditionFailed(Condition="x-amz-copy-source-If-Unmodified-Since")
-    if_none_match = headers.get("x-amz-copy-source-if-none-match")
-    if if_none_match is not None:
-        if _etag_matches(if_none_match, etag):
-            raise errors.PreconditionFailed(Condition="x-amz-copy-source-If-None-Match")
-    else:
-        ims = parse_http_date(headers.get("x-amz-copy-source-if-modified-since"))
-        if ims is not None and lm <= ims:
-            raise errors.PreconditionFailed(Condition="x-amz-copy-source-If-Modified-Since")
+    _evaluate(headers, etag, last_modified, "x-amz-copy-source-",
+              lambda condition: errors.PreconditionFailed(Condition=condition))

@@ -47,7 +47,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -408,27 +408,43 @@ class LocalStore:
 
     # --- objects: writes ----------------------------------------------------
 
-    async def _receive(self, body: UploadBody, md5_only: bool = False) -> tuple[str, int]:
-        """Stream ``body`` into a new temporary file; fsync it. Returns the
-        temp path (relative to root) and the size. Removes the file if the
-        body fails any check or the client goes away."""
-        loop = asyncio.get_running_loop()
+    @contextlib.contextmanager
+    def _temp_file(self) -> Iterator[tuple[int, str]]:
+        """A new temporary file (descriptor, path relative to root): closed
+        when the block ends, and removed if the block fails. The caller
+        fsyncs, where it may block."""
         rel = f"tmp/{uuid.uuid4().hex}"
         path = self.root / rel
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-        size = 0
         try:
-            async for chunk in body.chunks():
-                await loop.run_in_executor(None, _write_all, fd, chunk)
-                size += len(chunk)
-            if self.fsync:
-                await loop.run_in_executor(None, os.fsync, fd)
+            yield fd, rel
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
         os.close(fd)
+
+    async def _publish_async(self, tmp_rel: str, dest_dir: str) -> str:
+        """_publish on the executor; the temp file is removed if it fails."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self._publish, tmp_rel, dest_dir)
+        except BaseException:
+            self._unlink(tmp_rel)
+            raise
+
+    async def _receive(self, body: UploadBody) -> tuple[str, int]:
+        """Stream ``body`` into a new temporary file; fsync it. Returns the
+        temp path (relative to root) and the size. Removes the file if the
+        body fails any check or the client goes away."""
+        loop = asyncio.get_running_loop()
+        size = 0
+        with self._temp_file() as (fd, rel):
+            async for chunk in body.chunks():
+                await loop.run_in_executor(None, _write_all, fd, chunk)
+                size += len(chunk)
+            if self.fsync:
+                await loop.run_in_executor(None, os.fsync, fd)
         return rel, size
 
     def _publish(self, tmp_rel: str, dest_dir: str) -> str:
@@ -506,12 +522,7 @@ class LocalStore:
         conditions = conditions or WriteConditions()
         await self.head_bucket(bucket)  # fail fast, before reading the body
         tmp_rel, size = await self._receive(body)
-        loop = asyncio.get_running_loop()
-        try:
-            rel = await loop.run_in_executor(None, self._publish, tmp_rel, "objects")
-        except BaseException:
-            self._unlink(tmp_rel)
-            raise
+        rel = await self._publish_async(tmp_rel, "objects")
         checksum = body.checksum
         info_json = _info_json(meta, (checksum[0], checksum[1], "FULL_OBJECT") if checksum else None)
         etag = f'"{body.md5_hex}"'
@@ -534,17 +545,10 @@ class LocalStore:
                 raise errors.PreconditionFailed(Condition="x-amz-copy-source-if-match")
             await self.head_bucket(dst_bucket)
             loop = asyncio.get_running_loop()
-            tmp_rel = f"tmp/{uuid.uuid4().hex}"
-            md5 = await loop.run_in_executor(
-                None, self._copy_range_to, src.fd, 0, src.info.size, tmp_rel
-            )
+            tmp_rel, md5 = await loop.run_in_executor(None, self._copy_range_to, src.fd, 0, src.info.size)
         finally:
             await src.close()
-        try:
-            rel = await loop.run_in_executor(None, self._publish, tmp_rel, "objects")
-        except BaseException:
-            self._unlink(tmp_rel)
-            raise
+        rel = await self._publish_async(tmp_rel, "objects")
         info = src.info
         if meta is None:
             meta = ObjectMeta(
@@ -562,14 +566,12 @@ class LocalStore:
             self._commit_object, dst_bucket, dst_key, rel, info.size, etag, info_json, tags, WriteConditions()
         )
 
-    def _copy_range_to(self, src_fd: int, start: int, length: int, tmp_rel: str) -> bytes:
+    def _copy_range_to(self, src_fd: int, start: int, length: int) -> tuple[str, bytes]:
         """Copy a byte range of an open file into a new temporary file,
-        fsync it, and return the MD5 of the bytes (needed for the ETag, so we
-        read them anyway rather than use copy_file_range)."""
+        fsync it, and return its path and the MD5 of the bytes (needed for
+        the ETag, so we read them anyway rather than use copy_file_range)."""
         md5 = hashlib.md5()
-        path = self.root / tmp_rel
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
+        with self._temp_file() as (fd, rel):
             pos, end = start, start + length
             while pos < end:
                 data = os.pread(src_fd, min(READ_CHUNK * 4, end - pos), pos)
@@ -580,13 +582,7 @@ class LocalStore:
                 pos += len(data)
             if self.fsync:
                 os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        os.close(fd)
-        return md5.digest()
+        return rel, md5.digest()
 
     async def delete_object(self, bucket: str, key: str) -> None:
         def q() -> str | None:
@@ -770,12 +766,7 @@ class LocalStore:
                 f"actual checksum Type: {body.checksum[0].lower()}"
             )
         tmp_rel, size = await self._receive(body)
-        loop = asyncio.get_running_loop()
-        try:
-            rel = await loop.run_in_executor(None, self._publish, tmp_rel, f"uploads/{upload_id}")
-        except BaseException:
-            self._unlink(tmp_rel)
-            raise
+        rel = await self._publish_async(tmp_rel, f"uploads/{upload_id}")
         md5 = bytes.fromhex(body.md5_hex)
         checksum = body.checksum[1] if body.checksum else None
         return await self._db(self._commit_part, bucket, key, upload_id, part_number, rel, size, md5, checksum)
@@ -803,9 +794,8 @@ class LocalStore:
                     "The specified copy range is invalid for the source object size",
                     ActualObjectSize=str(src.info.size),
                 )
-            tmp_rel = f"tmp/{uuid.uuid4().hex}"
-            md5 = await loop.run_in_executor(
-                None, self._copy_range_to, src.fd, start, end - start + 1, tmp_rel
+            tmp_rel, md5 = await loop.run_in_executor(
+                None, self._copy_range_to, src.fd, start, end - start + 1
             )
         finally:
             await src.close()
@@ -813,11 +803,7 @@ class LocalStore:
         alg = upload.meta.checksum_algorithm
         if alg:
             checksum = await loop.run_in_executor(None, self._file_checksum, tmp_rel, alg)
-        try:
-            rel = await loop.run_in_executor(None, self._publish, tmp_rel, f"uploads/{upload_id}")
-        except BaseException:
-            self._unlink(tmp_rel)
-            raise
+        rel = await self._publish_async(tmp_rel, f"uploads/{upload_id}")
         return await self._db(
             self._commit_part, bucket, key, upload_id, part_number, rel, end - start + 1, md5, checksum
         )
@@ -868,13 +854,8 @@ class LocalStore:
             raise errors.InvalidPartOrder()
         upload, chosen = await self._db(check)
         loop = asyncio.get_running_loop()
-        tmp_rel = f"tmp/{uuid.uuid4().hex}"
-        await loop.run_in_executor(None, self._concat, [c[0] for c in chosen], tmp_rel)
-        try:
-            rel = await loop.run_in_executor(None, self._publish, tmp_rel, "objects")
-        except BaseException:
-            self._unlink(tmp_rel)
-            raise
+        tmp_rel = await loop.run_in_executor(None, self._concat, [c[0] for c in chosen])
+        rel = await self._publish_async(tmp_rel, "objects")
         etag = '"' + hashlib.md5(b"".join(c[2] for c in chosen)).hexdigest() + f'-{len(chosen)}"'
         checksum: tuple[str, str, str] | None = None
         part_checksums: list[str] = []
@@ -915,12 +896,10 @@ class LocalStore:
         await loop.run_in_executor(None, self._remove_upload_dir, upload_id)
         return info
 
-    def _concat(self, rels: Sequence[str], tmp_rel: str) -> None:
+    def _concat(self, rels: Sequence[str]) -> str:
         """Concatenate part files into a new temporary file with
         copy_file_range (in-kernel, no copy through user space)."""
-        path = self.root / tmp_rel
-        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
+        with self._temp_file() as (out, tmp_rel):
             for rel in rels:
                 src = os.open(self.root / rel, os.O_RDONLY)
                 try:
@@ -939,12 +918,7 @@ class LocalStore:
                     os.close(src)
             if self.fsync:
                 os.fsync(out)
-        except BaseException:
-            os.close(out)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        os.close(out)
+        return tmp_rel
 
     def _remove_upload_dir(self, upload_id: str) -> None:
         d = self.root / "uploads" / upload_id
