@@ -15,6 +15,11 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 HITS = Counter("nearstore_cache_hits", "Chunk reads served from the cache", registry=REGISTRY)
 MISSES = Counter("nearstore_cache_misses", "Chunk reads that needed a fill", registry=REGISTRY)
 BYTES_FROM_CACHE = Counter("nearstore_bytes_from_cache", "Bytes sent to clients from cached chunks", registry=REGISTRY)
+BYTES_FROM_BACKING_STREAMED = Counter(
+    "nearstore_bytes_streamed_while_filling",
+    "Bytes sent to clients from chunks still being filled (cold reads)",
+    registry=REGISTRY,
+)
 BYTES_FROM_BACKING = Counter("nearstore_bytes_from_backing", "Bytes read from the backing store", registry=REGISTRY)
 FILLS_IN_FLIGHT = Gauge("nearstore_fills_in_flight", "Chunk fills in progress", registry=REGISTRY,
                         multiprocess_mode="livesum")

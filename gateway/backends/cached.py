@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 
 from cache import metrics
 from cache.store import (
@@ -65,6 +66,32 @@ class ObjectChanged(Exception):
     """The backing object's ETag changed under a read."""
 
 
+class FillProgress:
+    """How far a fill has written its temporary file: readers of a chunk
+    being filled stream from that file as it grows (the file is renamed,
+    not rewritten, when complete, so an open descriptor stays valid)
+    instead of waiting for the whole chunk."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.written = 0
+        self._event = asyncio.Event()
+
+    def advance(self, n: int) -> None:
+        self.written += n
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait(self, fill: asyncio.Future[Chunk]) -> None:
+        """Until the next write, or the end of the fill."""
+        waiter: asyncio.Future[object] = asyncio.ensure_future(self._event.wait())
+        waited: set[asyncio.Future[object]] = {waiter, fill}  # type: ignore[arg-type]
+        try:
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+
+
 class CachedBackend:
     """Wraps a backing store (see the module docstring)."""
 
@@ -87,6 +114,7 @@ class CachedBackend:
         self.meta: MetaCache[ObjectInfo] = MetaCache(meta_ttl)
         self._fills: dict[str, asyncio.Future[Chunk]] = {}
         self._fill_tasks: set[asyncio.Task[Chunk]] = set()
+        self.progress: dict[str, FillProgress] = {}
         # Multi-process node (see gateway.control): None when alone.
         self.control: Control | None = None
         self.follower = False
@@ -189,12 +217,15 @@ class CachedBackend:
         if pending is not None:
             return pending
         metrics.MISSES.inc()
-        task = asyncio.ensure_future(self._fill(cid, bucket, info, index))
+        progress = self.progress[cid] = FillProgress()
+        task = asyncio.ensure_future(self._fill(cid, bucket, info, index, progress))
         self._fills[cid] = task
         self._fill_tasks.add(task)
 
         def done(t: asyncio.Task[Chunk]) -> None:
             self._fills.pop(cid, None)
+            self.progress.pop(cid, None)
+            progress.advance(0)  # wake readers: the fill is over
             self._fill_tasks.discard(t)
             if not t.cancelled():
                 t.exception()  # retrieved: waiters get it through the future
@@ -228,7 +259,9 @@ class CachedBackend:
             raise ChunkMissing(cid)
         return c
 
-    async def _fill(self, cid: str, bucket: str, info: ObjectInfo, index: int) -> Chunk:
+    async def _fill(
+        self, cid: str, bucket: str, info: ObjectInfo, index: int, progress: FillProgress | None = None
+    ) -> Chunk:
         start = index * self.chunk_size
         length = min(self.chunk_size, info.size - start)
         loop = asyncio.get_running_loop()
@@ -247,10 +280,15 @@ class CachedBackend:
                 if src.info.etag and src.info.etag != info.etag:
                     raise ObjectChanged(info.key)
                 writer = await loop.run_in_executor(None, ChunkWriter, self.store.new_temp())
+                if progress is not None:
+                    progress.path = writer.path
+                    progress.advance(0)
                 try:
                     async for piece in src.read_range(start, length):
                         await loop.run_in_executor(None, writer.write, piece)
                         metrics.BYTES_FROM_BACKING.inc(len(piece))
+                        if progress is not None:
+                            progress.advance(len(piece))
                 except errors.PreconditionFailed:
                     # A resumed stream found another version: not the
                     # client's condition failing, the object changing.
@@ -405,16 +443,60 @@ class CachedHandle:
             fut = self._ahead[index] = self.cb.chunk(self.bucket, self.info, index)
         return fut
 
+    def _progress(self, index: int) -> FillProgress | None:
+        return self.cb.progress.get(self.cb._chunk_id(self.bucket, self.info, index))
+
     async def ready(self, index: int) -> None:
-        """Wait for one chunk (used before the response starts)."""
+        """Wait until a chunk is cached, or its fill has started streaming
+        (the backing store accepted the ranged GET with If-Match): used
+        before the response starts, so that a changed object or a backing
+        error is answered as such."""
+        fut = self._want(index)
+        progress = self._progress(index)
+        while progress is not None and progress.path is None and not fut.done():
+            await progress.wait(fut)
+        if not fut.done():
+            return
         try:
-            await asyncio.shield(self._want(index))
+            fut.result()
         except (ObjectChanged, errors.S3Error):
             # The backing store's own answer (503 after retries, 403 ...):
             # before the response starts, the client gets it as it is.
             raise
         except Exception:  # a cache fault: the read will serve it directly
             self._ahead.pop(index, None)
+
+    async def _stream_filling(
+        self, index: int, progress: FillProgress, lo: int, hi: int
+    ) -> AsyncIterator[FileSegment | bytes]:
+        """Bytes lo..hi of a chunk whose fill is in progress, from its
+        temporary file as it grows."""
+        fut = self._want(index)
+        assert progress.path is not None
+        fd = os.open(progress.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            pos = lo
+            while pos < hi:
+                available = min(progress.written, hi)
+                if available > pos:
+                    metrics.BYTES_FROM_BACKING_STREAMED.inc(available - pos)
+                    yield FileSegment(fd, pos, available - pos)
+                    pos = available
+                    continue
+                if fut.done():
+                    exc = fut.exception()
+                    if isinstance(exc, (ObjectChanged, errors.S3Error)) or exc is None:
+                        raise exc or OSError("fill ended short")
+                    # A cache fault mid-fill: the rest from the backing store.
+                    log.warning("cache fill of %s chunk %d failed (%s); finishing from the backing store",
+                                self.key, index, exc)
+                    metrics.FILL_ERRORS.inc()
+                    data = await self.cb.direct_chunk(self.bucket, self.info, index)
+                    yield data[pos:hi]
+                    return
+                await progress.wait(fut)
+        finally:
+            os.close(fd)
 
     async def segments(self, start: int, length: int) -> AsyncIterator[FileSegment | bytes]:
         if length <= 0:
@@ -428,6 +510,15 @@ class CachedHandle:
                 self._want(ahead)
             lo = max(start, index * cs) - index * cs
             hi = min(start + length, (index + 1) * cs) - index * cs
+            progress = self._progress(index)
+            if progress is not None and progress.path is not None and not self._want(index).done():
+                try:
+                    async for seg in self._stream_filling(index, progress, lo, hi):
+                        yield seg
+                    self._ahead.pop(index, None)
+                    continue
+                except FileNotFoundError:
+                    pass  # renamed into place meanwhile: read it as a cached chunk
             fd = await self._open(index, loop)
             if fd is None:
                 data = await self.cb.direct_chunk(self.bucket, self.info, index)

@@ -108,6 +108,7 @@ def delta(after: dict[str, float], before: dict[str, float], name: str) -> float
 HITS = "nearstore_cache_hits_total"
 MISSES = "nearstore_cache_misses_total"
 FROM_CACHE = "nearstore_bytes_from_cache_total"
+STREAMED = "nearstore_bytes_streamed_while_filling_total"
 FROM_BACKING = "nearstore_bytes_from_backing_total"
 EVICTIONS = "nearstore_cache_evictions_total"
 CHECKSUM_FAILURES = "nearstore_cache_checksum_failures_total"
@@ -153,7 +154,9 @@ def test_cold_then_warm_read(make_node: NodeFactory, backing: Any, bucket: str) 
     assert delta(m2, m1, FROM_BACKING) == 0
     # The backing store saw each chunk once over both reads.
     assert m2[FROM_BACKING] == size
-    assert m2[FROM_CACHE] == 2 * size
+    # A cold read streams each chunk from its file while it fills (counted
+    # apart); what it sends after a fill completed counts as from cache.
+    assert m2[FROM_CACHE] + m2.get(STREAMED, 0.0) == 2 * size
 
 
 @pytest.mark.timeout(60)
