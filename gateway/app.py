@@ -25,6 +25,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from aiohttp import HttpVersion11, http_exceptions, web, web_protocol
 
@@ -38,17 +39,20 @@ from gateway.backends.cached import CachedBackend
 from gateway.backends.local import LocalStore
 from gateway.backends.router import Router
 from gateway.backends.s3 import S3Upstream
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.control import Control
 from gateway.handlers.common import Ctx
 from gateway.request import S3Request, parse_query, split_target
 from gateway.routes import Handler, resolve
 from gateway.sendfile import ResponseAborted
 from gateway.xml import XML_DECL, escape
+from metadata.membership import Membership, start_health_checks, stop_health_checks
+from metadata.ring import Node
 
 log = logging.getLogger("nearstore")
 
 CONFIG_KEY = web.AppKey("config", Config)
+MEMBERSHIP_KEY = web.AppKey("membership", Membership)
 BACKEND_KEY = web.AppKey("backend", Backend)
 
 # S3 caps the request header section at 8 KiB (user metadata at 2 KiB);
@@ -247,6 +251,8 @@ async def admin(request: web.Request, path: str) -> web.StreamResponse:
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = content_type
         return resp
+    if path == "/_nearstore/ring" and request.method in ("GET", "HEAD"):
+        return web.json_response(request.app[MEMBERSHIP_KEY].describe())
     if path == "/_nearstore/warm" and request.method == "POST":
         return await warm_route(request)
     raise errors.NoSuchKey("No such administrative route", Key=path)
@@ -324,6 +330,27 @@ async def _control_ctx(app: web.Application) -> AsyncIterator[None]:
     await control.close()
 
 
+def make_membership(cfg: Config) -> Membership:
+    """The cluster as configured, or a ring of this node alone."""
+    if not cfg.cluster_peers:
+        me = f"{cfg.host}:{cfg.port}"
+        return Membership.static(me, [Node(me, f"http://{me}")])
+    nodes = [Node(urlsplit(url).netloc, url) for url in cfg.cluster_peers]
+    if cfg.node_id not in {n.id for n in nodes}:
+        raise ConfigError(f"[cluster] node_id {cfg.node_id!r} is not among the peers {[n.id for n in nodes]}")
+    return Membership.static(cfg.node_id, nodes)
+
+
+async def _membership_ctx(app: web.Application) -> AsyncIterator[None]:
+    m = app[MEMBERSHIP_KEY]
+    if not m.peers:
+        yield
+        return
+    task, session = await start_health_checks(m)
+    yield
+    await stop_health_checks(task, session)
+
+
 async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
     backend = app[BACKEND_KEY]
     await backend.start()
@@ -358,9 +385,11 @@ def build_app(cfg: Config, backend: Backend | None = None) -> web.Application:
     app = web.Application(handler_args=PARSER_LIMITS)
     app[CONFIG_KEY] = cfg
     app[INFLIGHT_KEY] = InFlight()
+    app[MEMBERSHIP_KEY] = make_membership(cfg)
     app[BACKEND_KEY] = backend or make_backend(cfg)
     app.cleanup_ctx.append(_backend_ctx)
     app.cleanup_ctx.append(_control_ctx)
+    app.cleanup_ctx.append(_membership_ctx)
     # [\s\S]: keys may contain newlines, which '.' would not match.
     app.router.add_route("*", r"/{tail:[\s\S]*}", front, expect_handler=expect_continue)
     return app

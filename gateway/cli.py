@@ -55,6 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         serve(cfg)
+    except config_mod.ConfigError as e:
+        print(f"nearstore: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         where = f"{cfg.host}:{cfg.port}" if e.errno in (98, 99, 13) else cfg.data_dir
         print(f"nearstore: cannot serve ({where}): {e}", file=sys.stderr)

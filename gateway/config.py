@@ -149,6 +149,10 @@ class Config:
     # eviction. ``worker`` is set in the processes the owner starts.
     workers: int = 1
     worker: bool = False
+    # [cluster]: the peers' base URLs (this node's own included) and this
+    # node's id among them (default: host:port of its own URL).
+    cluster_peers: list[str] = field(default_factory=list)
+    node_id: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -203,6 +207,12 @@ def load(
         names = [u.name for u in cfg.upstreams]
         if len(names) != len(set(names)):
             raise ConfigError("[[buckets]]: a bucket name is mapped twice")
+        cl = _section(doc, "cluster")
+        peers = cl.get("peers", [])
+        if not isinstance(peers, list) or not all(isinstance(x, str) for x in peers):
+            raise ConfigError("[cluster] peers is a list of URLs")
+        cfg.cluster_peers = [str(x).rstrip("/") for x in peers]
+        cfg.node_id = str(cl.get("node_id", ""))
         c = _section(doc, "cache")
         for name in ("enabled",):
             if name in c:
@@ -255,6 +265,8 @@ def load(
             setattr(cfg.cache, attr, parse_size(value) if attr in ("size", "chunk_size") else value)
         else:
             setattr(cfg, name, value)
+    if cfg.cluster_peers and not cfg.node_id:
+        cfg.node_id = f"{cfg.host}:{cfg.port}"
     if not cfg.cache.dir:
         cfg.cache.dir = os.path.join(cfg.data_dir, "cache")
     if cfg.cache.chunk_size < 64 * 1024 or cfg.cache.size < cfg.cache.chunk_size:
