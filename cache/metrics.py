@@ -20,6 +20,9 @@ BYTES_FROM_BACKING_STREAMED = Counter(
     "Bytes sent to clients from chunks still being filled (cold reads)",
     registry=REGISTRY,
 )
+BYTES_FROM_PEERS = Counter(
+    "nearstore_bytes_from_peers", "Bytes of chunks read from their owners on other nodes", registry=REGISTRY
+)
 BYTES_FROM_BACKING = Counter("nearstore_bytes_from_backing", "Bytes read from the backing store", registry=REGISTRY)
 FILLS_IN_FLIGHT = Gauge("nearstore_fills_in_flight", "Chunk fills in progress", registry=REGISTRY,
                         multiprocess_mode="livesum")

@@ -30,21 +30,24 @@ from urllib.parse import urlsplit
 from aiohttp import HttpVersion11, http_exceptions, web, web_protocol
 
 from cache.metrics import exposition as metrics_exposition
-from cache.store import ChunkStore
+from cache.store import ChunkCorrupt, ChunkMissing, ChunkStore, open_verified
 from cache.warm import WarmProgress, warm
 from gateway import errors
 from gateway.auth import AuthContext, SignedRequest, authenticate
 from gateway.backends.base import Backend, ObjectInfo
-from gateway.backends.cached import CachedBackend
+from gateway.backends.cached import CachedBackend, ObjectChanged
 from gateway.backends.local import LocalStore
 from gateway.backends.router import Router
 from gateway.backends.s3 import S3Upstream
+from gateway.cluster import AUTH_HEADER as PEER_AUTH_HEADER
+from gateway.cluster import ChunkFileHandle, Cluster
+from gateway.cluster import verify as verify_peer
 from gateway.config import Config, ConfigError
 from gateway.control import Control
 from gateway.handlers.common import Ctx
 from gateway.request import S3Request, parse_query, split_target
 from gateway.routes import Handler, resolve
-from gateway.sendfile import ResponseAborted
+from gateway.sendfile import ResponseAborted, send_body
 from gateway.xml import XML_DECL, escape
 from metadata.membership import Membership, start_health_checks, stop_health_checks
 from metadata.ring import Node
@@ -251,6 +254,8 @@ async def admin(request: web.Request, path: str) -> web.StreamResponse:
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = content_type
         return resp
+    if path.startswith("/_nearstore/peer/"):
+        return await peer_route(request, path)
     if path == "/_nearstore/ring" and request.method in ("GET", "HEAD"):
         return web.json_response(request.app[MEMBERSHIP_KEY].describe())
     if path == "/_nearstore/warm" and request.method == "POST":
@@ -320,10 +325,7 @@ async def _control_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     control = Control(cfg.data_dir, owner=not cfg.worker)
-    backend = app[BACKEND_KEY]
-    cached = [b for b in ([*backend.mapped.values(), backend.wildcard] if isinstance(backend, Router) else [backend])
-              if isinstance(b, CachedBackend)]
-    for b in cached:
+    for b in _cached_backends(app):
         b.attach(control)
     await control.start()
     yield
@@ -341,14 +343,72 @@ def make_membership(cfg: Config) -> Membership:
     return Membership.static(cfg.node_id, nodes)
 
 
+def _cached_backends(app: web.Application) -> list[CachedBackend]:
+    backend = app[BACKEND_KEY]
+    found = [*backend.mapped.values(), backend.wildcard] if isinstance(backend, Router) else [backend]
+    return [b for b in found if isinstance(b, CachedBackend)]
+
+
 async def _membership_ctx(app: web.Application) -> AsyncIterator[None]:
     m = app[MEMBERSHIP_KEY]
     if not m.peers:
         yield
         return
+    cluster = Cluster(m, app[CONFIG_KEY].cluster_secret)
+    await cluster.start()
+    for b in _cached_backends(app):
+        b.cluster = cluster
     task, session = await start_health_checks(m)
     yield
     await stop_health_checks(task, session)
+    await cluster.close()
+
+
+async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
+    """The cache peers' API (gateway.cluster); 403 without the secret."""
+    cfg = request.app[CONFIG_KEY]
+    raw = request.raw_path
+    if not verify_peer(cfg.cluster_secret, request.method, raw, request.headers.get(PEER_AUTH_HEADER)):
+        raise errors.AccessDenied("Peer authentication failed")
+    q = parse_query(raw.partition("?")[2])
+    bucket, key = q.get("bucket", ""), q.get("key", "")
+    backend = request.app[BACKEND_KEY]
+    target = backend.pick(bucket) if isinstance(backend, Router) else backend
+    if path == "/_nearstore/peer/invalidate" and request.method == "POST":
+        if isinstance(target, CachedBackend):
+            target.meta.invalidate(bucket, key)
+            if target.control is not None:
+                await target.control.broadcast_invalidate(bucket, key)
+        return web.Response(status=204)
+    if path != "/_nearstore/peer/chunk" or request.method != "GET":
+        raise errors.NoSuchKey("No such peer route", Key=path)
+    if not isinstance(target, CachedBackend):
+        raise errors.InvalidRequest(f"Bucket {bucket!r} is not served through the cache")
+    try:
+        size, index, start, end = (int(q[n]) for n in ("size", "index", "start", "end"))
+    except (KeyError, ValueError):
+        raise errors.InvalidArgument("size, index, start and end are integers") from None
+    info = ObjectInfo(key=key, size=size, etag=q.get("etag", ""), last_modified=0.0)
+    try:
+        chunk = await target.chunk(bucket, info, index)
+    except ObjectChanged:
+        raise errors.PreconditionFailed(Condition="If-Match") from None
+    if not 0 <= start <= end <= chunk.size:
+        raise errors.InvalidRange(ActualObjectSize=str(chunk.size))
+    loop = asyncio.get_running_loop()
+    try:
+        fd = await loop.run_in_executor(None, open_verified, target.store.path(chunk), chunk.checksum, chunk.size)
+    except (ChunkCorrupt, ChunkMissing):
+        target.store.discard(chunk)
+        raise errors.ServiceUnavailable("Chunk failed verification; ask again", headers={"Retry-After": "0"}) from None
+    handle = ChunkFileHandle(fd, start, end)
+    try:
+        resp = web.StreamResponse(status=200)
+        resp.content_length = end - start
+        await send_body(request, resp, handle, start, end - start)
+        return resp
+    finally:
+        await handle.close()
 
 
 async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:

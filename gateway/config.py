@@ -153,6 +153,7 @@ class Config:
     # node's id among them (default: host:port of its own URL).
     cluster_peers: list[str] = field(default_factory=list)
     node_id: str = ""
+    cluster_secret: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -213,6 +214,7 @@ def load(
             raise ConfigError("[cluster] peers is a list of URLs")
         cfg.cluster_peers = [str(x).rstrip("/") for x in peers]
         cfg.node_id = str(cl.get("node_id", ""))
+        cfg.cluster_secret = str(cl.get("secret", ""))
         c = _section(doc, "cache")
         for name in ("enabled",):
             if name in c:
@@ -265,8 +267,12 @@ def load(
             setattr(cfg.cache, attr, parse_size(value) if attr in ("size", "chunk_size") else value)
         else:
             setattr(cfg, name, value)
+    if env.get("NEARSTORE_CLUSTER_SECRET"):
+        cfg.cluster_secret = env["NEARSTORE_CLUSTER_SECRET"]
     if cfg.cluster_peers and not cfg.node_id:
         cfg.node_id = f"{cfg.host}:{cfg.port}"
+    if len(cfg.cluster_peers) > 1 and not cfg.cluster_secret:
+        raise ConfigError("[cluster] needs a shared secret (secret = ... or NEARSTORE_CLUSTER_SECRET)")
     if not cfg.cache.dir:
         cfg.cache.dir = os.path.join(cfg.data_dir, "cache")
     if cfg.cache.chunk_size < 64 * 1024 or cfg.cache.size < cfg.cache.chunk_size:

@@ -28,6 +28,8 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
+import aiohttp
+
 from cache import metrics
 from cache.store import (
     Chunk,
@@ -55,9 +57,11 @@ from gateway.backends.base import (
     UploadInfo,
     WriteConditions,
 )
+from gateway.cluster import Cluster, PeerFailed
 from gateway.conditions import parse_range
 from gateway.control import Control
 from metadata.objects import MetaCache
+from metadata.ring import Node
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,8 @@ class CachedBackend:
         self.progress: dict[str, FillProgress] = {}
         # Multi-process node (see gateway.control): None when alone.
         self.control: Control | None = None
+        # Cache peers (gateway.cluster): None for a node alone.
+        self.cluster: Cluster | None = None
         self.follower = False
         self._touched: set[str] = set()
         self._toucher: asyncio.Task[None] | None = None
@@ -163,6 +169,8 @@ class CachedBackend:
         self.meta.invalidate(bucket, key)
         if self.control is not None:
             await self.control.broadcast_invalidate(bucket, key)
+        if self.cluster is not None:
+            await self.cluster.broadcast_invalidate(bucket, key)
 
     # --- reads --------------------------------------------------------------
 
@@ -443,6 +451,12 @@ class CachedHandle:
             fut = self._ahead[index] = self.cb.chunk(self.bucket, self.info, index)
         return fut
 
+    def _remote(self, index: int) -> Node | None:
+        """The chunk's owner when it is another live node of the cluster."""
+        if self.cb.cluster is None:
+            return None
+        return self.cb.cluster.owner(self.cb._chunk_id(self.bucket, self.info, index))
+
     def _progress(self, index: int) -> FillProgress | None:
         return self.cb.progress.get(self.cb._chunk_id(self.bucket, self.info, index))
 
@@ -451,6 +465,8 @@ class CachedHandle:
         (the backing store accepted the ranged GET with If-Match): used
         before the response starts, so that a changed object or a backing
         error is answered as such."""
+        if self._remote(index) is not None:
+            return  # the owner answers for it; a failure there is served here
         fut = self._want(index)
         progress = self._progress(index)
         while progress is not None and progress.path is None and not fut.done():
@@ -507,9 +523,31 @@ class CachedHandle:
         for index in range(first, last + 1):
             # Keep a bounded window of fills ahead of the chunk being sent.
             for ahead in range(index, min(last, index + self.cb.prefetch) + 1):
-                self._want(ahead)
+                if self._remote(ahead) is None:
+                    self._want(ahead)
             lo = max(start, index * cs) - index * cs
             hi = min(start + length, (index + 1) * cs) - index * cs
+            owner = self._remote(index)
+            if owner is not None and self.cb.cluster is not None:
+                sent = 0
+                try:
+                    async for piece in self.cb.cluster.fetch(
+                        owner, self.bucket, self.key, self.info.etag, self.info.size, index, lo, hi
+                    ):
+                        piece = piece[: hi - lo - sent]
+                        sent += len(piece)
+                        metrics.BYTES_FROM_PEERS.inc(len(piece))
+                        yield piece
+                    if sent < hi - lo:
+                        raise PeerFailed(f"{owner.id}: chunk {index} ended short")
+                    continue
+                except (PeerFailed, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
+                    log.warning("peer %s failed on %s chunk %d (%s); serving it here", owner.id, self.key,
+                                index, e)
+                    if sent:
+                        data = await self.cb.direct_chunk(self.bucket, self.info, index)
+                        yield data[lo + sent : hi]
+                        continue
             progress = self._progress(index)
             if progress is not None and progress.path is not None and not self._want(index).done():
                 try:

@@ -1,0 +1,170 @@
+"""Cache peers: the chunk API between the nodes of a cluster.
+
+Each chunk has an owner on the ring (``metadata.ring``). A node reading a
+chunk it does not own asks the owner for it; the owner serves it from its
+cache (filling it from the backing store on a miss, once for the whole
+cluster) with zero copies. If the owner is down or fails, the reader
+serves the chunk itself (its own cache or the backing store): a client
+sees correct bytes or a clean error, never a failed read because a peer
+died.
+
+Peers trust each other through the shared cluster secret: every peer
+request carries ``x-nearstore-peer: <unix time>.<HMAC-SHA256(secret, time
+\\n method \\n path?query)>``, valid for five minutes. Without it nothing is
+readable (403). Writes through any node invalidate the object's metadata
+on every peer before the client is answered.
+
+Routes (served by ``gateway.app``):
+
+- ``GET  /_nearstore/peer/chunk?bucket&key&etag&size&index&start&end``
+- ``POST /_nearstore/peer/invalidate?bucket&key``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+import aiohttp
+
+from gateway.backends.base import FileSegment, ObjectInfo, Served
+from metadata.membership import Membership
+from metadata.ring import Node, NoLiveNodes
+
+log = logging.getLogger(__name__)
+
+AUTH_HEADER = "x-nearstore-peer"
+MAX_SKEW = 300.0
+
+
+class PeerFailed(Exception):
+    """A peer could not serve a chunk; the caller serves it itself."""
+
+
+def sign(secret: str, method: str, path_query: str, now: float | None = None) -> str:
+    ts = str(int(time.time() if now is None else now))
+    mac = hmac.new(secret.encode(), f"{ts}\n{method}\n{path_query}".encode(), hashlib.sha256).hexdigest()
+    return f"{ts}.{mac}"
+
+
+def verify(secret: str, method: str, path_query: str, header: str | None, now: float | None = None) -> bool:
+    if not secret or not header or "." not in header:
+        return False
+    ts, _, mac = header.partition(".")
+    try:
+        when = int(ts)
+    except ValueError:
+        return False
+    if abs((time.time() if now is None else now) - when) > MAX_SKEW:
+        return False
+    expected = sign(secret, method, path_query, when).partition(".")[2]
+    return hmac.compare_digest(expected, mac)
+
+
+@dataclass
+class Cluster:
+    membership: Membership
+    secret: str
+    session: aiohttp.ClientSession | None = None
+    # A peer that stalls mid-chunk is abandoned after this long without bytes.
+    read_timeout: float = 5.0
+
+    @property
+    def self_id(self) -> str:
+        return self.membership.self_id
+
+    def owner(self, chunk_id: str) -> Node | None:
+        """The chunk's owner if it is another live node, else None."""
+        ring = self.membership.current
+        if ring is None or not self.membership.peers:
+            return None
+        try:
+            node = ring.owner(chunk_id)
+        except NoLiveNodes:
+            return None
+        return None if node.id == self.self_id else node
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=1.0, sock_read=self.read_timeout),
+            read_bufsize=4 * 1024 * 1024,
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def fetch(
+        self, node: Node, bucket: str, key: str, etag: str, size: int, index: int, start: int, end: int
+    ) -> AsyncIterator[bytes]:
+        """Bytes start..end (exclusive) of a chunk from its owner. Raises
+        PeerFailed before the first byte if the owner cannot serve it."""
+        assert self.session is not None
+        query = urlencode({"bucket": bucket, "key": key, "etag": etag, "size": size, "index": index,
+                           "start": start, "end": end})
+        path = f"/_nearstore/peer/chunk?{query}"
+        try:
+            resp = await self.session.get(node.address.rstrip("/") + path,
+                                          headers={AUTH_HEADER: sign(self.secret, "GET", path)})
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
+            self.membership.mark(node.id, ok=False, error=str(e))
+            raise PeerFailed(f"{node.id}: {e}") from e
+        try:
+            if resp.status != 200:
+                raise PeerFailed(f"{node.id}: HTTP {resp.status}")
+            async for piece in resp.content.iter_any():
+                yield piece
+        finally:
+            resp.close()
+
+    async def broadcast_invalidate(self, bucket: str, key: str) -> None:
+        if self.session is None or not self.membership.peers:
+            return
+        query = urlencode({"bucket": bucket, "key": key})
+        path = f"/_nearstore/peer/invalidate?{query}"
+
+        async def one(node: Node) -> None:
+            assert self.session is not None
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                async with self.session.post(
+                    node.address.rstrip("/") + path,
+                    headers={AUTH_HEADER: sign(self.secret, "POST", path)},
+                    timeout=aiohttp.ClientTimeout(total=1.0),
+                ) as r:
+                    await r.read()
+
+        await asyncio.gather(*(one(p.node) for p in self.membership.peers.values() if p.up))
+
+
+class ChunkFileHandle:
+    """A chunk file as a FileBacked handle, for the peer API's zero-copy send."""
+
+    served: Served | None = None
+
+    def __init__(self, fd: int, start: int, end: int) -> None:
+        self.fd, self.start, self.end = fd, start, end
+        self.info = ObjectInfo(key="", size=end - start, etag="", last_modified=0.0)
+
+    async def segments(self, start: int, length: int) -> AsyncIterator[FileSegment | bytes]:
+        yield FileSegment(self.fd, start, length)
+
+    async def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        pos, end = start, start + length
+        while pos < end:
+            data = await loop.run_in_executor(None, os.pread, self.fd, min(1 << 20, end - pos), pos)
+            if not data:
+                raise OSError("chunk file shorter than expected")
+            pos += len(data)
+            yield data
+
+    async def close(self) -> None:
+        os.close(self.fd)
