@@ -32,6 +32,17 @@ async def env(tmp_path: Path) -> AsyncIterator[tuple[CachedBackend, LocalStore, 
     await cb.close()
 
 
+async def settle(cb: CachedBackend) -> None:
+    """Wait for fills in flight: a cold read streams from a chunk while it
+    fills, so the file lands a moment after the read returns."""
+    import asyncio
+
+    for _ in range(500):
+        if not cb._fills:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def read(cb: CachedBackend, key: str, start: int = 0, length: int | None = None) -> bytes:
     rng = None if (start, length) == (0, None) else f"bytes={start}-" + ("" if length is None else str(start + length - 1))
     h = await cb.open_object("bkt", key, ReadOptions(range_header=rng))
@@ -40,6 +51,7 @@ async def read(cb: CachedBackend, key: str, start: int = 0, length: int | None =
         return b"".join([p async for p in h.read_range(start, n)])
     finally:
         await h.close()
+        await settle(cb)
 
 
 def chunk_files(root: Path) -> list[Path]:
