@@ -334,6 +334,9 @@ async def _control_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def make_membership(cfg: Config) -> Membership:
     """The cluster as configured, or a ring of this node alone."""
+    if cfg.cluster_dns:
+        # Members come from DNS once running (_membership_ctx); start alone.
+        return Membership.static(cfg.node_id, [Node(cfg.node_id, f"http://{cfg.node_id}")])
     if not cfg.cluster_peers:
         me = f"{cfg.host}:{cfg.port}"
         return Membership.static(me, [Node(me, f"http://{me}")])
@@ -351,15 +354,19 @@ def _cached_backends(app: web.Application) -> list[CachedBackend]:
 
 async def _membership_ctx(app: web.Application) -> AsyncIterator[None]:
     m = app[MEMBERSHIP_KEY]
-    if not m.peers:
+    cfg = app[CONFIG_KEY]
+    if not m.peers and not cfg.cluster_dns:
         yield
         return
+    dns_task = asyncio.ensure_future(m.run_dns(cfg.cluster_dns, cfg.port)) if cfg.cluster_dns else None
     cluster = Cluster(m, app[CONFIG_KEY].cluster_secret)
     await cluster.start()
     for b in _cached_backends(app):
         b.cluster = cluster
     task, session = await start_health_checks(m)
     yield
+    if dns_task is not None:
+        dns_task.cancel()
     await stop_health_checks(task, session)
     await cluster.close()
 

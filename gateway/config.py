@@ -154,6 +154,7 @@ class Config:
     cluster_peers: list[str] = field(default_factory=list)
     node_id: str = ""
     cluster_secret: str = ""
+    cluster_dns: str = ""  # members = this name's addresses (headless Service)
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -215,6 +216,7 @@ def load(
         cfg.cluster_peers = [str(x).rstrip("/") for x in peers]
         cfg.node_id = str(cl.get("node_id", ""))
         cfg.cluster_secret = str(cl.get("secret", ""))
+        cfg.cluster_dns = str(cl.get("dns", ""))
         c = _section(doc, "cache")
         for name in ("enabled",):
             if name in c:
@@ -267,11 +269,15 @@ def load(
             setattr(cfg.cache, attr, parse_size(value) if attr in ("size", "chunk_size") else value)
         else:
             setattr(cfg, name, value)
+    if env.get("NEARSTORE_CLUSTER_DNS"):
+        cfg.cluster_dns = env["NEARSTORE_CLUSTER_DNS"]
+    if env.get("NEARSTORE_NODE_ID"):
+        cfg.node_id = env["NEARSTORE_NODE_ID"]
     if env.get("NEARSTORE_CLUSTER_SECRET"):
         cfg.cluster_secret = env["NEARSTORE_CLUSTER_SECRET"]
-    if cfg.cluster_peers and not cfg.node_id:
+    if (cfg.cluster_peers or cfg.cluster_dns) and not cfg.node_id:
         cfg.node_id = f"{cfg.host}:{cfg.port}"
-    if len(cfg.cluster_peers) > 1 and not cfg.cluster_secret:
+    if (len(cfg.cluster_peers) > 1 or cfg.cluster_dns) and not cfg.cluster_secret:
         raise ConfigError("[cluster] needs a shared secret (secret = ... or NEARSTORE_CLUSTER_SECRET)")
     if not cfg.cache.dir:
         cfg.cache.dir = os.path.join(cfg.data_dir, "cache")

@@ -9,8 +9,9 @@ new immutable ring (``Ring.without(down)``: only the down peers' keys move)
 and swaps it in atomically; readers take ``current`` and never see a ring
 half-built.
 
-DNS discovery (a Kubernetes headless service) and the peer chunk API that
-routes reads to owners build on this; see issue 6.
+Or, for clusters, the members are the addresses a DNS name resolves to (a
+Kubernetes headless Service), re-resolved every few seconds: a new pod
+joins the ring, a deleted one leaves it (only its keys move).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,6 +59,34 @@ class Membership:
         m.peers = {n.id: PeerState(n) for n in ring.nodes if n.id != self_id}
         m.current = ring
         return m
+
+    def set_nodes(self, nodes: Sequence[Node]) -> bool:
+        """Replace the member list (DNS discovery): peers that stay keep
+        their health state; returns whether anything changed."""
+        ids = sorted(n.id for n in nodes)
+        if ids == sorted(n.id for n in self.base.nodes):
+            return False
+        self.base = Ring.build(nodes, version=self.base.version + 1)
+        old = self.peers
+        self.peers = {n.id: old.get(n.id, PeerState(n)) for n in self.base.nodes if n.id != self.self_id}
+        self._rebuild()
+        return True
+
+    async def run_dns(self, name: str, port: int, interval: float = 5.0) -> None:
+        """Keep the members equal to the A/AAAA records of ``name`` (a
+        Kubernetes headless Service), re-resolved every ``interval`` s.
+        A failed lookup keeps the last known members."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+                addrs = sorted({str(i[4][0]) for i in infos})
+                nodes = [Node(_host_port(a, port), f"http://{_host_port(a, port)}") for a in addrs]
+                if nodes and self.set_nodes(nodes):
+                    log.warning("members from DNS %s: %s", name, [n.id for n in nodes])
+            except OSError as e:
+                log.warning("DNS lookup of %s failed (%s); keeping %d members", name, e, len(self.base.nodes))
+            await asyncio.sleep(interval)
 
     @property
     def down(self) -> list[str]:
@@ -113,6 +143,10 @@ class Membership:
             for p in self.peers.values()
         ]
         return d
+
+
+def _host_port(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 async def start_health_checks(m: Membership) -> tuple[asyncio.Task[None], aiohttp.ClientSession]:
