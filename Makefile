@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint venv clean bench bench-quick
+.PHONY: run test lint venv clean bench bench-quick cluster
 
 $(BIN)/nearstore: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ venv: $(BIN)/nearstore
 
 run: venv
 	$(BIN)/nearstore serve
+
+cluster: venv
+	$(BIN)/nearstore cluster --nodes 3
 
 lint: venv
 	$(BIN)/ruff check gateway cache metadata clients bench tests

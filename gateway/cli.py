@@ -123,6 +123,12 @@ def _warm(args: argparse.Namespace) -> int:
     return 0 if not last.get("errors") else 1
 
 
+def _cluster(args: argparse.Namespace) -> int:
+    from gateway.localcluster import run
+
+    return run(args.nodes, args.port, args.dir, args.backing, args.cache_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
@@ -151,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--pin", action="store_true", help="protect the chunks from eviction")
     w.add_argument("--endpoint", default=os.environ.get("NEARSTORE_ENDPOINT", "http://127.0.0.1:9000"))
     w.set_defaults(func=_warm)
+    c = sub.add_parser("cluster", help="a local cluster: a backing store and N cache nodes on this machine")
+    c.add_argument("--nodes", type=int, default=3)
+    c.add_argument("--port", type=int, default=9000, help="first cache node's port (default 9000)")
+    c.add_argument("--dir", default="./nearstore-cluster", help="where the nodes keep their data")
+    c.add_argument("--backing", help="an S3 endpoint to front instead of a local backing node")
+    c.add_argument("--cache-size", default="4GiB")
+    c.set_defaults(func=_cluster)
     sub.add_parser("bench", help="throughput benchmarks (nearstore bench --help)")
     args = parser.parse_args(argv)
     result: int = args.func(args)

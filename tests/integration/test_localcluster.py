@@ -1,0 +1,49 @@
+"""`nearstore cluster`: a backing node and N cache nodes, one command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tests.helpers.servers import free_port
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.timeout(90)
+def test_local_cluster_serves_through_every_node(tmp_path: Path) -> None:
+    base = free_port()
+    ports = [base, base + 1]
+    env = {**os.environ, "NEARSTORE_ACCESS_KEY": "lc-access", "NEARSTORE_SECRET_KEY": "lc-secret"}
+    proc = subprocess.Popen([str(BIN / "nearstore"), "cluster", "--nodes", "2", "--port", str(base),
+                             "--dir", str(tmp_path / "cluster")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 40
+        ready = False
+        while time.monotonic() < deadline and not ready:
+            try:
+                for p in ports:
+                    urllib.request.urlopen(f"http://127.0.0.1:{p}/_nearstore/ring", timeout=1).read()
+                ready = True
+            except OSError:
+                time.sleep(0.2)
+        assert ready, "cluster did not come up"
+        clients = [boto3.client("s3", endpoint_url=f"http://127.0.0.1:{p}", aws_access_key_id="lc-access",
+                                aws_secret_access_key="lc-secret", region_name="us-east-1") for p in ports]
+        clients[0].create_bucket(Bucket="local-cluster")
+        data = os.urandom(3 * 1024 * 1024)
+        clients[1].put_object(Bucket="local-cluster", Key="k", Body=data)
+        for c in clients:
+            assert c.get_object(Bucket="local-cluster", Key="k")["Body"].read() == data
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
