@@ -276,6 +276,11 @@ def load(
     if env.get("NEARSTORE_CLUSTER_SECRET"):
         cfg.cluster_secret = env["NEARSTORE_CLUSTER_SECRET"]
     if (cfg.cluster_peers or cfg.cluster_dns) and not cfg.node_id:
+        if cfg.host in ("0.0.0.0", "::", ""):
+            raise ConfigError(
+                "[cluster] on a wildcard address needs this node's id among the peers: "
+                "node_id = \"10.0.0.7:9000\" or NEARSTORE_NODE_ID"
+            )
         cfg.node_id = f"{cfg.host}:{cfg.port}"
     if (len(cfg.cluster_peers) > 1 or cfg.cluster_dns) and not cfg.cluster_secret:
         raise ConfigError("[cluster] needs a shared secret (secret = ... or NEARSTORE_CLUSTER_SECRET)")
