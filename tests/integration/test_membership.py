@@ -19,7 +19,8 @@ import pytest
 from tests.helpers.servers import free_port
 
 BIN = Path(sys.executable).parent
-KEYS = {"NEARSTORE_ACCESS_KEY": "ring-access", "NEARSTORE_SECRET_KEY": "ring-secret"}
+KEYS = {"NEARSTORE_ACCESS_KEY": "ring-access", "NEARSTORE_SECRET_KEY": "ring-secret",
+        "NEARSTORE_CLUSTER_SECRET": "ring-cluster-secret"}
 
 
 def _ring(port: int) -> dict[str, Any]:
@@ -27,7 +28,8 @@ def _ring(port: int) -> dict[str, Any]:
         return dict(json.loads(r.read()))
 
 
-def _start(tmp: Path, port: int, ports: list[int]) -> subprocess.Popen[bytes]:
+def _start(tmp: Path, port: int, ports: list[int],
+           procs: dict[int, subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
     cfg = tmp / f"node{port}.toml"
     peers = ", ".join(f'"http://127.0.0.1:{p}"' for p in ports)
     cfg.write_text(f"[cluster]\npeers = [{peers}]\n")
@@ -36,8 +38,11 @@ def _start(tmp: Path, port: int, ports: list[int]) -> subprocess.Popen[bytes]:
                              str(tmp / f"data{port}"), "--config", str(cfg)],
                             env={**os.environ, **KEYS}, stderr=log)
     log.close()
-    deadline = time.monotonic() + 20
+    procs[port] = proc  # registered first: the test stops it whatever happens
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"node {port} exited: {(tmp / f'node{port}.log').read_text()[-2000:]}")
         try:
             _ring(port)
             return proc
@@ -58,8 +63,10 @@ def _wait_for(port: int, predicate: Any, timeout: float) -> tuple[float, dict[st
 @pytest.mark.timeout(90)
 def test_static_cluster_ring_and_health(tmp_path: Path) -> None:
     ports = [free_port() for _ in range(3)]
-    procs = {p: _start(tmp_path, p, ports) for p in ports}
+    procs: dict[int, subprocess.Popen[bytes]] = {}
     try:
+        for p in ports:
+            _start(tmp_path, p, ports, procs)
         rings = [_ring(p) for p in ports]
         ids = sorted(f"127.0.0.1:{p}" for p in ports)
         for port, ring in zip(ports, rings, strict=True):
@@ -84,7 +91,7 @@ def test_static_cluster_ring_and_health(tmp_path: Path) -> None:
         # The ring routes around it: the victim is down in the ring itself.
         assert [n["id"] for n in state["nodes"] if n["down"]] == [vid]
 
-        procs[victim] = _start(tmp_path, victim, ports)
+        _start(tmp_path, victim, ports, procs)
 
         def up(state: dict[str, Any]) -> bool:
             return all(p["up"] for p in state["peers"])
