@@ -441,9 +441,42 @@ class CachedHandle:
 
     served: Served | None = None
 
+    # Chunks read ahead from their owners, held in memory per stream: a
+    # remote chunk then costs little more than a local one, and memory stays
+    # bounded (REMOTE_AHEAD x chunk size per stream).
+    REMOTE_AHEAD = 2
+
     def __init__(self, cb: CachedBackend, bucket: str, key: str, info: ObjectInfo) -> None:
         self.cb, self.bucket, self.key, self.info = cb, bucket, key, info
         self._ahead: dict[int, asyncio.Future[Chunk]] = {}
+        self._remote_ahead: dict[int, asyncio.Task[bytes]] = {}
+
+    def _prefetch_remote(self, index: int, last: int, start: int, length: int) -> None:
+        cluster = self.cb.cluster
+        if cluster is None:
+            return
+        cs = self.cb.chunk_size
+        for ahead in range(index + 1, min(last, index + self.REMOTE_AHEAD) + 1):
+            owner = self._remote(ahead)
+            if owner is None or ahead in self._remote_ahead:
+                continue
+            lo = max(start, ahead * cs) - ahead * cs
+            hi = min(start + length, (ahead + 1) * cs) - ahead * cs
+            self._remote_ahead[ahead] = asyncio.ensure_future(self._fetch_remote(owner, ahead, lo, hi))
+
+    async def _fetch_remote(self, owner: Node, index: int, lo: int, hi: int) -> bytes:
+        assert self.cb.cluster is not None
+        parts: list[bytes] = []
+        got = 0
+        async for piece in self.cb.cluster.fetch(
+            owner, self.bucket, self.key, self.info.etag, self.info.size, index, lo, hi
+        ):
+            piece = piece[: hi - lo - got]
+            got += len(piece)
+            parts.append(piece)
+        if got < hi - lo:
+            raise PeerFailed(f"{owner.id}: chunk {index} ended short")
+        return b"".join(parts)
 
     def _want(self, index: int) -> asyncio.Future[Chunk]:
         fut = self._ahead.get(index)
@@ -528,6 +561,18 @@ class CachedHandle:
             lo = max(start, index * cs) - index * cs
             hi = min(start + length, (index + 1) * cs) - index * cs
             owner = self._remote(index)
+            self._prefetch_remote(index, last, start, length)
+            pending = self._remote_ahead.pop(index, None)
+            if owner is not None and pending is not None:
+                try:
+                    data = await pending
+                    metrics.BYTES_FROM_PEERS.inc(len(data))
+                    yield data
+                    continue
+                except (PeerFailed, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
+                    log.warning("peer %s failed on %s chunk %d (%s); serving it here", owner.id, self.key,
+                                index, e)
+                    owner = None  # served here, below
             if owner is not None and self.cb.cluster is not None:
                 sent = 0
                 try:
@@ -616,5 +661,10 @@ class CachedHandle:
 
     async def close(self) -> None:
         # Fills started for this read keep running: they benefit the next
-        # reader and are bounded by the prefetch window.
+        # reader and are bounded by the prefetch window. Chunks read ahead
+        # from peers are this stream's alone: dropped.
         self._ahead.clear()
+        for task in self._remote_ahead.values():
+            task.cancel()
+        await asyncio.gather(*self._remote_ahead.values(), return_exceptions=True)
+        self._remote_ahead.clear()

@@ -114,9 +114,19 @@ def test_every_node_serves_the_same_bytes_from_owners(cluster: Cluster) -> None:
             == data[1048570:3145738]
     per_node = [cluster.chunk_files(p) for p in cluster.ports]
     all_chunks = [c for files in per_node for c in files]
-    # 13 chunks, each cached once, on its owner; spread over the nodes.
+    # 13 chunks, each cached once; spread over the nodes.
     assert len(all_chunks) == len(set(all_chunks)) == 13
     assert sum(1 for files in per_node if files) >= 2
+    # Each on the node the ring names as its owner.
+    from cache.store import chunk_id
+    from metadata.ring import Node, Ring
+
+    ring = Ring.build([Node(f"127.0.0.1:{p}", f"http://127.0.0.1:{p}") for p in cluster.ports])
+    etag = s3[0].head_object(Bucket="cluster-data", Key="obj")["ETag"]
+    for index in range(13):
+        cid = chunk_id(f"s3:{cluster.moto}", "cluster-data", "obj", etag, 1024 * 1024, index)
+        owner = int(ring.owner(cid).id.rsplit(":", 1)[1])
+        assert cid in cluster.chunk_files(owner), (index, owner)
 
 
 @pytest.mark.timeout(60)
@@ -164,8 +174,25 @@ def test_reads_survive_a_node_killed_mid_flight(cluster: Cluster) -> None:
         time.sleep(0.3)
         cluster.procs[cluster.ports[2]].send_signal(signal.SIGKILL)
         results = [f.result() for f in futures]
+    cluster.procs[cluster.ports[2]].wait(10)
     assert "WRONG" not in results, results
     # After the ring settles (the dead node marked down), every read succeeds.
     time.sleep(3)
+    for i in range(12):
+        assert read(i) == "ok"
+    # The node rejoins and serves again, through itself and as an owner.
+    cluster.start(cluster.ports[2])
+    again = cluster.client(cluster.ports[2])
+    for k in objs:
+        assert hashlib.md5(again.get_object(Bucket="cluster-kill", Key=k)["Body"].read()).hexdigest() \
+            == digests[k]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        ring = json.loads(urllib.request.urlopen(
+            f"http://127.0.0.1:{cluster.ports[0]}/_nearstore/ring", timeout=5).read())
+        if all(p["up"] for p in ring["peers"]):
+            break
+        time.sleep(0.2)
+    assert all(p["up"] for p in ring["peers"]), ring["peers"]
     for i in range(12):
         assert read(i) == "ok"

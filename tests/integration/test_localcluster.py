@@ -18,14 +18,36 @@ from tests.helpers.servers import free_port
 BIN = Path(sys.executable).parent
 
 
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _base_port() -> int:
+    """A port P with P, P+1 and P+100 (the backing node) all free."""
+    for _ in range(100):
+        base = free_port()
+        if base + 100 < 65536 and all(_free(p) for p in (base, base + 1, base + 100)):
+            return base
+    raise RuntimeError("no free port range")
+
+
 @pytest.mark.timeout(90)
 def test_local_cluster_serves_through_every_node(tmp_path: Path) -> None:
-    base = free_port()
+    base = _base_port()
     ports = [base, base + 1]
     env = {**os.environ, "NEARSTORE_ACCESS_KEY": "lc-access", "NEARSTORE_SECRET_KEY": "lc-secret"}
+    log = open(tmp_path / "cluster.log", "wb")
     proc = subprocess.Popen([str(BIN / "nearstore"), "cluster", "--nodes", "2", "--port", str(base),
                              "--dir", str(tmp_path / "cluster")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
     try:
         deadline = time.monotonic() + 40
         ready = False
@@ -46,4 +68,4 @@ def test_local_cluster_serves_through_every_node(tmp_path: Path) -> None:
             assert c.get_object(Bucket="local-cluster", Key="k")["Body"].read() == data
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        assert proc.wait(60) == 0, (tmp_path / "cluster.log").read_text()[-3000:]
