@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,37 +21,18 @@ from typing import Any
 import boto3
 import pytest
 
+from tests.helpers.procs import BIN, moto_server, wait_ready
 from tests.helpers.servers import free_port
 
-BIN = Path(sys.executable).parent
 KEYS = {"NEARSTORE_ACCESS_KEY": "cl-access", "NEARSTORE_SECRET_KEY": "cl-secret",
         "NEARSTORE_CLUSTER_SECRET": "cluster-shared-secret"}
 MiB = 1024 * 1024
 
 
-def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(url)
-
-
 @pytest.fixture(scope="module")
 def moto() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    _wait(url + "/moto-api/", proc)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with moto_server() as url:
+        yield url
 
 
 class Cluster:
@@ -73,7 +53,7 @@ class Cluster:
             [str(BIN / "nearstore"), "serve", "--port", str(port), "--data-dir", str(self.tmp / f"d{port}"),
              "--config", str(cfg)], env={**os.environ, **KEYS}, stderr=log)
         log.close()
-        _wait(f"http://127.0.0.1:{port}/_nearstore/health", self.procs[port])
+        wait_ready(f"http://127.0.0.1:{port}/_nearstore/health", self.procs[port])
 
     def client(self, port: int) -> Any:
         return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,35 +16,16 @@ from typing import Any
 import boto3
 import pytest
 
+from tests.helpers.procs import BIN, moto_server, wait_ready
 from tests.helpers.servers import free_port
 
 KEYS = {"NEARSTORE_ACCESS_KEY": "wk-access", "NEARSTORE_SECRET_KEY": "wk-secret"}
-BIN = Path(sys.executable).parent
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(url)
 
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    _wait_ready(url + "/moto-api/", proc)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with moto_server() as url:
+        yield url
 
 
 def _node(tmp: Path, moto: str | None, workers: int = 2) -> tuple[subprocess.Popen[bytes], str]:
@@ -63,7 +43,7 @@ def _node(tmp: Path, moto: str | None, workers: int = 2) -> tuple[subprocess.Pop
     proc = subprocess.Popen(args, env={**os.environ, **KEYS}, stderr=log)
     log.close()  # the child holds its own descriptor
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(url + "/_nearstore/health", proc)
+    wait_ready(url + "/_nearstore/health", proc)
     return proc, url
 
 
