@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import aiohttp
+from yarl import URL
 
 from gateway.backends.base import FileSegment, ObjectInfo, Served
 from metadata.membership import Membership
@@ -112,7 +113,9 @@ class Cluster:
                            "start": start, "end": end})
         path = f"/_nearstore/peer/chunk?{query}"
         try:
-            resp = await self.session.get(node.address.rstrip("/") + path,
+            # encoded=True: the request line carries exactly the signed text
+            # (yarl would otherwise turn %2F in a key back into "/").
+            resp = await self.session.get(URL(node.address.rstrip("/") + path, encoded=True),
                                           headers={AUTH_HEADER: sign(self.secret, "GET", path)})
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
             self.membership.mark(node.id, ok=False, error=str(e))
@@ -135,7 +138,7 @@ class Cluster:
             assert self.session is not None
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 async with self.session.post(
-                    node.address.rstrip("/") + path,
+                    URL(node.address.rstrip("/") + path, encoded=True),
                     headers={AUTH_HEADER: sign(self.secret, "POST", path)},
                     timeout=aiohttp.ClientTimeout(total=1.0),
                 ) as r:

@@ -87,10 +87,10 @@ def test_every_node_serves_the_same_bytes_from_owners(cluster: Cluster) -> None:
     s3 = [cluster.client(p) for p in cluster.ports]
     s3[0].create_bucket(Bucket="cluster-data")
     data = os.urandom(12 * MiB + 7)
-    s3[0].put_object(Bucket="cluster-data", Key="obj", Body=data)
+    s3[0].put_object(Bucket="cluster-data", Key="dir/sub dir/obj+1", Body=data)
     for c in s3:
-        assert c.get_object(Bucket="cluster-data", Key="obj")["Body"].read() == data
-        assert c.get_object(Bucket="cluster-data", Key="obj", Range="bytes=1048570-3145737")["Body"].read() \
+        assert c.get_object(Bucket="cluster-data", Key="dir/sub dir/obj+1")["Body"].read() == data
+        assert c.get_object(Bucket="cluster-data", Key="dir/sub dir/obj+1", Range="bytes=1048570-3145737")["Body"].read() \
             == data[1048570:3145738]
     per_node = [cluster.chunk_files(p) for p in cluster.ports]
     all_chunks = [c for files in per_node for c in files]
@@ -102,9 +102,9 @@ def test_every_node_serves_the_same_bytes_from_owners(cluster: Cluster) -> None:
     from metadata.ring import Node, Ring
 
     ring = Ring.build([Node(f"127.0.0.1:{p}", f"http://127.0.0.1:{p}") for p in cluster.ports])
-    etag = s3[0].head_object(Bucket="cluster-data", Key="obj")["ETag"]
+    etag = s3[0].head_object(Bucket="cluster-data", Key="dir/sub dir/obj+1")["ETag"]
     for index in range(13):
-        cid = chunk_id(f"s3:{cluster.moto}", "cluster-data", "obj", etag, 1024 * 1024, index)
+        cid = chunk_id(f"s3:{cluster.moto}", "cluster-data", "dir/sub dir/obj+1", etag, 1024 * 1024, index)
         owner = int(ring.owner(cid).id.rsplit(":", 1)[1])
         assert cid in cluster.chunk_files(owner), (index, owner)
 
@@ -127,9 +127,9 @@ def test_read_after_write_across_nodes(cluster: Cluster) -> None:
     a.create_bucket(Bucket="cluster-raw")
     for i in range(8):
         body = os.urandom(300_000 + i)
-        [a, b, c][i % 3].put_object(Bucket="cluster-raw", Key="k", Body=body)
+        [a, b, c][i % 3].put_object(Bucket="cluster-raw", Key="a/b/k", Body=body)
         for reader in (a, b, c):
-            assert reader.get_object(Bucket="cluster-raw", Key="k")["Body"].read() == body
+            assert reader.get_object(Bucket="cluster-raw", Key="a/b/k")["Body"].read() == body
 
 
 @pytest.mark.timeout(120)
