@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-sizes", type=_sizes, metavar="16MiB,1GiB")
     g.add_argument("--cache-concurrency", type=_ints, metavar="1,4")
     g.add_argument("--cache-small-concurrency", type=_ints, metavar="16,64")
+    g.add_argument("--cluster-nodes", type=_ints, metavar="1,2,3")
+    g.add_argument("--cluster-size", type=parse_size, metavar="1GiB")
+    g.add_argument("--cluster-objects", type=int, metavar="N")
+    g.add_argument("--cluster-concurrency", type=int, metavar="N")
+    g.add_argument("--cluster-owner-objects", type=int, metavar="N")
+    g.add_argument("--cluster-owner-concurrency", type=_ints, metavar="1,4")
     r = p.add_argument_group("repetitions")
     r.add_argument("--runs", type=int, help="measured runs per case (after a warm-up)")
     r.add_argument("--duration", type=float, dest="duration_s", help="seconds per run")
@@ -94,7 +100,9 @@ _PLAN_FIELDS = (
     "large_sizes", "large_concurrency", "range_object", "range_sizes", "range_concurrency",
     "small_sizes", "small_concurrency", "put_sizes", "put_part_size", "put_large_concurrency",
     "put_small_concurrency", "ttfb_object", "cache_sizes", "cache_concurrency",
-    "cache_small_concurrency", "runs", "duration_s", "warmup_s", "max_requests",
+    "cache_small_concurrency", "cluster_nodes", "cluster_size", "cluster_objects",
+    "cluster_concurrency", "cluster_owner_objects", "cluster_owner_concurrency",
+    "runs", "duration_s", "warmup_s", "max_requests",
 )  # fmt: skip
 
 
@@ -140,10 +148,11 @@ def main(argv: list[str]) -> int:
             print(f"peer     {name:26s} {cls.description}")
         return 0
     plan = plan_from_args(args)
-    # The per-node scenarios run by default; proxy and cache compare special
-    # peers (nearstore+seaweedfs, nearstore-cache+seaweedfs ...) and are run
-    # by name with those (see bench/RESULTS.md). Keeps --quick under 5 min.
-    scenarios = args.scenarios or [n for n in SCENARIOS if n not in ("proxy", "cache")]
+    # The per-node scenarios run by default; proxy, cache and cluster compare
+    # special peers (nearstore+seaweedfs, nearstore-cache+seaweedfs,
+    # nearstore-cluster ...) and are run by name with those (see
+    # bench/RESULTS.md). Keeps --quick under 5 min.
+    scenarios = args.scenarios or [n for n in SCENARIOS if n not in ("proxy", "cache", "cluster")]
     peers = [PEER_ALIASES.get(p, p) for p in args.peers or ()] or (
         SMOKE_PEERS if args.smoke else DEFAULT_PEERS
     )

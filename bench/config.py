@@ -49,6 +49,16 @@ class Plan:
     cache_run_bytes: int = 128 * MiB
     cache_small_size: int = 64 * KiB
     cache_small_concurrency: tuple[int, ...] = (16, 64)
+    # cluster: warm aggregate GB/s of rings of 1, 2, 3 cache nodes (streams
+    # spread over the nodes), then single-chunk objects read through node A,
+    # owned by A vs by B (the owner objects must be <= the 16 MiB chunk)
+    cluster_nodes: tuple[int, ...] = (1, 2, 3)
+    cluster_size: int = GiB
+    cluster_objects: int = 4
+    cluster_concurrency: int = 6
+    cluster_owner_size: int = 16 * MiB
+    cluster_owner_objects: int = 16
+    cluster_owner_concurrency: tuple[int, ...] = (1, 4)
     # repetitions and bounds
     runs: int = 3
     warmup: bool = True
@@ -74,6 +84,8 @@ PRESETS: dict[Mode, Plan] = {
         put_sizes=(64 * MiB, 64 * KiB),
         ttfb_object=256 * MiB,
         cache_sizes=(16 * MiB, 256 * MiB),
+        cluster_size=64 * MiB,
+        cluster_objects=8,
         duration_s=0.8,
         warmup_s=0.3,
     ),
@@ -97,6 +109,13 @@ PRESETS: dict[Mode, Plan] = {
         cache_run_bytes=4 * MiB,
         cache_small_size=4 * KiB,
         cache_small_concurrency=(4,),
+        cluster_nodes=(1, 2),
+        cluster_size=2 * MiB,
+        cluster_objects=2,
+        cluster_concurrency=2,
+        cluster_owner_size=2 * MiB,
+        cluster_owner_objects=8,
+        cluster_owner_concurrency=(1,),
         runs=1,
         warmup=False,
         duration_s=0.2,

@@ -58,6 +58,9 @@ class GetJob(TypedDict):
     ttfb_only: bool  # close each connection at the first body byte
     client: ClientKind
     seed: int
+    # Several endpoints (a cluster's nodes): stream i talks to spread[i % n];
+    # absent or empty: every stream talks to `target`.
+    spread: NotRequired[list[TargetDict]]
 
 
 class PutJob(TypedDict):
@@ -233,9 +236,10 @@ def _request_bytes(url: str, range_header: str | None) -> tuple[bytes, bytes]:
 class _Plan:
     """Which request comes next: round robin over keys, random ranges."""
 
-    def __init__(self, job: GetJob, urls: list[str]) -> None:
+    def __init__(self, job: GetJob, urls: list[str], first: int = 0) -> None:
         self._heads = [_request_bytes(u, None)[0] for u in urls]
-        self._next = itertools.cycle(range(len(urls)))
+        n = len(urls)
+        self._next = itertools.cycle([(first + i) % n for i in range(n)])
         self._rng = random.Random(job["seed"])
         self._range = job["range_size"]
         self._slots = max(1, job["object_size"] // self._range) if self._range else 0
@@ -252,26 +256,33 @@ class _Plan:
         return 206, head + rng + b"\r\n"
 
 
-async def _run_get_raw(job: GetJob, urls: list[str]) -> RunResult:
+async def _run_get_raw(
+    job: GetJob, urls: list[str], spread: list[tuple[Target, list[str]]] | None = None
+) -> RunResult:
     loop = asyncio.get_running_loop()
-    target = Target.from_dict(job["target"])
     shared = memoryview(bytearray(RECV_BUFFER))
-    plan = _Plan(job, urls)
+    ends = spread or [(Target.from_dict(job["target"]), urls)]
+    # Endpoint i starts at key i: the endpoints do not read the same key at once.
+    plans = [_Plan(job, u, i) for i, (_, u) in enumerate(ends)]
     acc = _Accumulator()
     deadline = 0.0
 
-    async def connect() -> _HttpConnection:
+    def issued() -> int:
+        return sum(p.issued for p in plans)
+
+    async def connect(target: Target) -> _HttpConnection:
         _, proto = await loop.create_connection(
             lambda: _HttpConnection(shared, job["ttfb_only"]), target.host, target.port
         )
         return proto
 
-    async def worker() -> None:
+    async def worker(w: int) -> None:
+        target, plan = ends[w % len(ends)][0], plans[w % len(ends)]
         conn: _HttpConnection | None = None
-        while time.perf_counter() < deadline and plan.issued < job["max_requests"]:
+        while time.perf_counter() < deadline and issued() < job["max_requests"]:
             try:
                 if conn is None or conn.closed:
-                    conn = await connect()
+                    conn = await connect(target)
                 expect, data = plan.next_request()
                 t0 = time.perf_counter()
                 resp = await asyncio.wait_for(conn.request(data), REQUEST_TIMEOUT_S)
@@ -291,7 +302,7 @@ async def _run_get_raw(job: GetJob, urls: list[str]) -> RunResult:
     cpu0 = _cpu()
     start = time.perf_counter()
     deadline = start + job["duration_s"]
-    await asyncio.gather(*(worker() for _ in range(job["concurrency"])))
+    await asyncio.gather(*(worker(w) for w in range(job["concurrency"])))
     return acc.result(time.perf_counter() - start, _cpu() - cpu0)
 
 
@@ -485,7 +496,9 @@ async def run_job(job: GetJob | PutJob) -> RunResult:
     urls = [target.get_url(k) for k in job["keys"]]
     if job["client"] == "aiohttp":
         return await _run_get_aiohttp(job, urls)
-    return await _run_get_raw(job, urls)
+    spread = [Target.from_dict(d) for d in job.get("spread") or []]
+    ends = [(t, [t.get_url(k) for k in job["keys"]]) for t in spread] or None
+    return await _run_get_raw(job, urls, ends)
 
 
 async def _serve() -> None:

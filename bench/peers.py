@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 from bench import procs
-from bench.scenarios import ObjectSpec
+from bench.scenarios import Case, ObjectSpec
 from bench.targets import Target
 
 ACCESS_KEY = "nearstorebench"
@@ -90,6 +90,17 @@ class Peer(abc.ABC):
     def clear_cache(self) -> None:  # noqa: B027
         """Empty the peer's cache, if it has one (the `cache` scenario's cold
         runs call it before each run). The endpoint must stay the same."""
+
+    def case_targets(self, case: Case) -> tuple[list[Target], tuple[str, ...]] | None:
+        """Where a case's streams go and which keys they read, when the peer
+        decides (a cluster: its nodes, keys by owner); None: target() and the
+        case's own keys. Called once before the case's runs."""
+        return None
+
+    def extra_nodes(self) -> list[ProcessPeer]:
+        """Server processes beside this peer's own (a cluster's other nodes),
+        running now: watched for CPU and death like the peer itself."""
+        return []
 
 
 PEERS: dict[str, type[Peer]] = {}
@@ -659,11 +670,15 @@ class CachePeer(ProxyPeer):
         "nearstore_cache_hits_total": "cache_hits",
         "nearstore_cache_misses_total": "cache_misses",
         "nearstore_bytes_from_backing_total": "backing_bytes",
+        "nearstore_bytes_from_peers_total": "peer_bytes",
     }
 
     def counters(self) -> dict[str, float]:
+        return self.counters_at(self.endpoint())
+
+    def counters_at(self, endpoint: str) -> dict[str, float]:
         try:
-            url = f"{self.endpoint()}/_nearstore/metrics"
+            url = f"{endpoint}/_nearstore/metrics"
             with urllib.request.urlopen(url, timeout=5) as resp:
                 text = resp.read().decode()
         except OSError:
@@ -828,6 +843,241 @@ class NginxCachePeer(ProcessPeer):
 class NginxCacheSeaweedPeer(NginxCachePeer):
     name = "nginx-cache+seaweedfs"
     description = "nginx proxy_cache + slice 16m fronting a SeaweedFS bucket (anonymous read)"
+    backing_cls = SeaweedPeer
+
+
+# ------------------------------------------------ a cluster of cache peers
+
+CLUSTER_SECRET = "nearstore-bench-cluster-secret"
+CLUSTER_PEERS = """
+[cluster]
+peers = [{peers}]
+"""
+
+
+class ClusterNode(NearstorePeer):
+    """One more cache node of a `ClusterPeer` (not a peer on its own)."""
+
+    name = "nearstore-node"
+
+    def __init__(self, ctx: PeerContext, port: int) -> None:
+        super().__init__(ctx)
+        self.port = port
+
+    @property
+    def conf(self) -> Path:
+        return self.ctx.workdir / "nearstore.toml"
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--config", str(self.conf)]
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "NEARSTORE_CLUSTER_SECRET": CLUSTER_SECRET}
+
+    def launch(self) -> None:
+        self.ctx.workdir.mkdir(parents=True, exist_ok=True)
+        self._launch()
+
+    def halt(self) -> None:
+        """Stop, keeping the peak RSS and process count so far."""
+        if self.monitor is not None:
+            self.past_peak_rss = max(self.past_peak_rss, self.monitor.peak_rss_bytes())
+            self.past_processes += self.monitor.processes()
+        ProcessPeer.stop(self)
+        self.proc, self.monitor = None, None
+
+
+class ClusterPeer(CachePeer):
+    """`max_nodes` nearstore cache nodes (chunk cache on, one ring, one
+    cluster secret) in front of one backing store, like `nearstore cluster`.
+
+    Node A is this peer's own process (its endpoint is `target()`), B, C ...
+    are `ClusterNode`s. `case_targets` resizes the ring to the case's
+    `cluster_nodes` (every node stopped, every cache emptied, the first N
+    started with a ring of N, then it waits until every node sees every
+    other up) and, for owner cases, keeps the keys whose chunk landed in A's
+    (local) or B's (remote) cache directory when read once through A.
+    """
+
+    max_nodes = 3
+
+    def __init__(self, ctx: PeerContext) -> None:
+        super().__init__(ctx)
+        self.size = 0
+        self.ports: list[int] = []
+        self.others: list[ClusterNode] = []
+        self.owners: dict[str, int] = {}  # key -> node index; -1: several
+
+    def node_dir(self, i: int) -> Path:
+        return self.ctx.workdir if i == 0 else self.ctx.workdir / f"node{i}"
+
+    def cache_dirs(self) -> list[Path]:
+        return [self.node_dir(i) / "cache" for i in range(self.size)]
+
+    def start(self) -> None:
+        self.backing.start()
+        try:
+            self.ports = procs.free_ports(self.max_nodes)
+            self.port = self.ports[0]
+            self.others = [
+                ClusterNode(PeerContext(self.node_dir(i), self.ctx.data_dir, self.ctx.bucket,
+                                        self.ctx.bin_dir), self.ports[i])
+                for i in range(1, self.max_nodes)
+            ]  # fmt: skip
+            self.ctx.workdir.mkdir(parents=True, exist_ok=True)
+            self._configure(self.max_nodes)
+            self._launch()
+            for node in self.others[: self.size - 1]:
+                node.launch()
+            self._wait_ring()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _configure(self, n: int) -> None:
+        """Configs of the first n nodes: ring of n; every cache emptied."""
+        self.size = n
+        self.owners = {}
+        peers = ", ".join(f'"http://127.0.0.1:{p}"' for p in self.ports[:n])
+        for i in range(self.max_nodes):
+            shutil.rmtree(self.node_dir(i) / "cache", ignore_errors=True)
+            if i >= n:
+                continue
+            self.node_dir(i).mkdir(parents=True, exist_ok=True)
+            (self.node_dir(i) / "nearstore.toml").write_text(
+                CACHE_CONFIG.format(
+                    backing=self.backing.name,
+                    endpoint=self.backing.endpoint(),
+                    access_key=self.backing.access_key,
+                    secret_key=self.backing.secret_key,
+                    cache_dir=self.node_dir(i) / "cache",
+                    size=self.cache_size,
+                    chunk_size=self.chunk_size,
+                )
+                + (CLUSTER_PEERS.format(peers=peers) if n > 1 else "")
+            )
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "NEARSTORE_CLUSTER_SECRET": CLUSTER_SECRET}
+
+    def resize(self, n: int) -> None:
+        if not 1 <= n <= self.max_nodes:
+            raise PeerFailed(f"a cluster of {n} nodes: this peer runs 1..{self.max_nodes}")
+        for node in self.others:
+            node.halt()
+        self.restart(lambda: self._configure(n))
+        for node in self.others[: n - 1]:
+            node.launch()
+        self._wait_ring()
+
+    def clear_cache(self) -> None:
+        self.resize(self.size)
+
+    def _wait_ring(self, timeout_s: float = 30.0) -> None:
+        """Until every node's ring holds the n nodes, none of them down."""
+        deadline = time.monotonic() + timeout_s
+        for port in self.ports[: self.size]:
+            while True:
+                try:
+                    url = f"http://127.0.0.1:{port}/_nearstore/ring"
+                    with urllib.request.urlopen(url, timeout=2) as resp:
+                        ring = json.loads(resp.read())
+                    nodes = ring.get("nodes", [])
+                    if self.size == 1 or (
+                        len(nodes) == self.size and not any(n.get("down") for n in nodes)
+                    ):
+                        break
+                except (OSError, ValueError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise PeerFailed(f"ring of {self.size} not up on port {port}: "
+                                     f"{procs.tail(self.log)}")  # fmt: skip
+                time.sleep(0.2)
+
+    def node_target(self, i: int) -> Target:
+        return Target("s3", f"http://127.0.0.1:{self.ports[i]}", self.ctx.bucket,
+                      self.access_key, self.secret_key)  # fmt: skip
+
+    def _chunk_files(self) -> list[set[str]]:
+        return [
+            {p.name for p in (d / "chunks").rglob("*.*")} if (d / "chunks").exists() else set()
+            for d in self.cache_dirs()
+        ]
+
+    def classify(self, keys: tuple[str, ...]) -> dict[str, int]:
+        """Owner node of each key's chunks, by reading it once through node A
+        and seeing which cache directory got new chunk files (-1: several
+        nodes, or none seen)."""
+        s3 = self.client()
+        for key in keys:
+            if key in self.owners:
+                continue
+            before = self._chunk_files()
+            s3.get_object(Bucket=self.ctx.bucket, Key=key)["Body"].read()
+            owner = -1
+            for _ in range(50):  # the fill may land just after the response
+                new = [i for i, (b, a) in enumerate(zip(before, self._chunk_files(), strict=True))
+                       if a - b]  # fmt: skip
+                if new:
+                    owner = new[0] if len(new) == 1 else -1
+                    break
+                time.sleep(0.02)
+            self.owners[key] = owner
+        return {k: self.owners[k] for k in keys}
+
+    def case_targets(self, case: Case) -> tuple[list[Target], tuple[str, ...]] | None:
+        if not case.cluster_nodes:
+            return None
+        if case.cluster_nodes != self.size:
+            self.resize(case.cluster_nodes)
+        if not case.owner:
+            return [self.node_target(i) for i in range(self.size)], case.spec.keys
+        if self.size < 2:
+            raise PeerFailed("owner cases need a ring of at least 2 nodes")
+        want = 0 if case.owner == "local" else 1
+        owners = self.classify(case.spec.keys)
+        keys = tuple(k for k, o in owners.items() if o == want)
+        if not keys:
+            raise PeerFailed(f"none of {len(owners)} objects is owned by node "
+                             f"{'AB'[want]} (owners: {sorted(owners.values())})")  # fmt: skip
+        return [self.node_target(0)], keys
+
+    def extra_nodes(self) -> list[ProcessPeer]:
+        return [n for n in self.others if n.proc is not None]
+
+    def counters(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for port in self.ports[: self.size]:
+            for k, v in self.counters_at(f"http://127.0.0.1:{port}").items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def peak_rss_bytes(self) -> int:
+        return super().peak_rss_bytes() + sum(
+            max(n.past_peak_rss, n.monitor.peak_rss_bytes() if n.monitor else 0)
+            for n in self.others
+        )
+
+    def stop(self) -> None:
+        for node in self.others:
+            node.halt()
+        super().stop()
+
+    def version(self) -> str:
+        return f"{super().version()} x{self.max_nodes} nodes max, one ring"
+
+
+@peer
+class ClusterLocalPeer(ClusterPeer):
+    name = "nearstore-cluster"
+    description = "1-3 nearstore cache nodes, one ring, before a nearstore local-store node"
+    backing_cls = NearstorePeer
+
+
+@peer
+class ClusterSeaweedPeer(ClusterPeer):
+    name = "nearstore-cluster+seaweedfs"
+    description = "1-3 nearstore cache nodes, one ring, before a SeaweedFS (weed mini)"
     backing_cls = SeaweedPeer
 
 

@@ -22,6 +22,7 @@ Order and invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -394,11 +395,27 @@ class Runner:
         max_req = min(self.plan.max_requests, case.max_requests or self.plan.max_requests)
         warmup = self.plan.warmup and not case.cold
         runs = ([True] if warmup else []) + [False] * self.plan.runs
+        spec, spread = case.spec, None
+        try:
+            chosen = peer.case_targets(case)
+        except PeerFailed as exc:
+            for cr in crs:
+                cr.first_error = f"preparing the case: {exc}"[:500]
+            tick(len(runs) * len(legs))
+            return crs
+        if chosen is not None:
+            # A cluster: the streams go to its nodes, on the keys it chose.
+            targets, keys = chosen
+            spec = dataclasses.replace(case.spec, keys=keys)
+            legs, spread, crs = [Leg("", targets[0])], targets, crs[:1]
+            crs[0].note = "; ".join(x for x in (case.note, f"{len(keys)} key(s)") if x)
         if case.prime:
             # One full read of every key, unmeasured: the caches are warm.
             for leg in legs:
-                keys = case.spec.keys
-                prime = JobSpec("get", min(4, len(keys)), keys, case.spec.object_size)
+                keys = spec.keys
+                prime = JobSpec("get", min(4, len(keys)), keys, spec.object_size)
+                # Through one node even on a cluster: each chunk is cached
+                # on its owner whichever node reads it.
                 self.gen.run(prime.job(leg.target, COLD_DURATION_S, len(keys), seed=999))
         all_monitors = _monitors(peer)
         stopped = False
@@ -419,7 +436,7 @@ class Runner:
                 duration = self.plan.warmup_s if warm else self.plan.duration_s
                 if case.duration_s is not None:
                     duration = max(duration, case.duration_s)
-                job = case.spec.job(leg.target, duration, max_req, seed=1000 + i)
+                job = spec.job(leg.target, duration, max_req, seed=1000 + i, spread=spread)
                 counters0 = peer.counters()
                 cpu0 = [_cpu(m) for m in all_monitors]
                 busy0 = machine_busy_s()
@@ -442,8 +459,11 @@ class Runner:
                     if k in counters0:
                         m[k] = v - counters0[k]
                 if len(all_monitors) > 1 and span > 0:
-                    m["gateway_cpu"] = cpu[0] / span
-                    m["backing_cpu"] = sum(cpu[1:]) / span
+                    front = 1 + len(peer.extra_nodes())
+                    m["gateway_cpu"] = sum(cpu[:front]) / span
+                    m["backing_cpu"] = sum(cpu[front:]) / span
+                    if front > 1:  # a cluster: its busiest node
+                        m["node_cpu_max"] = max(cpu[:front]) / span
                 cr.runs.append(m)
                 dead = _dead(peer)
                 if dead:
@@ -614,11 +634,13 @@ def _backing(peer: Peer) -> ProcessPeer | None:
 
 
 def _monitors(peer: Peer) -> list[TreeMonitor | None]:
-    """The peer's process trees: its own first, then its backing store's."""
+    """The peer's process trees: its own first, then its other nodes' (a
+    cluster), then its backing store's."""
+    out = [peer.monitor, *(n.monitor for n in peer.extra_nodes())]
     backing = _backing(peer)
     if backing is not None:
-        return [peer.monitor, backing.monitor]
-    return [peer.monitor]
+        out.append(backing.monitor)
+    return out
 
 
 def _cpu(m: TreeMonitor | None) -> float:
@@ -629,6 +651,7 @@ def _dead(peer: Peer) -> str:
     procs: list[ProcessPeer] = []
     if isinstance(peer, ProcessPeer):
         procs.append(peer)
+    procs += peer.extra_nodes()
     backing = _backing(peer)
     if backing is not None:
         procs.append(backing)

@@ -24,8 +24,8 @@ METRIC_UNITS: dict[str, str] = {
     "rps": "req/s",
     "p50_ms": "ms p50",
     "p99_ms": "ms p99",
-    "ttfb_p50_ms": "ms p50",
-    "ttfb_p99_ms": "ms p99",
+    "ttfb_p50_ms": "ms TTFB p50",
+    "ttfb_p99_ms": "ms TTFB p99",
 }
 # Latencies are better when lower; the ratio keeps nearstore / peer either way.
 LOWER_IS_BETTER = {"p50_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms"}
@@ -56,6 +56,7 @@ class JobSpec:
         max_requests: int,
         seed: int,
         client: ClientKind = "raw",
+        spread: list[Target] | None = None,
     ) -> GetJob | PutJob:
         if self.op == "put":
             return PutJob(
@@ -69,7 +70,7 @@ class JobSpec:
                 duration_s=duration_s,
                 max_requests=max_requests,
             )
-        return GetJob(
+        job = GetJob(
             op="get",
             target=target.to_dict(),
             keys=list(self.keys),
@@ -82,6 +83,9 @@ class JobSpec:
             client=client,
             seed=seed,
         )
+        if spread:
+            job["spread"] = [t.to_dict() for t in spread]
+        return job
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,13 @@ class Case:
     duration_s: float | None = None  # longer than the plan's, if set
     # Targets between two peers on this case (the `cache` scenario).
     peer_goals: tuple[PeerGoal, ...] = ()
+    # The `cluster` scenario, on a cluster peer (Peer.case_targets): run the
+    # case on a ring of this many cache nodes, the streams spread over all of
+    # them (0: the peer as it is) ...
+    cluster_nodes: int = 0
+    # ... or read, through node A, only those of the keys whose chunks are all
+    # owned by node A ("local") or by node B ("remote").
+    owner: Literal["", "local", "remote"] = ""
 
     @property
     def id(self) -> str:
@@ -393,6 +404,64 @@ def cache(plan: Plan) -> list[Case]:
             Case("cache", f"warm {fmt_size(size)} x{c}", spec, "rps",
                  ("rps", "p50_ms", "p99_ms"), objs, prime=True, peer_goals=goals)
         )  # fmt: skip
+    return cases
+
+
+# The `cluster` scenario: nearstore-cluster (N cache nodes before one backing
+# store, one ring), warm. No targets: what the cluster costs and buys here.
+CLUSTER_SUBJECT = "nearstore-cluster"
+
+
+def cluster_keys(size: int, count: int, kind: str) -> tuple[str, ...]:
+    # No "/" in these keys: peer requests for keys with "/" were refused (403,
+    # the signature is over %2F, aiohttp sends "/") as of 2026-11-23, and every
+    # read then fell back to the reading node, which is not what is measured.
+    return tuple(f"cluster-{kind}-{fmt_size(size).replace(' ', '')}-{i:03d}" for i in range(count))
+
+
+@scenario(
+    "cluster",
+    "cache peers (run with nearstore-cluster[+seaweedfs]): warm aggregate GB/s of 1, 2, 3 "
+    "nodes, and a read through node A of chunks owned by A (local) vs by B (remote)",
+)
+def cluster(plan: Plan) -> list[Case]:
+    """Warm whole-object GETs on a cluster peer.
+
+    Aggregate: the cluster is resized to N nodes (caches emptied, ring of N),
+    every object read once, then `cluster_concurrency` streams spread round
+    robin over the N nodes (same total streams for every N). Owner: objects
+    of one chunk each (<= the 16 MiB chunk size); the peer reads the pool once
+    through node A, sees which node's cache directory got each chunk, and the
+    case reads through A only those owned by A (local) or by B (remote).
+    On a peer that is not a cluster the cases run against its one endpoint.
+    """
+    size = plan.cluster_size
+    keys = cluster_keys(size, plan.cluster_objects, "agg")
+    objs = tuple(ObjectSpec(k, size) for k in keys)
+    c = plan.cluster_concurrency
+    cases: list[Case] = []
+    for n in plan.cluster_nodes:
+        spec = JobSpec("get", c, keys=keys, object_size=size)
+        cases.append(
+            Case("cluster", f"warm {fmt_size(size)} x{c} on {n} node{'s' if n > 1 else ''}",
+                 spec, "gbps", ("gbps", "p50_ms"), objs, prime=True, cluster_nodes=n,
+                 note=f"{len(keys)} objects of {fmt_size(size)}, {c} streams spread over "
+                      f"{n} node(s), ring of {n}")
+        )  # fmt: skip
+    osize = plan.cluster_owner_size
+    okeys = cluster_keys(osize, plan.cluster_owner_objects, "own")
+    oobjs = tuple(ObjectSpec(k, osize) for k in okeys)
+    nodes = max(plan.cluster_nodes)
+    for oc in plan.cluster_owner_concurrency:
+        spec = JobSpec("get", oc, keys=okeys, object_size=osize)
+        for owner in ("local", "remote"):
+            who = "A" if owner == "local" else "B"
+            cases.append(
+                Case("cluster", f"{owner} owner {fmt_size(osize)} x{oc}", spec, "gbps",
+                     ("gbps", "ttfb_p50_ms", "p50_ms"), oobjs, prime=True,
+                     cluster_nodes=nodes, owner=owner,
+                     note=f"read through node A, chunks owned by {who} (ring of {nodes})")
+            )  # fmt: skip
     return cases
 
 

@@ -179,3 +179,48 @@ def test_smoke_cache_cold_and_warm(tmp_path: Path) -> None:
             else:  # primed: nothing from the backing store
                 assert s["cache_hits"]["median"] > 0 and s["backing_bytes"]["median"] == 0
         assert any(r["goal"] for r in data["peer_goals"])
+
+
+def test_cluster_scenario_cases() -> None:
+    """Aggregate cases resize the ring, owner cases pair local and remote."""
+    for plan in PRESETS.values():
+        cases = select(["cluster"], plan)
+        agg = [c for c in cases if not c.owner]
+        assert [c.cluster_nodes for c in agg] == list(plan.cluster_nodes)
+        assert len({c.spec.concurrency for c in agg}) == 1  # same streams for every N
+        owners = [c for c in cases if c.owner]
+        assert {c.owner for c in owners} == {"local", "remote"}
+        for c in owners:
+            assert c.cluster_nodes >= 2 and c.prime
+            assert all(o.size <= 16 * 1024 * 1024 for o in c.objects)  # one chunk each
+
+
+def test_smoke_cluster(tmp_path: Path) -> None:
+    """A real cluster (nearstore cache nodes before a nearstore local store):
+    rings of 1 and 2 nodes, warm, then reads by owner through node A."""
+    out = tmp_path / "cluster.json"
+    argv = ["--smoke", "--no-progress", "--no-setup", "--workdir", str(tmp_path / "work")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *argv, "--scenarios", "cluster", "--peers",
+         "nearstore-cluster", "--subject", "nearstore-cluster", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    (peer,) = data["peers"]
+    assert peer["status"] == "ok", peer["reason"]
+    assert set(peer["cases"]) == set(data["case_order"])
+    for cid, case in peer["cases"].items():
+        s = case["summary"]
+        assert s[case["headline"]]["median"] > 0, (cid, case)
+        assert s["backing_bytes"]["median"] == 0, (cid, s)  # warm: nothing from the store
+        if "on 2 nodes" in cid:
+            assert s["node_cpu_max"]["median"] > 0
+        if "on 2 nodes" in cid or "remote owner" in cid:  # chunks read from the other node
+            assert s["peer_bytes"]["median"] > 0, (cid, s)
+        if "local owner" in cid:
+            assert s["peer_bytes"]["median"] == 0, (cid, s)
