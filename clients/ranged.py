@@ -1,0 +1,111 @@
+"""Parallel ranged reads of one large object.
+
+The object is cut into chunk-aligned ranges (16 MiB by default, the
+cache's chunk size, so each range is one cache chunk) read by several
+concurrent GETs straight into a caller's buffer: a ``bytearray``, a
+``memoryview`` (e.g. of a numpy array or a pinned host buffer) or a file.
+Memory use is the destination plus one socket buffer per stream.
+
+Every range is pinned to the ETag seen at the start (If-Match), so a read
+never mixes two versions of an object: a change mid-read raises
+``ObjectChanged``.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO
+
+from botocore.exceptions import ClientError
+
+CHUNK = 16 * 1024 * 1024
+PIECE = 1024 * 1024
+
+
+class ObjectChanged(Exception):
+    """The object was overwritten while it was being read."""
+
+
+def _ranges(size: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(size, start + chunk)) for start in range(0, size, chunk)]
+
+
+def read_into(
+    s3: Any,
+    bucket: str,
+    key: str,
+    out: bytearray | memoryview | None = None,
+    *,
+    streams: int = 8,
+    chunk: int = CHUNK,
+) -> memoryview:
+    """Read the whole object into ``out`` (allocated when None) with
+    ``streams`` concurrent ranged GETs; returns a view of the bytes."""
+    head = s3.head_object(Bucket=bucket, Key=key)
+    size, etag = int(head["ContentLength"]), head["ETag"]
+    buf = memoryview(out if out is not None else bytearray(size)).cast("B")
+    if len(buf) < size:
+        raise ValueError(f"buffer of {len(buf)} bytes for an object of {size}")
+
+    def one(span: tuple[int, int]) -> None:
+        start, end = span
+        try:
+            resp = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=etag)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise ObjectChanged(key) from e
+            raise
+        body = resp["Body"]
+        pos = start
+        while pos < end:
+            data = body.read(min(PIECE, end - pos))
+            if not data:
+                raise OSError(f"{key}: range {start}-{end} ended at {pos}")
+            buf[pos : pos + len(data)] = data
+            pos += len(data)
+        body.close()
+
+    spans = _ranges(size, chunk)
+    if size:
+        with ThreadPoolExecutor(max(1, min(streams, len(spans)))) as pool:
+            list(pool.map(one, spans))
+    return buf[:size]
+
+
+def read_bytes(s3: Any, bucket: str, key: str, *, streams: int = 8, chunk: int = CHUNK) -> bytes:
+    return bytes(read_into(s3, bucket, key, streams=streams, chunk=chunk))
+
+
+def download(s3: Any, bucket: str, key: str, path: str | os.PathLike[str], *, streams: int = 8,
+             chunk: int = CHUNK) -> int:
+    """Read the object into a file with concurrent ranged GETs (each writes
+    its own region with pwrite); returns the size."""
+    head = s3.head_object(Bucket=bucket, Key=key)
+    size, etag = int(head["ContentLength"]), head["ETag"]
+    with open(path, "wb") as f:
+        f.truncate(size)
+        fd = f.fileno()
+
+        def one(span: tuple[int, int]) -> None:
+            start, end = span
+            try:
+                resp = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=etag)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                    raise ObjectChanged(key) from e
+                raise
+            body: BinaryIO = resp["Body"]
+            pos = start
+            while pos < end:
+                data = body.read(min(PIECE, end - pos))
+                if not data:
+                    raise OSError(f"{key}: range {start}-{end} ended at {pos}")
+                os.pwrite(fd, data, pos)
+                pos += len(data)
+
+        spans = _ranges(size, chunk)
+        if size:
+            with ThreadPoolExecutor(max(1, min(streams, len(spans)))) as pool:
+                list(pool.map(one, spans))
+    return size

@@ -1,0 +1,70 @@
+"""clients/: connect() and the parallel ranged reader against a real node."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients.connect import connect
+from clients.ranged import ObjectChanged, download, read_bytes, read_into
+from tests.helpers.servers import S3Server
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def node(nearstore_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("NEARSTORE_ENDPOINT", nearstore_server.url)
+    monkeypatch.setenv("NEARSTORE_ACCESS_KEY", nearstore_server.access_key)
+    monkeypatch.setenv("NEARSTORE_SECRET_KEY", nearstore_server.secret_key)
+    s3 = connect()
+    bucket = f"clients-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    return s3, bucket
+
+
+def test_connect_uses_the_environment(node: Any) -> None:
+    s3, bucket = node
+    s3.put_object(Bucket=bucket, Key="k", Body=b"hello")
+    assert s3.get_object(Bucket=bucket, Key="k")["Body"].read() == b"hello"
+    assert s3.meta.config.s3["addressing_style"] == "path"
+    assert s3.meta.config.max_pool_connections >= 64
+
+
+@pytest.mark.parametrize("size", [0, 1, 3 * MiB + 17])
+def test_parallel_ranged_read(node: Any, size: int, tmp_path: Path) -> None:
+    s3, bucket = node
+    data = os.urandom(size)
+    s3.put_object(Bucket=bucket, Key="obj", Body=data)
+    assert read_bytes(s3, bucket, "obj", streams=4, chunk=MiB) == data
+    buf = bytearray(size + 10)
+    view = read_into(s3, bucket, "obj", buf, streams=3, chunk=MiB)
+    assert bytes(view) == data and len(view) == size
+    assert download(s3, bucket, "obj", tmp_path / "out.bin", streams=4, chunk=MiB) == size
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
+def test_buffer_too_small(node: Any) -> None:
+    s3, bucket = node
+    s3.put_object(Bucket=bucket, Key="obj", Body=b"x" * 100)
+    with pytest.raises(ValueError):
+        read_into(s3, bucket, "obj", bytearray(10))
+
+
+def test_a_changed_object_is_never_mixed(node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3, bucket = node
+    s3.put_object(Bucket=bucket, Key="obj", Body=os.urandom(2 * MiB))
+    real_head = s3.head_object
+
+    def head_then_overwrite(**kw: Any) -> Any:
+        head = real_head(**kw)
+        s3.put_object(Bucket=bucket, Key="obj", Body=os.urandom(2 * MiB))
+        return head
+
+    monkeypatch.setattr(s3, "head_object", head_then_overwrite)
+    with pytest.raises(ObjectChanged):
+        read_bytes(s3, bucket, "obj", chunk=MiB)
