@@ -543,14 +543,17 @@ def _canonical_request(
 
 def _verify_v4(
     *,
-    access_key: str,
     secret: str,
     credential: _Credential,
     amz_date: str,
     canonical_request: str,
     signature: str,
-) -> bytes:
-    """Check ``signature``; return the signing key."""
+    scheme: Scheme,
+    payload_hash: str,
+) -> AuthContext:
+    """Check ``signature``; return the request's authentication context
+    (with the signing key, for aws-chunked chunk signatures)."""
+    access_key = credential.access_key
     string_to_sign = "\n".join(
         (
             ALGORITHM,
@@ -570,7 +573,15 @@ def _verify_v4(
             CanonicalRequest=canonical_request,
             CanonicalRequestBytes=_hex_bytes(canonical_request),
         )
-    return key
+    return AuthContext(
+        access_key=access_key,
+        scheme=scheme,
+        content_sha256=payload_hash,
+        signing_key=key,
+        seed_signature=signature,
+        amz_date=amz_date,
+        scope=credential.scope,
+    )
 
 
 def _v4_header(
@@ -631,22 +642,14 @@ def _v4_header(
     canonical = _canonical_request(
         req.method, req.raw_path, _canonical_query(pairs), headers, signed, payload_hash
     )
-    key = _verify_v4(
-        access_key=credential.access_key,
+    return _verify_v4(
         secret=secret,
         credential=credential,
         amz_date=amz_date,
         canonical_request=canonical,
         signature=signature,
-    )
-    return AuthContext(
-        access_key=credential.access_key,
         scheme="v4",
-        content_sha256=payload_hash,
-        signing_key=key,
-        seed_signature=signature,
-        amz_date=amz_date,
-        scope=credential.scope,
+        payload_hash=payload_hash,
     )
 
 
@@ -734,22 +737,14 @@ def _v4_query(
         payload_hash,
     )
     signature = params["X-Amz-Signature"]
-    key = _verify_v4(
-        access_key=credential.access_key,
+    return _verify_v4(
         secret=secret,
         credential=credential,
         amz_date=amz_date,
         canonical_request=canonical,
         signature=signature,
-    )
-    return AuthContext(
-        access_key=credential.access_key,
         scheme="v4-query",
-        content_sha256=payload_hash,
-        signing_key=key,
-        seed_signature=signature,
-        amz_date=amz_date,
-        scope=credential.scope,
+        payload_hash=payload_hash,
     )
 
 
