@@ -44,7 +44,7 @@ MIN_PART = 5 * MiB  # S3's smallest part but the last
 MAX_PARTS = 10_000
 STREAMS = 8
 
-Source = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO
+Source = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO | io.IOBase
 
 
 def _part_size(size: int | None, part_size: int) -> int:
@@ -257,7 +257,7 @@ def _save_buffer(s3: Any, bucket: str, key: str, view: memoryview, part_size: in
     return _run(upload, submit_all)
 
 
-def _save_stream(s3: Any, bucket: str, key: str, src: BinaryIO, part_size: int, streams: int,
+def _save_stream(s3: Any, bucket: str, key: str, src: Any, part_size: int, streams: int,
                  extra: dict[str, Any]) -> str:  # fmt: skip
     """A source read in order (a pipe, a socket, an in-memory stream)."""
     part_size = _part_size(None, part_size)

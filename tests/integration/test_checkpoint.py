@@ -77,8 +77,8 @@ def test_buffers_and_streams(node: tuple[Any, str]) -> None:
     sources: dict[str, Any] = {
         "bytes": data,
         "bytearray": bytearray(data),
-        "memoryview": memoryview(arr),
-        "numpy-f32-view": memoryview(arr[: 2 * PART].view(np.float32)),
+        "memoryview": memoryview(arr.data),
+        "numpy-f32-view": memoryview(arr[: 2 * PART].view(np.float32).data),
         "bytesio": io.BytesIO(data),  # no descriptor: read in order
     }
     for name, src in sources.items():
@@ -128,7 +128,9 @@ def test_stream_memory_is_bounded(node: tuple[Any, str], monkeypatch: pytest.Mon
 
 def test_small_and_empty_sources_are_one_put(node: tuple[Any, str], tmp_path: Path) -> None:
     s3, bucket = node
-    for name, src in {"small": b"x" * 1000, "empty": b"", "empty-stream": _Pipe(b"")}.items():
+    sources: dict[str, checkpoint.Source] = {
+        "small": b"x" * 1000, "empty": b"", "empty-stream": _Pipe(b"")}
+    for name, src in sources.items():
         etag = checkpoint.save(s3, bucket, name, src, part_size=PART)
         assert "-" not in etag.strip('"')
     empty = tmp_path / "empty"
@@ -220,7 +222,7 @@ def test_part_size_rules() -> None:
 def test_state_dict_round_trip(node: tuple[Any, str]) -> None:
     s3, bucket = node
     torch.manual_seed(0)
-    sd = {
+    sd: dict[str, Any] = {
         "embed.weight": torch.randn(1024, 1536, dtype=torch.bfloat16),  # 3 MiB
         "head.weight": torch.randn(1024, 1024),  # 4 MiB
         "step": torch.tensor(1000),

@@ -1,0 +1,481 @@
+"""Load safetensors checkpoints through nearstore, for inference cold starts.
+
+The format (https://huggingface.co/docs/safetensors): an unsigned 64-bit
+little-endian N, then N bytes of JSON ``{name: {"dtype", "shape",
+"data_offsets": [begin, end]}, "__metadata__": {str: str}}``, then the
+tensor bytes; offsets are relative to the start of the data, 8 + N.
+
+A load reads each file's header with one small ranged GET (its first
+256 KiB, which also gives the size and the ETag every later read is pinned
+to with If-Match), validates it, then reads the tensor bytes with parallel
+ranged GETs cut at the cache's 16 MiB chunk boundaries (one cache chunk
+per GET; smaller pieces when a file has fewer chunks than streams) straight
+into one destination buffer per file (``clients.rangeget``: from the
+socket into the buffer, no copy in between). Tensors are zero-copy views of
+that buffer. Neighbouring tensors are read together; a gap of more than
+1 MiB between wanted tensors (``names=``) is skipped.
+
+    from clients.connect import connect
+    from clients import safetensors as nst
+    s3 = connect()
+    weights = nst.load(s3, "models", "llama/model.safetensors.index.json")  # numpy
+    weights = nst.load_torch(s3, "models", "llama/")                       # torch
+
+``key`` is one ``.safetensors`` file, a list of them, an index
+(``*.safetensors.index.json``: its ``weight_map`` names the files, relative
+to the index, and which tensors each holds), or a prefix ending in ``/``
+(its index if it has exactly one, else every ``*.safetensors`` directly
+under it).
+
+numpy has no bfloat16 or float8: those load as raw ``uint16`` / ``uint8``
+views of the same bytes (``bf16_to_float32`` widens bf16; ``load_torch``
+gives the real dtypes). Sub-byte types (F4, F6) are refused.
+
+A header is untrusted input: at most ``MAX_HEADER`` bytes, JSON that must
+be an object of well-formed entries (other fields in an entry are ignored, as
+the safetensors package does), known dtypes, shape x dtype == byte
+count, offsets inside the file, no two tensors overlapping. Anything else
+raises ``SafetensorsError`` naming the file and the fault.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import posixpath
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from clients.checkpoint import require_torch
+from clients.ranged import CHUNK
+from clients.rangeget import ObjectVersion, RangeGetter, Transport, read_ranges, split_range
+
+MAX_HEADER = 100 * 1024 * 1024
+FIRST_READ = 256 * 1024
+GAP = 1024 * 1024  # wanted tensors this close are read as one range
+MIN_PIECE = 1024 * 1024
+STREAMS = 16
+
+# dtype -> (bytes per element, numpy dtype of the loaded array, torch dtype name)
+DTYPES: dict[str, tuple[int, str, str]] = {
+    "BOOL": (1, "bool", "bool"),
+    "U8": (1, "u1", "uint8"),
+    "I8": (1, "i1", "int8"),
+    "F8_E4M3": (1, "u1", "float8_e4m3fn"),
+    "F8_E5M2": (1, "u1", "float8_e5m2"),
+    "F8_E4M3FNUZ": (1, "u1", "float8_e4m3fnuz"),
+    "F8_E5M2FNUZ": (1, "u1", "float8_e5m2fnuz"),
+    "F8_E8M0": (1, "u1", "float8_e8m0fnu"),
+    "I16": (2, "<i2", "int16"),
+    "U16": (2, "<u2", "uint16"),
+    "F16": (2, "<f2", "float16"),
+    "BF16": (2, "<u2", "bfloat16"),
+    "I32": (4, "<i4", "int32"),
+    "U32": (4, "<u4", "uint32"),
+    "F32": (4, "<f4", "float32"),
+    "C64": (8, "<c8", "complex64"),
+    "I64": (8, "<i8", "int64"),
+    "U64": (8, "<u8", "uint64"),
+    "F64": (8, "<f8", "float64"),
+}
+RAW_IN_NUMPY = frozenset({"BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"})
+
+Framework = Literal["np", "numpy", "pt", "torch"]
+
+
+class SafetensorsError(ValueError):
+    """A file is not a valid safetensors file (or the index is broken)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute offsets in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    """A file's parsed, validated header and the version it was read from."""
+
+    obj: ObjectVersion
+    data_start: int
+    tensors: dict[str, TensorInfo]  # in file order
+    metadata: dict[str, str]
+    first: bytes  # the file's first bytes, as read with the header
+
+    @property
+    def key(self) -> str:
+        return self.obj.key
+
+    @property
+    def size(self) -> int:
+        return self.obj.size
+
+
+# --------------------------------------------------------------------- header
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise SafetensorsError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_header(raw: bytes, file_size: int, *, name: str = "") -> tuple[
+        dict[str, TensorInfo], dict[str, str]]:  # fmt: skip
+    """Validate the JSON header ``raw`` of a file of ``file_size`` bytes;
+    returns the tensors (absolute offsets, in file order) and the metadata."""
+    where = f"{name}: " if name else ""
+
+    def bad(why: str) -> SafetensorsError:
+        return SafetensorsError(f"{where}invalid safetensors header: {why}")
+
+    data_start = 8 + len(raw)
+    if data_start > file_size:
+        raise bad(f"header of {len(raw)} bytes in a file of {file_size}")
+    if not raw.startswith(b"{"):
+        raise bad("does not start with '{'")
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except SafetensorsError as e:
+        raise bad(str(e)) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise bad(f"not JSON: {str(e)[:200]}") from None
+    if not isinstance(doc, dict):
+        raise bad("not a JSON object")
+    meta = doc.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):  # fmt: skip
+        raise bad("__metadata__ must map strings to strings")
+    data_size = file_size - data_start
+    tensors: list[TensorInfo] = []
+    for tname, entry in doc.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise bad(f"tensor {tname!r}: an entry needs dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise bad(f"tensor {tname!r}: unsupported dtype {str(dtype)[:40]!r}")
+        if not isinstance(shape, list) or not all(_uint(d) for d in shape):
+            raise bad(f"tensor {tname!r}: shape must be a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_uint(o) for o in offsets)):  # fmt: skip
+            raise bad(f"tensor {tname!r}: data_offsets must be two non-negative integers")
+        begin, end = offsets
+        if begin > end or end > data_size:
+            raise bad(f"tensor {tname!r}: data_offsets {begin}-{end} outside the "
+                      f"{data_size} bytes of data")  # fmt: skip
+        nbytes = math.prod(shape) * DTYPES[dtype][0]
+        if nbytes != end - begin:
+            raise bad(f"tensor {tname!r}: {dtype} {shape} is {nbytes} bytes, "
+                      f"data_offsets hold {end - begin}")  # fmt: skip
+        tensors.append(TensorInfo(tname, dtype, tuple(shape), data_start + begin,
+                                  data_start + end))  # fmt: skip
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    prev: TensorInfo | None = None
+    for t in tensors:
+        if t.begin == t.end:
+            continue
+        if prev is not None and t.begin < prev.end:
+            raise bad(f"tensors {prev.name!r} and {t.name!r} overlap")
+        prev = t
+    return {t.name: t for t in tensors}, meta
+
+
+def _open(getter: RangeGetter, bucket: str, key: str) -> Header:
+    obj, first = getter.open(bucket, key, FIRST_READ)
+    if obj.size < 8 or len(first) < 8:
+        raise SafetensorsError(f"{key}: {obj.size} bytes is too short for a safetensors file")
+    (n,) = struct.unpack("<Q", first[:8])
+    if n > MAX_HEADER:
+        raise SafetensorsError(f"{key}: header of {n} bytes is over the {MAX_HEADER} limit")
+    if 8 + n > obj.size:
+        raise SafetensorsError(f"{key}: header of {n} bytes in a file of {obj.size}")
+    if 8 + n > len(first):  # a large header: one more read for the rest
+        rest = bytearray(8 + n - len(first))
+        getter.read_into(obj, len(first), memoryview(rest))
+        first = first + bytes(rest)
+    tensors, meta = parse_header(first[8 : 8 + n], obj.size, name=key)
+    return Header(obj, 8 + n, tensors, meta, first)
+
+
+def read_header(s3: Any, bucket: str, key: str, *, transport: Transport = "auto") -> Header:
+    """A file's header (tensors, metadata, size, ETag), one small GET."""
+    return _open(RangeGetter(s3, transport=transport), bucket, key)
+
+
+# ------------------------------------------------------------- which files
+
+
+def _list(s3: Any, bucket: str, prefix: str) -> list[str]:
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, Delimiter="/"):  # fmt: skip
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+def _read_small(getter: RangeGetter, bucket: str, key: str, limit: int = MAX_HEADER) -> bytes:
+    obj, first = getter.open(bucket, key, FIRST_READ)
+    if obj.size > limit:
+        raise SafetensorsError(f"{key}: {obj.size} bytes is over the {limit} limit for an index")
+    if obj.size > len(first):
+        rest = bytearray(obj.size - len(first))
+        getter.read_into(obj, len(first), memoryview(rest))
+        first += bytes(rest)
+    return first
+
+
+def _index(getter: RangeGetter, bucket: str, key: str) -> dict[str, list[str]]:
+    """An index's files (keys) and the tensors each is to give."""
+    try:
+        doc = json.loads(_read_small(getter, bucket, key))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SafetensorsError(f"{key}: index is not JSON: {str(e)[:200]}") from None
+    wmap = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wmap, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):  # fmt: skip
+        raise SafetensorsError(f"{key}: index has no weight_map of tensor names to files")
+    base = posixpath.dirname(key)
+    files: dict[str, list[str]] = {}
+    for tname, fname in wmap.items():
+        if not fname or fname.startswith("/") or ".." in fname.split("/"):
+            raise SafetensorsError(f"{key}: weight_map names the file {fname!r}")
+        files.setdefault(posixpath.join(base, fname) if base else fname, []).append(tname)
+    return files
+
+
+def _plan(s3: Any, getter: RangeGetter, bucket: str,
+          key: str | Sequence[str]) -> dict[str, list[str] | None]:  # fmt: skip
+    """{file key: tensor names wanted (None: all)}."""
+    if not isinstance(key, str):
+        return dict.fromkeys(key)
+    if key.endswith(".json"):
+        return dict(_index(getter, bucket, key))
+    if key.endswith("/") or key == "":
+        keys = _list(s3, bucket, key)
+        indexes = [k for k in keys if k.endswith(".safetensors.index.json")]
+        if len(indexes) == 1:
+            return dict(_index(getter, bucket, indexes[0]))
+        files = sorted(k for k in keys if k.endswith(".safetensors"))
+        if not files:
+            raise SafetensorsError(f"no .safetensors file under s3://{bucket}/{key}")
+        return dict.fromkeys(files)
+    return {key: None}
+
+
+# ------------------------------------------------------------------ loading
+
+
+@dataclass
+class _FilePlan:
+    header: Header
+    tensors: list[TensorInfo]
+    spans: list[tuple[int, int, int]]  # (file start, file end, buffer offset)
+    nbytes: int
+
+
+def _spans(tensors: list[TensorInfo]) -> tuple[list[tuple[int, int, int]], int]:
+    spans: list[list[int]] = []
+    for t in sorted(tensors, key=lambda t: t.begin):
+        if t.nbytes == 0:
+            continue
+        if spans and t.begin - spans[-1][1] <= GAP:
+            spans[-1][1] = max(spans[-1][1], t.end)
+        else:
+            spans.append([t.begin, t.end])
+    out, off = [], 0
+    for a, b in spans:
+        out.append((a, b, off))
+        off += b - a
+    return out, off
+
+
+def _prepare(header: Header, names: list[str] | None) -> _FilePlan:
+    if names is None:
+        tensors = list(header.tensors.values())
+    else:
+        missing = [n for n in names if n not in header.tensors]
+        if missing:
+            raise SafetensorsError(f"{header.key}: no tensor {missing[0]!r} in this file "
+                                   f"({len(missing)} missing)")  # fmt: skip
+        tensors = [header.tensors[n] for n in names]
+    spans, nbytes = _spans(tensors)
+    return _FilePlan(header, tensors, spans, nbytes)
+
+
+def _jobs(plan: _FilePlan, buf: memoryview, chunk: int,
+          piece: int | None) -> list[tuple[ObjectVersion, int, memoryview]]:  # fmt: skip
+    """Ranged reads that fill ``buf``; bytes already read with the header
+    are copied from it instead."""
+    first = plan.header.first
+    jobs = []
+    for a, b, off in plan.spans:
+        if a < len(first):
+            cut = min(b, len(first))
+            buf[off : off + cut - a] = first[a:cut]
+            off += cut - a
+            a = cut
+        for s, e in split_range(a, b, chunk=chunk, piece=piece):
+            jobs.append((plan.header.obj, s, buf[off + s - a : off + e - a]))
+    return jobs
+
+
+def _read_all(s3: Any, bucket: str, key: str | Sequence[str], names: Iterable[str] | None,
+              streams: int, chunk: int, transport: Transport,
+              alloc: Callable[[int], tuple[Any, memoryview]]) -> list[tuple[_FilePlan, Any]]:
+    """Read the wanted tensors of every file, each file into a buffer from
+    ``alloc(nbytes) -> (owner, writable byte view)``; [(plan, owner)]."""
+    getter = RangeGetter(s3, transport=transport)
+    files = _plan(s3, getter, bucket, key)
+    wanted = None if names is None else set(names)
+    if wanted is not None and any(v is not None for v in files.values()):
+        # An index says which file holds what: only those files are opened.
+        files = {k: [n for n in v or [] if n in wanted] for k, v in files.items()}
+        files = {k: v for k, v in files.items() if v}
+    keys = list(files)
+    with ThreadPoolExecutor(max(1, min(streams, len(keys)))) as pool:
+        headers = list(pool.map(lambda k: _open(getter, bucket, k), keys))
+    if wanted is not None:
+        files = {h.key: [n for n in (files[h.key] or h.tensors) if n in wanted]
+                 for h in headers}  # fmt: skip
+    plans = [_prepare(h, files[h.key]) for h in headers]
+    seen: dict[str, str] = {}
+    for p in plans:
+        for t in p.tensors:
+            if t.name in seen:
+                raise SafetensorsError(f"tensor {t.name!r} is in both {seen[t.name]} "
+                                       f"and {p.header.key}")  # fmt: skip
+            seen[t.name] = p.header.key
+    if wanted is not None:
+        missing = sorted(wanted - set(seen))
+        if missing:
+            raise SafetensorsError(f"no tensor {missing[0]!r} in s3://{bucket}/{key} "
+                                   f"({len(missing)} missing)")  # fmt: skip
+    total = sum(p.nbytes for p in plans)
+    # Enough pieces for every stream when there are fewer chunks than streams.
+    piece = None
+    if total < streams * chunk:
+        piece = max(MIN_PIECE, -(-total // max(1, streams)))
+    out, jobs = [], []
+    for p in plans:
+        owner, view = alloc(p.nbytes)
+        jobs += _jobs(p, view, chunk, piece)
+        out.append((p, owner))
+    read_ranges(getter, jobs, streams=streams)
+    return out
+
+
+def _offsets(plan: _FilePlan) -> dict[str, int]:
+    """Each wanted tensor's offset in its file's buffer."""
+    starts = [a for a, _, _ in plan.spans]
+    res: dict[str, int] = {}
+    for t in plan.tensors:
+        if t.nbytes == 0:
+            res[t.name] = 0
+            continue
+        i = bisect.bisect_right(starts, t.begin) - 1
+        a, _, off = plan.spans[i]
+        res[t.name] = off + t.begin - a
+    return res
+
+
+def load(
+    s3: Any,
+    bucket: str,
+    key: str | Sequence[str],
+    *,
+    framework: Framework = "np",
+    names: Iterable[str] | None = None,
+    streams: int = STREAMS,
+    chunk: int = CHUNK,
+    transport: Transport = "auto",
+) -> dict[str, Any]:
+    """Every tensor of a checkpoint (or those in ``names``) as numpy arrays
+    (``framework="pt"``: torch tensors, see ``load_torch``)."""
+    if framework in ("pt", "torch"):
+        return load_torch(s3, bucket, key, names=names, streams=streams, chunk=chunk,
+                          transport=transport)  # fmt: skip
+    if framework not in ("np", "numpy"):
+        raise ValueError(f"framework must be 'np' or 'pt', not {framework!r}")
+    def alloc(n: int) -> tuple[Any, memoryview]:
+        buf = np.empty(n, dtype=np.uint8)
+        return buf, memoryview(buf.data)
+
+    loaded = _read_all(s3, bucket, key, names, streams, chunk, transport, alloc)
+    result: dict[str, Any] = {}
+    for plan, buf in loaded:
+        offs = _offsets(plan)
+        for t in plan.tensors:
+            dt = np.dtype(DTYPES[t.dtype][1])
+            o = offs[t.name]
+            result[t.name] = buf[o : o + t.nbytes].view(dt).reshape(t.shape)
+    return result
+
+
+def load_torch(
+    s3: Any,
+    bucket: str,
+    key: str | Sequence[str],
+    *,
+    names: Iterable[str] | None = None,
+    streams: int = STREAMS,
+    chunk: int = CHUNK,
+    transport: Transport = "auto",
+    pin_memory: bool = False,
+    device: Any = None,
+) -> dict[str, Any]:
+    """Every tensor of a checkpoint as torch tensors: zero-copy views of
+    one uint8 buffer per file (``pin_memory``: page-locked, for fast copies
+    to a GPU); ``device``: then moved there, file by file."""
+    torch = require_torch("load_torch")
+    dtypes = {}
+    for name, (_, _, tname) in DTYPES.items():
+        dtypes[name] = getattr(torch, tname, None)
+
+    def alloc(n: int) -> tuple[Any, memoryview]:
+        buf = torch.empty(n, dtype=torch.uint8, pin_memory=pin_memory)
+        return buf, memoryview(buf.numpy())
+
+    loaded = _read_all(s3, bucket, key, names, streams, chunk, transport, alloc)
+    result: dict[str, Any] = {}
+    for plan, base in loaded:
+        offs = _offsets(plan)
+        for t in plan.tensors:
+            dt = dtypes[t.dtype]
+            if dt is None:
+                raise SafetensorsError(f"{plan.header.key}: tensor {t.name!r}: this torch "
+                                       f"has no {t.dtype}")  # fmt: skip
+            o = offs[t.name]
+            raw = base[o : o + t.nbytes]
+            if o % DTYPES[t.dtype][0]:
+                raw = raw.clone()  # misaligned for its dtype: a copy of its own
+            ten = raw.view(dt).reshape(t.shape)
+            if device is not None:
+                ten = ten.to(device, non_blocking=pin_memory)
+            result[t.name] = ten
+    return result
+
+
+def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
+    """A BF16 tensor loaded with numpy (raw uint16) as float32 (a copy)."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
