@@ -257,10 +257,39 @@ async def admin(request: web.Request, path: str) -> web.StreamResponse:
     if path.startswith("/_nearstore/peer/"):
         return await peer_route(request, path)
     if path == "/_nearstore/ring" and request.method in ("GET", "HEAD"):
-        return web.json_response(request.app[MEMBERSHIP_KEY].describe())
+        return ring_route(request)
     if path == "/_nearstore/warm" and request.method == "POST":
         return await warm_route(request)
     raise errors.NoSuchKey("No such administrative route", Key=path)
+
+
+def ring_route(request: web.Request) -> web.Response:
+    """GET /_nearstore/ring[?bucket=B]: the ring and each peer's health;
+    with ``bucket=B`` also how B's objects are cut into chunks::
+
+        "bucket": {"name": B, "cached": true, "store": "s3:http://...", "chunk_size": 16777216}
+
+    (``cached`` false and nothing more when B is not read through the
+    cache). With the ring, that is all a client needs to compute each
+    chunk's id (cache.store.chunk_id) and owner, and to ask the owner for
+    it itself, saving the hop through a peer (clients/direct.py).
+
+    Unauthenticated, like health and metrics: it tells the topology and the
+    cache's configuration (which buckets are cached, the backing store's
+    name, which is its endpoint URL, and the chunk size), never credentials
+    or data; it does no I/O, so answering it for any name costs nothing.
+    Every object byte still needs a signed S3 request."""
+    doc = request.app[MEMBERSHIP_KEY].describe()
+    query = parse_query(request.raw_path.partition("?")[2])
+    if "bucket" in query:
+        bucket = query["bucket"]
+        backend = request.app[BACKEND_KEY]
+        target = backend.pick(bucket) if isinstance(backend, Router) else backend
+        layout: dict[str, object] = {"name": bucket, "cached": isinstance(target, CachedBackend)}
+        if isinstance(target, CachedBackend):
+            layout.update(store=target.inner.name, chunk_size=target.chunk_size)
+        doc["bucket"] = layout
+    return web.json_response(doc)
 
 
 async def warm_route(request: web.Request) -> web.StreamResponse:
