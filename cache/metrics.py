@@ -26,6 +26,11 @@ BYTES_FROM_PEERS = Counter(
 BYTES_FROM_BACKING = Counter("nearstore_bytes_from_backing", "Bytes read from the backing store", registry=REGISTRY)
 FILLS_IN_FLIGHT = Gauge("nearstore_fills_in_flight", "Chunk fills in progress", registry=REGISTRY,
                         multiprocess_mode="livesum")
+LOCAL_READS = Counter("nearstore_local_reads", "Short-circuit reads answered on the Unix socket",
+                      registry=REGISTRY)
+LOCAL_BYTES = Counter("nearstore_local_read_bytes",
+                      "Bytes of short-circuit reads (file descriptors handed out, or sent inline)",
+                      registry=REGISTRY)
 EVICTIONS = Counter("nearstore_cache_evictions", "Chunks evicted", registry=REGISTRY)
 CHECKSUM_FAILURES = Counter("nearstore_cache_checksum_failures", "Chunks that failed verification", registry=REGISTRY)
 FILL_ERRORS = Counter("nearstore_cache_fill_errors", "Fills that failed (served from backing instead)", registry=REGISTRY)

@@ -45,6 +45,7 @@ from gateway.cluster import verify as verify_peer
 from gateway.config import Config, ConfigError
 from gateway.control import Control
 from gateway.handlers.common import Ctx
+from gateway.localsock import LocalSocketServer
 from gateway.request import S3Request, parse_query, split_target
 from gateway.routes import Handler, resolve
 from gateway.sendfile import ResponseAborted, send_body
@@ -207,6 +208,9 @@ class InFlight:
 
 
 INFLIGHT_KEY = web.AppKey("inflight", InFlight)
+# The short-circuit socket's path, when this node serves one (the owner
+# process listens; workers report the owner's).
+LOCALSOCK_KEY = web.AppKey("local_socket", str)
 
 
 async def front(request: web.Request) -> web.StreamResponse:
@@ -248,7 +252,8 @@ async def _front(request: web.Request) -> web.StreamResponse:
 
 async def admin(request: web.Request, path: str) -> web.StreamResponse:
     if path == "/_nearstore/health" and request.method in ("GET", "HEAD"):
-        return web.json_response({"status": "ok", "pid": os.getpid()})
+        return web.json_response({"status": "ok", "pid": os.getpid(),
+                                  "local_socket": request.app.get(LOCALSOCK_KEY)})
     if path == "/_nearstore/metrics" and request.method in ("GET", "HEAD"):
         body, content_type = metrics_exposition()
         resp = web.Response(body=body)
@@ -454,6 +459,23 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
     await backend.close()
 
 
+async def _localsock_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Short-circuit reads over a Unix socket (owner process only)."""
+    cfg = app[CONFIG_KEY]
+    server = None
+    if not cfg.worker and cfg.local_socket != "off":
+        server = LocalSocketServer(cfg.local_socket, app[BACKEND_KEY], cfg.credentials, cfg.domain)
+        if not await server.start():
+            server = None
+    if server is not None:
+        app[LOCALSOCK_KEY] = server.path
+    elif cfg.worker and cfg.local_socket != "off":
+        app[LOCALSOCK_KEY] = cfg.local_socket
+    yield
+    if server is not None:
+        await server.close()
+
+
 def make_backend(cfg: Config) -> Backend:
     local = LocalStore(cfg.data_dir, fsync=cfg.fsync, sweep=not cfg.worker)
     if not cfg.upstreams:
@@ -486,6 +508,7 @@ def build_app(cfg: Config, backend: Backend | None = None) -> web.Application:
     app.cleanup_ctx.append(_backend_ctx)
     app.cleanup_ctx.append(_control_ctx)
     app.cleanup_ctx.append(_membership_ctx)
+    app.cleanup_ctx.append(_localsock_ctx)
     # [\s\S]: keys may contain newlines, which '.' would not match.
     app.router.add_route("*", r"/{tail:[\s\S]*}", front, expect_handler=expect_continue)
     return app

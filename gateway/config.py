@@ -155,6 +155,9 @@ class Config:
     node_id: str = ""
     cluster_secret: str = ""
     cluster_dns: str = ""  # members = this name's addresses (headless Service)
+    # Unix socket for short-circuit reads by clients on this machine
+    # (gateway/localsock.py); "" means <data_dir>/nearstore.sock, "off" none.
+    local_socket: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -182,7 +185,7 @@ def load(
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"invalid TOML in {path}: {e}") from e
         server = _section(doc, "server")
-        for name in ("host", "data_dir", "domain", "region"):
+        for name in ("host", "data_dir", "domain", "region", "local_socket"):
             if name in server:
                 setattr(cfg, name, str(server[name]))
         if "port" in server:
@@ -243,6 +246,7 @@ def load(
         "NEARSTORE_REGION": "region",
         "NEARSTORE_TLS_CERT": "tls_cert",
         "NEARSTORE_TLS_KEY": "tls_key",
+        "NEARSTORE_LOCAL_SOCKET": "local_socket",
     }
     for var, name in simple.items():
         if env.get(var):
@@ -286,6 +290,8 @@ def load(
         raise ConfigError("[cluster] needs a shared secret (secret = ... or NEARSTORE_CLUSTER_SECRET)")
     if not cfg.cache.dir:
         cfg.cache.dir = os.path.join(cfg.data_dir, "cache")
+    if not cfg.local_socket:
+        cfg.local_socket = os.path.join(os.path.abspath(cfg.data_dir), "nearstore.sock")
     if cfg.cache.chunk_size < 64 * 1024 or cfg.cache.size < cfg.cache.chunk_size:
         raise ConfigError("[cache] chunk_size must be at least 64 KiB and size at least one chunk")
 

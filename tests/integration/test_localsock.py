@@ -1,0 +1,173 @@
+"""Short-circuit reads over the node's Unix socket (gateway/localsock.py,
+clients/local.py): same bytes and the same errors as a GET, on the local
+store and through the chunk cache; a corrupt chunk file is never handed out."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from clients.connect import connect
+from clients.datasets import S3Source, TarDataset
+from clients.local import LocalChanged, LocalNode
+from tests.helpers.cachenode import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    CacheNode,
+    MiB,
+    Proc,
+    flip_byte,
+    moto_client,
+    start_moto,
+)
+from tests.helpers.servers import S3Server
+from tests.unit.test_datasets import make_tar
+
+
+@pytest.fixture
+def node(nearstore_server: S3Server) -> Iterator[tuple[Any, LocalNode, str]]:
+    s3 = connect(nearstore_server.url, access_key=nearstore_server.access_key,
+                 secret_key=nearstore_server.secret_key)
+    bucket = f"localsock-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    local = LocalNode.discover(s3)
+    assert local is not None, "the test node serves a local socket"
+    yield s3, local, bucket
+    LocalNode.forget(s3)
+
+
+def test_reads_match_get(node: tuple[Any, LocalNode, str]) -> None:
+    s3, local, bucket = node
+    data = os.urandom(5 * MiB + 123)
+    s3.put_object(Bucket=bucket, Key="dir/a b+c", Body=data)
+    etag = s3.head_object(Bucket=bucket, Key="dir/a b+c")["ETag"]
+    view, size, got_etag = local.read_into(bucket, "dir/a b+c")
+    assert bytes(view) == data and size == len(data) and got_etag == etag
+    # in 1 MiB pieces on 3 connections, into a caller's buffer
+    buf = bytearray(len(data) + 7)
+    view, _, _ = local.read_into(bucket, "dir/a b+c", buf, chunk=MiB, streams=3)
+    assert bytes(view) == data and len(view) == len(data)
+    view, _, _ = local.read_into(bucket, "dir/a b+c", start=MiB - 5, end=3 * MiB + 5, chunk=MiB)
+    assert bytes(view) == data[MiB - 5 : 3 * MiB + 5]
+    view, _, _ = local.read_into(bucket, "dir/a b+c", start=len(data) - 10, end=len(data) + 100)
+    assert bytes(view) == data[-10:]
+    s3.put_object(Bucket=bucket, Key="empty", Body=b"")
+    assert bytes(local.read_into(bucket, "empty")[0]) == b""
+
+
+def test_errors_are_s3_errors(node: tuple[Any, LocalNode, str], nearstore_server: S3Server) -> None:
+    s3, local, bucket = node
+    s3.put_object(Bucket=bucket, Key="k", Body=b"hello")
+    with pytest.raises(ClientError, match="NoSuchKey"):
+        local.read_into(bucket, "missing")
+    with pytest.raises(LocalChanged):
+        local.read_into(bucket, "k", if_match='"0123"')
+    with pytest.raises(ClientError, match="InvalidRange"):
+        local.read_into(bucket, "k", start=100, end=200)
+    # wrong secret: refused exactly as over HTTP
+    bad = LocalNode(local.path, connect(nearstore_server.url, access_key=nearstore_server.access_key,
+                                        secret_key="wrong-secret"))
+    with pytest.raises(ClientError, match="SignatureDoesNotMatch"):
+        bad.read_into(bucket, "k")
+    bad.close()
+    # the connection pool still works after all those
+    assert bytes(local.read_into(bucket, "k")[0]) == b"hello"
+
+
+def test_malformed_requests_get_an_error_and_the_connection_lives(node: tuple[Any, LocalNode, str]) -> None:
+    s3, local, bucket = node
+    s3.put_object(Bucket=bucket, Key="k", Body=b"x")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10)
+        sock.connect(local.path)
+        for junk in (b"not json", b"{}", json.dumps({"url": "http://h/b/k", "range": [5, 1]}).encode(),
+                     json.dumps({"url": "http://h/b/k?X-Amz-Signature=zz"}).encode()):
+            sock.sendall(junk)
+            reply = json.loads(sock.recv(65536))
+            assert 400 <= reply["status"] < 500 and reply["code"], reply
+        url = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "k"})
+        sock.sendall(json.dumps({"url": url}).encode())
+        assert json.loads(sock.recv(65536))["status"] == 200
+
+
+def test_discovery_can_be_turned_off(node: tuple[Any, LocalNode, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    s3, _, _ = node
+    LocalNode.forget(s3)
+    monkeypatch.setenv("NEARSTORE_LOCAL_READS", "0")
+    assert LocalNode.discover(s3) is None
+
+
+# -- through the chunk cache ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    proc = start_moto(tmp_path_factory.mktemp("moto"))
+    yield proc
+    proc.stop(timeout=5)
+
+
+@pytest.fixture
+def cache_node(tmp_path: Path, moto: Proc, monkeypatch: pytest.MonkeyPatch) -> Iterator[CacheNode]:
+    sock_dir = tempfile.mkdtemp(prefix="ns-")  # pytest's tmp paths can pass sun_path's 107 bytes
+    monkeypatch.setenv("NEARSTORE_LOCAL_SOCKET", f"{sock_dir}/node.sock")
+    n = CacheNode(tmp_path / "n", moto.url).start()
+    yield n
+    n.stop()
+    os.rmdir(sock_dir)
+
+
+def test_cached_chunks_cold_warm_and_corrupt(cache_node: CacheNode, moto: Proc) -> None:
+    backing = moto_client(moto)
+    bucket = f"lsc-{uuid.uuid4().hex[:10]}"
+    backing.create_bucket(Bucket=bucket)
+    cs = cache_node.chunk_size
+    data = os.urandom(5 * cs + 100)
+    backing.put_object(Bucket=bucket, Key="obj", Body=data)
+    s3 = connect(cache_node.url, access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+    local = LocalNode.discover(s3)
+    assert local is not None
+    try:
+        before = cache_node.metrics()
+        assert bytes(local.read_into(bucket, "obj", chunk=cs)[0]) == data  # cold: filled
+        assert len(cache_node.chunk_files()) == 6
+        assert bytes(local.read_into(bucket, "obj", chunk=2 * cs)[0]) == data  # warm
+        after = cache_node.metrics()
+        hits = "nearstore_cache_hits_total"
+        assert after.get(hits, 0) - before.get(hits, 0) >= 6
+        for path in cache_node.chunk_files():
+            flip_byte(path, 50)
+        # every chunk fails its check and is filled again: never the flipped bytes
+        assert bytes(local.read_into(bucket, "obj", chunk=cs)[0]) == data
+        assert bytes(local.read_into(bucket, "obj", start=cs + 40, end=cs + 60)[0]) == data[cs + 40 : cs + 60]
+    finally:
+        LocalNode.forget(s3)
+
+
+def test_datasets_use_the_short_circuit(cache_node: CacheNode, moto: Proc) -> None:
+    backing = moto_client(moto)
+    bucket = f"lsd-{uuid.uuid4().hex[:10]}"
+    backing.create_bucket(Bucket=bucket)
+    members = [(f"{i:03d}.bin", os.urandom(20_000)) for i in range(150)]  # 3 MiB: several chunks
+    backing.put_object(Bucket=bucket, Key="shards/a.tar", Body=make_tar(members))
+    s3 = connect(cache_node.url, access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+    before = cache_node.metrics()
+    try:
+        src = S3Source(bucket, client=lambda: s3)
+        got = [(s["__key__"], s["bin"]) for s in TarDataset(src, "shards/")]
+        assert got == [(n[:3], d) for n, d in members]
+        # the shard came over the socket, in one request per 16 MiB piece
+        after = cache_node.metrics()
+        name = "nearstore_local_read_bytes_total"
+        assert after.get(name, 0) - before.get(name, 0) == s3.head_object(Bucket=bucket, Key="shards/a.tar")["ContentLength"]
+    finally:
+        LocalNode.forget(s3)
