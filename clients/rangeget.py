@@ -25,6 +25,8 @@ from __future__ import annotations
 import http.client
 import os
 import random
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -73,13 +75,27 @@ class _ConnPool:
         self._pid = os.getpid()
 
     def get(self, host: str, port: int) -> http.client.HTTPConnection:
+        """An idle connection still open (one the server closed is readable:
+        dropped, as urllib3 does), else a new one."""
+        while True:
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._idle, self._pid = {}, os.getpid()
+                idle = self._idle.get((host, port))
+                conn = idle.pop() if idle else None
+            if conn is None:
+                return http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
+            if conn.sock is not None and not _readable(conn.sock):
+                return conn
+            conn.close()
+
+    def clear(self, host: str, port: int) -> None:
+        """Close every idle connection to (host, port): after a connection
+        failure the others are likely dead too (a restarted server)."""
         with self._lock:
-            if self._pid != os.getpid():
-                self._idle, self._pid = {}, os.getpid()
-            idle = self._idle.get((host, port))
-            if idle:
-                return idle.pop()
-        return http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
+            idle = self._idle.pop((host, port), [])
+        for conn in idle:
+            conn.close()
 
     def put(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -88,6 +104,12 @@ class _ConnPool:
                 idle.append(conn)
                 return
         conn.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    p = select.poll()
+    p.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(p.poll(0))
 
 
 _POOL = _ConnPool()
@@ -215,6 +237,7 @@ class RangeGetter:
                     "Range": f"bytes={start}-{end - 1}", "If-Match": obj.etag})  # fmt: skip
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as e:
+                _POOL.clear(conn.host, conn.port)
                 raise _Retry(f"{e!r}") from e
             if resp.status != 206:
                 body = resp.read()
@@ -274,6 +297,7 @@ class RangeGetter:
             body = resp.read()
         except (OSError, http.client.HTTPException) as e:
             conn.close()
+            _POOL.clear(conn.host, conn.port)
             raise _Retry(f"{e!r}") from e
         hdrs = {k.lower(): v for k, v in resp.getheaders()}
         if resp.status in _RETRY_STATUS:
@@ -323,19 +347,7 @@ def read_ranges(
                 raise f.exception()  # type: ignore[misc]
 
 
-def split_range(start: int, end: int, *, chunk: int = CHUNK,
-                piece: int | None = None) -> list[tuple[int, int]]:  # fmt: skip
-    """``start..end`` cut at every multiple of ``chunk`` (one cache chunk
-    per GET), each part cut again into pieces of at most ``piece``."""
-    out: list[tuple[int, int]] = []
-    pos = start
-    while pos < end:
-        stop = min(end, (pos // chunk + 1) * chunk)
-        if piece and stop - pos > piece:
-            n = -(-(stop - pos) // piece)
-            step = -(-(stop - pos) // n)
-            out += [(a, min(stop, a + step)) for a in range(pos, stop, step)]
-        else:
-            out.append((pos, stop))
-        pos = stop
-    return out
+def split_range(start: int, end: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
+    """``start..end`` cut at every multiple of ``chunk``: one cache chunk per GET."""
+    cuts = range((start // chunk + 1) * chunk, end, chunk)
+    return list(zip([start, *cuts], [*cuts, end], strict=True)) if end > start else []
