@@ -23,7 +23,6 @@ Routes (served by ``gateway.app``):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -44,6 +43,7 @@ log = logging.getLogger(__name__)
 
 AUTH_HEADER = "x-nearstore-peer"
 MAX_SKEW = 300.0
+INVALIDATE_TIMEOUT_S = 5.0
 
 
 class PeerFailed(Exception):
@@ -129,6 +129,9 @@ class Cluster:
             resp.close()
 
     async def broadcast_invalidate(self, bucket: str, key: str) -> None:
+        """Tell every live peer to drop its metadata of bucket/key; returns
+        when each has answered or timed out (then it is logged: that peer
+        may serve the old version until its metadata TTL runs out)."""
         if self.session is None or not self.membership.peers:
             return
         query = urlencode({"bucket": bucket, "key": key})
@@ -136,13 +139,19 @@ class Cluster:
 
         async def one(node: Node) -> None:
             assert self.session is not None
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            try:
                 async with self.session.post(
                     URL(node.address.rstrip("/") + path, encoded=True),
                     headers={AUTH_HEADER: sign(self.secret, "POST", path)},
-                    timeout=aiohttp.ClientTimeout(total=1.0),
+                    # Read-after-write on other nodes waits on this; a busy
+                    # peer may take a while, a down one is skipped above.
+                    timeout=aiohttp.ClientTimeout(total=INVALIDATE_TIMEOUT_S),
                 ) as r:
                     await r.read()
+                    if r.status != 200:
+                        log.warning("invalidate %s/%s on %s: HTTP %d", bucket, key, node.id, r.status)
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                log.warning("invalidate %s/%s on %s failed: %r", bucket, key, node.id, e)
 
         await asyncio.gather(*(one(p.node) for p in self.membership.peers.values() if p.up))
 

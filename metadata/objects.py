@@ -27,6 +27,10 @@ class MetaCache(Generic[V]):
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple[str, str], tuple[float, V]] = OrderedDict()
         self._pending: dict[tuple[str, str], asyncio.Future[V]] = {}
+        # Bumped by every invalidation: a lookup that was already on its way
+        # to the store when the object was written may bring back the old
+        # metadata, and must not cache it.
+        self._generation = 0
         self.hits = 0
         self.misses = 0
 
@@ -42,6 +46,7 @@ class MetaCache(Generic[V]):
         if pending is not None:
             return await asyncio.shield(pending)
         self.misses += 1
+        generation = self._generation
         fut: asyncio.Future[V] = asyncio.get_running_loop().create_future()
         self._pending[k] = fut
         try:
@@ -53,9 +58,10 @@ class MetaCache(Generic[V]):
             fut.exception()
             raise
         finally:
-            self._pending.pop(k, None)
+            if self._pending.get(k) is fut:
+                del self._pending[k]
         fut.set_result(value)
-        if self.ttl > 0:
+        if self.ttl > 0 and generation == self._generation:
             self._entries[k] = (time.monotonic() + self.ttl, value)
             self._entries.move_to_end(k)
             while len(self._entries) > self.max_entries:
@@ -63,11 +69,16 @@ class MetaCache(Generic[V]):
         return value
 
     def invalidate(self, bucket: str, key: str) -> None:
+        self._generation += 1
         self._entries.pop((bucket, key), None)
+        self._pending.pop((bucket, key), None)  # later lookups ask the store afresh
 
     def invalidate_bucket(self, bucket: str) -> None:
+        self._generation += 1
         for k in [k for k in self._entries if k[0] == bucket]:
             del self._entries[k]
+        for k in [k for k in self._pending if k[0] == bucket]:
+            del self._pending[k]
 
     def __len__(self) -> int:
         return len(self._entries)
