@@ -6,10 +6,14 @@ BIN    := $(VENV)/bin
 
 .PHONY: run test lint venv clean bench bench-quick cluster
 
+# torch first and pinned: 2.13.0 resolves to the local CPU wheel, so the
+# extras after it (torch, and s3torchconnector which needs it) find it
+# installed instead of pulling a multi-GB CUDA build.
 $(BIN)/nearstore: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,bench,torch]'
 	touch $@
 
 venv: $(BIN)/nearstore
