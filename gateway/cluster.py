@@ -129,23 +129,26 @@ class Cluster:
             resp.close()
 
     async def broadcast_invalidate(self, bucket: str, key: str) -> None:
-        """Tell every live peer to drop its metadata of bucket/key; returns
-        when each has answered or timed out (then it is logged: that peer
-        may serve the old version until its metadata TTL runs out)."""
+        """Tell every peer to drop its metadata of bucket/key; returns when
+        each has answered or timed out (then it is logged: that peer may
+        serve the old version until its metadata TTL runs out). Peers the
+        health checks call down are told too, with a short timeout: "down"
+        is this node's view, and a peer that only missed probes under load
+        still serves clients."""
         if self.session is None or not self.membership.peers:
             return
         query = urlencode({"bucket": bucket, "key": key})
         path = f"/_nearstore/peer/invalidate?{query}"
 
-        async def one(node: Node) -> None:
+        async def one(node: Node, up: bool) -> None:
             assert self.session is not None
             try:
                 async with self.session.post(
                     URL(node.address.rstrip("/") + path, encoded=True),
                     headers={AUTH_HEADER: sign(self.secret, "POST", path)},
                     # Read-after-write on other nodes waits on this; a busy
-                    # peer may take a while, a down one is skipped above.
-                    timeout=aiohttp.ClientTimeout(total=INVALIDATE_TIMEOUT_S),
+                    # peer may take a while.
+                    timeout=aiohttp.ClientTimeout(total=INVALIDATE_TIMEOUT_S if up else 1.0),
                 ) as r:
                     await r.read()
                     if r.status != 200:
@@ -153,7 +156,7 @@ class Cluster:
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 log.warning("invalidate %s/%s on %s failed: %r", bucket, key, node.id, e)
 
-        await asyncio.gather(*(one(p.node) for p in self.membership.peers.values() if p.up))
+        await asyncio.gather(*(one(p.node, p.up) for p in self.membership.peers.values()))
 
 
 class ChunkFileHandle:
