@@ -41,35 +41,21 @@ clients, suspects) is kept per boto3 client and shared by its reads.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
-import ssl
 import threading
 import time
 import urllib.request
 import weakref
-from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import boto3
-import urllib3.exceptions
-from botocore import exceptions as bce
-from botocore.config import Config
 
 from cache.store import chunk_id
-from clients.ranged import (
-    CHUNK,
-    Functions,
-    ObjectChanged,
-    Pinned,
-    RangedReader,
-    Sink,
-    Span,
-    fetch_span,
-)
+from clients.ranged import CHUNK, Functions, ObjectChanged, Pinned, RangedReader, Span, _ssl_context
 from metadata.ring import Node, NoLiveNodes, Ring
 
 __all__ = [
@@ -82,7 +68,6 @@ log = logging.getLogger(__name__)
 RING_TTL = 2.0  # seconds a fetched ring is trusted (health checks mark a dead node down within 3 s)
 SUSPECT_S = 10.0  # seconds a failed owner's chunks go through the given node
 RING_TIMEOUT = 2.0
-OWNER_CONNECT_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -100,21 +85,6 @@ class _Placed(Pinned):
     layout: Layout | None = None
 
 
-def _owner_failed(e: BaseException) -> bool:
-    """Whether an error says the owner could not serve (so another node can)."""
-    if isinstance(e, bce.ClientError):
-        return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) >= 500
-    return isinstance(e, (bce.ConnectionError, bce.HTTPClientError, OSError, http.client.HTTPException,
-                          urllib3.exceptions.HTTPError))
-
-
-def _ssl_context(s3: Any) -> ssl.SSLContext | None:
-    verify = getattr(getattr(getattr(s3, "_endpoint", None), "http_session", None), "_verify", True)
-    if verify is False:
-        return ssl._create_unverified_context()
-    return ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
-
-
 class ClusterView:
     """What a client knows of the cluster behind one node: the ring and the
     buckets' layouts (re-fetched after ``ring_ttl`` s), a boto3 client per
@@ -128,8 +98,7 @@ class ClusterView:
         self.ring_ttl, self.suspect_s = ring_ttl, suspect_s
         self._ssl = _ssl_context(s3) if self.endpoint.startswith("https:") else None
         self._credentials = getattr(getattr(s3, "_request_signer", None), "_credentials", None)
-        self._config = s3.meta.config.merge(
-            Config(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=OWNER_CONNECT_TIMEOUT))
+        self._config = s3.meta.config
         self._region = s3.meta.region_name
         self._verify = getattr(getattr(getattr(s3, "_endpoint", None), "http_session", None), "_verify", None)
         self._lock = threading.Lock()
@@ -206,15 +175,16 @@ class ClusterView:
                 return None
         return node
 
-    def suspect(self, node: Node, error: BaseException) -> None:
-        log.warning("cache node %s failed (%s): its chunks go through %s for %.0f s", node.id, error,
+    def suspect(self, node_id: str, error: BaseException) -> None:
+        log.warning("cache node %s failed (%s): its chunks go through %s for %.0f s", node_id, error,
                     self.endpoint, self.suspect_s)
         with self._lock:
-            self._suspects[node.id] = time.monotonic() + self.suspect_s
+            self._suspects[node_id] = time.monotonic() + self.suspect_s
             self._layouts.clear()  # the next read asks for the ring again
 
     def client(self, node: Node) -> Any:
-        """A boto3 client for the node's S3 endpoint (made once)."""
+        """A boto3 client for the node's S3 endpoint (made once; it presigns
+        the GETs sent there)."""
         with self._lock:
             s3 = self._clients.get(node.address)
             if s3 is None:
@@ -236,15 +206,14 @@ class ClusterView:
 
 class DirectReader(RangedReader):
     """A `RangedReader` that reads each chunk from its owner (see the module
-    docstring). ``sent`` counts the ranges read from each node (the given
-    node as ``"via <endpoint>"``); ``failovers`` the owners' failures."""
+    docstring). ``sent`` counts the ranges each node served (owners by
+    their node id, the given node by its endpoint URL); ``failovers`` the
+    owners' failures."""
 
     def __init__(self, s3: Any, *, streams: int = 8, chunk: int = CHUNK, view: ClusterView | None = None) -> None:
         super().__init__(s3, streams=streams, chunk=chunk)
         self.view = view or ClusterView.of(s3)
-        self.sent: Counter[str] = Counter()
         self.failovers = 0
-        self._count = threading.Lock()
 
     def open(self, bucket: str, key: str) -> Pinned:
         layout = self.view.layout(bucket)
@@ -253,27 +222,14 @@ class DirectReader(RangedReader):
             return obj
         return _Placed(bucket, key, obj.size, obj.etag, layout.chunk_size, layout)
 
-    def fetch(self, obj: Pinned, span: Span, sink: Sink) -> None:
+    def route(self, obj: Pinned, span: Span) -> Sequence[tuple[str, Any]]:
         node = self.view.owner(obj, span[0] // obj.chunk) if isinstance(obj, _Placed) else None
-        if node is not None:
-            try:
-                fetch_span(self.view.client(node), obj, span, sink)
-                self._note(node.id)
-                return
-            except ObjectChanged:
-                raise
-            except Exception as e:
-                if not _owner_failed(e):
-                    raise
-                self.view.suspect(node, e)
-                with self._count:
-                    self.failovers += 1
-        super().fetch(obj, span, sink)
-        self._note(f"via {self.view.endpoint}")
+        through = super().route(obj, span)
+        return through if node is None else [(node.id, self.view.client(node)), *through]
 
-    def _note(self, where: str) -> None:
-        with self._count:
-            self.sent[where] += 1
+    def failed(self, name: str, error: Exception) -> None:
+        self.failovers += 1
+        self.view.suspect(name, error)
 
 
 _functions = Functions(DirectReader)
