@@ -229,13 +229,16 @@ class _Conn(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.progress += nbytes
-        if self._state == "body":
-            self._body(nbytes)
-        elif self._state == "head":
-            self._hn += nbytes
-            self._parse_head()
-        else:
-            self._abort(EndpointFailed("bytes from the server between responses"))
+        try:
+            if self._state == "body":
+                self._body(nbytes)
+            elif self._state == "head":
+                self._hn += nbytes
+                self._parse_head()
+            else:
+                self._abort(EndpointFailed("bytes from the server between responses"))
+        except Exception as e:  # the destination's own failure (a full disk ...): the read's
+            self._abort(e)
 
     def _parse_head(self) -> None:
         end = self._head.find(b"\r\n\r\n", 0, self._hn)
@@ -357,9 +360,9 @@ class _Read:
                 self.ssl[id(s3)] = _ssl_context(s3)
         return t
 
-    async def connect(self, s3: Any, target: _Target) -> _Conn:
+    async def connect(self, s3: Any, target: _Target, reuse: bool = True) -> _Conn:
         idle = self.idle.get(target.key)
-        while idle:
+        while idle and reuse:
             conn = idle.pop()
             if not conn.closed:
                 return conn
@@ -370,6 +373,8 @@ class _Read:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(_Conn, host, port, ssl=ctx, server_hostname=host if ctx else None),
                 CONNECT_TIMEOUT)
+        except ssl.SSLCertVerificationError:
+            raise
         except (OSError, TimeoutError) as e:
             raise EndpointFailed(f"{host}:{port}: {e!r}") from e
         self.conns.add(conn)
@@ -480,18 +485,27 @@ class RangedReader:
             return read.dest.region(start, end) if chosen else None
 
         error: Exception = EndpointFailed("no attempt")
-        for attempt in range(attempts):
+        attempt = 0
+        reuse = True
+        while attempt < attempts:
             if attempt:
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))
             conn: _Conn | None = None
             try:
-                conn = await read.connect(s3, target)
+                conn = await read.connect(s3, target, reuse)
+                reused, before = conn.progress > 0, conn.progress
                 resp = await _wait(conn, conn.request(request, choose))
             except EndpointFailed as e:
                 if conn is not None:
                     conn.close()
+                    if reused and conn.progress == before:
+                        reuse = False  # a kept-alive connection the server had closed: not an attempt
+                        continue
                 error = e
+                attempt += 1
                 continue
+            reuse = True
+            attempt += 1
             read.release(target, conn)
             if chosen:
                 return

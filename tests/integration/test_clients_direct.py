@@ -308,3 +308,18 @@ def test_a_missing_object_and_a_cancelled_read(nodes: Nodes) -> None:
     time.sleep(0.3)
     assert bytes(buf) == snapshot  # nothing writes into the buffer after the cancellation
     assert bytes(ranged.read_into(nodes.client(1), CACHED, "cancel", buf)) == data
+
+
+@pytest.mark.parametrize("fault", ["fail", "reset_response", "truncate_response", "drop"])
+def test_ranged_reads_survive_a_fault(nodes: Nodes, fault: str) -> None:
+    from tests.helpers.faultproxy import FaultProxy
+
+    data = put(nodes, f"fault-{fault}", 3 * MiB + 11)
+    with FaultProxy("127.0.0.1", nodes.ports[0]) as proxy:
+        s3 = connect(proxy.url, access_key=ENV["NEARSTORE_ACCESS_KEY"], secret_key=ENV["NEARSTORE_SECRET_KEY"])
+        kw = {"after": 300_000} if fault in ("reset_response", "truncate_response") else {}
+        getattr(proxy, fault)(times=1, method="GET", **kw)
+        assert ranged.read_bytes(s3, CACHED, f"fault-{fault}", streams=1, chunk=MiB) == data
+        gets = proxy.events(method="GET")
+        assert len(gets) == 5, [(e.action, e.status) for e in gets]  # 4 ranges and one again
+        assert all(e.headers.get("if-match") for e in gets)
