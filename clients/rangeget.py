@@ -23,6 +23,7 @@ error answers become botocore's ``ClientError``, as from boto3 itself.
 from __future__ import annotations
 
 import http.client
+import io
 import os
 import random
 import select
@@ -104,6 +105,26 @@ class _ConnPool:
                 idle.append(conn)
                 return
         conn.close()
+
+
+def _bytes_view(v: Any) -> memoryview:
+    v = memoryview(v)
+    return v if v.format == "B" and v.ndim == 1 else v.cast("B")
+
+
+def _fill(readinto: Callable[[memoryview], int | None], segs: list[memoryview], key: str,
+          start: int) -> None:  # fmt: skip
+    """Read into each buffer in turn until all are full; a body that ends
+    early is a transient failure (the range is read again)."""
+    pos = start
+    for seg in segs:
+        got = 0
+        while got < len(seg):
+            k = readinto(seg[got:])
+            if not k:
+                raise _Retry(f"{key}: range from {start} ended at {pos + got}")
+            got += k
+        pos += got
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -211,22 +232,26 @@ class RangeGetter:
 
     # -- reading ranges ------------------------------------------------------
 
-    def read_into(self, obj: ObjectVersion, start: int, out: memoryview) -> None:
+    def read_into(self, obj: ObjectVersion, start: int,
+                  out: memoryview | Sequence[memoryview]) -> None:  # fmt: skip
         """Fill ``out`` with the bytes ``start .. start + len(out)`` of the
-        version ``obj`` (ObjectChanged if the object is no longer it)."""
-        out = out.cast("B") if out.format != "B" or out.ndim != 1 else out
-        n = len(out)
+        version ``obj`` (ObjectChanged if the object is no longer it).
+        ``out`` may be a list of buffers, filled in turn by the one GET."""
+        segs = [_bytes_view(v) for v in ([out] if isinstance(out, memoryview) else out)]
+        segs = [v for v in segs if len(v)]
+        n = sum(len(v) for v in segs)
         if n == 0:
             return
         if start < 0 or start + n > obj.size:
             raise ValueError(f"{obj.key}: range {start}+{n} outside an object of {obj.size}")
         if self.transport == "boto":
-            self._retrying(lambda: self._read_boto(obj, start, out), obj.key)
+            self._retrying(lambda: self._read_boto(obj, start, n, segs), obj.key)
         else:
-            self._retrying(lambda: self._read_http(obj, start, out), obj.key)
+            self._retrying(lambda: self._read_http(obj, start, n, segs), obj.key)
 
-    def _read_http(self, obj: ObjectVersion, start: int, out: memoryview) -> None:
-        end = start + len(out)
+    def _read_http(self, obj: ObjectVersion, start: int, n: int,
+                   segs: list[memoryview]) -> None:  # fmt: skip
+        end = start + n
         parts = urlsplit(obj.url)
         target = f"{parts.path}?{parts.query}"
         conn = _POOL.get(parts.hostname or "127.0.0.1", parts.port or 80)
@@ -246,7 +271,7 @@ class RangeGetter:
                 if resp.status in _RETRY_STATUS:
                     raise _Retry(f"status {resp.status}")
                 if resp.status == 200 and start == 0 and len(body) == obj.size == end:
-                    out[:] = body  # a server that ignores Range on a whole-object read
+                    _fill(io.BytesIO(body).readinto, segs, obj.key, start)  # Range ignored
                     reusable = not resp.will_close
                     return
                 raise _client_error(resp.status, body)
@@ -255,13 +280,8 @@ class RangeGetter:
                 resp.close()
                 raise OSError(f"{obj.key}: asked {start}-{end - 1}/{obj.size}, "
                               f"got Content-Range {resp.getheader('content-range')!r}")
-            got = 0
             try:
-                while got < len(out):
-                    k = resp.readinto(out[got:])
-                    if not k:
-                        raise _Retry(f"{obj.key}: range {start}-{end} ended at {start + got}")
-                    got += k
+                _fill(resp.readinto, segs, obj.key, start)
             except (OSError, http.client.HTTPException) as e:
                 raise _Retry(f"{e!r}") from e
             reusable = not resp.will_close and resp.isclosed()
@@ -271,22 +291,17 @@ class RangeGetter:
             else:
                 conn.close()
 
-    def _read_boto(self, obj: ObjectVersion, start: int, out: memoryview) -> None:
-        end = start + len(out)
+    def _read_boto(self, obj: ObjectVersion, start: int, n: int,
+                   segs: list[memoryview]) -> None:  # fmt: skip
         try:
             resp = self.s3.get_object(Bucket=obj.bucket, Key=obj.key,
-                                      Range=f"bytes={start}-{end - 1}", IfMatch=obj.etag)
+                                      Range=f"bytes={start}-{start + n - 1}", IfMatch=obj.etag)
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
                 raise ObjectChanged(obj.key) from e
             raise
         with resp["Body"] as body:
-            got = 0
-            while got < len(out):
-                k = body.readinto(out[got:])
-                if not k:
-                    raise _Retry(f"{obj.key}: range {start}-{end} ended at {start + got}")
-                got += k
+            _fill(body.readinto, segs, obj.key, start)
 
     def _request(self, url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         parts = urlsplit(url)
@@ -323,7 +338,7 @@ class RangeGetter:
 
 def read_ranges(
     getter: RangeGetter,
-    jobs: Sequence[tuple[ObjectVersion, int, memoryview]],
+    jobs: Sequence[tuple[ObjectVersion, int, memoryview | Sequence[memoryview]]],
     *,
     streams: int = 16,
 ) -> None:

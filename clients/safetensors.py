@@ -49,7 +49,7 @@ import json
 import math
 import posixpath
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -343,11 +343,10 @@ def _jobs(plan: _FilePlan, buf: memoryview,
     return jobs
 
 
-def _read_all(s3: Any, bucket: str, key: str | Sequence[str], names: Iterable[str] | None,
-              streams: int, chunk: int, transport: Transport,
-              alloc: Callable[[int], tuple[Any, memoryview]]) -> list[tuple[_FilePlan, Any]]:
-    """Read the wanted tensors of every file, each file into a buffer from
-    ``alloc(nbytes) -> (owner, writable byte view)``; [(plan, owner)]."""
+def _plans(s3: Any, bucket: str, key: str | Sequence[str], names: Iterable[str] | None,
+           streams: int, transport: Transport) -> tuple[RangeGetter, list[_FilePlan]]:  # fmt: skip
+    """Open every file of the checkpoint (headers in parallel) and plan the
+    reads of the wanted tensors."""
     getter = RangeGetter(s3, transport=transport)
     files = _plan(s3, getter, bucket, key)
     wanted = None if names is None else set(names)
@@ -374,6 +373,15 @@ def _read_all(s3: Any, bucket: str, key: str | Sequence[str], names: Iterable[st
         if missing:
             raise SafetensorsError(f"no tensor {missing[0]!r} in s3://{bucket}/{key} "
                                    f"({len(missing)} missing)")  # fmt: skip
+    return getter, plans
+
+
+def _read_all(s3: Any, bucket: str, key: str | Sequence[str], names: Iterable[str] | None,
+              streams: int, chunk: int, transport: Transport,
+              alloc: Callable[[int], tuple[Any, memoryview]]) -> list[tuple[_FilePlan, Any]]:
+    """Read the wanted tensors of every file, each file into a buffer from
+    ``alloc(nbytes) -> (owner, writable byte view)``; [(plan, owner)]."""
+    getter, plans = _plans(s3, bucket, key, names, streams, transport)
     out, jobs = [], []
     for p in plans:
         owner, view = alloc(p.nbytes)
@@ -381,6 +389,70 @@ def _read_all(s3: Any, bucket: str, key: str | Sequence[str], names: Iterable[st
         out.append((p, owner))
     read_ranges(getter, jobs, streams=streams)
     return out
+
+
+def _scatter_jobs(plan: _FilePlan, dests: dict[str, memoryview], chunk: int,
+                  discard: memoryview) -> list[tuple[ObjectVersion, int, list[memoryview]]]:
+    """Ranged reads (one per cache chunk) that fill each tensor's own
+    destination; the bytes of gaps inside a range go to ``discard``, those
+    already read with the header are copied from it."""
+    first = plan.header.first
+    tensors = sorted((t for t in plan.tensors if t.nbytes), key=lambda t: t.begin)
+    jobs: list[tuple[ObjectVersion, int, list[memoryview]]] = []
+    i = 0
+    for a, b, _ in plan.spans:
+        segs: list[tuple[int, memoryview]] = []
+        pos = a
+        while i < len(tensors) and tensors[i].end <= b:
+            t = tensors[i]
+            if t.begin > pos:
+                segs.append((pos, discard[: t.begin - pos]))
+            segs.append((t.begin, dests[t.name]))
+            pos, i = t.end, i + 1
+        cuts = sorted({x for x in (len(first), *range((a // chunk + 1) * chunk, b, chunk))
+                       if a < x < b} | {b})  # fmt: skip
+        groups: list[list[memoryview]] = [[] for _ in cuts]
+        g = 0
+        for s0, view in segs:
+            off = 0
+            while off < len(view):
+                while s0 + off >= cuts[g]:
+                    g += 1
+                take = min(len(view) - off, cuts[g] - (s0 + off))
+                groups[g].append(view[off : off + take])
+                off += take
+        for start, end, views in zip([a, *cuts[:-1]], cuts, groups, strict=True):
+            if end <= len(first):
+                p = start
+                for v in views:
+                    v[:] = first[p : p + len(v)]
+                    p += len(v)
+            else:
+                jobs.append((plan.header.obj, start, views))
+    return jobs
+
+
+def _dest_view(t: TensorInfo, x: Any) -> memoryview:
+    """The bytes of a caller's tensor or array that ``t`` is to be read
+    into, after checking that it can hold it exactly."""
+    _, np_dtype, torch_dtype = DTYPES[t.dtype]
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.dtype(np_dtype) or x.shape != t.shape:
+            raise ValueError(f"{t.name}: the file has {t.dtype} {list(t.shape)}, the array is "
+                             f"{x.dtype} {list(x.shape)}")  # fmt: skip
+        if not (x.flags.c_contiguous and x.flags.writeable):
+            raise ValueError(f"{t.name}: the array must be C-contiguous and writable")
+        return memoryview(x.reshape(-1).view(np.uint8).data)
+    torch = require_torch("load_into with torch tensors")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{t.name}: a numpy array or a torch tensor, not {type(x).__name__}")
+    if x.dtype != getattr(torch, torch_dtype, None) or tuple(x.shape) != t.shape:
+        raise ValueError(f"{t.name}: the file has {t.dtype} {list(t.shape)}, the tensor is "
+                         f"{x.dtype} {list(x.shape)}")  # fmt: skip
+    if x.device.type != "cpu" or not x.is_contiguous():
+        raise ValueError(f"{t.name}: the tensor must be contiguous, in CPU memory")
+    flat = x.detach().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy().data) if t.nbytes else memoryview(b"")
 
 
 def _offsets(plan: _FilePlan) -> dict[str, int]:
@@ -395,6 +467,14 @@ def _offsets(plan: _FilePlan) -> dict[str, int]:
         a, _, off = plan.spans[i]
         res[t.name] = off + t.begin - a
     return res
+
+
+def _empty(n: int) -> np.ndarray:
+    """A destination buffer. numpy's, not torch's: numpy asks for huge pages
+    (madvise) on large allocations, and the first write to fresh memory
+    faults 4x faster so (measured: 0.1 s against 0.4 s per GiB here, a
+    third of a warm load's client CPU)."""
+    return np.empty(n, dtype=np.uint8)
 
 
 def load(
@@ -416,7 +496,7 @@ def load(
     if framework not in ("np", "numpy"):
         raise ValueError(f"framework must be 'np' or 'pt', not {framework!r}")
     def alloc(n: int) -> tuple[Any, memoryview]:
-        buf = np.empty(n, dtype=np.uint8)
+        buf = _empty(n)
         return buf, memoryview(buf.data)
 
     loaded = _read_all(s3, bucket, key, names, streams, chunk, transport, alloc)
@@ -451,8 +531,11 @@ def load_torch(
         dtypes[name] = getattr(torch, tname, None)
 
     def alloc(n: int) -> tuple[Any, memoryview]:
-        buf = torch.empty(n, dtype=torch.uint8, pin_memory=pin_memory)
-        return buf, memoryview(buf.numpy())
+        if pin_memory:
+            buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            return buf, memoryview(buf.numpy())
+        arr = _empty(n)
+        return torch.from_numpy(arr), memoryview(arr.data)
 
     loaded = _read_all(s3, bucket, key, names, streams, chunk, transport, alloc)
     result: dict[str, Any] = {}
@@ -464,14 +547,45 @@ def load_torch(
                 raise SafetensorsError(f"{plan.header.key}: tensor {t.name!r}: this torch "
                                        f"has no {t.dtype}")  # fmt: skip
             o = offs[t.name]
-            raw = base[o : o + t.nbytes]
-            if o % DTYPES[t.dtype][0]:
-                raw = raw.clone()  # misaligned for its dtype: a copy of its own
-            ten = raw.view(dt).reshape(t.shape)
+            if t.nbytes == 0:
+                ten = torch.empty(t.shape, dtype=dt)
+            else:
+                raw = base[o : o + t.nbytes]
+                if o % DTYPES[t.dtype][0]:
+                    raw = raw.clone()  # misaligned for its dtype: a copy of its own
+                ten = raw.view(dt).reshape(t.shape)
             if device is not None:
                 ten = ten.to(device, non_blocking=pin_memory)
             result[t.name] = ten
     return result
+
+
+def load_into(
+    s3: Any,
+    bucket: str,
+    key: str | Sequence[str],
+    out: Mapping[str, Any],
+    *,
+    streams: int = STREAMS,
+    chunk: int = CHUNK,
+    transport: Transport = "auto",
+) -> Mapping[str, Any]:
+    """Read the tensors named in ``out`` straight into them, in place: torch
+    tensors or numpy arrays, contiguous, in CPU memory, of the file's dtype
+    (numpy: BF16 as uint16, float8 as uint8) and shape. Nothing is
+    allocated: swapping adapters in and out of the same tensors, or loading
+    a model whose parameters exist already (``model.to_empty(device="cpu")``,
+    then ``load_into(..., model.state_dict())``), reads at the speed of
+    reused memory, without the page faults of fresh buffers. Every name in
+    ``out`` must be in the checkpoint. Returns ``out``."""
+    getter, plans = _plans(s3, bucket, key, list(out), streams, transport)
+    discard = memoryview(bytearray(GAP))
+    jobs: list[tuple[ObjectVersion, int, list[memoryview]]] = []
+    for p in plans:
+        dests = {t.name: _dest_view(t, out[t.name]) for t in p.tensors}
+        jobs += _scatter_jobs(p, dests, chunk, discard)
+    read_ranges(getter, jobs, streams=streams)
+    return out
 
 
 def bf16_to_float32(raw: np.ndarray) -> np.ndarray:

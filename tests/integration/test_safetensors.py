@@ -148,6 +148,49 @@ def test_torch_files_load_identically(node: tuple[Any, str], tmp_path: Path) -> 
     assert np.array_equal(raw["f8e5"], reference["f8e5"].view(torch.uint8).numpy())
 
 
+def test_load_into_existing_tensors(node: tuple[Any, str], tmp_path: Path) -> None:
+    s3, bucket = node
+    tensors = _torch_tensors(seed=7, n=8, width=1024)
+    path = tmp_path / "adapter.safetensors"
+    st_pt.save_file(tensors, str(path))
+    _put_file(s3, bucket, "adapter.safetensors", path)
+    reference = st_pt.load_file(str(path))
+    # torch: every tensor, in place (small chunks: tensors cut across GETs)
+    dest = {k: torch.empty_like(v) for k, v in reference.items()}
+    ptrs = {k: v.data_ptr() for k, v in dest.items()}
+    for chunk in (nst.CHUNK, 64 * 1024, 5000):
+        for t in dest.values():
+            t.reshape(-1).view(torch.uint8).fill_(0xAB)
+        assert nst.load_into(s3, bucket, "adapter.safetensors", dest, chunk=chunk) is dest
+        _same_pt(dest, reference)
+        assert {k: v.data_ptr() for k, v in dest.items()} == ptrs  # nothing reallocated
+    # numpy, a subset with gaps between the wanted tensors; parameters too
+    names = ["model.layers.1.mlp.weight", "model.layers.5.mlp.weight", "i32", "scalar"]
+    arrays = {k: np.empty(tuple(reference[k].shape), dtype=reference[k].numpy().dtype)
+              for k in names}  # fmt: skip
+    nst.load_into(s3, bucket, "adapter.safetensors", arrays, chunk=256 * 1024)
+    for k in names:
+        assert np.array_equal(arrays[k], reference[k].numpy()), k
+    raw = {"bf16": np.zeros(tuple(reference["bf16"].shape), np.uint16)}
+    nst.load_into(s3, bucket, "adapter.safetensors", raw)
+    assert np.array_equal(raw["bf16"], reference["bf16"].view(torch.uint16).numpy())
+    param = torch.nn.Parameter(torch.zeros(tuple(reference["f16"].shape), dtype=torch.float16))
+    nst.load_into(s3, bucket, "adapter.safetensors", {"f16": param})
+    assert torch.equal(param.detach(), reference["f16"])
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"i32": torch.empty(100, dtype=torch.int64)}, "the file has I32"),
+        ({"i32": torch.empty(99, dtype=torch.int32)}, r"the file has I32 \[100\]"),
+        ({"i32": torch.empty(200, dtype=torch.int32)[::2]}, "contiguous"),
+        ({"i32": np.empty(100, np.int32)[::-1]}, "C-contiguous"),
+        ({"i32": [0] * 100}, "a numpy array or a torch tensor"),
+    ]
+    for out, msg in bad:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            nst.load_into(s3, bucket, "adapter.safetensors", out)
+    with pytest.raises(nst.SafetensorsError, match="no tensor 'nope'"):
+        nst.load_into(s3, bucket, "adapter.safetensors", {"nope": np.empty(1)})
+
+
 def _sharded(tmp_path: Path, s3: Any, bucket: str, prefix: str) -> dict[str, torch.Tensor]:
     """Three files and an index, as transformers' save_pretrained writes them."""
     tensors = _torch_tensors(seed=3, n=9, width=1024)
@@ -177,6 +220,8 @@ def test_sharded_checkpoint_with_index(node: tuple[Any, str], tmp_path: Path) ->
     want = ["model.layers.4.mlp.weight", "bf16"]
     _same_pt(nst.load_torch(s3, bucket, "llm/model.safetensors.index.json", names=want),
              {n: tensors[n] for n in want})  # fmt: skip
+    dest = {k: torch.empty_like(v) for k, v in tensors.items()}
+    _same_pt(nst.load_into(s3, bucket, "llm/model.safetensors.index.json", dest), tensors)
     # numpy too; a prefix without an index: every .safetensors under it
     s3.delete_object(Bucket=bucket, Key="llm/model.safetensors.index.json")
     got = nst.load(s3, bucket, "llm/")
