@@ -50,6 +50,7 @@ import concurrent.futures
 import os
 import random
 import ssl
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -407,12 +408,22 @@ async def _wait(conn: _Conn, fut: asyncio.Future[_Response]) -> _Response:
             seen = conn.progress
 
 
+_LOCAL = threading.local()
+
+
 def _run_here(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    """On this thread's private loop, made once (asyncio.run's set-up and
+    tear-down cost about a millisecond a read); a forked child makes its own."""
+    loop = getattr(_LOCAL, "loop", None)
+    if loop is None or loop.is_closed() or _LOCAL.pid != os.getpid():
+        try:
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+            loop = asyncio.new_event_loop()
+        _LOCAL.loop, _LOCAL.pid = loop, os.getpid()
+    return loop.run_until_complete(coro)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
