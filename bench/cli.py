@@ -140,6 +140,10 @@ def _progress(enabled: bool, total: int) -> tuple[Callable[[str], None], Callabl
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["readers"]:  # the client readers against the node (bench/readers.py)
+        from bench.readers import main as readers_main
+
+        return readers_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.list:
         for s in SCENARIOS.values():
