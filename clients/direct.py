@@ -9,7 +9,9 @@ gateway/app.py), rebuilds the same ring locally (``Ring.build`` is a pure
 function of the membership, and the down nodes are routed around as the
 node does), computes each chunk's id (``cache.store.chunk_id``) and owner,
 and sends each chunk-aligned ranged GET (If-Match the ETag) to the owner's
-own S3 endpoint, which serves it from its cache.
+own S3 endpoint, which serves it from its cache. (The ring route needs no
+signature, like the ring itself: it tells the cluster's configuration, not
+data; every byte still comes by a signed GET.)
 
 Same shapes as ``clients.ranged`` (``s3`` is a boto3 client for any node,
 e.g. ``clients.connect()``)::
@@ -32,10 +34,11 @@ range size when the reads fall back to the given node:
   version (or anything else in it) has changed.
 
 An ETag change mid-read still raises ``ObjectChanged`` (a 412 from any
-node), never a fallback. The clients for the owners are made from the given
-client: its credentials (the same refreshing object) and settings, but one
-attempt per request and a 2 s connect timeout, since the fallback is the
-retry. What a reader knows of a cluster (`ClusterView`: ring, layouts,
+node), never a fallback. An owner is asked once per chunk and given up on
+after 5 s without a byte (the given node is the retry, with the retries of
+``clients.ranged``). The GETs to an owner are presigned by a boto3 client
+made from the given one: its settings and credentials (the same refreshing
+object). What a reader knows of a cluster (`ClusterView`: ring, layouts,
 clients, suspects) is kept per boto3 client and shared by its reads.
 """
 

@@ -63,7 +63,8 @@ CHUNK = 16 * 1024 * 1024
 PIECE = 1024 * 1024  # bytes per write when the destination is a file
 ATTEMPTS = 4
 IDLE_TIMEOUT = 30.0  # seconds without a byte before a range is abandoned (and retried)
-CONNECT_TIMEOUT = 5.0
+FIRST_CHOICE_IDLE_TIMEOUT = 5.0  # the same for a node with another behind it in the route
+CONNECT_TIMEOUT = 3.0
 PRESIGN_SECONDS = 3600
 HEAD_MAX = 64 * 1024
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -395,16 +396,16 @@ class _Read:
         self.idle.clear()
 
 
-async def _wait(conn: _Conn, fut: asyncio.Future[_Response]) -> _Response:
-    """The response, or EndpointFailed once no byte came for IDLE_TIMEOUT s."""
+async def _wait(conn: _Conn, fut: asyncio.Future[_Response], idle: float) -> _Response:
+    """The response, or EndpointFailed once no byte came for ``idle`` s."""
     seen = -1
     while True:
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), IDLE_TIMEOUT)
+            return await asyncio.wait_for(asyncio.shield(fut), idle)
         except TimeoutError:
             if conn.progress == seen:
                 conn.close()
-                raise EndpointFailed(f"no byte for {IDLE_TIMEOUT:.0f} s") from None
+                raise EndpointFailed(f"no byte for {idle:.0f} s") from None
             seen = conn.progress
 
 
@@ -457,7 +458,8 @@ class RangedReader:
 
     def route(self, obj: Pinned, span: Span) -> Sequence[tuple[str, Any]]:
         """(name, boto3 client) of each node that may serve ``span``, the
-        one to ask first first; each but the last is asked once."""
+        one to ask first first; each but the last is asked once and given
+        up on after FIRST_CHOICE_IDLE_TIMEOUT s without a byte."""
         return [(str(self.s3.meta.endpoint_url), self.s3)]
 
     def failed(self, name: str, error: Exception) -> None:
@@ -469,7 +471,10 @@ class RangedReader:
         for i, (name, s3) in enumerate(route):
             last = i == len(route) - 1
             try:
-                await self._get(read, s3, span, ATTEMPTS if last else 1)
+                if last:
+                    await self._get(read, s3, span, ATTEMPTS, IDLE_TIMEOUT)
+                else:
+                    await self._get(read, s3, span, 1, FIRST_CHOICE_IDLE_TIMEOUT)
             except EndpointFailed as e:
                 if last:
                     raise
@@ -478,7 +483,7 @@ class RangedReader:
             self.sent[name] = self.sent.get(name, 0) + 1
             return
 
-    async def _get(self, read: _Read, s3: Any, span: Span, attempts: int) -> None:
+    async def _get(self, read: _Read, s3: Any, span: Span, attempts: int, idle: float) -> None:
         obj, (start, end) = read.obj, span
         target = read.target(s3)
         want = f"bytes {start}-{end - 1}/{obj.size}"
@@ -505,7 +510,7 @@ class RangedReader:
             try:
                 conn = await read.connect(s3, target, reuse)
                 reused, before = conn.progress > 0, conn.progress
-                resp = await _wait(conn, conn.request(request, choose))
+                resp = await _wait(conn, conn.request(request, choose), idle)
             except EndpointFailed as e:
                 if conn is not None:
                     conn.close()
