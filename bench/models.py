@@ -16,12 +16,18 @@ file). Then it times, over ``--runs`` runs each, median (min-max):
   (c) local disk: the safetensors package's own loaders on the same files:
       ``safetensors.torch.load_file`` (``safe_open`` + ``get_tensor`` of
       every tensor; the tensors are backed by an mmap of the file, so every
-      page is then touched, once, to count the bytes as loaded), and the
-      file read into memory with ``safetensors.torch.load``: the limit is
-      the faster of the two;
+      page is then touched, once, to count the bytes as loaded): the limit,
+      no copy at all; the file read into memory then ``safetensors.torch.load``;
+      and one ``readinto`` per file into one buffer with the tensors as views
+      (what the nearstore loader does, less HTTP: the same single copy);
   (d) boto3: plain ``get_object(...)["Body"].read()`` of each file in turn,
       from the warm node (the naive baseline);
   (e) the LoRA adapter, warm through the node and from local disk, in ms.
+
+(a) and (e) also run ``load_into``: the same reads into tensors that exist
+already (a model's parameters, an adapter swapped in and out), where no
+fresh memory has to be faulted in: on this machine that, not the copy, is
+most of a warm load's CPU.
 
 The page cache cannot be dropped here (that needs root): the local files,
 SeaweedFS's volumes and the cache node's chunk files are all read from
@@ -37,6 +43,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -191,7 +198,6 @@ class Case:
     name: str
     nbytes: int
     seconds: list[float] = field(default_factory=list)
-    note: str = ""
 
     def stat(self) -> Stat | None:
         return summarize(self.seconds)
@@ -238,6 +244,29 @@ def local_read_load(ds: Dataset) -> Callable[[], Any]:
     return lambda: [load(p.read_bytes()) for p in ds.paths()]
 
 
+def local_one_read(ds: Dataset) -> Callable[[], Any]:
+    """Each file read into one buffer with a single readinto, tensors as
+    views of it: what clients.safetensors does, from a local file (the
+    same one copy, page cache to memory, without HTTP)."""
+    from clients.safetensors import DTYPES, parse_header
+
+    def run() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in ds.paths():
+            with open(p, "rb", buffering=0) as f:
+                buf = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)
+                f.readinto(memoryview(buf.data))
+            n = int.from_bytes(buf[:8].tobytes(), "little")
+            tensors, _ = parse_header(buf[8 : 8 + n].tobytes(), len(buf))
+            base = torch.from_numpy(buf)
+            for t in tensors.values():
+                dt = getattr(torch, DTYPES[t.dtype][2])
+                out[t.name] = base[t.begin : t.end].view(dt).reshape(t.shape)
+        return out
+
+    return run
+
+
 def check_equal(loaded: dict[str, Any], ds: Dataset, lora: bool = False) -> None:
     """Every loaded tensor's bytes against the local file's."""
     from clients.safetensors import parse_header
@@ -273,15 +302,18 @@ def fmt(s: Stat | None, scale: float = 1.0, invert: float | None = None) -> str:
     return f"{_f(s.median * scale)} ({_f(s.min * scale)}-{_f(s.max * scale)})"
 
 
-def table(cases: list[Case], limit: Case | None) -> str:
-    rows = ["| case | seconds | GB/s | / local disk |", "|---|---|---|---|"]
+def _ratio(ref: Case, c: Case) -> str:
+    r, x = ref.stat(), c.stat()
+    return f"{r.median / x.median:.2f}" if r is not None and x is not None else "-"
+
+
+def table(cases: list[Case], limit: Case, one_read: Case) -> str:
+    rows = ["| case | seconds | GB/s | / local disk (limit) | / local one read |",
+            "|---|---|---|---|---|"]  # fmt: skip
     for c in cases:
         s = c.stat()
-        ratio = "-"
-        if limit is not None and s is not None and limit.stat() is not None:
-            ratio = f"{limit.stat().median / s.median:.2f}"  # type: ignore[union-attr]
-        name = c.name + (f" ({c.note})" if c.note else "")
-        rows.append(f"| {name} | {fmt(s)} | {fmt(s, invert=c.nbytes / 1e9)} | {ratio} |")
+        rows.append(f"| {c.name} | {fmt(s)} | {fmt(s, invert=c.nbytes / 1e9)} | "
+                    f"{_ratio(limit, c)} | {_ratio(one_read, c)} |")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -351,28 +383,43 @@ def main(argv: list[str] | None = None) -> int:
         check_equal(ns_load(), ds)
         for _ in range(args.runs):
             warm.seconds.append(timed(ns_load))
+        # The same into tensors that exist already (allocated and loaded once
+        # before): no fresh memory to fault in.
+        dest = {k: torch.empty_like(v) for k, v in ns_load().items()}
+        nst.load_into(s3, BUCKET, index, dest, streams=args.streams)
+        check_equal(dest, ds)
+        in_place = Case("(a) nearstore warm, load_into tensors allocated once", ds.size)
+        for _ in range(args.runs):
+            in_place.seconds.append(timed(
+                lambda: nst.load_into(s3, BUCKET, index, dest, streams=args.streams)))
+        dest.clear()
         local = Case("(c) local disk, safetensors.torch.load_file (mmap), pages touched",
                      ds.size)  # fmt: skip
-        opened = Case("(c) local disk, read_bytes + safetensors.torch.load", ds.size)
+        package_read = Case("(c) local disk, read_bytes + safetensors.torch.load", ds.size)
+        one_read = Case("(c) local disk, one readinto per file, tensors as views", ds.size)
         for _ in range(args.runs):
             local.seconds.append(timed(local_load_file(ds)))
-            opened.seconds.append(timed(local_read_load(ds)))
+            package_read.seconds.append(timed(local_read_load(ds)))
+            one_read.seconds.append(timed(local_one_read(ds)))
         naive = Case("(d) boto3 get_object().read(), file by file, warm node", ds.size)
         for _ in range(args.runs):
             naive.seconds.append(timed(
                 lambda: [s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys]))
-        cases = [warm, cold, local, opened, naive]
-        limit = min((local, opened), key=lambda c: c.stat().median)  # type: ignore[union-attr]
+        cases = [warm, in_place, cold, local, package_read, one_read, naive]
 
         lora_key = f"llm/{ds.lora}"
         check_equal(nst.load_torch(s3, BUCKET, lora_key), ds, lora=True)
-        lora = Case("(e) LoRA adapter warm through the node", lora_size)
+        lora = Case("(e) LoRA adapter warm through the node, load_torch", lora_size)
+        swap = Case("(e) LoRA adapter warm through the node, load_into (hot swap)", lora_size)
         lora_local = Case("(e) LoRA adapter, local disk, load_file + touch", lora_size)
         from safetensors.torch import load_file
 
+        adapter = nst.load_torch(s3, BUCKET, lora_key)
         for _ in range(max(args.runs, 10)):
             lora.seconds.append(timed(
                 lambda: touch(nst.load_torch(s3, BUCKET, lora_key, streams=args.streams))))
+            swap.seconds.append(timed(
+                lambda: nst.load_into(s3, BUCKET, lora_key, adapter, streams=args.streams)))
             lora_local.seconds.append(timed(lambda: touch(load_file(str(ds.dir / ds.lora)))))
     finally:
         peer.stop()
@@ -385,22 +432,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(ds.files)} files, {ds.n_tensors} tensors; {args.runs} runs, "
           f"median (min-max); {args.streams} streams; took {time.monotonic() - started:.0f} s")
     print()
-    print(table(cases, limit))
+    print(table(cases, local, one_read))
     print()
-    ls, ll = lora.stat(), lora_local.stat()
-    assert ls is not None and ll is not None
     print(f"LoRA adapter ({fmt_size(lora_size)}, {len(lora_tensors(ds.n_layers))} tensors), "
-          f"{len(lora.seconds)} runs: warm through the node {fmt(ls, 1000)} ms, "
-          f"local disk load_file + touch {fmt(ll, 1000)} ms")  # fmt: skip
-    ws = warm.stat()
-    lim = limit.stat()
-    assert ws is not None and lim is not None
-    print(f"\nwarm / local disk: {lim.median / ws.median:.2f} (target >= 0.9); local disk = "
-          f"the faster safetensors loader; page cache not dropped (no root): local files, "
-          f"SeaweedFS volumes and cache chunk files are read from memory")  # fmt: skip
+          f"{len(lora.seconds)} runs, ms: load_torch {fmt(lora.stat(), 1000)}, load_into "
+          f"(hot swap) {fmt(swap.stat(), 1000)}; local disk load_file + touch "
+          f"{fmt(lora_local.stat(), 1000)}")  # fmt: skip
+    print(f"\nwarm / local disk: {_ratio(local, warm)} against safetensors' mmap loader "
+          f"(no copy at all: the page cache mapped in), {_ratio(one_read, warm)} against one "
+          f"read per file into memory (the same single copy, without HTTP); target >= 0.9.\n"
+          f"The page cache is not dropped (needs root): the local files, SeaweedFS's volumes "
+          f"and the cache node's chunk files are all read from memory.")  # fmt: skip
     if args.json:
         doc = {c.name: {"bytes": c.nbytes, "seconds": c.seconds}
-               for c in [*cases, lora, lora_local]}  # fmt: skip
+               for c in [*cases, lora, swap, lora_local]}  # fmt: skip
         args.json.write_text(json.dumps(doc, indent=1))
     return 0
 

@@ -192,7 +192,8 @@ class RangeGetter:
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_SECONDS)
 
         def once() -> tuple[ObjectVersion, bytes]:
-            status, headers, body = self._request(url, {"Range": f"bytes=0-{first - 1}"})
+            status, headers, body = self._request(url, {"Range": f"bytes=0-{first - 1}"},
+                                                  max(first, 64 * 1024))  # fmt: skip
             if status == 416:  # an empty object has no byte 0
                 if headers.get("content-range", "").strip() == "bytes */0":
                     return ObjectVersion(bucket, key, 0, headers.get("etag", ""), url), b""
@@ -200,8 +201,8 @@ class RangeGetter:
                 return ObjectVersion(bucket, key, size, etag, url), b""
             if status not in (200, 206):
                 raise _client_error(status, body)
-            if status == 200:
-                size = len(body)
+            if status == 200:  # Range ignored: the whole object's size from its length
+                size = int(headers.get("content-length", len(body)))
                 body = body[:first]
             else:
                 cr = _content_range(headers.get("content-range"))
@@ -225,10 +226,10 @@ class RangeGetter:
             size, etag = self._head(bucket, key)
             return ObjectVersion(bucket, key, size, etag, ""), b""
         with resp["Body"] as stream:
-            body = stream.read()
+            body = stream.read(first)  # no more, even from a server that ignores Range
         cr = _content_range(resp.get("ContentRange"))
-        size = cr[2] if cr is not None else len(body)
-        return ObjectVersion(bucket, key, size, resp["ETag"], ""), body[:first]
+        size = cr[2] if cr is not None else int(resp["ContentLength"])
+        return ObjectVersion(bucket, key, size, resp["ETag"], ""), body
 
     # -- reading ranges ------------------------------------------------------
 
@@ -303,13 +304,16 @@ class RangeGetter:
         with resp["Body"] as body:
             _fill(body.readinto, segs, obj.key, start)
 
-    def _request(self, url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    def _request(self, url: str, headers: dict[str, str],
+                 limit: int) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+        """One GET; at most ``limit`` bytes of the body are read (a server
+        that ignores Range must not make us read a whole object here)."""
         parts = urlsplit(url)
         conn = _POOL.get(parts.hostname or "127.0.0.1", parts.port or 80)
         try:
             conn.request("GET", f"{parts.path}?{parts.query}", headers=headers)
             resp = conn.getresponse()
-            body = resp.read()
+            body = resp.read(limit)
         except (OSError, http.client.HTTPException) as e:
             conn.close()
             _POOL.clear(conn.host, conn.port)
@@ -318,7 +322,7 @@ class RangeGetter:
         if resp.status in _RETRY_STATUS:
             conn.close()
             raise _Retry(f"status {resp.status}")
-        if resp.will_close:
+        if resp.will_close or not resp.isclosed():  # closed, or body left unread
             conn.close()
         else:
             _POOL.put(conn)

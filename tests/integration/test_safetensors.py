@@ -138,6 +138,7 @@ def test_torch_files_load_identically(node: tuple[Any, str], tmp_path: Path) -> 
     _same_pt(nst.load_torch(s3, bucket, "adapter.safetensors"), reference)
     _same_pt(nst.load(s3, bucket, "adapter.safetensors", framework="pt", chunk=128 * 1024),
              reference)  # fmt: skip
+    _same_pt(nst.load_torch(s3, bucket, "adapter.safetensors", device="cpu"), reference)
     loaded = nst.load_torch(s3, bucket, "adapter.safetensors")
     loaded["f16"][0] = 1  # writable, and each tensor its own bytes
     assert torch.equal(loaded["bf16"], reference["bf16"])
