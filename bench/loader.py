@@ -10,7 +10,10 @@ read by the same loader code from three places, side by side in one run:
   in the page cache after the first pass, as they would be on a node that
   has them locally);
 - ``nearstore warm``: a nearstore node with its chunk cache, in front of
-  SeaweedFS, after one pass filled the cache;
+  SeaweedFS, after one pass filled the cache; the loader runs on the node,
+  so it reads through the short-circuit socket (``clients/local.py``);
+- ``nearstore warm, HTTP only``: the same with ``S3Source(local=False)``,
+  parallel ranged GETs over loopback TCP (a loader on another machine);
 - ``boto3 -> seaweedfs``: the backing store read directly with boto3 (the
   same parallel reads, no cache);
 - ``nearstore cold`` (one pass only, first): the node right after its cache
@@ -144,13 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         for p in paths:
             up.upload_file(str(p), BUCKET, PREFIX + p.name)
 
-        def s3_source(endpoint: str, access: str, secret: str) -> S3Source:
-            return S3Source(BUCKET, client=functools.partial(
+        def s3_source(endpoint: str, access: str, secret: str, local: bool = True) -> S3Source:
+            return S3Source(BUCKET, local=local, client=functools.partial(
                 connect, endpoint, access_key=access, secret_key=secret))
 
         sources: dict[str, Callable[[], Source]] = {
             "local disk": lambda: LocalSource(data_dir / BUCKET),
             "nearstore warm": lambda: s3_source(peer.endpoint(), peer.access_key, peer.secret_key),
+            "nearstore warm, HTTP only": lambda: s3_source(peer.endpoint(), peer.access_key,
+                                                          peer.secret_key, local=False),
             "boto3 -> seaweedfs": lambda: s3_source(seaweed.endpoint(), seaweed.access_key,
                                                    seaweed.secret_key),
         }
@@ -186,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     for w in workers:
         suffix = "" if w == 0 else f", DataLoader x{w}"
         base = statistics.median(results["local disk" + suffix])
-        for name in ["local disk", "nearstore warm", "boto3 -> seaweedfs", "nearstore cold"]:
+        for name in ["local disk", "nearstore warm", "nearstore warm, HTTP only", "boto3 -> seaweedfs",
+                     "nearstore cold"]:
             vals = results.get(name + suffix)
             if not vals:
                 continue

@@ -51,7 +51,7 @@ from typing import IO, Any, Generic, Protocol, TypeVar
 
 from clients import ranged
 from clients.connect import connect
-from clients.local import LocalNode, LocalUnavailable, pread_all
+from clients.local import LocalUnavailable, pread_all
 from clients.tar import Sample, buffer_reader, group_samples, iter_members, stream_reader
 
 T = TypeVar("T")
@@ -148,18 +148,8 @@ class S3Source:
         return data
 
     def read_into(self, entry: Entry, buf: bytearray) -> memoryview:
-        node = LocalNode.discover(self.s3) if self.local else None
-        if node is not None:
-            try:
-                view, _, _ = node.read_into(self.bucket, entry.name, buf)
-            except LocalUnavailable:
-                LocalNode.forget(self.s3)
-            else:
-                if len(view) != entry.size:
-                    raise ranged.ObjectChanged(entry.name)
-                return view
         view = ranged.read_into(self.s3, self.bucket, entry.name, buf, streams=self.streams,
-                                chunk=self.chunk)
+                                chunk=self.chunk, local=self.local)
         if len(view) != entry.size:  # replaced since the listing: a whole other object
             raise ranged.ObjectChanged(entry.name)
         return view

@@ -213,8 +213,13 @@ class DirectReader(RangedReader):
     their node id, the given node by its endpoint URL); ``failovers`` the
     owners' failures."""
 
-    def __init__(self, s3: Any, *, streams: int = 8, chunk: int = CHUNK, view: ClusterView | None = None) -> None:
-        super().__init__(s3, streams=streams, chunk=chunk)
+    # Every range goes to its owner over HTTP; the local node's socket would
+    # fetch other owners' chunks through that node instead.
+    local_reads = False
+
+    def __init__(self, s3: Any, *, streams: int = 8, chunk: int = CHUNK, view: ClusterView | None = None,
+                 local: bool = False) -> None:
+        super().__init__(s3, streams=streams, chunk=chunk, local=local)
         self.view = view or ClusterView.of(s3)
         self.failovers = 0
 

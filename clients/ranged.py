@@ -39,6 +39,12 @@ written in the wrong place. The connections go to the presigned URL's host
 directly (no proxy). Cancelling an async read aborts its connections
 before the cancellation goes on, so nothing writes into the buffer after.
 
+When the node runs on this machine, reads into memory skip HTTP: the
+node's short-circuit socket hands out descriptors of the chunk files and
+the reader ``preadv``s them (``clients.local``; ``local=False`` or
+NEARSTORE_LOCAL_READS=0 turns that off). Anything the socket cannot serve
+falls back to the HTTP path above.
+
 `RangedReader` is the machinery; a subclass changes which node reads each
 range (`route`): ``clients.direct`` sends each chunk to the node caching it.
 """
@@ -58,6 +64,8 @@ from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
 from botocore.exceptions import ClientError
+
+from clients.local import LocalChanged, LocalNode, LocalUnavailable
 
 CHUNK = 16 * 1024 * 1024
 PIECE = 1024 * 1024  # bytes per write when the destination is a file
@@ -446,11 +454,31 @@ class RangedReader:
     range), with `failed` told when one of them could not. ``sent`` counts
     the ranges each node served."""
 
-    def __init__(self, s3: Any, *, streams: int = 8, chunk: int = CHUNK) -> None:
+    # Whether reads may go through this machine's node socket (clients.local).
+    local_reads = True
+
+    def __init__(self, s3: Any, *, streams: int = 8, chunk: int = CHUNK, local: bool = True) -> None:
         if chunk <= 0:
             raise ValueError("chunk must be positive")
         self.s3, self.streams, self.chunk = s3, max(1, streams), chunk
+        self.local = local and self.local_reads
         self.sent: dict[str, int] = {}
+
+    def _local_read(self, bucket: str, key: str, out: Buffer | None) -> memoryview | None:
+        """The object through the node's short-circuit socket, or None
+        when there is none here or it cannot serve this read."""
+        node = LocalNode.discover(self.s3) if self.local else None
+        if node is None:
+            return None
+        try:
+            view, _, _ = node.read_into(bucket, key, out, streams=min(self.streams, 4), chunk=self.chunk)
+        except LocalUnavailable:
+            LocalNode.forget(self.s3)  # looked for again on a later read
+            return None
+        except LocalChanged as e:
+            raise ObjectChanged(key) from e
+        self.sent["local"] = self.sent.get("local", 0) + 1
+        return view
 
     def open(self, bucket: str, key: str) -> Pinned:
         resp = self.s3.head_object(Bucket=bucket, Key=key)
@@ -563,6 +591,9 @@ class RangedReader:
     def read_into(self, bucket: str, key: str, out: Buffer | None = None) -> memoryview:
         """The whole object into ``out`` (allocated when None); returns a
         view of its bytes."""
+        view = self._local_read(bucket, key, out)
+        if view is not None:
+            return view
         obj = self.open(bucket, key)
         buf = _buffer(out, obj.size)
         _run(self._read(obj, _Memory(buf)))
@@ -581,6 +612,18 @@ class RangedReader:
         return obj.size
 
     async def aread_into(self, bucket: str, key: str, out: Buffer | None = None) -> memoryview:
+        if self.local:
+            # The short-circuit read runs in a thread that cannot be stopped
+            # midway: a cancelled caller waits for it, so that nothing writes
+            # into the buffer once the cancellation has gone on.
+            local = asyncio.ensure_future(asyncio.to_thread(self._local_read, bucket, key, out))
+            try:
+                view = await asyncio.shield(local)
+            except asyncio.CancelledError:
+                await asyncio.gather(local, return_exceptions=True)
+                raise
+            if view is not None:
+                return view
         obj = await asyncio.to_thread(self.open, bucket, key)
         buf = _buffer(out, obj.size)
         await self._read(obj, _Memory(buf))
@@ -607,13 +650,15 @@ class Functions:
         self.reader = reader
 
     def read_into(self, s3: Any, bucket: str, key: str, out: Buffer | None = None, *, streams: int = 8,
-                  chunk: int = CHUNK) -> memoryview:
+                  chunk: int = CHUNK, local: bool = True) -> memoryview:
         """Read the whole object into ``out`` (allocated when None) with
-        ``streams`` concurrent ranged GETs; returns a view of the bytes."""
-        return self.reader(s3, streams=streams, chunk=chunk).read_into(bucket, key, out)
+        ``streams`` concurrent ranged GETs (or the node's short-circuit
+        socket, unless ``local=False``); returns a view of the bytes."""
+        return self.reader(s3, streams=streams, chunk=chunk, local=local).read_into(bucket, key, out)
 
-    def read_bytes(self, s3: Any, bucket: str, key: str, *, streams: int = 8, chunk: int = CHUNK) -> bytes:
-        return self.reader(s3, streams=streams, chunk=chunk).read_bytes(bucket, key)
+    def read_bytes(self, s3: Any, bucket: str, key: str, *, streams: int = 8, chunk: int = CHUNK,
+                   local: bool = True) -> bytes:
+        return self.reader(s3, streams=streams, chunk=chunk, local=local).read_bytes(bucket, key)
 
     def download(self, s3: Any, bucket: str, key: str, path: str | os.PathLike[str], *, streams: int = 8,
                  chunk: int = CHUNK) -> int:
@@ -622,12 +667,13 @@ class Functions:
         return self.reader(s3, streams=streams, chunk=chunk).download(bucket, key, path)
 
     async def aread_into(self, s3: Any, bucket: str, key: str, out: Buffer | None = None, *, streams: int = 8,
-                         chunk: int = CHUNK) -> memoryview:
+                         chunk: int = CHUNK, local: bool = True) -> memoryview:
         """`read_into` without blocking the event loop."""
-        return await self.reader(s3, streams=streams, chunk=chunk).aread_into(bucket, key, out)
+        return await self.reader(s3, streams=streams, chunk=chunk, local=local).aread_into(bucket, key, out)
 
-    async def aread_bytes(self, s3: Any, bucket: str, key: str, *, streams: int = 8, chunk: int = CHUNK) -> bytes:
-        return await self.reader(s3, streams=streams, chunk=chunk).aread_bytes(bucket, key)
+    async def aread_bytes(self, s3: Any, bucket: str, key: str, *, streams: int = 8, chunk: int = CHUNK,
+                          local: bool = True) -> bytes:
+        return await self.reader(s3, streams=streams, chunk=chunk, local=local).aread_bytes(bucket, key)
 
     async def adownload(self, s3: Any, bucket: str, key: str, path: str | os.PathLike[str], *, streams: int = 8,
                         chunk: int = CHUNK) -> int:

@@ -177,7 +177,7 @@ def test_each_chunk_comes_from_its_owner(nodes: Nodes, tmp_path: Path) -> None:
     # No node fetched a chunk from another: every range went to its owner.
     assert nodes.peer_bytes() == before
     # A plain ranged read through node 0 does take the peer hop (the counter works).
-    assert ranged.read_bytes(nodes.client(0), CACHED, "dir/sub dir/obj+1", chunk=MiB) == data
+    assert ranged.read_bytes(nodes.client(0), CACHED, "dir/sub dir/obj+1", chunk=MiB, local=False) == data
     remote = sum(min(MiB, size - i * MiB) for i, o in enumerate(chunk_owners) if o != nodes.node_id(0))
     assert sum(nodes.peer_bytes()) - sum(before) == remote
 
@@ -188,7 +188,7 @@ async def test_async_readers(nodes: Nodes, tmp_path: Path) -> None:
     buf = bytearray(6 * MiB)
     view = await direct.aread_into(s3, CACHED, "async", buf, streams=3)
     assert len(view) == len(data) and bytes(view) == data
-    assert await ranged.aread_bytes(s3, CACHED, "async", streams=2, chunk=MiB) == data
+    assert await ranged.aread_bytes(s3, CACHED, "async", streams=2, chunk=MiB, local=False) == data
     assert await direct.aread_bytes(s3, CACHED, "async") == data
     assert await direct.adownload(s3, CACHED, "async", tmp_path / "a") == len(data)
     assert (tmp_path / "a").read_bytes() == data
@@ -275,7 +275,7 @@ def test_ranged_reads_over_tls(nearstore_tls_server: S3Server, tmp_path: Path) -
     s3.create_bucket(Bucket="ranged-tls")
     data = os.urandom(3 * MiB + 5)
     s3.put_object(Bucket="ranged-tls", Key="k", Body=data)
-    assert ranged.read_bytes(s3, "ranged-tls", "k", streams=3, chunk=MiB) == data
+    assert ranged.read_bytes(s3, "ranged-tls", "k", streams=3, chunk=MiB, local=False) == data
     assert ranged.download(s3, "ranged-tls", "k", tmp_path / "k", chunk=MiB) == len(data)
     assert (tmp_path / "k").read_bytes() == data
 
@@ -294,7 +294,7 @@ def test_a_missing_object_and_a_cancelled_read(nodes: Nodes) -> None:
             started.set()
 
     async def cancel_soon() -> None:
-        reader = Signals(nodes.client(1), streams=2, chunk=MiB)
+        reader = Signals(nodes.client(1), streams=2, chunk=MiB, local=False)  # the HTTP path
         task = asyncio.ensure_future(reader.aread_into(CACHED, "cancel", buf))
         await started.wait()
         task.cancel()
@@ -307,7 +307,7 @@ def test_a_missing_object_and_a_cancelled_read(nodes: Nodes) -> None:
     snapshot = bytes(buf)
     time.sleep(0.3)
     assert bytes(buf) == snapshot  # nothing writes into the buffer after the cancellation
-    assert bytes(ranged.read_into(nodes.client(1), CACHED, "cancel", buf)) == data
+    assert bytes(ranged.read_into(nodes.client(1), CACHED, "cancel", buf, local=False)) == data
 
 
 @pytest.mark.parametrize("fault", ["fail", "reset_response", "truncate_response", "drop"])
@@ -319,7 +319,7 @@ def test_ranged_reads_survive_a_fault(nodes: Nodes, fault: str) -> None:
         s3 = connect(proxy.url, access_key=ENV["NEARSTORE_ACCESS_KEY"], secret_key=ENV["NEARSTORE_SECRET_KEY"])
         kw = {"after": 300_000} if fault in ("reset_response", "truncate_response") else {}
         getattr(proxy, fault)(times=1, method="GET", **kw)
-        assert ranged.read_bytes(s3, CACHED, f"fault-{fault}", streams=1, chunk=MiB) == data
+        assert ranged.read_bytes(s3, CACHED, f"fault-{fault}", streams=1, chunk=MiB, local=False) == data
         gets = proxy.events(method="GET")
         assert len(gets) == 5, [(e.action, e.status) for e in gets]  # 4 ranges and one again
         assert all(e.headers.get("if-match") for e in gets)
