@@ -15,6 +15,12 @@ reader. HTTPS endpoints, and ``transport="boto"``, go through boto3's
 ``get_object`` (TLS verification as the client is set up) and
 ``Body.readinto``.
 
+When the node runs on this machine (``transport="auto"`` and the node's
+short-circuit socket answers, see ``clients.local``), ranges are read from
+its chunk files instead, with ``preadv`` straight into the destination:
+no HTTP, no loopback TCP. A list of small destinations (tensors) is read
+with one request into a per-thread scratch buffer, then copied out.
+
 Transient failures (a connection reset, a kept-alive connection closed by
 the server, 5xx, throttling) are retried a few times with backoff; other
 error answers become botocore's ``ClientError``, as from boto3 itself.
@@ -39,6 +45,7 @@ from xml.etree import ElementTree
 
 from botocore.exceptions import ClientError
 
+from clients.local import LocalChanged, LocalNode, LocalUnavailable
 from clients.ranged import CHUNK, ObjectChanged
 
 Transport = Literal["auto", "http", "boto"]
@@ -127,6 +134,45 @@ def _fill(readinto: Callable[[memoryview], int | None], segs: list[memoryview], 
         pos += got
 
 
+_SCRATCH = threading.local()
+DIRECT_MIN = 256 * 1024  # a buffer this large is read into directly
+
+
+def _read_local(node: LocalNode, obj: ObjectVersion, start: int, segs: list[memoryview]) -> None:
+    """The range from the node's chunk files: each large buffer read into
+    directly, each run of small ones through a per-thread scratch buffer
+    (one request for many small tensors, then a copy)."""
+    runs: list[list[memoryview]] = []
+    for seg in segs:
+        if len(seg) >= DIRECT_MIN or not runs or len(runs[-1][0]) >= DIRECT_MIN:
+            runs.append([seg])
+        else:
+            runs[-1].append(seg)
+    pos = start
+    for run in runs:
+        n = sum(len(v) for v in run)
+        if len(run) == 1:
+            dest = run[0]
+        else:
+            scratch = getattr(_SCRATCH, "buf", None)
+            if scratch is None or len(scratch) < n:
+                scratch = _SCRATCH.buf = bytearray(max(n, DIRECT_MIN))
+            dest = memoryview(scratch)[:n]
+        try:
+            view, _, _ = node.read_into(obj.bucket, obj.key, dest, start=pos, end=pos + n,
+                                        if_match=obj.etag, streams=1)  # fmt: skip
+        except LocalChanged as e:
+            raise ObjectChanged(obj.key) from e
+        if len(view) != n:
+            raise LocalUnavailable(f"{obj.key}: {len(view)} bytes for {n}")
+        if len(run) > 1:
+            off = 0
+            for v in run:
+                v[:] = dest[off : off + len(v)]
+                off += len(v)
+        pos += n
+
+
 def _readable(sock: socket.socket) -> bool:
     p = select.poll()
     p.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
@@ -172,12 +218,16 @@ class RangeGetter:
                  attempts: int = ATTEMPTS) -> None:  # fmt: skip
         self.s3 = s3
         scheme = urlsplit(s3.meta.endpoint_url).scheme
+        auto = transport == "auto"
         if transport == "auto":
             transport = "http" if scheme == "http" else "boto"
         if transport == "http" and scheme != "http":
             raise ValueError(f"transport 'http' needs an http:// endpoint, not {scheme}://")
         self.transport = transport
         self.attempts = max(1, attempts)
+        # The node's short-circuit socket when it runs on this machine
+        # (clients.local): ranges are then preadv'd from its chunk files.
+        self.local = LocalNode.discover(s3) if auto else None
 
     # -- opening an object ---------------------------------------------------
 
@@ -245,6 +295,12 @@ class RangeGetter:
             return
         if start < 0 or start + n > obj.size:
             raise ValueError(f"{obj.key}: range {start}+{n} outside an object of {obj.size}")
+        local = self.local
+        if local is not None:
+            try:
+                return _read_local(local, obj, start, segs)
+            except LocalUnavailable:
+                self.local = None  # over HTTP from now on
         if self.transport == "boto":
             self._retrying(lambda: self._read_boto(obj, start, n, segs), obj.key)
         else:

@@ -6,24 +6,36 @@ little-endian N, then N bytes of JSON ``{name: {"dtype", "shape",
 tensor bytes; offsets are relative to the start of the data, 8 + N.
 
 A load reads each file's header with one small ranged GET (its first
-256 KiB, which also gives the size and the ETag every later read is pinned
-to with If-Match), validates it, then reads the tensor bytes with parallel
-ranged GETs cut at the cache's 16 MiB chunk boundaries, straight into one
-destination buffer per file (``clients.rangeget``: from the socket into the
-buffer, no copy in between). Tensors are zero-copy views of that buffer.
-Neighbouring tensors are read together; a gap of more than 1 MiB between
-wanted tensors (``names=``) is skipped.
+256 KiB, which also gives the size and the ETag), validates it, then reads
+the tensor bytes in parallel, one GET per 16 MiB cache chunk, straight into
+one destination buffer per file (from the socket into the buffer, no copy
+in between); the tensors are zero-copy views of that buffer:
 
-One GET per cache chunk, never less: a cache node verifies a chunk's
-checksum for every request, so two GETs in one chunk cost it two
-verifications of the whole chunk (4 MiB pieces took 1.7x the node's CPU of
-whole 16 MiB chunks, for no gain in throughput).
+- a file wanted whole (all its tensors: the usual cold start) is read by
+  ``reader``: ``clients.ranged.read_into`` (asyncio, the least CPU per
+  byte), or ``clients.direct.read_into`` in a cluster (each chunk from the
+  node that caches it). It pins the version it finds; if that is not the
+  one whose header was read, the load raises ``ObjectChanged``.
+- a subset (``names=``), ``load_into`` and a forced ``transport`` go range
+  by range with ``clients.rangeget``, pinned with If-Match to the version
+  whose header was read. Neighbouring tensors are read together; a gap of
+  more than 1 MiB between wanted tensors is skipped.
+
+Never less than a chunk per GET: a cache node verifies a chunk's checksum
+for every request, so two GETs in one chunk cost it two verifications of
+the whole chunk (4 MiB pieces took 1.7x the node's CPU of whole 16 MiB
+chunks, for no gain in throughput).
+
+``load_into`` reads into tensors that exist already (a model's parameters,
+an adapter swapped in and out): no fresh memory to fault in, which on a
+warm node is most of a load's CPU (measured in bench/models.py).
 
     from clients.connect import connect
     from clients import safetensors as nst
     s3 = connect()
     weights = nst.load(s3, "models", "llama/model.safetensors.index.json")  # numpy
     weights = nst.load_torch(s3, "models", "llama/")                       # torch
+    nst.load_into(s3, "models", "lora/adapter_model.safetensors", adapter)  # in place
 
 ``key`` is one ``.safetensors`` file, a list of them, an index
 (``*.safetensors.index.json``: its ``weight_map`` names the files, relative
@@ -56,8 +68,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from clients import ranged
 from clients.checkpoint import require_torch
-from clients.ranged import CHUNK
+from clients.ranged import CHUNK, ObjectChanged
 from clients.rangeget import ObjectVersion, RangeGetter, Transport, read_ranges, split_range
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -90,6 +103,8 @@ DTYPES: dict[str, tuple[int, str, str]] = {
 RAW_IN_NUMPY = frozenset({"BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"})
 
 Framework = Literal["np", "numpy", "pt", "torch"]
+# clients.ranged.read_into's shape: (s3, bucket, key, out, *, streams, chunk) -> view
+Reader = Callable[..., Any]
 
 
 class SafetensorsError(ValueError):
@@ -377,18 +392,44 @@ def _plans(s3: Any, bucket: str, key: str | Sequence[str], names: Iterable[str] 
 
 
 def _read_all(s3: Any, bucket: str, key: str | Sequence[str], names: Iterable[str] | None,
-              streams: int, chunk: int, transport: Transport,
+              streams: int, chunk: int, transport: Transport, reader: Reader | None,
               alloc: Callable[[int], tuple[Any, memoryview]]) -> list[tuple[_FilePlan, Any]]:
     """Read the wanted tensors of every file, each file into a buffer from
-    ``alloc(nbytes) -> (owner, writable byte view)``; [(plan, owner)]."""
+    ``alloc(nbytes) -> (owner, writable byte view)``; [(plan, owner)].
+
+    A file whose wanted tensors are all of it but the header (and at most
+    ``GAP`` bytes) is read whole by ``reader`` (``clients.ranged.read_into``
+    by default) into a buffer of the file's size; the others, and every file
+    when a ``transport`` is forced, range by range with ``clients.rangeget``."""
     getter, plans = _plans(s3, bucket, key, names, streams, transport)
-    out, jobs = [], []
+    out, jobs, whole = [], [], []
     for p in plans:
-        owner, view = alloc(p.nbytes)
-        jobs += _jobs(p, view, chunk)
+        h = p.header
+        if transport == "auto" and h.size - h.data_start - p.nbytes <= GAP and h.data_start % 8 == 0:
+            p.spans, p.nbytes = [(0, h.size, 0)], h.size
+            owner, view = alloc(p.nbytes)
+            whole.append((p, view))
+        else:
+            owner, view = alloc(p.nbytes)
+            jobs += _jobs(p, view, chunk)
         out.append((p, owner))
     read_ranges(getter, jobs, streams=streams)
+    for p, view in whole:
+        _read_whole(s3, bucket, p.header, view, streams, chunk, reader or ranged.read_into)
     return out
+
+
+def _read_whole(s3: Any, bucket: str, h: Header, view: memoryview, streams: int, chunk: int,
+                reader: Reader) -> None:  # fmt: skip
+    """The whole file into ``view``. The reader pins the version it finds
+    (If-Match) and reads it whole; the header it read must be the one the
+    load was planned from, else the file changed in between."""
+    try:
+        got = reader(s3, bucket, h.key, view, streams=streams, chunk=chunk)
+    except ValueError as e:  # the buffer is too small: a larger version now
+        raise ObjectChanged(f"{h.key}: changed while being loaded ({e})") from e
+    if len(got) != h.size or bytes(view[: h.data_start]) != h.first[: h.data_start]:
+        raise ObjectChanged(f"{h.key}: changed while being loaded")
 
 
 def _scatter_jobs(plan: _FilePlan, dests: dict[str, memoryview], chunk: int,
@@ -487,19 +528,20 @@ def load(
     streams: int = STREAMS,
     chunk: int = CHUNK,
     transport: Transport = "auto",
+    reader: Reader | None = None,
 ) -> dict[str, Any]:
     """Every tensor of a checkpoint (or those in ``names``) as numpy arrays
     (``framework="pt"``: torch tensors, see ``load_torch``)."""
     if framework in ("pt", "torch"):
         return load_torch(s3, bucket, key, names=names, streams=streams, chunk=chunk,
-                          transport=transport)  # fmt: skip
+                          transport=transport, reader=reader)  # fmt: skip
     if framework not in ("np", "numpy"):
         raise ValueError(f"framework must be 'np' or 'pt', not {framework!r}")
     def alloc(n: int) -> tuple[Any, memoryview]:
         buf = _empty(n)
         return buf, memoryview(buf.data)
 
-    loaded = _read_all(s3, bucket, key, names, streams, chunk, transport, alloc)
+    loaded = _read_all(s3, bucket, key, names, streams, chunk, transport, reader, alloc)
     result: dict[str, Any] = {}
     for plan, buf in loaded:
         offs = _offsets(plan)
@@ -519,6 +561,7 @@ def load_torch(
     streams: int = STREAMS,
     chunk: int = CHUNK,
     transport: Transport = "auto",
+    reader: Reader | None = None,
     pin_memory: bool = False,
     device: Any = None,
 ) -> dict[str, Any]:
@@ -537,7 +580,7 @@ def load_torch(
         arr = _empty(n)
         return torch.from_numpy(arr), memoryview(arr.data)
 
-    loaded = _read_all(s3, bucket, key, names, streams, chunk, transport, alloc)
+    loaded = _read_all(s3, bucket, key, names, streams, chunk, transport, reader, alloc)
     result: dict[str, Any] = {}
     for plan, base in loaded:
         offs = _offsets(plan)

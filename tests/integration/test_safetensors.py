@@ -5,6 +5,7 @@ hostile headers are refused with a clear error."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import uuid
 from pathlib import Path
@@ -17,10 +18,10 @@ import safetensors.torch as st_pt
 import torch
 from safetensors import safe_open
 
-from clients import rangeget
+from clients import direct, rangeget
 from clients import safetensors as nst
 from clients.connect import connect
-from clients.ranged import ObjectChanged
+from clients.ranged import ObjectChanged, read_into
 from tests.conftest import ServerPool
 from tests.helpers.servers import S3Server
 
@@ -165,6 +166,16 @@ def test_load_into_existing_tensors(node: tuple[Any, str], tmp_path: Path) -> No
         assert nst.load_into(s3, bucket, "adapter.safetensors", dest, chunk=chunk) is dest
         _same_pt(dest, reference)
         assert {k: v.data_ptr() for k, v in dest.items()} == ptrs  # nothing reallocated
+    # over HTTP too (no short-circuit socket)
+    os.environ["NEARSTORE_LOCAL_READS"] = "0"
+    try:
+        assert rangeget.RangeGetter(s3).local is None
+        for t in dest.values():
+            t.reshape(-1).view(torch.uint8).fill_(0xAB)
+        _same_pt(nst.load_into(s3, bucket, "adapter.safetensors", dest, chunk=64 * 1024),
+                 reference)  # fmt: skip
+    finally:
+        del os.environ["NEARSTORE_LOCAL_READS"]
     # numpy, a subset with gaps between the wanted tensors; parameters too
     names = ["model.layers.1.mlp.weight", "model.layers.5.mlp.weight", "i32", "scalar"]
     arrays = {k: np.empty(tuple(reference[k].shape), dtype=reference[k].numpy().dtype)
@@ -365,11 +376,55 @@ def test_a_changed_file_is_never_mixed(node: tuple[Any, str], tmp_path: Path,
     for transport in ("http", "boto"):
         with pytest.raises(ObjectChanged):
             nst.load(s3, bucket, "m.safetensors", transport=transport)
+    # in place, from the node's chunk files (its short-circuit socket)
+    assert rangeget.RangeGetter(s3).local is not None
+    dest = {k: np.empty_like(v) for k, v in _numpy_tensors().items()}
+    with pytest.raises(ObjectChanged):
+        nst.load_into(s3, bucket, "m.safetensors", dest)
+
+
+def test_whole_files_are_one_version(node: tuple[Any, str], tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Whole files go through the reader given (clients.ranged by default),
+    which pins the version it finds: if that is not the one whose header was
+    read, the load is refused, or (same header) all of the new version."""
+    s3, bucket = node
+    path = tmp_path / "m.safetensors"
+    old, new = _numpy_tensors(seed=1), _numpy_tensors(seed=2)
+    st_np.save_file(old, str(path))
+    _put_file(s3, bucket, "m.safetensors", path)
+    calls: list[str] = []
+
+    def reader(*a: Any, **kw: Any) -> Any:
+        calls.append(a[2])
+        return read_into(*a, **kw)
+
+    _same_np(nst.load(s3, bucket, "m.safetensors", reader=reader), old)
+    assert calls == ["m.safetensors"]
+    real_open = rangeget.RangeGetter.open
+    replacement: dict[str, np.ndarray] = {}
+
+    def open_then_overwrite(self: rangeget.RangeGetter, *a: Any, **kw: Any) -> Any:
+        result = real_open(self, *a, **kw)
+        st_np.save_file(replacement, str(path))
+        _put_file(s3, bucket, "m.safetensors", path)
+        return result
+
+    monkeypatch.setattr(rangeget.RangeGetter, "open", open_then_overwrite)
+    replacement.update(new)  # same names, dtypes and shapes: the same header
+    _same_np(nst.load(s3, bucket, "m.safetensors"), new)
+    replacement.clear()
+    replacement.update({"other": np.zeros(10)})
+    with pytest.raises(ObjectChanged):
+        nst.load(s3, bucket, "m.safetensors")
+    replacement.update({k: np.concatenate([v.reshape(-1)] * 3) for k, v in new.items()})
+    with pytest.raises(ObjectChanged):  # a larger file
+        nst.load(s3, bucket, "m.safetensors")
 
 
 def test_missing_object_is_a_client_error(node: tuple[Any, str]) -> None:
     s3, bucket = node
-    for transport in ("http", "boto"):
+    for transport in ("auto", "http", "boto"):
         with pytest.raises(s3.exceptions.ClientError, match="NoSuchKey"):
             nst.load(s3, bucket, "absent.safetensors", transport=transport)
 
@@ -392,3 +447,5 @@ def test_over_https_and_through_the_cache(servers: ServerPool, tmp_path: Path) -
     _put_file(s3, bucket, "lora.safetensors", path)
     for _ in range(2):
         _same_pt(nst.load_torch(s3, bucket, "lora.safetensors"), tensors)
+    # The cluster-aware reader (each chunk from its owner; one node: the node)
+    _same_pt(nst.load_torch(s3, bucket, "lora.safetensors", reader=direct.read_into), tensors)
