@@ -24,6 +24,11 @@ file). Then it times, over ``--runs`` runs each, median (min-max):
       from the warm node (the naive baseline);
   (e) the LoRA adapter, warm through the node and from local disk, in ms.
 
+The client runs on the node's machine, so reads take the node's
+short-circuit socket (``clients.local``: chunk file descriptors, ``preadv``);
+one row of (a) turns it off (NEARSTORE_LOCAL_READS=0) to show plain HTTP
+over loopback, as from a node on another machine.
+
 (a) and (e) also run ``load_into``: the same reads into tensors that exist
 already (a model's parameters, an adapter swapped in and out), where no
 fresh memory has to be faulted in: on this machine that, not the copy, is
@@ -383,6 +388,14 @@ def main(argv: list[str] | None = None) -> int:
         check_equal(ns_load(), ds)
         for _ in range(args.runs):
             warm.seconds.append(timed(ns_load))
+        # The same over HTTP only, as from a node on another machine.
+        http_only = Case("(a) nearstore warm, HTTP only (no short-circuit socket)", ds.size)
+        os.environ["NEARSTORE_LOCAL_READS"] = "0"
+        try:
+            for _ in range(args.runs):
+                http_only.seconds.append(timed(ns_load))
+        finally:
+            del os.environ["NEARSTORE_LOCAL_READS"]
         # The same into tensors that exist already (allocated and loaded once
         # before): no fresh memory to fault in.
         dest = {k: torch.empty_like(v) for k, v in ns_load().items()}
@@ -405,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.runs):
             naive.seconds.append(timed(
                 lambda: [s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys]))
-        cases = [warm, in_place, cold, local, package_read, one_read, naive]
+        cases = [warm, in_place, http_only, cold, local, package_read, one_read, naive]
 
         lora_key = f"llm/{ds.lora}"
         check_equal(nst.load_torch(s3, BUCKET, lora_key), ds, lora=True)
