@@ -327,7 +327,8 @@ def table(cases: list[Case], limit: Case, one_read: Case) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__.split("\n")[0])
-    p.add_argument("--size", type=parse_size, default=4 * GiB, help="checkpoint size (4GiB)")
+    p.add_argument("--size", type=parse_size, default=4 * GiB,
+                   help="checkpoint size (4GiB; at least one layer: about 330 MiB)")
     p.add_argument("--files", type=int, default=4, help="shards (4)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per case (3)")
     p.add_argument("--streams", type=int, default=16, help="concurrent ranged GETs (16)")
