@@ -16,9 +16,9 @@ data; every byte still comes by a signed GET.)
 Same shapes as ``clients.ranged`` (``s3`` is a boto3 client for any node,
 e.g. ``clients.connect()``)::
 
-    read_into(s3, bucket, key, out=None, *, streams=8, chunk=CHUNK) -> memoryview
-    read_bytes(s3, bucket, key, *, streams=8, chunk=CHUNK) -> bytes
-    download(s3, bucket, key, path, *, streams=8, chunk=CHUNK) -> int
+    read_into(s3, bucket, key, out=None, *, streams=16, chunk=CHUNK) -> memoryview
+    read_bytes(s3, bucket, key, *, streams=16, chunk=CHUNK) -> bytes
+    download(s3, bucket, key, path, *, streams=16, chunk=CHUNK) -> int
     await aread_into(...), await aread_bytes(...), await adownload(...)
 
 Ranges are the bucket's chunks (its cache chunk size); ``chunk`` is the
@@ -58,7 +58,16 @@ from urllib.parse import quote
 import boto3
 
 from cache.store import chunk_id
-from clients.ranged import CHUNK, Functions, ObjectChanged, Pinned, RangedReader, Span, _ssl_context
+from clients.ranged import (
+    CHUNK,
+    STREAMS,
+    Functions,
+    ObjectChanged,
+    Pinned,
+    RangedReader,
+    Span,
+    _ssl_context,
+)
 from metadata.ring import Node, NoLiveNodes, Ring
 
 __all__ = [
@@ -217,7 +226,7 @@ class DirectReader(RangedReader):
     # fetch other owners' chunks through that node instead.
     local_reads = False
 
-    def __init__(self, s3: Any, *, streams: int = 8, chunk: int = CHUNK, view: ClusterView | None = None,
+    def __init__(self, s3: Any, *, streams: int = STREAMS, chunk: int = CHUNK, view: ClusterView | None = None,
                  local: bool = False) -> None:
         super().__init__(s3, streams=streams, chunk=chunk, local=local)
         self.view = view or ClusterView.of(s3)
