@@ -140,10 +140,19 @@ def _progress(enabled: bool, total: int) -> tuple[Callable[[str], None], Callabl
 
 
 def main(argv: list[str]) -> int:
+    # Client-side benches, each its own module: nearstore bench readers|loader|models ...
     if argv[:1] == ["readers"]:  # the client readers against the node (bench/readers.py)
         from bench.readers import main as readers_main
 
         return readers_main(argv[1:])
+    if argv[:1] == ["loader"]:  # samples/s of the dataset loader (bench/loader.py)
+        from bench.loader import main as loader_main
+
+        return loader_main(argv[1:])
+    if argv[:1] == ["models"]:  # safetensors cold starts (bench/models.py)
+        from bench.models import main as models_main
+
+        return models_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.list:
         for s in SCENARIOS.values():

@@ -106,7 +106,7 @@ def fmt_cell(values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__,
+    ap = argparse.ArgumentParser(prog="nearstore bench loader", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=10_000)
     ap.add_argument("--sample-size", type=parse_size, default=100 * 1024)

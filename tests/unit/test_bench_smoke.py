@@ -224,3 +224,20 @@ def test_smoke_cluster(tmp_path: Path) -> None:
             assert s["peer_bytes"]["median"] > 0, (cid, s)
         if "local owner" in cid:
             assert s["peer_bytes"]["median"] == 0, (cid, s)
+
+
+def test_smoke_loader(tmp_path: Path) -> None:
+    """The loader bench end to end on a few tiny shards: every row, the
+    samples counted and the JSON written."""
+    out = tmp_path / "loader.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.loader", "--samples", "120", "--shard-samples", "40",
+         "--sample-size", "4KiB", "--runs", "1", "--workdir", str(tmp_path), "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    for leg in ("local disk", "nearstore warm", "nearstore warm, HTTP only", "boto3 -> seaweedfs",
+                "nearstore cold"):
+        assert results[leg] and all(v > 0 for v in results[leg]), leg
+    assert "| nearstore warm |" in proc.stdout
