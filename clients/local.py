@@ -13,16 +13,26 @@ socket and returns a ``LocalNode`` only if that socket exists here and
 answers; otherwise None, and callers read over HTTP. Each request carries
 the object's presigned URL, so it is authorised exactly like a GET.
 Set NEARSTORE_LOCAL_READS=0 to turn the short-circuit off.
+
+``LocalNode.map`` maps an object (or a range) instead of copying it: the
+chunk files' pages are mapped, copy-on-write, at consecutive addresses of
+one region, so a load costs what ``mmap`` of a local file costs (see
+``LocalMapping`` for how, and why that is safe).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import mmap
 import os
 import socket
+import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -179,48 +189,92 @@ class LocalNode:
         first one saw, so cold chunks fill in parallel and warm ones are
         read by several threads. Raises LocalUnavailable (read over HTTP
         instead), LocalChanged (the object changed) or ClientError."""
+
+        def sink(total: int, first: int) -> _Sink:
+            if out is None:
+                return _Sink(memoryview(bytearray(total)))
+            buf = memoryview(out).cast("B")
+            if len(buf) < first:
+                raise LocalUnavailable(f"buffer of {len(buf)} bytes for {first}")  # caller's bug; HTTP will say so
+            if len(buf) < total:
+                raise ValueError(f"buffer of {len(buf)} bytes for {total}")
+            return _Sink(buf[:total])
+
+        got, size, etag = self._transfer(bucket, key, start, end, if_match, streams, chunk, sink)
+        return got.buf[: got.total], size, etag
+
+    def map(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        if_match: str | None = None,
+        streams: int = 4,
+        chunk: int = CHUNK,
+        populate: bool = True,
+    ) -> LocalMapping:
+        """Bytes start..end of the object mapped, not copied: see
+        ``LocalMapping``. ``populate``: the page tables are filled at once
+        (MADV_POPULATE_READ, in bulk), not one fault per page on first use.
+        Same pieces, pinning and errors as ``read_into``."""
+        if not _MAP_OK:
+            raise LocalUnavailable("mapping chunk files needs Linux on a 64-bit machine")
+
+        def sink(total: int, first: int) -> _Sink:
+            return _MapSink(start % PAGE, total, populate)
+
+        got, size, etag = self._transfer(bucket, key, start, end, if_match, streams, chunk, sink)
+        return LocalMapping(got, size, etag)
+
+    def _transfer(
+        self, bucket: str, key: str, start: int, end: int | None, if_match: str | None,
+        streams: int, chunk: int, make: Callable[[int, int], _Sink],
+    ) -> tuple[_Sink, int, str]:
+        """The range into the sink ``make(range length, first piece's
+        length)`` makes once the first piece's answer tells the size."""
         if end is not None and end <= start:
             raise ValueError("empty range")
         first_end = (start // chunk + 1) * chunk
         if end is not None:
             first_end = min(first_end, end)
-        if out is None and end is not None:
-            out = bytearray(end - start)
+        made: list[_Sink] = []
+
+        def first_sink(length: int, size: int) -> _Sink:
+            if not made:
+                stop = size if end is None else min(end, size)
+                made.append(make(max(0, stop - start), length))
+            return made[0]
+
         # The first piece tells the size and pins the ETag.
         try:
-            view, size, etag = self._read(bucket, key, out, start, first_end, if_match)
+            size, etag = self._read(bucket, key, first_sink, 0, start, first_end, if_match)
         except ClientError as e:
             if start != 0 or end is not None or e.response["Error"]["Code"] != "InvalidRange":
                 raise
             # An empty object has no byte 0: ask for the whole (empty) object.
-            view, size, etag = self._read(bucket, key, out, 0, None, if_match)
-        stop = size if end is None else min(end, size)
-        if first_end >= stop:
-            return view, size, etag
-        if out is None:
-            out = bytearray(stop - start)
-            out[: len(view)] = view
-        buf = memoryview(out).cast("B")
-        if len(buf) < stop - start:
-            raise ValueError(f"buffer of {len(buf)} bytes for {stop - start}")
+            size, etag = self._read(bucket, key, first_sink, 0, 0, None, if_match)
+        target = made[0]
+        stop = start + target.total
         spans = [(lo, min(stop, lo + chunk)) for lo in range(first_end, stop, chunk)]
 
         def one(span: tuple[int, int]) -> None:
             lo, hi = span
-            self._read(bucket, key, buf[lo - start : hi - start], lo, hi, etag)
+            self._read(bucket, key, lambda _n, _s: target, lo - start, lo, hi, etag)
 
-        if streams <= 1 or len(spans) == 1:
+        if streams <= 1 or len(spans) <= 1:
             for span in spans:
                 one(span)
         else:
             with ThreadPoolExecutor(min(streams, len(spans)), thread_name_prefix="nearstore-local") as pool:
                 list(pool.map(one, spans))
-        return buf[: stop - start], size, etag
+        return target, size, etag
 
     def _read(
-        self, bucket: str, key: str, out: bytearray | memoryview | None, start: int,
+        self, bucket: str, key: str, sink: Callable[[int, int], _Sink], base: int, start: int,
         end: int | None, if_match: str | None,
-    ) -> tuple[memoryview, int, str]:
+    ) -> tuple[int, str]:
         rng = None if start == 0 and end is None else [start, (end if end is not None else 2**62) - 1]
         req = json.dumps({"url": self._url(bucket, key), "range": rng, "if_match": if_match}).encode()
         try:
@@ -228,20 +282,21 @@ class LocalNode:
         except OSError as e:
             raise LocalUnavailable(f"{self.path}: {e}") from e
         try:
-            result = self._exchange(sock, req, out)
+            result = self._exchange(sock, req, sink, base)
         except (LocalChanged, ClientError):
             self._checkin(sock)  # a whole answer was read: the stream is in step
             raise
         except BaseException as e:
             sock.close()  # the stream is in an unknown state
-            if isinstance(e, (OSError, ValueError, KeyError)):
+            if isinstance(e, (OSError, KeyError)) or (isinstance(e, ValueError)
+                                                      and not isinstance(e, _BufferTooSmall)):
                 raise LocalUnavailable(f"{bucket}/{key}: {e}") from e
             raise
         self._checkin(sock)
         return result
 
-    def _exchange(self, sock: socket.socket, req: bytes,
-                  out: bytearray | memoryview | None) -> tuple[memoryview, int, str]:
+    def _exchange(self, sock: socket.socket, req: bytes, make: Callable[[int, int], _Sink],
+                  base: int) -> tuple[int, str]:
         sock.sendall(req)
         head = json.loads(sock.recv(MAX_MESSAGE))
         status = int(head["status"])
@@ -254,9 +309,12 @@ class LocalNode:
             raise ClientError({"Error": {"Code": code, "Message": head.get("message", "")},
                                "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
         length, size, etag = int(head["length"]), int(head["size"]), str(head["etag"])
-        buf = memoryview(out if out is not None else bytearray(length)).cast("B")
-        if len(buf) < length:
-            raise LocalUnavailable(f"buffer of {len(buf)} bytes for {length}")  # caller's bug; HTTP will say so
+        try:
+            sink = make(length, size)
+        except ValueError as e:
+            raise _BufferTooSmall(str(e)) from None
+        if base + length > sink.total:
+            raise LocalUnavailable(f"{length} bytes at {base} of a range of {sink.total}")
         fds: list[int] = []
         try:
             while True:
@@ -269,15 +327,17 @@ class LocalNode:
                     pos, n, file_off = part["fd"]
                     if len(got_fds) != 1 or pos + n > length:
                         raise LocalUnavailable("bad segment")
-                    pread_all(got_fds[0], buf[pos : pos + n], file_off)
+                    sink.put_fd(base + pos, n, got_fds[0], file_off)
                 elif "data" in part:
                     pos, n = part["data"]
                     if pos + n > length:
                         raise LocalUnavailable("bad segment")
+                    buf = sink.buf
                     done = 0
                     while done < n:
                         piece = min(MAX_MESSAGE, n - done)
-                        if sock.recv_into(buf[pos + done : pos + done + piece], piece) != piece:
+                        at = base + pos + done
+                        if sock.recv_into(buf[at : at + piece], piece) != piece:
                             raise LocalUnavailable("short data message")
                         done += piece
                 elif part.get("end"):
@@ -287,4 +347,149 @@ class LocalNode:
         finally:
             for fd in fds:
                 os.close(fd)
-        return buf[:length], size, etag
+        return size, etag
+
+
+class _BufferTooSmall(ValueError):
+    """The caller's buffer cannot hold the range (raised as it is)."""
+
+
+class _Sink:
+    """Where a read's bytes go: ``buf`` (writable, the range's bytes from
+    offset 0) and ``total``, the range's length."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf, self.total = buf, len(buf)
+
+    def put_fd(self, pos: int, n: int, fd: int, file_off: int) -> None:
+        pread_all(fd, self.buf[pos : pos + n], file_off)
+
+
+# -- mapping chunk files
+
+PAGE = mmap.PAGESIZE
+PROT_READ, PROT_WRITE = 0x1, 0x2
+MAP_PRIVATE, MAP_FIXED = 0x02, 0x10
+MADV_POPULATE_READ = 22  # Linux 5.14: fill the page tables, reading (no copy-on-write break)
+_MAP_OK = sys.platform == "linux" and ctypes.sizeof(ctypes.c_void_p) == 8
+_libc: Any = None
+
+
+def _mmap_fn() -> Any:
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_int64]
+        libc.madvise.restype = ctypes.c_int
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc = libc
+    return _libc
+
+
+class _MapSink(_Sink):
+    """One anonymous private region (Python's ``mmap``, so that it is
+    unmapped, sub-mappings and all, only when the last view of it goes),
+    the range's bytes from ``shift``; chunk files' pages mapped over it
+    with MAP_FIXED where they line up, the rest copied into it."""
+
+    def __init__(self, shift: int, total: int, populate: bool) -> None:
+        self.shift, self.total, self.populate = shift, total, populate
+        self.mapped = self.copied = 0
+        self._lock = threading.Lock()
+        self.mm: mmap.mmap | None = None
+        if total == 0:
+            self.buf = memoryview(bytearray(0))
+            return
+        span = -(-(shift + total) // PAGE) * PAGE
+        self.mm = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                            prot=PROT_READ | PROT_WRITE)
+        anchor = ctypes.c_char.from_buffer(self.mm)
+        self.addr = ctypes.addressof(anchor)
+        del anchor  # its export of the mmap ends with it
+        self.buf = memoryview(self.mm)[shift : shift + total]
+
+    def put_fd(self, pos: int, n: int, fd: int, file_off: int) -> None:
+        a = self.shift + pos  # where the bytes go in the region
+        lead = a % PAGE
+        # The pages mapped hold nothing but this segment's bytes, save bytes
+        # before the range (lead of the first) or after it (tail of the last).
+        if (n > 0 and lead == file_off % PAGE and (pos == 0 or lead == 0)
+                and (pos + n == self.total or (a + n) % PAGE == 0)
+                and file_off + n <= os.fstat(fd).st_size):  # fmt: skip
+            at, length = a - lead, -(-(n + lead) // PAGE) * PAGE
+            libc = _mmap_fn()
+            want = self.addr + at
+            got = libc.mmap(want, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd,
+                            file_off - lead)  # fmt: skip
+            if got != want:
+                err = ctypes.get_errno()
+                raise LocalUnavailable(f"mmap of a chunk file: {os.strerror(err)}")
+            if self.populate:
+                libc.madvise(want, length, MADV_POPULATE_READ)  # best effort (older kernels: EINVAL)
+            with self._lock:
+                self.mapped += n
+            return
+        pread_all(fd, self.buf[pos : pos + n], file_off)
+        with self._lock:
+            self.copied += n
+
+
+class LocalMapping:
+    """An object's bytes (or a range's) mapped from the node's chunk files.
+
+    ``view`` is a writable memoryview of them; numpy arrays and torch
+    tensors made from it (``np.frombuffer(m.view, np.uint8)``) keep the
+    region alive through it: it is unmapped when ``close`` is called with
+    no view left, or else when the last view goes.
+
+    How: one anonymous private region is reserved for the range, then each
+    chunk file's pages are mapped over their place in it (MAP_FIXED |
+    MAP_PRIVATE, PROT_READ | PROT_WRITE): the page cache's pages appear in
+    the region, no byte copied. A piece whose file offset does not line up
+    with its place modulo the page size, whose length ends mid-page
+    before the range's end, or bytes sent inline (a chunk from a peer, one
+    still being filled that ends mid-page) are copied into the region's
+    anonymous pages instead; ``mapped`` and ``copied`` count the bytes of
+    each. With the default 16 MiB chunks, whole warm objects map entirely.
+
+    Why it is safe: a descriptor is handed out only for a verified chunk
+    (or object) file, and the node never rewrites or truncates such a file
+    in place: a new chunk or version is a new file, eviction unlinks, and a
+    mapping keeps its inode, so the bytes stay those that were verified
+    (as with ``read_into``'s descriptors). MAP_PRIVATE is copy-on-write:
+    writes to the tensors stay in this process and never reach the file,
+    so the tensors are writable like those of safetensors' own mmap-backed
+    loader. What a mapping does not guard against is the disk corrupting a
+    page after the check (an in-place write by someone else): pages not yet
+    written are the file's page-cache pages, as with any ``mmap``."""
+
+    def __init__(self, sink: _Sink, size: int, etag: str) -> None:
+        self.view: memoryview = sink.buf
+        self.size, self.etag = size, etag
+        self.mapped = getattr(sink, "mapped", 0)
+        self.copied = getattr(sink, "copied", sink.total)
+        self._mm = getattr(sink, "mm", None)
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def close(self) -> None:
+        """Unmap now if nothing else uses the bytes (else when the last
+        view goes)."""
+        try:
+            self.view.release()
+        except BufferError:
+            return  # arrays over it: they keep it
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # other views of the region keep it
+
+    def __enter__(self) -> LocalMapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

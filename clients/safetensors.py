@@ -16,6 +16,12 @@ in between); the tensors are zero-copy views of that buffer:
   byte), or ``clients.direct.read_into`` in a cluster (each chunk from the
   node that caches it). It pins the version it finds; if that is not the
   one whose header was read, the load raises ``ObjectChanged``.
+- a file wanted whole when the node runs on this machine (and no
+  ``reader`` is given, nor ``pin_memory``) is not read but mapped from
+  the node's chunk files (``clients.local.LocalNode.map``: copy-on-write
+  pages of the page cache, as ``safetensors.torch.load_file`` maps a local
+  file): the tensors are writable views of the mapping, which lives as
+  long as they do.
 - a subset (``names=``), ``load_into`` and a forced ``transport`` go range
   by range with ``clients.rangeget``, pinned with If-Match to the version
   whose header was read. Neighbouring tensors are read together; a gap of
@@ -70,6 +76,7 @@ import numpy as np
 
 from clients import ranged
 from clients.checkpoint import require_torch
+from clients.local import LocalChanged, LocalNode, LocalUnavailable
 from clients.ranged import CHUNK, ObjectChanged
 from clients.rangeget import ObjectVersion, RangeGetter, Transport, read_ranges, split_range
 
@@ -393,22 +400,32 @@ def _plans(s3: Any, bucket: str, key: str | Sequence[str], names: Iterable[str] 
 
 def _read_all(s3: Any, bucket: str, key: str | Sequence[str], names: Iterable[str] | None,
               streams: int, chunk: int, transport: Transport, reader: Reader | None,
-              alloc: Callable[[int], tuple[Any, memoryview]]) -> list[tuple[_FilePlan, Any]]:
+              alloc: Callable[[int], tuple[Any, memoryview]],
+              adopt: Callable[[memoryview], Any] | None = None) -> list[tuple[_FilePlan, Any]]:
     """Read the wanted tensors of every file, each file into a buffer from
     ``alloc(nbytes) -> (owner, writable byte view)``; [(plan, owner)].
 
     A file whose wanted tensors are all of it but the header (and at most
     ``GAP`` bytes) is read whole by ``reader`` (``clients.ranged.read_into``
     by default) into a buffer of the file's size; the others, and every file
-    when a ``transport`` is forced, range by range with ``clients.rangeget``."""
+    when a ``transport`` is forced, range by range with ``clients.rangeget``.
+    When the node is on this machine and no ``reader`` is given, a whole
+    file is mapped from its chunk files instead (``clients.local.LocalNode.map``,
+    copy-on-write: no copy) and ``adopt(view of the mapping)`` is its owner."""
     getter, plans = _plans(s3, bucket, key, names, streams, transport)
     out, jobs, whole = [], [], []
     for p in plans:
         h = p.header
         if transport == "auto" and h.size - h.data_start - p.nbytes <= GAP and h.data_start % 8 == 0:
             p.spans, p.nbytes = [(0, h.size, 0)], h.size
-            owner, view = alloc(p.nbytes)
-            whole.append((p, view))
+            mapped = None
+            if adopt is not None and reader is None and getter.local is not None:
+                mapped = _map_whole(getter.local, bucket, h, streams, chunk)
+            if adopt is not None and mapped is not None:
+                owner = adopt(mapped)
+            else:
+                owner, view = alloc(p.nbytes)
+                whole.append((p, view))
         else:
             owner, view = alloc(p.nbytes)
             jobs += _jobs(p, view, chunk)
@@ -417,6 +434,23 @@ def _read_all(s3: Any, bucket: str, key: str | Sequence[str], names: Iterable[st
     for p, view in whole:
         _read_whole(s3, bucket, p.header, view, streams, chunk, reader or ranged.read_into)
     return out
+
+
+def _map_whole(node: LocalNode, bucket: str, h: Header, streams: int,
+               chunk: int) -> memoryview | None:  # fmt: skip
+    """The whole file mapped from the node's chunk files (None: read it
+    instead). Like ``reader``, it pins the version it finds, which must
+    have the header the load was planned from."""
+    try:
+        m = node.map(bucket, h.key, streams=min(streams, 4), chunk=chunk)
+    except LocalChanged as e:
+        raise ObjectChanged(f"{h.key}: changed while being loaded") from e
+    except LocalUnavailable:
+        return None
+    if m.size != h.size or bytes(m.view[: h.data_start]) != h.first[: h.data_start]:
+        m.close()
+        raise ObjectChanged(f"{h.key}: changed while being loaded")
+    return m.view
 
 
 def _read_whole(s3: Any, bucket: str, h: Header, view: memoryview, streams: int, chunk: int,
@@ -541,7 +575,10 @@ def load(
         buf = _empty(n)
         return buf, memoryview(buf.data)
 
-    loaded = _read_all(s3, bucket, key, names, streams, chunk, transport, reader, alloc)
+    def adopt(view: memoryview) -> Any:
+        return np.frombuffer(view, dtype=np.uint8)
+
+    loaded = _read_all(s3, bucket, key, names, streams, chunk, transport, reader, alloc, adopt)
     result: dict[str, Any] = {}
     for plan, buf in loaded:
         offs = _offsets(plan)
@@ -580,7 +617,11 @@ def load_torch(
         arr = _empty(n)
         return torch.from_numpy(arr), memoryview(arr.data)
 
-    loaded = _read_all(s3, bucket, key, names, streams, chunk, transport, reader, alloc)
+    def adopt(view: memoryview) -> Any:
+        return torch.from_numpy(np.frombuffer(view, dtype=np.uint8))
+
+    loaded = _read_all(s3, bucket, key, names, streams, chunk, transport, reader, alloc,
+                       None if pin_memory else adopt)  # fmt: skip
     result: dict[str, Any] = {}
     for plan, base in loaded:
         offs = _offsets(plan)

@@ -126,16 +126,23 @@ def cache_node(tmp_path: Path, moto: Proc, monkeypatch: pytest.MonkeyPatch) -> I
     os.rmdir(sock_dir)
 
 
-def test_cached_chunks_cold_warm_and_corrupt(cache_node: CacheNode, moto: Proc) -> None:
+def _cached_object(cache_node: CacheNode, moto: Proc) -> tuple[Any, LocalNode, str, bytes]:
+    """An object of 5 chunks and a bit in the backing store, and the
+    node's socket: (s3 client of the node, its LocalNode, bucket, bytes)."""
     backing = moto_client(moto)
     bucket = f"lsc-{uuid.uuid4().hex[:10]}"
     backing.create_bucket(Bucket=bucket)
-    cs = cache_node.chunk_size
-    data = os.urandom(5 * cs + 100)
+    data = os.urandom(5 * cache_node.chunk_size + 100)
     backing.put_object(Bucket=bucket, Key="obj", Body=data)
     s3 = connect(cache_node.url, access_key=ACCESS_KEY, secret_key=SECRET_KEY)
     local = LocalNode.discover(s3)
     assert local is not None
+    return s3, local, bucket, data
+
+
+def test_cached_chunks_cold_warm_and_corrupt(cache_node: CacheNode, moto: Proc) -> None:
+    s3, local, bucket, data = _cached_object(cache_node, moto)
+    cs = cache_node.chunk_size
     try:
         before = cache_node.metrics()
         assert bytes(local.read_into(bucket, "obj", chunk=cs)[0]) == data  # cold: filled
@@ -169,5 +176,65 @@ def test_datasets_use_the_short_circuit(cache_node: CacheNode, moto: Proc) -> No
         after = cache_node.metrics()
         name = "nearstore_local_read_bytes_total"
         assert after.get(name, 0) - before.get(name, 0) == s3.head_object(Bucket=bucket, Key="shards/a.tar")["ContentLength"]
+    finally:
+        LocalNode.forget(s3)
+
+
+# -- mapping instead of copying (LocalNode.map) -----------------------------------------
+
+
+def test_map_matches_get_on_the_local_store(node: tuple[Any, LocalNode, str]) -> None:
+    """On the local store an object is one file: mapped whole, any range
+    too (its place in the region is shifted to line up with the file)."""
+    import numpy as np
+
+    s3, local, bucket = node
+    data = os.urandom(3 * MiB + 123)
+    s3.put_object(Bucket=bucket, Key="m", Body=data)
+    with local.map(bucket, "m") as m:
+        assert bytes(m.view) == data and m.size == len(data) and len(m) == len(data)
+        assert m.mapped == len(data) and m.copied == 0
+    with local.map(bucket, "m", start=MiB - 5, end=2 * MiB + 5, chunk=MiB) as m:
+        assert bytes(m.view) == data[MiB - 5 : 2 * MiB + 5] and m.mapped == len(m.view)
+    # copy-on-write: writable, and a write stays here
+    m = local.map(bucket, "m")
+    arr = np.frombuffer(m.view, dtype=np.uint8)
+    arr[:4] = 0
+    m.close()  # arr keeps the region: not unmapped under it
+    assert arr[:4].tolist() == [0, 0, 0, 0] and arr[4:].tobytes() == data[4:]
+    assert bytes(local.read_into(bucket, "m")[0]) == data
+    del arr
+    s3.put_object(Bucket=bucket, Key="empty", Body=b"")
+    with local.map(bucket, "empty") as m:
+        assert bytes(m.view) == b"" and m.size == 0
+    with pytest.raises(LocalChanged):
+        local.map(bucket, "m", if_match='"0123"')
+    with pytest.raises(ClientError, match="NoSuchKey"):
+        local.map(bucket, "missing")
+
+
+def test_map_cached_chunks_survives_eviction(cache_node: CacheNode, moto: Proc) -> None:
+    s3, local, bucket, data = _cached_object(cache_node, moto)
+    cs = cache_node.chunk_size
+    try:
+        with local.map(bucket, "obj", chunk=cs) as m:  # cold: filled as it goes
+            assert bytes(m.view) == data
+        warm = local.map(bucket, "obj", chunk=cs)
+        assert bytes(warm.view) == data and warm.mapped == len(data) and warm.copied == 0
+        # a range that starts mid-page: shifted, still mapped
+        with local.map(bucket, "obj", start=cs + 40, end=3 * cs + 7, chunk=cs) as m:
+            assert bytes(m.view) == data[cs + 40 : 3 * cs + 7] and m.copied == 0
+        # pieces that end mid-page: those pages are copied, the rest mapped
+        with local.map(bucket, "obj", chunk=cs // 2 + 100, streams=3) as m:
+            assert bytes(m.view) == data and m.copied > 0 and m.mapped > 0
+        # evicted (the chunk files unlinked): the mapping keeps the inodes
+        files = cache_node.chunk_files()
+        assert len(files) == 6
+        for path in files:
+            path.unlink()
+        assert bytes(warm.view) == data
+        warm.close()
+        with local.map(bucket, "obj", chunk=cs) as m:  # filled again
+            assert bytes(m.view) == data
     finally:
         LocalNode.forget(s3)

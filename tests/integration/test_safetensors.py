@@ -150,6 +150,51 @@ def test_torch_files_load_identically(node: tuple[Any, str], tmp_path: Path) -> 
     assert np.array_equal(raw["f8e5"], reference["f8e5"].view(torch.uint8).numpy())
 
 
+def test_whole_files_are_mapped_from_the_node(node: tuple[Any, str], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The node is on this machine: whole files are mapped from its files
+    (copy-on-write), not read; the tensors are those of the package's own
+    loader, writable, and keep the mapping alive."""
+    import gc
+    import mmap
+
+    from clients.local import LocalNode
+
+    s3, bucket = node
+    tensors = _torch_tensors(seed=3, n=8, width=1024)
+    path = tmp_path / "model.safetensors"
+    st_pt.save_file(tensors, str(path), metadata={"format": "pt"})
+    _put_file(s3, bucket, "model.safetensors", path)
+    calls: list[str] = []
+    real_map = LocalNode.map
+
+    def spy(self: LocalNode, b: str, k: str, **kw: Any) -> Any:
+        m = real_map(self, b, k, **kw)
+        calls.append(f"{k}:{m.mapped}:{m.copied}")
+        return m
+
+    monkeypatch.setattr(LocalNode, "map", spy)
+    reference = st_pt.load_file(str(path))
+    got = nst.load_torch(s3, bucket, "model.safetensors")
+    size = path.stat().st_size
+    assert calls == [f"model.safetensors:{size}:0"]
+    _same_pt(got, reference)
+    got["f16"][0] = 1  # writable, copy-on-write: the next load sees the file
+    _same_pt(nst.load_torch(s3, bucket, "model.safetensors", chunk=256 * 1024), reference)
+    arrays = nst.load(s3, bucket, "model.safetensors")
+    base = arrays["bf16"].base
+    assert isinstance(base.base, memoryview) and isinstance(base.base.obj, mmap.mmap)
+    assert np.array_equal(arrays["i32"], reference["i32"].numpy())
+    one = arrays["model.layers.7.mlp.weight"]
+    del arrays, got
+    gc.collect()
+    assert np.array_equal(one, reference["model.layers.7.mlp.weight"].numpy())
+    # a reader given: read, not mapped
+    calls.clear()
+    _same_pt(nst.load_torch(s3, bucket, "model.safetensors", reader=read_into), reference)
+    assert calls == []
+
+
 def test_load_into_existing_tensors(node: tuple[Any, str], tmp_path: Path) -> None:
     s3, bucket = node
     tensors = _torch_tensors(seed=7, n=8, width=1024)
