@@ -25,9 +25,12 @@ file). Then it times, over ``--runs`` runs each, median (min-max):
   (e) the LoRA adapter, warm through the node and from local disk, in ms.
 
 The client runs on the node's machine, so reads take the node's
-short-circuit socket (``clients.local``: chunk file descriptors, ``preadv``);
-one row of (a) turns it off (NEARSTORE_LOCAL_READS=0) to show plain HTTP
-over loopback, as from a node on another machine.
+short-circuit socket (``clients.local``: chunk file descriptors): whole
+files are mapped from the chunk files (``LocalNode.map``, copy-on-write,
+like the local mmap loader); one row of (a) reads them into memory instead
+(``reader=clients.ranged.read_into``: ``preadv``, one copy), one turns the
+socket off (NEARSTORE_LOCAL_READS=0) to show plain HTTP over loopback, as
+from a node on another machine.
 
 (a) and (e) also run ``load_into``: the same reads into tensors that exist
 already (a model's parameters, an adapter swapped in and out), where no
@@ -342,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         args.size, args.files = min(args.size, GiB), min(args.files, 2)
     data_dir = args.data_dir or Path(tempfile.gettempdir()) / "nearstore-bench-models"
     started = time.monotonic()
-    from clients import checkpoint
+    from clients import checkpoint, ranged
     from clients import safetensors as nst
     from clients.connect import connect
 
@@ -385,10 +388,19 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.runs):
             peer.clear_cache()
             cold.seconds.append(timed(ns_load))
-        warm = Case("(a) nearstore warm: every chunk in the cache", ds.size)
+        warm = Case("(a) nearstore warm: every chunk in the cache (mapped)", ds.size)
         check_equal(ns_load(), ds)
         for _ in range(args.runs):
             warm.seconds.append(timed(ns_load))
+        # Read into memory through the socket (preadv), not mapped.
+        def ns_read() -> Any:
+            out = nst.load_torch(s3, BUCKET, index, streams=args.streams, reader=ranged.read_into)
+            touch(out)
+            return out
+
+        copied = Case("(a) nearstore warm, read into memory (socket + preadv, not mapped)", ds.size)
+        for _ in range(args.runs):
+            copied.seconds.append(timed(ns_read))
         # The same over HTTP only, as from a node on another machine.
         http_only = Case("(a) nearstore warm, HTTP only (no short-circuit socket)", ds.size)
         os.environ["NEARSTORE_LOCAL_READS"] = "0"
@@ -419,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.runs):
             naive.seconds.append(timed(
                 lambda: [s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys]))
-        cases = [warm, in_place, http_only, cold, local, package_read, one_read, naive]
+        cases = [warm, copied, in_place, http_only, cold, local, package_read, one_read, naive]
 
         lora_key = f"llm/{ds.lora}"
         check_equal(nst.load_torch(s3, BUCKET, lora_key), ds, lora=True)

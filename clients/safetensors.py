@@ -413,19 +413,26 @@ def _read_all(s3: Any, bucket: str, key: str | Sequence[str], names: Iterable[st
     file is mapped from its chunk files instead (``clients.local.LocalNode.map``,
     copy-on-write: no copy) and ``adopt(view of the mapping)`` is its owner."""
     getter, plans = _plans(s3, bucket, key, names, streams, transport)
+    wholes = [p for p in plans if transport == "auto" and p.header.data_start % 8 == 0
+              and p.header.size - p.header.data_start - p.nbytes <= GAP]  # fmt: skip
+    for p in wholes:
+        p.spans, p.nbytes = [(0, p.header.size, 0)], p.header.size
+    whole_ids = {id(p) for p in wholes}
+    mapped: dict[int, memoryview | None] = {}
+    node = getter.local
+    if adopt is not None and reader is None and node is not None and wholes:
+        # Mapped, the files at once: the node's work per chunk overlaps.
+        with ThreadPoolExecutor(len(wholes)) as pool:
+            views = list(pool.map(lambda p: _map_whole(node, bucket, p.header, streams), wholes))
+        mapped = {id(p): v for p, v in zip(wholes, views, strict=True)}
     out, jobs, whole = [], [], []
     for p in plans:
-        h = p.header
-        if transport == "auto" and h.size - h.data_start - p.nbytes <= GAP and h.data_start % 8 == 0:
-            p.spans, p.nbytes = [(0, h.size, 0)], h.size
-            mapped = None
-            if adopt is not None and reader is None and getter.local is not None:
-                mapped = _map_whole(getter.local, bucket, h, streams, chunk)
-            if adopt is not None and mapped is not None:
-                owner = adopt(mapped)
-            else:
-                owner, view = alloc(p.nbytes)
-                whole.append((p, view))
+        view = mapped.get(id(p))
+        if adopt is not None and view is not None:
+            owner = adopt(view)
+        elif id(p) in whole_ids:
+            owner, view = alloc(p.nbytes)
+            whole.append((p, view))
         else:
             owner, view = alloc(p.nbytes)
             jobs += _jobs(p, view, chunk)
@@ -436,13 +443,17 @@ def _read_all(s3: Any, bucket: str, key: str | Sequence[str], names: Iterable[st
     return out
 
 
-def _map_whole(node: LocalNode, bucket: str, h: Header, streams: int,
-               chunk: int) -> memoryview | None:  # fmt: skip
+MAP_PIECE = 64 * 1024 * 1024  # bytes per request on the node's socket when mapping
+
+
+def _map_whole(node: LocalNode, bucket: str, h: Header, streams: int) -> memoryview | None:
     """The whole file mapped from the node's chunk files (None: read it
     instead). Like ``reader``, it pins the version it finds, which must
     have the header the load was planned from."""
     try:
-        m = node.map(bucket, h.key, streams=min(streams, 4), chunk=chunk)
+        # Pieces of several chunks: fewer requests (measured: a warm GiB
+        # mapped in 49 ms with 64 MiB pieces, 60 ms with 16 MiB ones).
+        m = node.map(bucket, h.key, streams=min(streams, 4), chunk=MAP_PIECE)
     except LocalChanged as e:
         raise ObjectChanged(f"{h.key}: changed while being loaded") from e
     except LocalUnavailable:
