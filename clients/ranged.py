@@ -179,6 +179,37 @@ class _File:
         return _FileRegion(self, start)
 
 
+class _ScatterRegion:
+    """One span's bytes into a caller's buffers, filled in turn."""
+
+    def __init__(self, views: Sequence[memoryview]) -> None:
+        self.views, self.i, self.pos = [v for v in views if len(v)], 0, 0
+
+    def buffer(self, limit: int) -> memoryview:
+        return self.views[self.i][self.pos : self.pos + limit]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+        if self.i < len(self.views) and self.pos == len(self.views[self.i]):
+            self.i, self.pos = self.i + 1, 0
+
+    def finish(self) -> None:
+        pass
+
+
+class _Scatter:
+    def __init__(self, spans: dict[Span, Sequence[memoryview]]) -> None:
+        self.spans = spans
+
+    def region(self, start: int, end: int) -> _Writer:
+        return _ScatterRegion(self.spans[(start, end)])
+
+
+def _bytes_view(v: Buffer) -> memoryview:
+    v = memoryview(v)
+    return v if v.format == "B" and v.ndim == 1 else v.cast("B")
+
+
 def _buffer(out: Buffer | None, size: int) -> memoryview:
     buf = memoryview(out if out is not None else bytearray(size)).cast("B")
     if len(buf) < size:
@@ -568,8 +599,8 @@ class RangedReader:
         host = target.key[1]
         raise EndpointFailed(f"{host}: {obj.key} {want}: gave up after {attempts} attempts: {error}") from error
 
-    async def _read(self, obj: Pinned, dest: _Dest) -> None:
-        spans = obj.spans()
+    async def _read(self, obj: Pinned, dest: _Dest, spans: Sequence[Span] | None = None) -> None:
+        spans = obj.spans() if spans is None else spans
         todo = iter(spans)
         read = _Read(obj, dest)
 
@@ -604,6 +635,33 @@ class RangedReader:
 
     def read_bytes(self, bucket: str, key: str) -> bytes:
         return bytes(self.read_into(bucket, key))
+
+    def read_spans(self, obj: Pinned, spans: Sequence[tuple[int, Buffer | Sequence[Buffer]]]) -> None:
+        """Arbitrary byte ranges of the version ``obj`` (as `open` gives it,
+        or made from a size and ETag seen otherwise) into caller-given
+        buffers: each ``(start, buffer or list of buffers)`` is one ranged
+        GET (If-Match: ``obj.etag``) of ``start .. start + their total
+        length``, its body received straight into the buffers in turn;
+        ``streams`` at a time, over HTTP (never the local socket), routed and
+        retried as whole reads are. ObjectChanged if the object is no longer
+        that version."""
+        _run(self.aread_spans(obj, spans))
+
+    async def aread_spans(self, obj: Pinned, spans: Sequence[tuple[int, Buffer | Sequence[Buffer]]]) -> None:
+        """`read_spans` without blocking the event loop."""
+        todo: dict[Span, Sequence[memoryview]] = {}
+        for start, out in spans:
+            views = [_bytes_view(out)] if isinstance(out, (bytearray, memoryview)) else [_bytes_view(v) for v in out]
+            end = start + sum(len(v) for v in views)
+            if end == start:
+                continue
+            if start < 0 or end > obj.size:
+                raise ValueError(f"{obj.key}: range {start}-{end} outside an object of {obj.size}")
+            if (start, end) in todo:
+                raise ValueError(f"{obj.key}: range {start}-{end} given twice")
+            todo[(start, end)] = views
+        if todo:
+            await self._read(obj, _Scatter(todo), list(todo))
 
     def download(self, bucket: str, key: str, path: str | os.PathLike[str]) -> int:
         """The object into a file (each range written in place with pwrite);
