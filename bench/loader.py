@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-size", type=parse_size, default=100 * 1024)
     ap.add_argument("--shard-samples", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--prefetch", type=int, default=2, help="shards read ahead per loader (TarDataset prefetch)")
     ap.add_argument("--workers", default="0", help="DataLoader workers to try, e.g. 0,2 (0: plain iteration)")
     ap.add_argument("--quick", action="store_true", help="2,000 samples, 1 run")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the shards here between runs")
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         for w in workers:
             suffix = "" if w == 0 else f", DataLoader x{w}"
-            legs = {name: TarDataset(make(), PREFIX, decode=decode) for name, make in sources.items()}
+            legs = {name: TarDataset(make(), PREFIX, decode=decode, prefetch=args.prefetch)
+                    for name, make in sources.items()}
             n, secs = one_pass(legs["nearstore warm"], w)  # cold: the cache is empty
             results[f"nearstore cold{suffix}"] = [n / secs]
             for ds in legs.values():  # warm-up pass of each

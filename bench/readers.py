@@ -11,7 +11,10 @@ against the node's own warm throughput.
      throughput, what a reader is measured against;
    - ``clients.ranged.read_into`` with N streams into a preallocated
      ``bytearray`` (target: at least 0.9x the node's warm throughput);
-   - ``clients.ranged.aread_into`` (the async form) with 8 streams.
+   - ``clients.ranged.aread_into`` (the async form) with 8 streams;
+   - (these over HTTP, ``local=False``) and ``clients.ranged.read_into`` as
+     it runs by default on the node's own machine: through the node's
+     short-circuit socket (``clients.local``).
 
 2. Three nodes, one ring, in front of SeaweedFS (``nearstore-cluster+
    seaweedfs``), the object warm on its owners: ``clients.ranged`` through
@@ -52,6 +55,7 @@ from bench.stats import summarize
 from clients import direct, ranged
 from clients.connect import connect
 
+SOCKET_ROW = "ranged.read_into, short-circuit socket"
 BUCKET = "readers"
 KEY = "big.bin"
 STAMP = 1 << 20  # bench/dataset.py stamps every MiB with its offset
@@ -155,9 +159,10 @@ def single_node(ctx: PeerContext, files: dict[str, Path], size: int, runs: int, 
             cases[f"raw loadgen, 16 MiB chunks, {n} connections"] = raw_case(peer, size, n, False)
         for n in streams:
             cases[f"ranged.read_into, {n} streams"] = read_case(
-                partial(ranged.read_into, s3, BUCKET, KEY, buf, streams=n), size)
+                partial(ranged.read_into, s3, BUCKET, KEY, buf, streams=n, local=False), size)
         cases["ranged.aread_into (async), 8 streams"] = read_case(
-            lambda: _loop(ranged.aread_into(s3, BUCKET, KEY, buf, streams=8)), size)
+            lambda: _loop(ranged.aread_into(s3, BUCKET, KEY, buf, streams=8, local=False)), size)
+        cases[SOCKET_ROW] = read_case(partial(ranged.read_into, s3, BUCKET, KEY, buf), size)
         return measure(cases, runs, say)
 
 
@@ -173,11 +178,13 @@ def cluster(ctx: PeerContext, files: dict[str, Path], size: int, runs: int, stre
         cases: dict[str, Case] = {}
         for n in streams:
             cases[f"ranged.read_into via node A, {n} streams"] = read_case(
-                partial(ranged.read_into, s3, BUCKET, KEY, buf, streams=n), size)
+                partial(ranged.read_into, s3, BUCKET, KEY, buf, streams=n, local=False), size)
             cases[f"direct.read_into, {n} streams"] = read_case(
                 partial(direct.read_into, s3, BUCKET, KEY, buf, streams=n), size)
         cases["direct.aread_into (async), 8 streams"] = read_case(
             lambda: _loop(direct.aread_into(s3, BUCKET, KEY, buf, streams=8)), size)
+        cases["ranged.read_into via node A's socket (short-circuit)"] = read_case(
+            partial(ranged.read_into, s3, BUCKET, KEY, buf), size)
         return measure(cases, runs, say)
 
 
@@ -211,13 +218,17 @@ def render(size: int, runs: int, single: Figures, multi: Figures, streams: list[
     if single:
         node = max(gbps(single, k) for k in single if k.startswith("raw"))
         lines += ["single node (nearstore-cache+seaweedfs)", *_rows(single, node)]
-        ratios["ranged_best_over_node"] = max(gbps(single, k) for k in single if k.startswith("ranged.read_into")) / node
+        ratios["ranged_best_over_node"] = max(gbps(single, k) for k in single
+                                              if k.startswith("ranged.read_into") and k != SOCKET_ROW) / node
+        ratios["socket_over_node"] = gbps(single, SOCKET_ROW) / node
         for n in streams:
             ratios[f"ranged_{n}_over_raw_{n}"] = (
                 gbps(single, f"ranged.read_into, {n} streams") / gbps(single, f"raw loadgen, 16 MiB chunks, {n} connections"))
         lines += [f"  node warm throughput (best raw) {node:.2f} GB/s; best ranged.read_into "
                   f"{ratios['ranged_best_over_node']:.2f}x it (target >= 0.9); same streams: "
-                  + ", ".join(f"{n}: {ratios[f'ranged_{n}_over_raw_{n}']:.2f}x" for n in streams), ""]
+                  + ", ".join(f"{n}: {ratios[f'ranged_{n}_over_raw_{n}']:.2f}x" for n in streams),
+                  f"  short-circuit socket (the reader's default on the node's machine): "
+                  f"{ratios['socket_over_node']:.2f}x the node's HTTP throughput", ""]
     if multi:
         lines += ["cluster of 3 (nearstore-cluster+seaweedfs): through node A vs each chunk from its owner",
                   *_rows(multi, None)]
