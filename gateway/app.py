@@ -438,7 +438,8 @@ async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
         raise errors.InvalidRange(ActualObjectSize=str(chunk.size))
     loop = asyncio.get_running_loop()
     try:
-        fd = await loop.run_in_executor(None, open_verified, target.store.path(chunk), chunk.checksum, chunk.size)
+        fd = await loop.run_in_executor(None, open_verified, target.store.path(chunk), chunk.checksum, chunk.size,
+                                        target.reverify_s)
     except (ChunkCorrupt, ChunkMissing):
         target.store.discard(chunk)
         raise errors.ServiceUnavailable("Chunk failed verification; ask again", headers={"Retry-After": "0"}) from None
@@ -486,7 +487,8 @@ def make_backend(cfg: Config) -> Backend:
         if store is None:
             return up
         return CachedBackend(up, store, chunk_size=cfg.cache.chunk_size, meta_ttl=cfg.cache.meta_ttl,
-                             prefetch=cfg.cache.prefetch, verify=cfg.cache.verify)
+                             prefetch=cfg.cache.prefetch, verify=cfg.cache.verify,
+                             reverify_s=cfg.cache.reverify_s)
 
     mapped: dict[str, Backend] = {}
     wildcard: Backend | None = None

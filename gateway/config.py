@@ -82,6 +82,10 @@ class CacheConfig:
     # to measure what it costs (bench/RESULTS.md); it gives up the promise
     # that a flipped bit is never served.
     verify: bool = True
+    # A chunk hashed less than this many seconds ago, whose file has not
+    # changed since (inode, size, mtime, ctime), is sent without hashing it
+    # again (cache/store.py open_verified); 0 hashes on every read.
+    reverify_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,8 @@ def load(
             cfg.cache.prefetch = int(c["prefetch"])
         if "verify" in c:
             cfg.cache.verify = bool(c["verify"])
+        if "reverify_s" in c:
+            cfg.cache.reverify_s = float(c["reverify_s"])
     cfg.raw = doc
 
     simple = {

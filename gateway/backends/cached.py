@@ -108,6 +108,7 @@ class CachedBackend:
         meta_ttl: float = 5.0,
         prefetch: int = 4,
         verify: bool = True,
+        reverify_s: float = 0.0,
     ) -> None:
         self.inner = inner
         self.name = inner.name
@@ -115,6 +116,7 @@ class CachedBackend:
         self.chunk_size = chunk_size
         self.prefetch = max(1, prefetch)
         self.verify = verify
+        self.reverify_s = reverify_s
         self.meta: MetaCache[ObjectInfo] = MetaCache(meta_ttl)
         self._fills: dict[str, asyncio.Future[Chunk]] = {}
         self._fill_tasks: set[asyncio.Task[Chunk]] = set()
@@ -631,7 +633,7 @@ class CachedHandle:
             try:
                 return await loop.run_in_executor(
                     None, open_verified, self.cb.store.path(chunk), chunk.checksum if self.cb.verify else None,
-                    chunk.size,
+                    chunk.size, self.cb.reverify_s,
                 )
             except (ChunkCorrupt, ChunkMissing) as e:
                 log.error("chunk %s failed verification (%s); dropped, refilling", chunk.id, e)

@@ -4,8 +4,10 @@ restart) runs fast and deterministically."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -224,3 +226,40 @@ async def test_warm_fills_and_pins(env: tuple[CachedBackend, LocalStore, Path]) 
     assert cb.store.stats.fills == fills + 20
     # Pins never take the whole budget.
     assert cb.store.pinned_bytes <= cb.store.capacity * cb.store.MAX_PINNED_SHARE
+
+
+def test_verification_memo_trusts_only_unchanged_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import xxhash
+
+    from cache import store as store_mod
+    from cache.store import ChunkCorrupt, open_verified
+
+    data = os.urandom(1 << 20)
+    path = tmp_path / "chunk"
+    path.write_bytes(data)
+    digest = xxhash.xxh3_64(data).hexdigest()
+    hashed: list[int] = []
+    real = store_mod.xxhash.xxh3_64
+
+    def counting(buf: bytes | mmap.mmap = b"") -> xxhash.xxh3_64:
+        hashed.append(1)
+        return real(buf)
+
+    monkeypatch.setattr(store_mod.xxhash, "xxh3_64", counting)
+    for _ in range(2):  # written just now: not trusted yet (file times are coarse)
+        os.close(open_verified(path, digest, len(data), memo_s=60))
+    assert len(hashed) == 2
+    time.sleep(1.1)
+    hashed.clear()
+    for _ in range(3):
+        os.close(open_verified(path, digest, len(data), memo_s=60))
+    assert len(hashed) == 1  # hashed once more, then trusted
+    os.close(open_verified(path, digest, len(data), memo_s=0))
+    assert len(hashed) == 2  # memo off: hashed every time
+    with open(path, "r+b") as f:  # a byte flipped in place; mtime put back as it was
+        st = os.fstat(f.fileno())
+        f.seek(100)
+        f.write(bytes([data[100] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # (ctime still moves)
+    with pytest.raises(ChunkCorrupt):
+        open_verified(path, digest, len(data), memo_s=60)
