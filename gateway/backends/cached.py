@@ -38,6 +38,7 @@ from cache.store import (
     ChunkStore,
     ChunkWriter,
     chunk_id,
+    open_if_verified,
     open_verified,
 )
 from gateway import errors
@@ -631,6 +632,11 @@ class CachedHandle:
                 self._ahead.pop(index, None)
                 return None
             try:
+                if self.cb.verify:  # a chunk hashed lately: no thread hop needed
+                    fd = open_if_verified(self.cb.store.path(chunk), chunk.checksum, chunk.size,
+                                          self.cb.reverify_s)
+                    if fd is not None:
+                        return fd
                 return await loop.run_in_executor(
                     None, open_verified, self.cb.store.path(chunk), chunk.checksum if self.cb.verify else None,
                     chunk.size, self.cb.reverify_s,
