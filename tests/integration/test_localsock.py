@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,6 +147,11 @@ def test_cached_chunks_cold_warm_and_corrupt(cache_node: CacheNode, moto: Proc) 
     try:
         before = cache_node.metrics()
         assert bytes(local.read_into(bucket, "obj", chunk=cs)[0]) == data  # cold: filled
+        # The bytes were streamed from the fills' temporary files; each is
+        # renamed into place just after its last byte, maybe after the reply.
+        deadline = time.monotonic() + 10
+        while len(cache_node.chunk_files()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert len(cache_node.chunk_files()) == 6
         assert bytes(local.read_into(bucket, "obj", chunk=2 * cs)[0]) == data  # warm
         after = cache_node.metrics()
