@@ -151,6 +151,16 @@ class RangeGetter:
         (fewer if it is smaller), from one ranged GET."""
         if first < 1:
             raise ValueError("first must be at least 1")
+        if self.local is not None:  # the node on this machine: no HTTP round trip
+            try:
+                view, size, etag = self.local.read_into(bucket, key, start=0, end=first)
+                return ObjectVersion(bucket, key, size, etag), bytes(view)
+            except LocalUnavailable:
+                self.local = None
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") != "InvalidRange":
+                    raise
+                # an empty object has no byte 0: asked over HTTP below
         try:
             resp = self.s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{first - 1}")
         except ClientError as e:
