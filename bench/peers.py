@@ -344,22 +344,19 @@ class NginxPeer(ProcessPeer):
             return "nginx is not installed (nearstore bench --setup installs it with apt)"
         return None
 
+    def conf_text(self, user: str) -> str:
+        """nginx.conf; ``user`` is the line that keeps workers as root."""
+        return NGINX_CONF.format(user=user, workers=self.workers, workdir=self.ctx.workdir,
+                                 port=self.port, root=self.ctx.data_dir)
+
     def command(self) -> list[str]:
         nginx = find_tool("nginx", self.ctx.bin_dir)
         assert nginx is not None
         (self.ctx.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         conf = self.ctx.workdir / "nginx.conf"
-        conf.write_text(
-            NGINX_CONF.format(
-                # As root nginx would switch its workers to "nobody", who may
-                # not write the PUT directory; as anyone else it must not try.
-                user="user root;\n" if os.geteuid() == 0 else "",
-                workers=self.workers,
-                workdir=self.ctx.workdir,
-                port=self.port,
-                root=self.ctx.data_dir,
-            )
-        )
+        # As root nginx would switch its workers to "nobody", who may not
+        # write the PUT directory; as anyone else it must not try.
+        conf.write_text(self.conf_text("user root;\n" if os.geteuid() == 0 else ""))
         return [nginx, "-p", str(self.ctx.workdir), "-c", str(conf), "-g", "daemon off;"]
 
     def ready_url(self) -> str:
@@ -748,7 +745,7 @@ http {{
 """
 
 
-class NginxCachePeer(ProcessPeer):
+class NginxCachePeer(NginxPeer):
     """nginx proxy_cache + slice in front of a backing S3 peer.
 
     nginx cannot sign S3 requests, so the backing bucket is made readable
@@ -757,7 +754,6 @@ class NginxCachePeer(ProcessPeer):
     """
 
     backing_cls: ClassVar[type[SeaweedPeer]]
-    workers = 2
     slice = "16m"
     max_size = "16g"
 
@@ -776,9 +772,7 @@ class NginxCachePeer(ProcessPeer):
         why = self.backing.unavailable()
         if why:
             return f"backing store {self.backing.name}: {why}"
-        if find_tool("nginx", self.ctx.bin_dir) is None:
-            return "nginx is not installed (nearstore bench --setup installs it with apt)"
-        return None
+        return super().unavailable()
 
     def start(self) -> None:
         self.backing.start()
@@ -788,30 +782,12 @@ class NginxCachePeer(ProcessPeer):
             self.backing.stop()
             raise
 
-    def command(self) -> list[str]:
-        nginx = find_tool("nginx", self.ctx.bin_dir)
-        assert nginx is not None
-        (self.ctx.workdir / "tmp").mkdir(parents=True, exist_ok=True)
-        conf = self.ctx.workdir / "nginx.conf"
-        conf.write_text(
-            NGINX_CACHE_CONF.format(
-                user="user root;\n" if os.geteuid() == 0 else "",
-                workers=self.workers,
-                workdir=self.ctx.workdir,
-                port=self.port,
-                cache=self.cache_dir,
-                max_size=self.max_size,
-                backing=self.backing.endpoint().removeprefix("http://"),
-                slice=self.slice,
-            )
+    def conf_text(self, user: str) -> str:
+        return NGINX_CACHE_CONF.format(
+            user=user, workers=self.workers, workdir=self.ctx.workdir, port=self.port,
+            cache=self.cache_dir, max_size=self.max_size,
+            backing=self.backing.endpoint().removeprefix("http://"), slice=self.slice,
         )
-        return [nginx, "-p", str(self.ctx.workdir), "-c", str(conf), "-g", "daemon off;"]
-
-    def ready_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/_health"
-
-    def target(self) -> Target:
-        return Target("plain", self.endpoint(), self.ctx.bucket)
 
     def load(self, objects: list[ObjectSpec], files: dict[str, Path]) -> None:
         self.backing.load(objects, files)
@@ -834,9 +810,7 @@ class NginxCachePeer(ProcessPeer):
             self.backing.stop()
 
     def version(self) -> str:
-        nginx = find_tool("nginx", self.ctx.bin_dir)
-        mine = _run_quiet([nginx, "-v"])[1] if nginx else ""
-        return f"{mine} proxy_cache slice {self.slice} -> {self.backing.version()}"
+        return f"{super().version()} proxy_cache slice {self.slice} -> {self.backing.version()}"
 
 
 @peer
