@@ -304,6 +304,24 @@ _verified: dict[str, tuple[int, int, int, int, str, float]] = {}
 _VERIFIED_MAX = 1 << 20
 
 
+def _ident(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _vouched(path: Path, st: os.stat_result, checksum: str, memo_s: float) -> bool:
+    """Whether the memo says this open file is the one hashed lately."""
+    seen = _verified.get(str(path)) if memo_s > 0 else None
+    return (seen is not None and seen[:4] == _ident(st) and seen[4] == checksum
+            and time.monotonic() - seen[5] < memo_s)
+
+
+def _open(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ChunkMissing(str(path)) from None
+
+
 def open_if_verified(path: Path, checksum: str, size: int, memo_s: float) -> int | None:
     """A descriptor of the chunk file if the memo vouches for it (a few
     microseconds: open and fstat, no hashing, so callers may run it on an
@@ -311,14 +329,12 @@ def open_if_verified(path: Path, checksum: str, size: int, memo_s: float) -> int
     if memo_s <= 0 or str(path) not in _verified:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
+        fd = _open(path)
+    except ChunkMissing:
         return None
     try:
         st = os.fstat(fd)
-        seen = _verified.get(str(path))
-        if (seen is not None and seen[:4] == (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                and st.st_size == size and seen[4] == checksum and time.monotonic() - seen[5] < memo_s):
+        if st.st_size == size and _vouched(path, st, checksum, memo_s):
             return fd
     except BaseException:
         os.close(fd)
@@ -333,30 +349,20 @@ def open_verified(path: Path, checksum: str | None, size: int, memo_s: float = 0
     offsets). Raises ChunkCorrupt or ChunkMissing. With ``memo_s`` > 0 a
     file hashed less than that many seconds ago and not changed since (same
     inode, size, mtime and ctime) is not hashed again."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise ChunkMissing(str(path)) from None
+    fd = _open(path)
     try:
         st = os.fstat(fd)
         if st.st_size != size:
             raise ChunkCorrupt(f"{path}: size {st.st_size} != {size}")
-        if checksum is None:  # verification turned off (measurement only)
-            return fd
-        key = str(path)
-        ident = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        now = time.monotonic()
-        seen = _verified.get(key)
-        if memo_s > 0 and seen is not None and seen[:4] == ident and seen[4] == checksum \
-                and now - seen[5] < memo_s:
-            return fd
+        if checksum is None or _vouched(path, st, checksum, memo_s):
+            return fd  # checksum None: verification turned off (measurement only)
         if size == 0:
             digest = xxhash.xxh3_64(b"").hexdigest()
         else:
             with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
                 digest = xxhash.xxh3_64(m).hexdigest()
         if digest != checksum:
-            _verified.pop(key, None)
+            _verified.pop(str(path), None)
             raise ChunkCorrupt(f"{path}: checksum {digest} != {checksum}")
         # Only a file last written over a second ago: file times come from a
         # coarse clock (a few ms), and a write within the same tick as the
@@ -364,7 +370,7 @@ def open_verified(path: Path, checksum: str | None, size: int, memo_s: float = 0
         if memo_s > 0 and time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > 1_000_000_000:
             if len(_verified) >= _VERIFIED_MAX:
                 _verified.clear()
-            _verified[key] = (*ident, checksum, now)
+            _verified[str(path)] = (*_ident(st), checksum, time.monotonic())
     except BaseException:
         os.close(fd)
         raise
