@@ -1,22 +1,18 @@
 """Processes for the chunk-cache tests: a moto S3 server (the backing store)
 and nearstore nodes in front of it with a ``[cache]`` section.
 
-Self-contained on purpose (it does not go through ``tests/helpers/servers.py``):
-the cache tests stop, kill -9 and restart nodes on the same directories and
-look inside the cache directory, so they own their processes outright.
+Outside the session's server pool on purpose: the cache tests stop, kill -9
+and restart nodes on the same directories and look inside the cache
+directory, so they own their processes outright (each an ``S3Server``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +21,8 @@ from urllib.parse import urlencode
 
 import boto3
 import xxhash
+
+from tests.helpers.servers import S3Server, free_port
 
 ACCESS_KEY = "CACHETESTACCESSKEY01"
 SECRET_KEY = "cache/test/secret+key/0123456789abcdef"
@@ -36,12 +34,6 @@ VENV_BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 30.0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def s3_client(url: str, access_key: str, secret_key: str) -> Any:
     """boto3 with default settings: endpoint, keys and region only."""
     session = boto3.session.Session(
@@ -50,96 +42,8 @@ def s3_client(url: str, access_key: str, secret_key: str) -> Any:
     return session.client("s3", endpoint_url=url)
 
 
-@dataclass
-class Proc:
-    """A server process with its output in a log file."""
-
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    port: int
-    health_path: str
-    health_any_status: bool = False
-    proc: subprocess.Popen[bytes] | None = None
-    _log: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _probe(self) -> int:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-        try:
-            conn.request("GET", self.health_path)
-            resp = conn.getresponse()
-            resp.read()
-            return resp.status
-        finally:
-            conn.close()
-
-    def start(self, timeout: float = STARTUP_TIMEOUT) -> None:
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._close_log()
-                raise RuntimeError(
-                    f"exited with {self.proc.returncode} during startup: {' '.join(self.argv)}\n"
-                    f"{self.log_text()}"
-                )
-            try:
-                status = self._probe()
-                if status == 200 or (self.health_any_status and status < 500):
-                    return
-            except OSError as e:
-                last = e
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"not healthy after {timeout}s ({last!r}):\n{self.log_text()}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout``."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-        self._close_log()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL (kill -9), no chance to clean up."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=15)
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            with contextlib.suppress(OSError):
-                self._log.close()
-            self._log = None
-
-    def log_text(self, limit: int = 20000) -> str:
-        try:
-            data = self.log_path.read_bytes()
-        except OSError:
-            return ""
-        return data.decode("utf-8", "replace")[-limit:]
+# A server process with its output in a log file: the suite's one kind.
+Proc = S3Server
 
 
 def start_moto(workdir: Path) -> Proc:
@@ -148,9 +52,9 @@ def start_moto(workdir: Path) -> Proc:
     env = dict(os.environ)
     env.update(PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     p = Proc(
+        kind="moto", host="127.0.0.1", port=port,
         argv=[sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env, log_path=workdir / "moto.log", port=port, health_path="/moto-api/",
-        health_any_status=True,
+        env=env, log_path=workdir / "moto.log", health_path="/moto-api/", health_any_status=True,
     )
     p.start()
     return p
@@ -223,7 +127,8 @@ class CacheNode:
         argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "gateway.cli"]
         argv += ["serve", "--host", "127.0.0.1", "--port", str(self.port),
                  "--data-dir", str(self.data_dir), "--config", str(self.config_path)]
-        self.proc = Proc(argv=argv, env=self.env(), log_path=self.workdir / "node.log",
+        self.proc = Proc(kind="nearstore-cache", host="127.0.0.1", argv=argv, env=self.env(),
+                         log_path=self.workdir / "node.log",
                          port=self.port, health_path="/_nearstore/health")
         self.proc.start()
         return self
@@ -244,7 +149,7 @@ class CacheNode:
         return self.proc is not None and self.proc.alive()
 
     def log_text(self, limit: int = 20000) -> str:
-        return self.proc.log_text(limit) if self.proc else ""
+        return self.proc.log_text(limit=limit) if self.proc else ""
 
     def client(self) -> Any:
         return s3_client(self.url, ACCESS_KEY, SECRET_KEY)
