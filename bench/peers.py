@@ -551,20 +551,20 @@ class ProxyPeer(NearstorePeer):
             return f"backing store {self.backing.name}: {why}"
         return super().unavailable()
 
+    def backing_fields(self) -> dict[str, str]:
+        """What every config of a node in front of the backing store says of it."""
+        return {"backing": self.backing.name, "endpoint": self.backing.endpoint(),
+                "access_key": self.backing.access_key, "secret_key": self.backing.secret_key}
+
+    def config_text(self) -> str:
+        return PROXY_CONFIG.format(**self.backing_fields())
+
     def start(self) -> None:
         self.backing.start()
         try:
-            conf = self.ctx.workdir / "nearstore.toml"
-            conf.parent.mkdir(parents=True, exist_ok=True)
-            conf.write_text(
-                PROXY_CONFIG.format(
-                    backing=self.backing.name,
-                    endpoint=self.backing.endpoint(),
-                    access_key=self.backing.access_key,
-                    secret_key=self.backing.secret_key,
-                )
-            )
-            super().start()
+            self.ctx.workdir.mkdir(parents=True, exist_ok=True)
+            (self.ctx.workdir / "nearstore.toml").write_text(self.config_text())
+            NearstorePeer.start(self)
         except BaseException:
             self.backing.stop()
             raise
@@ -640,25 +640,9 @@ class CachePeer(ProxyPeer):
     def cache_dir(self) -> Path:
         return self.ctx.workdir / "cache"
 
-    def start(self) -> None:
-        self.backing.start()
-        try:
-            self.ctx.workdir.mkdir(parents=True, exist_ok=True)
-            (self.ctx.workdir / "nearstore.toml").write_text(
-                CACHE_CONFIG.format(
-                    backing=self.backing.name,
-                    endpoint=self.backing.endpoint(),
-                    access_key=self.backing.access_key,
-                    secret_key=self.backing.secret_key,
-                    cache_dir=self.cache_dir,
-                    size=self.cache_size,
-                    chunk_size=self.chunk_size,
-                )
-            )
-            NearstorePeer.start(self)
-        except BaseException:
-            self.backing.stop()
-            raise
+    def config_text(self, cache_dir: Path | None = None) -> str:
+        return CACHE_CONFIG.format(**self.backing_fields(), cache_dir=cache_dir or self.cache_dir,
+                                   size=self.cache_size, chunk_size=self.chunk_size)
 
     def clear_cache(self) -> None:
         self.restart(lambda: shutil.rmtree(self.cache_dir, ignore_errors=True))
@@ -919,15 +903,7 @@ class ClusterPeer(CachePeer):
                 continue
             self.node_dir(i).mkdir(parents=True, exist_ok=True)
             (self.node_dir(i) / "nearstore.toml").write_text(
-                CACHE_CONFIG.format(
-                    backing=self.backing.name,
-                    endpoint=self.backing.endpoint(),
-                    access_key=self.backing.access_key,
-                    secret_key=self.backing.secret_key,
-                    cache_dir=self.node_dir(i) / "cache",
-                    size=self.cache_size,
-                    chunk_size=self.chunk_size,
-                )
+                self.config_text(self.node_dir(i) / "cache")
                 + (CLUSTER_PEERS.format(peers=peers) if n > 1 else "")
             )
 
