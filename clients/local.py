@@ -47,6 +47,11 @@ class LocalUnavailable(Exception):
     """The short-circuit cannot serve this read; read it over HTTP."""
 
 
+class LocalNotServed(LocalUnavailable):
+    """The node serves this bucket over HTTP only (a pass-through bucket:
+    no local file holds its bytes). The socket itself is fine."""
+
+
 class LocalChanged(Exception):
     """If-Match failed: the object changed."""
 
@@ -70,6 +75,9 @@ class LocalNode:
         self.path = path
         self.s3 = s3
         self._idle: list[socket.socket] = []
+        # Buckets the node answered NotImplemented for (served over HTTP only);
+        # cleared when discovery looks at the node again.
+        self.http_only: set[str] = set()
         self._idle_lock = threading.Lock()
         self._urls: dict[tuple[str, str], tuple[float, str]] = {}
 
@@ -95,6 +103,7 @@ class LocalNode:
             if node is not None and old is not None and node.path == old.path:
                 node.close()
                 node = old  # keep the connections already made
+                old.http_only.clear()  # the node may have been reconfigured
             elif old is not None:
                 old.close()
             cls._found[key] = (now + recheck_s, node)
@@ -277,6 +286,8 @@ class LocalNode:
         self, bucket: str, key: str, sink: Callable[[int, int], _Sink], base: int, start: int,
         end: int | None, if_match: str | None,
     ) -> tuple[int, str]:
+        if bucket in self.http_only:
+            raise LocalNotServed(bucket)  # known: no request needed
         rng = None if start == 0 and end is None else [start, (end if end is not None else 2**62) - 1]
         req = json.dumps({"url": self._url(bucket, key), "range": rng, "if_match": if_match}).encode()
         try:
@@ -285,8 +296,10 @@ class LocalNode:
             raise LocalUnavailable(f"{self.path}: {e}") from e
         try:
             result = self._exchange(sock, req, sink, base)
-        except (LocalChanged, ClientError):
+        except (LocalChanged, LocalNotServed, ClientError) as e:
             self._checkin(sock)  # a whole answer was read: the stream is in step
+            if isinstance(e, LocalNotServed):
+                self.http_only.add(bucket)
             raise
         except BaseException as e:
             sock.close()  # the stream is in an unknown state
@@ -307,7 +320,7 @@ class LocalNode:
             if status == 412:
                 raise LocalChanged(head.get("message", ""))
             if code == "NotImplemented":
-                raise LocalUnavailable(head.get("message", ""))
+                raise LocalNotServed(head.get("message", ""))
             raise ClientError({"Error": {"Code": code, "Message": head.get("message", "")},
                                "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
         length, size, etag = int(head["length"]), int(head["size"]), str(head["etag"])

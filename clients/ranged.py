@@ -65,7 +65,7 @@ from xml.etree import ElementTree
 
 from botocore.exceptions import ClientError
 
-from clients.local import LocalChanged, LocalNode, LocalUnavailable
+from clients.local import LocalChanged, LocalNode, LocalNotServed, LocalUnavailable
 
 CHUNK = 16 * 1024 * 1024
 # Concurrent ranges per read: bench/readers.py measured 0.73x (4), 0.86x
@@ -506,6 +506,8 @@ class RangedReader:
             return None
         try:
             view, _, _ = node.read_into(bucket, key, out, streams=min(self.streams, 4), chunk=self.chunk)
+        except LocalNotServed:
+            return None  # this bucket only: the node and its socket stay
         except LocalUnavailable:
             LocalNode.forget(self.s3)  # looked for again on a later read
             return None

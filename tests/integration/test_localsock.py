@@ -19,7 +19,8 @@ from botocore.exceptions import ClientError
 
 from clients.connect import connect
 from clients.datasets import S3Source, TarDataset
-from clients.local import LocalChanged, LocalNode
+from clients.local import LocalChanged, LocalNode, LocalNotServed
+from clients.ranged import RangedReader
 from tests.helpers.cachenode import (
     ACCESS_KEY,
     SECRET_KEY,
@@ -244,3 +245,34 @@ def test_map_cached_chunks_survives_eviction(cache_node: CacheNode, moto: Proc) 
             assert bytes(m.view) == data
     finally:
         LocalNode.forget(s3)
+
+
+def test_a_pass_through_bucket_is_read_over_http_without_asking_again(
+        tmp_path: Path, moto: Proc, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No local file holds a pass-through bucket's bytes: the node answers
+    NotImplemented once, the reader falls back to HTTP and remembers."""
+    sock_dir = tempfile.mkdtemp(prefix="ns-")
+    monkeypatch.setenv("NEARSTORE_LOCAL_SOCKET", f"{sock_dir}/node.sock")
+    node = CacheNode(tmp_path / "p", moto.url, {"enabled": False}).start()
+    try:
+        backing = moto_client(moto)
+        bucket = f"lsp-{uuid.uuid4().hex[:10]}"
+        backing.create_bucket(Bucket=bucket)
+        data = os.urandom(3 * MiB + 5)
+        backing.put_object(Bucket=bucket, Key="obj", Body=data)
+        s3 = connect(node.url, access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+        try:
+            for _ in range(2):
+                reader = RangedReader(s3, chunk=MiB)
+                assert reader.read_bytes(bucket, "obj") == data
+                assert "local" not in reader.sent  # over HTTP
+            local = LocalNode.discover(s3)
+            assert local is not None and bucket in local.http_only  # the socket stays in use
+            with pytest.raises(LocalNotServed):
+                local.read_into(bucket, "obj")  # answered here, no request
+            assert node.metrics().get("nearstore_local_reads_total", 0) == 0
+        finally:
+            LocalNode.forget(s3)
+    finally:
+        node.stop()
+        os.rmdir(sock_dir)
