@@ -320,9 +320,13 @@ def _first(headers: dict[str, list[str]], name: str) -> str | None:
 
 
 def _lower_keys(fields: Mapping[str, str]) -> dict[str, str]:
+    # Field names are case-insensitive; one that repeats in another case
+    # would let the signature read one value and the write another.
     form: dict[str, str] = {}
     for name, value in fields.items():
-        form.setdefault(name.lower(), value)
+        if name.lower() in form:
+            raise InvalidArgument(f"POST form field {name!r} appears more than once.", ArgumentName=name)
+        form[name.lower()] = value
     return form
 
 

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 
 from gateway import errors
 from gateway.auth import PostPolicy, authenticate_post
@@ -28,7 +28,11 @@ from gateway.handlers.common import (
 )
 from gateway.request import S3Request, check_key
 
-MAX_FIELDS_BYTES = 64 * 1024  # all non-file fields together
+# Everything before the file part, field names and each part's headers
+# included, is read before the signature can be checked: bounded in bytes
+# and in count. A legitimate form has a dozen fields and a few x-amz-meta-*.
+MAX_FIELDS_BYTES = 64 * 1024
+MAX_FIELDS = 100
 READ_SIZE = 256 * 1024
 
 
@@ -71,6 +75,45 @@ class FormFile:
         return None
 
 
+def _part_overhead(part: BodyPartReader) -> int:
+    # The part's header lines as sent, with their separators and the
+    # boundary line before them.
+    return 64 + sum(len(k) + len(v) + 4 for k, v in part.headers.items())
+
+
+async def read_fields(reader: MultipartReader) -> tuple[dict[str, str], BodyPartReader]:
+    """The form's fields before the file part, by lower-cased name, and the
+    file part. A name that repeats in any case is refused: the policy, the
+    signature and the write must all read the same value."""
+    fields: dict[str, str] = {}
+    budget = MAX_FIELDS_BYTES
+    while True:
+        try:
+            part = await reader.next()
+        except ValueError:
+            raise errors.MalformedPOSTRequest() from None
+        if part is None:
+            raise errors.InvalidArgument(
+                "POST requires exactly one file upload per request.", ArgumentName="file", ArgumentValue="0"
+            )
+        if not isinstance(part, BodyPartReader):
+            raise errors.MalformedPOSTRequest()
+        name = (part.name or "").lower()
+        if name == "file":
+            return fields, part
+        budget -= _part_overhead(part)
+        if budget < 0 or len(fields) >= MAX_FIELDS:
+            raise errors.MaxPostPreDataLengthExceededError()
+        if name in fields:
+            raise errors.InvalidArgument(
+                f"POST form field {part.name!r} appears more than once.",
+                ArgumentName=part.name or "", ArgumentValue="",
+            )
+        value = await _read_field(part, budget)
+        budget -= len(value)
+        fields[name] = value
+
+
 async def _read_field(part: BodyPartReader, budget: int) -> str:
     out = bytearray()
     while True:
@@ -83,8 +126,7 @@ async def _read_field(part: BodyPartReader, budget: int) -> str:
     return out.decode("utf-8", errors="replace")
 
 
-def _meta(fields: dict[str, str]) -> ObjectMeta:
-    lower = {k.lower(): v for k, v in fields.items()}
+def _meta(lower: dict[str, str]) -> ObjectMeta:
     user_meta = {k[len("x-amz-meta-"):]: v for k, v in lower.items() if k.startswith("x-amz-meta-")}
     if sum(len(k) + len(v) for k, v in user_meta.items()) > MAX_USER_META:
         raise errors.MetadataTooLarge()
@@ -100,28 +142,10 @@ async def post_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
         reader = await req.http.multipart()
     except (ValueError, AssertionError, KeyError):
         raise errors.MalformedPOSTRequest() from None
-    fields: dict[str, str] = {}
-    budget = MAX_FIELDS_BYTES
-    while True:
-        try:
-            part = await reader.next()
-        except ValueError:
-            raise errors.MalformedPOSTRequest() from None
-        if part is None:
-            raise errors.InvalidArgument(
-                "POST requires exactly one file upload per request.", ArgumentName="file", ArgumentValue="0"
-            )
-        if not isinstance(part, BodyPartReader):
-            raise errors.MalformedPOSTRequest()
-        name = part.name or ""
-        if name.lower() == "file":
-            break
-        value = await _read_field(part, budget)
-        budget -= len(value)
-        fields.setdefault(name, value)
-
-    _auth, policy = authenticate_post(fields, ctx.config.credentials)
-    lower = {k.lower(): v for k, v in fields.items()}
+    # One case-folded view of the form, read by the signature, the policy
+    # and the write alike.
+    lower, part = await read_fields(reader)
+    _auth, policy = authenticate_post(lower, ctx.config.credentials)
     if "key" not in lower:
         raise errors.InvalidArgument(
             "Bucket POST must contain a field named 'key'.  If it is specified, please check the order of the fields.",
@@ -131,9 +155,9 @@ async def post_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     if not key:
         raise errors.InvalidArgument("User key must have a length greater than 0.", ArgumentName="key")
     check_key(key)
-    policy.check(fields, bucket=bucket, content_length=None)
-    body = FormFile(part, policy, fields, bucket)
-    info = await ctx.backend.put_object(bucket, key, body, _meta(fields))
+    policy.check(lower, bucket=bucket, content_length=None)
+    body = FormFile(part, policy, lower, bucket)
+    info = await ctx.backend.put_object(bucket, key, body, _meta(lower))
 
     redirect = lower.get("success_action_redirect") or lower.get("redirect")
     if redirect:
