@@ -16,7 +16,10 @@ on every peer before the client is answered.
 
 Routes (served by ``gateway.app``):
 
-- ``GET  /_nearstore/peer/chunk?bucket&key&etag&size&index&start&end``
+- ``GET  /_nearstore/peer/chunk?bucket&key&etag&index&start&end``: the
+  owner takes the object's size from its own metadata (never from the
+  asker: a wrong size would cut a chunk to the wrong length for everyone)
+  and answers 412 if its version is not ``etag``.
 - ``POST /_nearstore/peer/invalidate?bucket&key``
 """
 
@@ -104,13 +107,12 @@ class Cluster:
             await self.session.close()
 
     async def fetch(
-        self, node: Node, bucket: str, key: str, etag: str, size: int, index: int, start: int, end: int
+        self, node: Node, bucket: str, key: str, etag: str, index: int, start: int, end: int
     ) -> AsyncIterator[bytes]:
         """Bytes start..end (exclusive) of a chunk from its owner. Raises
         PeerFailed before the first byte if the owner cannot serve it."""
         assert self.session is not None
-        query = urlencode({"bucket": bucket, "key": key, "etag": etag, "size": size, "index": index,
-                           "start": start, "end": end})
+        query = urlencode({"bucket": bucket, "key": key, "etag": etag, "index": index, "start": start, "end": end})
         path = f"/_nearstore/peer/chunk?{query}"
         try:
             # encoded=True: the request line carries exactly the signed text

@@ -288,7 +288,11 @@ class CachedBackend:
             except errors.PreconditionFailed:
                 raise ObjectChanged(info.key) from None
             try:
-                if src.info.etag and src.info.etag != info.etag:
+                if (src.info.etag and src.info.etag != info.etag) or src.info.size != info.size:
+                    # Another version, or a size that is not this version's
+                    # (metadata from a peer or a worker is checked here, at
+                    # the one place that sees the backing store's answer): a
+                    # chunk cut to the wrong length must never be stored.
                     raise ObjectChanged(info.key)
                 writer = await loop.run_in_executor(None, ChunkWriter, self.store.new_temp())
                 if progress is not None:
@@ -472,7 +476,7 @@ class CachedHandle:
         parts: list[bytes] = []
         got = 0
         async for piece in self.cb.cluster.fetch(
-            owner, self.bucket, self.key, self.info.etag, self.info.size, index, lo, hi
+            owner, self.bucket, self.key, self.info.etag, index, lo, hi
         ):
             piece = piece[: hi - lo - got]
             got += len(piece)
@@ -580,7 +584,7 @@ class CachedHandle:
                 sent = 0
                 try:
                     async for piece in self.cb.cluster.fetch(
-                        owner, self.bucket, self.key, self.info.etag, self.info.size, index, lo, hi
+                        owner, self.bucket, self.key, self.info.etag, index, lo, hi
                     ):
                         piece = piece[: hi - lo - sent]
                         sent += len(piece)
@@ -632,6 +636,13 @@ class CachedHandle:
                 self._ahead.pop(index, None)
                 return None
             try:
+                start = index * self.cb.chunk_size
+                if chunk.size != min(self.cb.chunk_size, self.info.size - start):
+                    # The chunk id does not carry the size: a chunk of the
+                    # wrong length (a store from before fills checked it)
+                    # is never served.
+                    raise ChunkCorrupt(f"{chunk.size} bytes where chunk {index} of {self.key} has "
+                                       f"{min(self.cb.chunk_size, self.info.size - start)}")
                 if self.cb.verify:  # a chunk hashed lately: no thread hop needed
                     fd = open_if_verified(self.cb.store.path(chunk), chunk.checksum, chunk.size,
                                           self.cb.reverify_s)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -176,3 +177,41 @@ def test_reads_survive_a_node_killed_mid_flight(cluster: Cluster) -> None:
     assert all(p["up"] for p in ring["peers"]), ring["peers"]
     for i in range(12):
         assert read(i) == "ok"
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_cannot_cut_a_chunk_to_a_wrong_size(cluster: Cluster) -> None:
+    """A correctly signed peer request that claims a wrong object size must
+    not cache a short chunk: the owner takes sizes from its own metadata."""
+    from cache.store import chunk_id
+    from gateway.cluster import AUTH_HEADER, sign
+    from metadata.ring import Node, Ring
+
+    s3 = [cluster.client(p) for p in cluster.ports]
+    s3[0].create_bucket(Bucket="cluster-poison")
+    data = os.urandom(204_800)
+    s3[0].put_object(Bucket="cluster-poison", Key="victim", Body=data)
+    etag = s3[0].head_object(Bucket="cluster-poison", Key="victim")["ETag"]
+    ring = Ring.build([Node(f"127.0.0.1:{p}", f"http://127.0.0.1:{p}") for p in cluster.ports])
+    cid = chunk_id(f"s3:{cluster.moto}", "cluster-poison", "victim", etag, MiB, 0)
+    owner = int(ring.owner(cid).id.rsplit(":", 1)[1])
+    query = urllib.parse.urlencode({"bucket": "cluster-poison", "key": "victim", "etag": etag, "size": 4464,
+                                    "index": 0, "start": 0, "end": 100})
+    path = f"/_nearstore/peer/chunk?{query}"
+    req = urllib.request.Request(f"http://127.0.0.1:{owner}{path}",
+                                 headers={AUTH_HEADER: sign(KEYS["NEARSTORE_CLUSTER_SECRET"], "GET", path)})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.read() == data[:100]
+    files = list((cluster.tmp / f"d{owner}" / "cache" / "chunks").rglob(f"{cid}.*"))
+    assert [f.stat().st_size for f in files] == [len(data)]
+    for c in s3:
+        assert c.get_object(Bucket="cluster-poison", Key="victim")["Body"].read() == data
+    # A peer asking for another version gets 412, and nothing is cached for it.
+    query = query.replace(urllib.parse.quote(etag), urllib.parse.quote('"0123"'))
+    path = f"/_nearstore/peer/chunk?{query}"
+    req = urllib.request.Request(f"http://127.0.0.1:{owner}{path}",
+                                 headers={AUTH_HEADER: sign(KEYS["NEARSTORE_CLUSTER_SECRET"], "GET", path)})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 412
+    e.value.close()
