@@ -118,9 +118,12 @@ class ChunkStore:
 
     def load(self) -> int:
         """Rebuild the index from disk (blocking). Returns chunks found."""
-        (self.root / "chunks").mkdir(parents=True, exist_ok=True)
+        # Private to the node's user (chunks are tenants' bytes); an older
+        # version's 0755 directories are tightened too.
+        for d in (self.root, self.root / "chunks", self.root / "tmp"):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
         tmp = self.root / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
         for entry in os.scandir(tmp):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
@@ -253,7 +256,7 @@ class ChunkStore:
         try:
             os.rename(tmp, dest)
         except FileNotFoundError:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.rename(tmp, dest)
         self._add(c)
         self.stats.fills += 1
@@ -267,7 +270,7 @@ class ChunkWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         self.hash = xxhash.xxh3_64()
         self.size = 0
 

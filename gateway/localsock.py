@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,8 @@ class LocalSocketServer:
             log.warning("local socket path too long (%d bytes), short-circuit reads are off: %s",
                         len(os.fsencode(self.path)), self.path)
             return False
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        parent = Path(self.path).parent
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a previous run's
         try:  # SOCK_SEQPACKET on AF_UNIX: Linux (and not every other Unix)
@@ -87,7 +89,12 @@ class LocalSocketServer:
             return False
         try:
             sock.bind(self.path)
+            # The socket keeps group access for the clients meant to use it;
+            # its directory (the data directory, 0700) gains group search
+            # only: a group member can reach the socket by name and list
+            # nothing.
             os.chmod(self.path, 0o660)
+            os.chmod(parent, stat.S_IMODE(os.stat(parent).st_mode) | stat.S_IXGRP)
             sock.listen(128)
             sock.setblocking(False)
         except OSError as e:

@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -240,8 +241,17 @@ class LocalStore:
     # --- lifecycle ----------------------------------------------------------
 
     async def start(self) -> None:
+        # Private to the node's user: the files are every tenant's objects
+        # and the index lists every key. Also tightens a data directory an
+        # older version left readable (0755 directories, 0644 files below
+        # them become unreachable).
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Group search stays if the local socket's server gave it (the
+        # socket lives here; gateway/localsock.py).
+        os.chmod(self.root, 0o700 | (stat.S_IMODE(os.stat(self.root).st_mode) & stat.S_IXGRP))
         for sub in ("objects", "uploads", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.root / sub, 0o700)
         await self._db(self._open_db)
         if self.sweep:
             await asyncio.get_running_loop().run_in_executor(None, self._sweep)
@@ -256,7 +266,12 @@ class LocalStore:
         self._db_thread.shutdown(wait=True)
 
     def _open_db(self) -> None:
-        conn = sqlite3.connect(self.root / "meta.sqlite3", isolation_level=None, check_same_thread=False)
+        db = self.root / "meta.sqlite3"
+        # SQLite creates the file (and its -wal and -shm, with the same
+        # mode) 0644 less the umask: create it 0600 first.
+        os.close(os.open(db, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
+        os.chmod(db, 0o600)
+        conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a process crash; the object
         # bytes themselves are fsynced before the commit that publishes them.
@@ -415,7 +430,7 @@ class LocalStore:
         fsyncs, where it may block."""
         rel = f"tmp/{uuid.uuid4().hex}"
         path = self.root / rel
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             yield fd, rel
         except BaseException:
@@ -454,7 +469,7 @@ class LocalStore:
         if dest_dir == "objects":
             dest_dir = f"objects/{name[:2]}/{name[2:4]}"
         d = self.root / dest_dir
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
         rel = f"{dest_dir}/{name}"
         os.rename(self.root / tmp_rel, self.root / rel)
         if self.fsync:
