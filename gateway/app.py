@@ -43,6 +43,7 @@ from gateway.cluster import AUTH_HEADER as PEER_AUTH_HEADER
 from gateway.cluster import ChunkFileHandle, Cluster
 from gateway.cluster import verify as verify_peer
 from gateway.config import Config, ConfigError
+from gateway.conn import BodyStalled, GuardedHandler, listen
 from gateway.control import Control
 from gateway.handlers.common import Ctx
 from gateway.localsock import LocalSocketServer
@@ -59,11 +60,11 @@ CONFIG_KEY = web.AppKey("config", Config)
 MEMBERSHIP_KEY = web.AppKey("membership", Membership)
 BACKEND_KEY = web.AppKey("backend", Backend)
 
-# S3 caps the request header section at 8 KiB (user metadata at 2 KiB);
-# aiohttp's parser is given generous limits so that we can answer an
-# oversized request with an S3 error rather than a dropped connection.
+# S3 caps the request header section at 8 KiB (user metadata at 2 KiB).
+# The parser's own bounds (gateway.conn.ConnLimits) sit above this, so that
+# a somewhat oversized request gets this S3 error rather than a dropped
+# connection, and below what would let idle heads hold real memory.
 MAX_HEADER_BYTES = 8 * 1024
-PARSER_LIMITS = {"max_line_size": 64 * 1024, "max_field_size": 64 * 1024, "max_headers": 256}
 
 _POST_OBJECT_HINT = "multipart/form-data"
 
@@ -223,6 +224,9 @@ async def front(request: web.Request) -> web.StreamResponse:
 
 
 async def _front(request: web.Request) -> web.StreamResponse:
+    guard = request.protocol
+    if isinstance(guard, GuardedHandler) and request.body_exists:
+        guard.reading(request.content)
     prepared: Prepared | None = request.get(PREPARED_KEY)
     request_id = prepared.req.request_id if prepared else new_request_id()
     raw_path = request.raw_path.partition("?")[0]
@@ -240,6 +244,12 @@ async def _front(request: web.Request) -> web.StreamResponse:
         if e.status >= 500:
             log.warning("request %s %s %s: %s %s", request_id, request.method, raw_path, e.code, e.text)
         return error_response(e, request_id, raw_path, head)
+    except BodyStalled:
+        # The client stopped sending its body (gateway.conn): S3's answer,
+        # and the connection closes after it.
+        resp = error_response(errors.RequestTimeout(), request_id, raw_path, head)
+        resp.force_close()
+        return resp
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:
@@ -426,10 +436,20 @@ async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
     if not isinstance(target, CachedBackend):
         raise errors.InvalidRequest(f"Bucket {bucket!r} is not served through the cache")
     try:
-        size, index, start, end = (int(q[n]) for n in ("size", "index", "start", "end"))
+        index, start, end = (int(q[n]) for n in ("index", "start", "end"))
     except (KeyError, ValueError):
-        raise errors.InvalidArgument("size, index, start and end are integers") from None
-    info = ObjectInfo(key=key, size=size, etag=q.get("etag", ""), last_modified=0.0)
+        raise errors.InvalidArgument("index, start and end are integers") from None
+    # The object's size and version come from this node's own metadata,
+    # never from the asker (a size it sent would decide the chunk's length).
+    etag = q.get("etag", "")
+    info = await target.head_object(bucket, key)
+    if info.etag != etag:
+        target.meta.invalidate(bucket, key)  # perhaps ours is the stale one
+        info = await target.head_object(bucket, key)
+        if info.etag != etag:
+            raise errors.PreconditionFailed(Condition="If-Match")
+    if not 0 <= index * target.chunk_size < info.size:
+        raise errors.InvalidRange(ActualObjectSize=str(info.size))
     try:
         chunk = await target.chunk(bucket, info, index)
     except ObjectChanged:
@@ -502,7 +522,7 @@ def make_backend(cfg: Config) -> Backend:
 
 
 def build_app(cfg: Config, backend: Backend | None = None) -> web.Application:
-    app = web.Application(handler_args=PARSER_LIMITS)
+    app = web.Application(handler_args=cfg.limits.handler_args())
     app[CONFIG_KEY] = cfg
     app[INFLIGHT_KEY] = InFlight()
     app[MEMBERSHIP_KEY] = make_membership(cfg)
@@ -554,6 +574,9 @@ def serve(cfg: Config) -> None:
     """Run a node until SIGINT/SIGTERM; in-flight requests finish first
     (up to ``cfg.shutdown_timeout`` seconds)."""
     web_protocol.RequestHandler.handle_error = _xml_handle_error  # type: ignore[method-assign]
+    # Everything the node creates is its user's alone (objects, chunks, the
+    # index); the places that create files also say so explicitly.
+    os.umask(0o077)
     try:
         import uvloop
 
@@ -586,9 +609,8 @@ async def _run(cfg: Config) -> None:
     supervisor: asyncio.Future[None] | None = None
     await runner.setup()
     try:
-        site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_context(cfg),
-                           reuse_port=True if cfg.workers > 1 else None)
-        await site.start()
+        listener = await listen(runner, cfg.host, cfg.port, limits=cfg.limits, ssl_context=ssl_context(cfg),
+                                reuse_port=cfg.workers > 1)
         if not cfg.worker:
             _announce(cfg)
             workers = _start_workers(cfg)
@@ -608,7 +630,7 @@ async def _run(cfg: Config) -> None:
         # aiohttp's cleanup: its shutdown marks every connection closing and
         # from then on drops incoming bytes, which would starve an upload
         # whose body is still arriving.
-        await site.stop()
+        listener.close()
         try:
             await asyncio.wait_for(app[INFLIGHT_KEY].idle.wait(), cfg.shutdown_timeout)
         except TimeoutError:

@@ -31,11 +31,14 @@ Example ``nearstore.toml``::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from gateway.conn import ConnLimits
 
 DEV_ACCESS_KEY = "nearstore-dev"
 DEV_SECRET_KEY = "nearstore-dev-secret-key"
@@ -162,7 +165,45 @@ class Config:
     # Unix socket for short-circuit reads by clients on this machine
     # (gateway/localsock.py); "" means <data_dir>/nearstore.sock, "off" none.
     local_socket: str = ""
+    # Connection limits before and around a request (gateway/conn.py):
+    # seconds to finish a request head, to keep an idle connection, and
+    # between two body bytes while the body is awaited.
+    head_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    body_timeout: float = 30.0
     raw: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def limits(self) -> ConnLimits:
+        return ConnLimits(head_timeout=self.head_timeout, idle_timeout=self.idle_timeout,
+                          body_timeout=self.body_timeout)
+
+
+_TIMEOUTS = {
+    "NEARSTORE_HEAD_TIMEOUT": "head_timeout",
+    "NEARSTORE_IDLE_TIMEOUT": "idle_timeout",
+    "NEARSTORE_BODY_TIMEOUT": "body_timeout",
+}
+
+
+def _seconds(value: object, where: str) -> float:
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: not a number of seconds: {value!r}") from None
+    if not 0 < seconds <= 86400:
+        raise ConfigError(f"{where}: must be between 0 and 86400 seconds, not {value!r}")
+    return seconds
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name, or a wildcard written otherwise: assume reachable
 
 
 def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -198,6 +239,9 @@ def load(
             cfg.workers = int(server["workers"])
         if "fsync" in server:
             cfg.fsync = bool(server["fsync"])
+        for name in _TIMEOUTS.values():
+            if name in server:
+                setattr(cfg, name, _seconds(server[name], f"[server] {name}"))
         tls = _section(doc, "tls")
         cfg.tls_cert = tls.get("cert", cfg.tls_cert)
         cfg.tls_key = tls.get("key", cfg.tls_key)
@@ -265,6 +309,9 @@ def load(
         cfg.workers = int(env["NEARSTORE_WORKERS"])
     if env.get("NEARSTORE_PORT"):
         cfg.port = int(env["NEARSTORE_PORT"])
+    for var, name in _TIMEOUTS.items():
+        if env.get(var):
+            setattr(cfg, name, _seconds(env[var], var))
     ak, sk = env.get("NEARSTORE_ACCESS_KEY"), env.get("NEARSTORE_SECRET_KEY")
     if bool(ak) != bool(sk):
         raise ConfigError("set both NEARSTORE_ACCESS_KEY and NEARSTORE_SECRET_KEY, or neither")
@@ -304,6 +351,13 @@ def load(
     if not cfg.credentials:
         cfg.credentials[DEV_ACCESS_KEY] = DEV_SECRET_KEY
         cfg.using_dev_keys = True
+    if DEV_SECRET_KEY in cfg.credentials.values() and not is_loopback(cfg.host):
+        # The development keys are printed in the README: on an address
+        # other machines reach, they would open every object to anyone.
+        raise ConfigError(
+            f"refusing to serve on {cfg.host} with the published development keys; set your own "
+            "with NEARSTORE_ACCESS_KEY and NEARSTORE_SECRET_KEY (or [[credentials]] in the config file)"
+        )
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("TLS needs both a certificate and a key")
     if not 1 <= cfg.workers <= 256:
