@@ -41,7 +41,7 @@ import mmap
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,6 +200,14 @@ class ChunkStore:
         self.policy.remove(cid)
         with contextlib.suppress(OSError):
             os.unlink(self.path(c))
+
+    def drop_unless(self, keep: Callable[[str], bool]) -> int:
+        """Drop every unpinned chunk whose id ``keep`` refuses (a cluster's
+        node, of the chunks it no longer owns); returns how many."""
+        gone = [cid for cid in self.index if cid not in self.pinned and not keep(cid)]
+        for cid in gone:
+            self.drop(cid)
+        return len(gone)
 
     # Pins may take at most this share of the budget, so that eviction can
     # always make room and the budget holds.

@@ -52,7 +52,7 @@ from gateway.routes import Handler, resolve
 from gateway.sendfile import ResponseAborted, send_body
 from gateway.xml import XML_DECL, escape
 from metadata.membership import Membership, start_health_checks, stop_health_checks
-from metadata.ring import Node
+from metadata.ring import Node, Ring
 
 log = logging.getLogger("nearstore")
 
@@ -407,6 +407,18 @@ async def _membership_ctx(app: web.Application) -> AsyncIterator[None]:
     await cluster.start()
     for b in _cached_backends(app):
         b.cluster = cluster
+    backend = app[BACKEND_KEY]
+    store = backend.store if isinstance(backend, Router) else None
+    if store is not None:
+        # A chunk this node cached while its owner was down (or before it
+        # was heard from) would otherwise stay here for ever beside the
+        # owner's copy: dropped (unless pinned) at every new ring.
+        def keep_own(ring: Ring) -> None:
+            dropped = store.drop_unless(lambda cid: ring.owner(cid).id == m.self_id)
+            if dropped:
+                log.warning("ring changed: dropped %d cached chunks other nodes own", dropped)
+
+        m.on_change.append(keep_own)
     task, session = await start_health_checks(m)
     yield
     if dns_task is not None:
@@ -450,6 +462,11 @@ async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
             raise errors.PreconditionFailed(Condition="If-Match")
     if not 0 <= index * target.chunk_size < info.size:
         raise errors.InvalidRange(ActualObjectSize=str(info.size))
+    if target.cluster is not None and target.cluster.owner(target._chunk_id(bucket, info, index)) is not None:
+        # The asker's ring is not ours (a peer coming back, seen here
+        # first): caching the chunk here would leave a copy beside its
+        # owner's. The asker serves it itself.
+        raise errors.ServiceUnavailable("Not this chunk's owner", headers={"Retry-After": "0"})
     try:
         chunk = await target.chunk(bucket, info, index)
     except ObjectChanged:

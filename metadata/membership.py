@@ -9,6 +9,14 @@ new immutable ring (``Ring.without(down)``: only the down peers' keys move)
 and swaps it in atomically; readers take ``current`` and never see a ring
 half-built.
 
+A peer never heard from is not a down peer: nodes of a cluster start one
+after another, and a node that took its not-yet-started peers for dead
+would route their chunks to itself and cache them twice. Such a peer stays
+in the ring (a read that fails there is served by the reader) until it has
+failed probes for ``NEVER_HEARD_GRACE`` seconds; then a machine that never
+came up is routed around too. Listeners (``on_change``) hear of every new
+ring, so that a node can drop the chunks a returning peer owns again.
+
 Or, for clusters, the members are the addresses a DNS name resolves to (a
 Kubernetes headless Service), re-resolved every few seconds: a new pod
 joins the ring, a deleted one leaves it (only its keys move).
@@ -21,7 +29,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -33,6 +41,7 @@ log = logging.getLogger(__name__)
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 1.0
 FAILURES_TO_DOWN = 2
+NEVER_HEARD_GRACE = 30.0
 
 
 @dataclass
@@ -42,6 +51,8 @@ class PeerState:
     failures: int = 0
     last_ok: float = 0.0
     last_error: str = ""
+    heard: bool = False  # answered a probe or a request at least once
+    failing_since: float = 0.0  # when the current run of failures began
 
 
 @dataclass
@@ -51,6 +62,9 @@ class Membership:
     peers: dict[str, PeerState] = field(default_factory=dict)
     current: Ring | None = None
     version: int = 0
+    # Called after every new ring (with it): e.g. the cache dropping chunks
+    # that are no longer this node's.
+    on_change: list[Callable[[Ring], None]] = field(default_factory=list)
 
     @classmethod
     def static(cls, self_id: str, nodes: Sequence[Node]) -> Membership:
@@ -94,21 +108,31 @@ class Membership:
 
     def _rebuild(self) -> None:
         self.version += 1
-        self.current = self.base.without(self.down)
+        self.current = ring = self.base.without(self.down)
         log.warning("ring v%d: down %s", self.version, self.down or "none")
+        for listener in self.on_change:
+            try:
+                listener(ring)
+            except Exception:  # a listener's failure must not stop routing
+                log.exception("ring change listener failed")
 
     def mark(self, node_id: str, ok: bool, error: str = "") -> None:
         p = self.peers.get(node_id)
         if p is None:
             return
+        now = time.time()
         if ok:
-            p.failures, p.last_ok = 0, time.time()
+            p.failures, p.last_ok, p.heard = 0, now, True
             if not p.up:
                 p.up = True
                 self._rebuild()
             return
+        if p.failures == 0:
+            p.failing_since = now
         p.failures += 1
         p.last_error = error
+        if not p.heard and now - p.failing_since < NEVER_HEARD_GRACE:
+            return  # not started yet, as far as anyone knows
         if p.up and p.failures >= FAILURES_TO_DOWN:
             p.up = False
             self._rebuild()
@@ -138,8 +162,8 @@ class Membership:
         d["self"] = self.self_id
         d["membership_version"] = self.version
         d["peers"] = [
-            {"id": p.node.id, "address": p.node.address, "up": p.up, "failures": p.failures,
-             "last_ok": p.last_ok, "last_error": p.last_error}
+            {"id": p.node.id, "address": p.node.address, "up": p.up, "heard": p.heard,
+             "failures": p.failures, "last_ok": p.last_ok, "last_error": p.last_error}
             for p in self.peers.values()
         ]
         return d

@@ -65,6 +65,15 @@ class Cluster:
         root = self.tmp / f"d{port}" / "cache" / "chunks"
         return sorted(p.name.split(".")[0] for p in root.rglob("*.*")) if root.exists() else []
 
+    def misplaced(self) -> list[tuple[int, str]]:
+        """(node port, chunk id) of each chunk file on a node the full ring
+        does not name as the chunk's owner."""
+        from metadata.ring import Node, Ring
+
+        ring = Ring.build([Node(f"127.0.0.1:{p}", f"http://127.0.0.1:{p}") for p in self.ports])
+        return [(p, cid) for p in self.ports for cid in self.chunk_files(p)
+                if ring.owner(cid).id != f"127.0.0.1:{p}"]
+
     def stop(self) -> None:
         for p in self.procs.values():
             if p.poll() is None:
@@ -168,15 +177,24 @@ def test_reads_survive_a_node_killed_mid_flight(cluster: Cluster) -> None:
         assert hashlib.md5(again.get_object(Bucket="cluster-kill", Key=k)["Body"].read()).hexdigest() \
             == digests[k]
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        ring = json.loads(urllib.request.urlopen(
-            f"http://127.0.0.1:{cluster.ports[0]}/_nearstore/ring", timeout=5).read())
-        if all(p["up"] for p in ring["peers"]):
-            break
-        time.sleep(0.2)
-    assert all(p["up"] for p in ring["peers"]), ring["peers"]
+    for port in cluster.ports[:2]:  # the readers
+        while time.monotonic() < deadline:
+            ring = json.loads(urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/_nearstore/ring", timeout=5).read())
+            if all(p["up"] for p in ring["peers"]):
+                break
+            time.sleep(0.2)
+        assert all(p["up"] for p in ring["peers"]), ring["peers"]
     for i in range(12):
         assert read(i) == "ok"
+    # What nodes 0 and 1 cached for the dead node is dropped once it is back:
+    # each chunk ends on its owner alone.
+    deadline = time.monotonic() + 10
+    while cluster.misplaced() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cluster.misplaced() == [], (cluster.ports, cluster.misplaced())
+    owned = [c for p in cluster.ports for c in cluster.chunk_files(p)]
+    assert len(owned) == len(set(owned)) > 0
 
 
 @pytest.mark.timeout(60)

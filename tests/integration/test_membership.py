@@ -67,6 +67,14 @@ def test_static_cluster_ring_and_health(tmp_path: Path) -> None:
     try:
         for p in ports:
             _start(tmp_path, p, ports, procs)
+        # Peers not heard from yet are not down (they may not have started).
+        for p in ports:
+            assert not any(n["down"] for n in _ring(p)["nodes"])
+        # Once each node has heard from every peer, a peer that dies is down
+        # within 3.5 s.
+        for p in ports:
+            _took, state = _wait_for(p, lambda s: all(peer["heard"] for peer in s["peers"]), 10)
+            assert all(peer["heard"] for peer in state["peers"]), state
         rings = [_ring(p) for p in ports]
         ids = sorted(f"127.0.0.1:{p}" for p in ports)
         for port, ring in zip(ports, rings, strict=True):

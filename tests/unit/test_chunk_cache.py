@@ -263,3 +263,49 @@ def test_verification_memo_trusts_only_unchanged_files(tmp_path: Path, monkeypat
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # (ctime still moves)
     with pytest.raises(ChunkCorrupt):
         open_verified(path, digest, len(data), memo_s=60)
+
+
+async def test_a_fill_with_a_wrong_size_stores_nothing(env: tuple[CachedBackend, LocalStore, Path]) -> None:
+    """Metadata from elsewhere (a peer, a worker) claiming another size is
+    caught where the backing store answers: no short chunk is ever stored."""
+    from dataclasses import replace
+
+    cb, local, root = env
+    data = os.urandom(CS + 500)
+    await local.put_object("bkt", "k", Body(data), ObjectMeta())
+    info = await cb.head_object("bkt", "k")
+    with pytest.raises(ObjectChanged):
+        await cb.chunk("bkt", replace(info, size=4464), 0)
+    assert chunk_files(root) == []
+    assert await read(cb, "k") == data
+
+
+async def test_a_chunk_of_the_wrong_length_is_never_served(env: tuple[CachedBackend, LocalStore, Path]) -> None:
+    cb, local, _ = env
+    data = os.urandom(CS + 500)
+    await local.put_object("bkt", "k", Body(data), ObjectMeta())
+    assert await read(cb, "k") == data
+    # A store from before fills checked sizes: chunk 1 (500 bytes) replaced
+    # by a shorter file that hashes right.
+    info = await cb.head_object("bkt", "k")
+    cid = cb._chunk_id("bkt", info, 1)
+    cb.store.drop(cid)
+    tmp = cb.store.new_temp()
+    from cache.store import ChunkWriter
+
+    w = ChunkWriter(tmp)
+    w.write(data[CS : CS + 100])
+    cb.store.commit(cid, tmp, 100, w.close())
+    assert await read(cb, "k") == data
+    assert cb.store.index[cid].size == 500
+
+
+async def test_drop_unless_keeps_pinned_and_wanted(env: tuple[CachedBackend, LocalStore, Path]) -> None:
+    cb, local, root = env
+    await local.put_object("bkt", "k", Body(os.urandom(3 * CS)), ObjectMeta())
+    await read(cb, "k")
+    ids = sorted(cb.store.index)
+    assert len(ids) == 3 and cb.store.pin(ids[0])
+    assert cb.store.drop_unless(lambda cid: cid == ids[1]) == 1
+    assert sorted(cb.store.index) == ids[:2]
+    assert len(chunk_files(root)) == 2

@@ -3,13 +3,22 @@ good one, a new ring each time that routes around the down peers."""
 
 from __future__ import annotations
 
+import pytest
+
+from metadata import membership
 from metadata.membership import Membership
-from metadata.ring import Node
+from metadata.ring import Node, Ring
 
 
-def cluster() -> Membership:
+def cluster(heard: bool = True) -> Membership:
+    """Three nodes seen from n0; its peers have answered once (``heard``)."""
     nodes = [Node(f"n{i}", f"http://n{i}") for i in range(3)]
-    return Membership.static("n0", nodes)
+    m = Membership.static("n0", nodes)
+    if heard:
+        for peer in ("n1", "n2"):
+            m.mark(peer, ok=True)
+    assert m.version == 0
+    return m
 
 
 def test_down_after_two_failures_and_back_after_one_success() -> None:
@@ -28,6 +37,29 @@ def test_down_after_two_failures_and_back_after_one_success() -> None:
     m.mark("n1", ok=True)
     assert m.down == [] and m.version == 2
     assert all(m.current.owner(k).id == first.owner(k).id for k in keys)
+
+
+def test_a_peer_never_heard_from_is_not_down_until_the_grace_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes start one after another: a node must not take peers that have
+    not started yet for dead (it would cache their chunks itself)."""
+    now = [1000.0]
+    monkeypatch.setattr(membership.time, "time", lambda: now[0])
+    m = cluster(heard=False)
+    rings: list[Ring] = []
+    m.on_change.append(rings.append)
+    for _ in range(10):
+        m.mark("n1", ok=False, error="refused")
+        now[0] += 1.0
+    assert m.down == [] and m.version == 0 and rings == []
+    assert m.describe()["peers"][0]["heard"] is False  # type: ignore[index]
+    now[0] += membership.NEVER_HEARD_GRACE
+    m.mark("n1", ok=False, error="refused")
+    assert m.down == ["n1"] and rings == [m.current]
+    # Once heard, the usual rule: down after two failed probes.
+    m.mark("n2", ok=True)
+    m.mark("n2", ok=False)
+    m.mark("n2", ok=False)
+    assert m.down == ["n1", "n2"] and len(rings) == 2
 
 
 def test_describe_lists_peers() -> None:
