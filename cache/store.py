@@ -35,13 +35,12 @@ fault is a miss for the caller (served from the backing store).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import mmap
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,12 +87,11 @@ class Chunk:
 
 @dataclass
 class StoreStats:
-    hits: int = 0
-    misses: int = 0
+    """What the store itself counts (hits, misses and failures are counted
+    where they happen, in cache.metrics)."""
+
     fills: int = 0
     evictions: int = 0
-    checksum_failures: int = 0
-    fill_errors: int = 0
 
 
 class ChunkStore:
@@ -386,13 +384,3 @@ def open_verified(path: Path, checksum: str | None, size: int, memo_s: float = 0
         os.close(fd)
         raise
     return fd
-
-
-def read_file_range(fd: int, offset: int, length: int, piece: int = WRITE_PIECE) -> Iterator[bytes]:
-    pos, end = offset, offset + length
-    while pos < end:
-        data = os.pread(fd, min(piece, end - pos), pos)
-        if not data:
-            raise OSError(errno.EIO, "chunk file shorter than expected")
-        pos += len(data)
-        yield data

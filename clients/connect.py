@@ -15,9 +15,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-DEFAULT_ENDPOINT = "http://127.0.0.1:9000"
-DEV_ACCESS_KEY = "nearstore-dev"
-DEV_SECRET_KEY = "nearstore-dev-secret-key"
+from metadata.defaults import DEFAULT_ENDPOINT, DEV_ACCESS_KEY, DEV_SECRET_KEY
 
 
 def connect(

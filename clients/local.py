@@ -38,9 +38,11 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from metadata.defaults import DEFAULT_CHUNK_SIZE
+
 MAX_MESSAGE = 64 * 1024
 PRESIGN_S = 3600
-CHUNK = 16 * 1024 * 1024  # the cache's default chunk size
+CHUNK = DEFAULT_CHUNK_SIZE
 
 
 class LocalUnavailable(Exception):

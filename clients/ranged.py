@@ -66,8 +66,9 @@ from xml.etree import ElementTree
 from botocore.exceptions import ClientError
 
 from clients.local import LocalChanged, LocalNode, LocalNotServed, LocalUnavailable
+from metadata.defaults import DEFAULT_CHUNK_SIZE
 
-CHUNK = 16 * 1024 * 1024
+CHUNK = DEFAULT_CHUNK_SIZE
 # Concurrent ranges per read: bench/readers.py measured 0.73x (4), 0.86x
 # (8) and 0.98x (16) of the node's warm throughput on 2 cores.
 STREAMS = 16

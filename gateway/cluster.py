@@ -38,7 +38,7 @@ from urllib.parse import urlencode
 import aiohttp
 from yarl import URL
 
-from gateway.backends.base import FileSegment, ObjectInfo, Served
+from gateway.backends.base import FileSegment, ObjectInfo, Served, read_segments
 from metadata.membership import Membership
 from metadata.ring import Node, NoLiveNodes
 
@@ -173,15 +173,8 @@ class ChunkFileHandle:
     async def segments(self, start: int, length: int) -> AsyncIterator[FileSegment | bytes]:
         yield FileSegment(self.fd, start, length)
 
-    async def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        pos, end = start, start + length
-        while pos < end:
-            data = await loop.run_in_executor(None, os.pread, self.fd, min(1 << 20, end - pos), pos)
-            if not data:
-                raise OSError("chunk file shorter than expected")
-            pos += len(data)
-            yield data
+    def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:
+        return read_segments(self.segments(start, length))
 
     async def close(self) -> None:
         os.close(self.fd)

@@ -39,9 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.conn import ConnLimits
-
-DEV_ACCESS_KEY = "nearstore-dev"
-DEV_SECRET_KEY = "nearstore-dev-secret-key"
+from metadata.defaults import DEFAULT_CHUNK_SIZE, DEV_ACCESS_KEY, DEV_SECRET_KEY
 
 
 class ConfigError(ValueError):
@@ -77,7 +75,7 @@ class CacheConfig:
     # 4 MiB 0.31 / 2.15, 8 MiB 0.49 / 1.85, 16 MiB 0.78 / 2.77,
     # 32 MiB 0.76 / 2.58. Larger chunks mean fewer fills and sends per byte;
     # beyond 16 MiB nothing improves and random small ranges read more.
-    chunk_size: int = 16 << 20
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     policy: str = "sieve"  # by hit ratio on training-like traces: bench/eviction.py
     meta_ttl: float = 5.0
     prefetch: int = 4

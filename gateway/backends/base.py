@@ -20,6 +20,9 @@ Invariants every backend keeps:
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -137,6 +140,29 @@ class FileSegment:
     fd: int
     offset: int
     length: int
+
+
+READ_PIECE = 1024 * 1024
+
+
+async def read_segments(segments: AsyncIterator[FileSegment | bytes]) -> AsyncIterator[bytes]:
+    """The bytes of a ``FileBacked.segments`` iteration: each file range
+    read with ``pread`` in 1 MiB pieces off the event loop, before the next
+    segment is asked for (a segment's descriptor is valid only until then).
+    A file shorter than its range raises, never pads: the caller aborts the
+    response."""
+    loop = asyncio.get_running_loop()
+    async for seg in segments:
+        if isinstance(seg, bytes):
+            yield seg
+            continue
+        pos, end = seg.offset, seg.offset + seg.length
+        while pos < end:
+            data = await loop.run_in_executor(None, os.pread, seg.fd, min(READ_PIECE, end - pos), pos)
+            if not data:
+                raise OSError(errno.EIO, "file shorter than its recorded size")
+            pos += len(data)
+            yield data
 
 
 @runtime_checkable

@@ -57,6 +57,7 @@ from gateway.backends.base import (
     UploadBody,
     UploadInfo,
     WriteConditions,
+    read_segments,
 )
 from gateway.cluster import Cluster, PeerFailed
 from gateway.conditions import parse_range
@@ -664,19 +665,8 @@ class CachedHandle:
                 return None
         return None
 
-    async def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        async for seg in self.segments(start, length):
-            if isinstance(seg, bytes):
-                yield seg
-                continue
-            pos, end = seg.offset, seg.offset + seg.length
-            while pos < end:
-                data = await loop.run_in_executor(None, os.pread, seg.fd, min(1 << 20, end - pos), pos)
-                if not data:
-                    raise OSError("chunk file shorter than expected")
-                pos += len(data)
-                yield data
+    def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:
+        return read_segments(self.segments(start, length))
 
     async def close(self) -> None:
         # Fills started for this read keep running: they benefit the next

@@ -67,6 +67,7 @@ from gateway.backends.base import (
     UploadBody,
     UploadInfo,
     WriteConditions,
+    read_segments,
 )
 from gateway.checksums import new_checksum
 
@@ -202,19 +203,8 @@ class LocalHandle:
     async def segments(self, start: int, length: int) -> AsyncIterator[FileSegment | bytes]:
         yield FileSegment(self.fd, start, length)
 
-    async def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        end = start + length
-        pos = start
-        while pos < end:
-            n = min(READ_CHUNK, end - pos)
-            data = await loop.run_in_executor(None, os.pread, self.fd, n, pos)
-            if not data:
-                # The file is shorter than its index entry says: never pad or
-                # truncate silently; the caller aborts the response.
-                raise OSError(errno.EIO, "object file shorter than recorded size")
-            pos += len(data)
-            yield data
+    def read_range(self, start: int, length: int) -> AsyncIterator[bytes]:
+        return read_segments(self.segments(start, length))
 
     async def close(self) -> None:
         if not self._closed:

@@ -17,7 +17,7 @@ from gateway.handlers.common import (
     require_key,
     xml_response,
 )
-from gateway.handlers.object import _with_encoding, parse_copy_source
+from gateway.handlers.object import parse_copy_source, with_encoding
 from gateway.request import S3Request, check_key
 from gateway.xml import child_text, parse
 
@@ -75,7 +75,7 @@ async def create_multipart_upload(ctx: Ctx, req: S3Request) -> web.StreamRespons
     encoding = headers.get("content-encoding")
     meta = ObjectMeta(meta.content_type, headers, meta.user_meta, meta.tags, alg)
     if encoding:
-        meta = _with_encoding(meta, encoding)
+        meta = with_encoding(meta, encoding)
     upload_id = await ctx.backend.create_upload(_bucket(req), key, meta)
     resp = xml_response(
         "InitiateMultipartUploadResult",

@@ -180,7 +180,7 @@ async def put_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     check_key(key)
     meta = meta_from_headers(req)
     body = payload(ctx, req)
-    info = await ctx.backend.put_object(_bucket(req), key, body, _with_encoding(meta, body.content_encoding),
+    info = await ctx.backend.put_object(_bucket(req), key, body, with_encoding(meta, body.content_encoding),
                                         _write_conditions(req))
     headers = {"ETag": info.etag}
     if body.checksum:
@@ -189,7 +189,7 @@ async def put_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     return web.Response(status=200, headers=headers)
 
 
-def _with_encoding(meta: ObjectMeta, content_encoding: str | None) -> ObjectMeta:
+def with_encoding(meta: ObjectMeta, content_encoding: str | None) -> ObjectMeta:
     """Store the Content-Encoding minus the aws-chunked transfer token."""
     headers = dict(meta.headers)
     if content_encoding:
