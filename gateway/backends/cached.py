@@ -30,19 +30,18 @@ from pathlib import Path
 
 import aiohttp
 
-from cache import metrics
-from cache.store import (
+from nearstore.cache import metrics
+from nearstore.cache.store import (
     Chunk,
     ChunkCorrupt,
     ChunkMissing,
     ChunkStore,
     ChunkWriter,
-    chunk_id,
     open_if_verified,
     open_verified,
 )
-from gateway import errors
-from gateway.backends.base import (
+from nearstore.gateway import errors
+from nearstore.gateway.backends.base import (
     Backend,
     BucketInfo,
     CompletedPart,
@@ -59,11 +58,12 @@ from gateway.backends.base import (
     WriteConditions,
     read_segments,
 )
-from gateway.cluster import Cluster, PeerFailed
-from gateway.conditions import parse_range
-from gateway.control import Control
-from metadata.objects import MetaCache
-from metadata.ring import Node
+from nearstore.gateway.cluster import Cluster, PeerFailed
+from nearstore.gateway.conditions import parse_range
+from nearstore.gateway.control import Control
+from nearstore.metadata.identity import chunk_id
+from nearstore.metadata.objects import MetaCache
+from nearstore.metadata.ring import Node
 
 log = logging.getLogger(__name__)
 
@@ -578,9 +578,8 @@ class CachedHandle:
                     yield data
                     continue
                 except (PeerFailed, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
-                    log.warning("peer %s failed on %s chunk %d (%s); serving it here", owner.id, self.key,
-                                index, e)
-                    owner = None  # served here, below
+                    yield await self._instead_of_peer(owner, index, lo, hi, e)
+                    continue
             if owner is not None and self.cb.cluster is not None:
                 sent = 0
                 try:
@@ -595,12 +594,8 @@ class CachedHandle:
                         raise PeerFailed(f"{owner.id}: chunk {index} ended short")
                     continue
                 except (PeerFailed, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
-                    log.warning("peer %s failed on %s chunk %d (%s); serving it here", owner.id, self.key,
-                                index, e)
-                    if sent:
-                        data = await self.cb.direct_chunk(self.bucket, self.info, index)
-                        yield data[lo + sent : hi]
-                        continue
+                    yield await self._instead_of_peer(owner, index, lo + sent, hi, e)
+                    continue
             progress = self._progress(index)
             if progress is not None and progress.path is not None and not self._want(index).done():
                 try:
@@ -621,6 +616,16 @@ class CachedHandle:
             finally:
                 os.close(fd)
             self._ahead.pop(index, None)
+
+    async def _instead_of_peer(self, owner: Node, index: int, lo: int, hi: int, error: BaseException) -> bytes:
+        """Bytes lo..hi of a chunk whose owner failed, straight from the
+        backing store and not cached here: the chunk is the owner's (a copy
+        here would outlive the owner's return), and the health checks
+        reroute its chunks once it is down."""
+        log.warning("peer %s failed on %s chunk %d (%s); reading it from the backing store", owner.id,
+                    self.key, index, error)
+        data = await self.cb.direct_chunk(self.bucket, self.info, index)
+        return data[lo:hi]
 
     async def _open(self, index: int, loop: asyncio.AbstractEventLoop) -> int | None:
         """An open, verified descriptor of the chunk, or None on a cache
