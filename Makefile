@@ -25,7 +25,7 @@ cluster: venv
 	$(BIN)/nearstore cluster --nodes 3
 
 lint: venv
-	$(BIN)/ruff check gateway cache metadata clients bench tests
+	$(BIN)/ruff check nearstore gateway cache metadata clients bench tests
 	$(BIN)/mypy
 
 test: lint

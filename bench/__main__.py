@@ -1,7 +1,7 @@
-"""``python -m bench ARGS`` is ``nearstore bench ARGS``."""
+"""``python -m nearstore.bench ARGS`` is ``nearstore bench ARGS``."""
 
 import sys
 
-from bench.cli import main
+from nearstore.bench.cli import main
 
 sys.exit(main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """``nearstore bench``: run the scenarios against the peers, print the table.
 
 gateway/cli.py dispatches ``nearstore bench ARGS...`` to `main`; until then
-``python -m bench ARGS...`` does the same.
+``python -m nearstore.bench ARGS...`` does the same.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.config import PRESETS, Plan, parse_size
-from bench.peers import PEER_ALIASES, PEERS
-from bench.scenarios import SCENARIOS, select
+from nearstore.bench.config import PRESETS, Plan, parse_size
+from nearstore.bench.peers import PEER_ALIASES, PEERS
+from nearstore.bench.scenarios import SCENARIOS, select
 
 DEFAULT_PEERS = ["nginx", "seaweedfs", "moto", "nearstore"]
 # Smoke: only peers that need nothing outside the virtualenv (nginx is
@@ -142,15 +142,15 @@ def _progress(enabled: bool, total: int) -> tuple[Callable[[str], None], Callabl
 def main(argv: list[str]) -> int:
     # Client-side benches, each its own module: nearstore bench readers|loader|models ...
     if argv[:1] == ["readers"]:  # the client readers against the node (bench/readers.py)
-        from bench.readers import main as readers_main
+        from nearstore.bench.readers import main as readers_main
 
         return readers_main(argv[1:])
     if argv[:1] == ["loader"]:  # samples/s of the dataset loader (bench/loader.py)
-        from bench.loader import main as loader_main
+        from nearstore.bench.loader import main as loader_main
 
         return loader_main(argv[1:])
     if argv[:1] == ["models"]:  # safetensors cold starts (bench/models.py)
-        from bench.models import main as models_main
+        from nearstore.bench.models import main as models_main
 
         return models_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -179,8 +179,8 @@ def main(argv: list[str]) -> int:
         print(exc, file=sys.stderr)
         return 2
 
-    from bench import report, tools
-    from bench.runner import Runner
+    from nearstore.bench import report, tools
+    from nearstore.bench.runner import Runner
 
     bin_dir = Path(sys.executable).parent
     missing = tools.missing_tools(bin_dir)

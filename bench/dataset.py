@@ -13,7 +13,7 @@ import random
 import struct
 from pathlib import Path
 
-from bench.scenarios import ObjectSpec
+from nearstore.bench.scenarios import ObjectSpec
 
 _BLOCK = 4 << 20
 _STAMP_EVERY = 1 << 20

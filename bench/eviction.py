@@ -1,6 +1,6 @@
 """Trace-driven hit-ratio comparison of the chunk store's eviction policies.
 
-    python -m bench.eviction [--cache-chunks N] [--seeds N] [--scale X] [--json FILE]
+    python -m nearstore.bench.eviction [--cache-chunks N] [--seeds N] [--scale X] [--json FILE]
 
 Every policy in ``cache.eviction.POLICIES`` replays the same synthetic traces
 through a simulator that drives it exactly as the chunk store does: a hit is a
@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cache.eviction import DEFAULT_POLICY, POLICIES, EvictionPolicy, make_policy
+from nearstore.cache.eviction import DEFAULT_POLICY, POLICIES, EvictionPolicy, make_policy
 
 CHUNK_BYTES = 4 << 20
 ORACLE = "belady"
@@ -266,7 +266,7 @@ def format_table(comp: Comparison) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.eviction", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m nearstore.bench.eviction", description=__doc__)
     parser.add_argument("--cache-chunks", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=3, help="average over seeds 0..N-1")
     parser.add_argument("--scale", type=float, default=1.0, help="Zipf trace length factor")

@@ -1,6 +1,6 @@
 """The harness's side of the load generators.
 
-`PythonGenerator` drives one ``python -m bench.loadgen`` process (jobs over a
+`PythonGenerator` drives one ``python -m nearstore.bench.loadgen`` process (jobs over a
 pipe, one JSON line each way). `run_wrk` runs Debian's wrk for a GET of
 plain URLs; it is the compiled reference the Python generator is calibrated
 against (see `bench.runner.calibrate`), not the default, because on this
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from bench.loadgen import GetJob, PutJob, RunResult
+from nearstore.bench.loadgen import GetJob, PutJob, RunResult
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _GRACE_S = 120.0  # beyond the job's own bound: the last in-flight requests
@@ -52,7 +52,7 @@ class PythonGenerator:
                 p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p
             )
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.loadgen"],
+                [sys.executable, "-m", "nearstore.bench.loadgen"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,

@@ -1,6 +1,6 @@
 """Loader bench: samples per second of ``clients.datasets.TarDataset``.
 
-    python -m bench.loader [--samples 10000] [--sample-size 100KiB] [--quick]
+    python -m nearstore.bench.loader [--samples 10000] [--sample-size 100KiB] [--quick]
 
 The same WebDataset shards (tar files of ``--shard-samples`` samples, each
 a ``.bin`` field of ``--sample-size`` random bytes and a ``.cls`` label) are
@@ -41,10 +41,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from bench.config import fmt_size, parse_size
-from bench.peers import CacheSeaweedPeer, PeerContext
-from clients.connect import connect
-from clients.datasets import LocalSource, S3Source, Source, TarDataset
+from nearstore.bench.config import fmt_size, parse_size
+from nearstore.bench.peers import CacheSeaweedPeer, PeerContext
+from nearstore.clients.connect import connect
+from nearstore.clients.datasets import LocalSource, S3Source, Source, TarDataset
 
 BUCKET = "loader-bench"
 PREFIX = "shards/"

@@ -1,6 +1,6 @@
 """The Python load generator: a separate process driven by JSON lines.
 
-Run as ``python -m bench.loadgen``; each line on stdin is one job (`GetJob`
+Run as ``python -m nearstore.bench.loadgen``; each line on stdin is one job (`GetJob`
 or `PutJob`), each line on stdout its `RunResult`. One long-lived process
 serves a whole peer's worth of jobs so that interpreter start-up is paid
 once, and it is never the process being measured.
@@ -38,7 +38,7 @@ import time
 from typing import Literal, NotRequired, TypedDict, cast
 from urllib.parse import urlsplit
 
-from bench.targets import Target, TargetDict
+from nearstore.bench.targets import Target, TargetDict
 
 RECV_BUFFER = 1 << 20
 MAX_HEAD = 64 * 1024

@@ -1,6 +1,6 @@
 """Model cold starts: load a safetensors checkpoint through nearstore.
 
-    python -m bench.models [--size 4GiB] [--files 4] [--quick] [--runs 3] [--keep]
+    python -m nearstore.bench.models [--size 4GiB] [--files 4] [--quick] [--runs 3] [--keep]
 
 Generates (once, deterministically) a sharded safetensors checkpoint of
 ``--size`` bytes in ``--files`` files: a decoder-only model (hidden 2048,
@@ -64,9 +64,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.config import parse_size
-from bench.peers import CacheSeaweedPeer, PeerContext
-from bench.stats import Stat, summarize
+from nearstore.bench.config import parse_size
+from nearstore.bench.peers import CacheSeaweedPeer, PeerContext
+from nearstore.bench.stats import Stat, summarize
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -256,7 +256,7 @@ def local_one_read(ds: Dataset) -> Callable[[], Any]:
     """Each file read into one buffer with a single readinto, tensors as
     views of it: what clients.safetensors does, from a local file (the
     same one copy, page cache to memory, without HTTP)."""
-    from clients.safetensors import DTYPES, parse_header
+    from nearstore.clients.safetensors import DTYPES, parse_header
 
     def run() -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -277,7 +277,7 @@ def local_one_read(ds: Dataset) -> Callable[[], Any]:
 
 def check_equal(loaded: dict[str, Any], ds: Dataset, lora: bool = False) -> None:
     """Every loaded tensor's bytes against the local file's."""
-    from clients.safetensors import parse_header
+    from nearstore.clients.safetensors import parse_header
 
     paths = [ds.dir / ds.lora] if lora else ds.paths()
     n = 0
@@ -329,7 +329,7 @@ def table(cases: list[Case], limit: Case, one_read: Case) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nearstore.bench.models", description=__doc__.split("\n")[0])
     p.add_argument("--size", type=parse_size, default=4 * GiB,
                    help="checkpoint size (4GiB; at least one layer: about 330 MiB)")
     p.add_argument("--files", type=int, default=4, help="shards (4)")
@@ -345,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         args.size, args.files = min(args.size, GiB), min(args.files, 2)
     data_dir = args.data_dir or Path(tempfile.gettempdir()) / "nearstore-bench-models"
     started = time.monotonic()
-    from clients import checkpoint, ranged
-    from clients import safetensors as nst
-    from clients.connect import connect
+    from nearstore.clients import checkpoint, ranged
+    from nearstore.clients import safetensors as nst
+    from nearstore.clients.connect import connect
 
     ds = generate(data_dir / f"{args.size}-{args.files}", args.size, args.files)
     lora_size = (ds.dir / ds.lora).stat().st_size

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-from bench import procs
-from bench.scenarios import Case, ObjectSpec
-from bench.targets import Target
+from nearstore.bench import procs
+from nearstore.bench.scenarios import Case, ObjectSpec
+from nearstore.bench.targets import Target
 
 ACCESS_KEY = "nearstorebench"
 SECRET_KEY = "nearstorebench-secret-key-0123456789"

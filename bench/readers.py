@@ -1,4 +1,4 @@
-"""``python -m bench.readers`` (``nearstore bench readers``): the client readers
+"""``python -m nearstore.bench.readers`` (``nearstore bench readers``): the client readers
 against the node's own warm throughput.
 
 1. One nearstore node with its chunk cache in front of SeaweedFS (the
@@ -46,14 +46,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import dataset
-from bench.config import parse_size
-from bench.loadgen import GetJob, run_job
-from bench.peers import CacheSeaweedPeer, ClusterSeaweedPeer, PeerContext, S3Peer
-from bench.scenarios import ObjectSpec
-from bench.stats import summarize
-from clients import direct, ranged
-from clients.connect import connect
+from nearstore.bench import dataset
+from nearstore.bench.config import parse_size
+from nearstore.bench.loadgen import GetJob, run_job
+from nearstore.bench.peers import CacheSeaweedPeer, ClusterSeaweedPeer, PeerContext, S3Peer
+from nearstore.bench.scenarios import ObjectSpec
+from nearstore.bench.stats import summarize
+from nearstore.clients import direct, ranged
+from nearstore.clients.connect import connect
 
 SOCKET_ROW = "ranged.read_into, short-circuit socket"
 BUCKET = "readers"
@@ -240,7 +240,7 @@ def render(size: int, runs: int, single: Figures, multi: Figures, streams: list[
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.readers", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m nearstore.bench.readers", description=__doc__.splitlines()[0])
     p.add_argument("--size", type=parse_size, default=parse_size("1GiB"), help="object size (1GiB)")
     p.add_argument("--runs", type=int, default=3, help="measured runs per reader (3)")
     p.add_argument("--streams", default="4,8,16", help="stream counts (4,8,16)")

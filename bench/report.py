@@ -13,9 +13,9 @@ import json
 import math
 from pathlib import Path
 
-from bench.runner import CaseResult, Results, ratio_direction
-from bench.scenarios import LOWER_IS_BETTER, METRIC_UNITS
-from bench.stats import Stat
+from nearstore.bench.runner import CaseResult, Results, ratio_direction
+from nearstore.bench.scenarios import LOWER_IS_BETTER, METRIC_UNITS
+from nearstore.bench.stats import Stat
 
 PEER_ORDER = ["nginx", "nginx-cache+seaweedfs", "seaweedfs", "moto"]
 

@@ -1,4 +1,4 @@
-"""``python -m bench.ring``: the directory's algorithms against the issue's targets.
+"""``python -m nearstore.bench.ring``: the directory's algorithms against the issue's targets.
 
 For each algorithm of metadata.ring and each cluster size (3, 100, 1000
 nodes of weight 1) it measures:
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from metadata.ring import ALGORITHMS, DEFAULT_ALGORITHM, Node, Ring, sample_owners
+from nearstore.metadata.ring import ALGORITHMS, DEFAULT_ALGORITHM, Node, Ring, sample_owners
 
 SIZES = (3, 100, 1000)
 TARGET_LOOKUP_US = 5.0
@@ -139,7 +139,7 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.ring", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m nearstore.bench.ring", description=__doc__.splitlines()[0])
     p.add_argument("--algorithms", help=f"comma list of {sorted(ALGORITHMS)}")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma list of node counts")
     p.add_argument("--lookups", type=int, default=20_000)

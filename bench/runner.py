@@ -33,11 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import dataset
-from bench.config import Plan, fmt_size
-from bench.generators import PythonGenerator, run_wrk
-from bench.loadgen import ClientKind, RunResult
-from bench.peers import (
+from nearstore.bench import dataset
+from nearstore.bench.config import Plan, fmt_size
+from nearstore.bench.generators import PythonGenerator, run_wrk
+from nearstore.bench.loadgen import ClientKind, RunResult
+from nearstore.bench.peers import (
     PEERS,
     Peer,
     PeerContext,
@@ -46,8 +46,8 @@ from bench.peers import (
     ProxyPeer,
     find_tool,
 )
-from bench.procs import TreeMonitor, tail, timed
-from bench.scenarios import (
+from nearstore.bench.procs import TreeMonitor, tail, timed
+from nearstore.bench.scenarios import (
     COLD_DURATION_S,
     LOWER_IS_BETTER,
     Case,
@@ -58,8 +58,8 @@ from bench.scenarios import (
     objects_for,
     small_keys,
 )
-from bench.stats import Stat, percentile, summarize
-from bench.targets import Target
+from nearstore.bench.stats import Stat, percentile, summarize
+from nearstore.bench.targets import Target
 
 BUCKET = "nearstore-bench"
 

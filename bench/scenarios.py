@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from bench.config import Plan, fmt_size
-from bench.loadgen import ClientKind, GetJob, PutJob
-from bench.targets import Target
+from nearstore.bench.config import Plan, fmt_size
+from nearstore.bench.loadgen import ClientKind, GetJob, PutJob
+from nearstore.bench.targets import Target
 
 Metric = Literal["gbps", "rps", "p50_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms"]
 

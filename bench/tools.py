@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from bench.peers import find_tool
+from nearstore.bench.peers import find_tool
 
 DEBIAN_TOOLS = {"nginx": "nginx", "wrk": "wrk"}  # tool -> package
 

@@ -471,7 +471,7 @@ POLICIES: dict[str, type[LRU] | type[SIEVE] | type[S3FIFO]] = {
     "s3fifo": S3FIFO,
 }
 
-# Chosen by `python -m bench.eviction`, not by habit. Mean hit ratio over its
+# Chosen by `python -m nearstore.bench.eviction`, not by habit. Mean hit ratio over its
 # five training-like traces: sieve 43.5%, s3fifo 42.6%, fifo 38.7%, lru 37.9%
 # (Belady 57.6%). S3-FIFO wins the Zipf+scan traces by <= 0.2 points and the
 # 3x-dataset epochs by 2.8, but loses the 1.5x-dataset epochs by 7.2 (its 10%

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import xxhash
 
-from cache.eviction import EvictionPolicy, make_policy
+from nearstore.cache.eviction import EvictionPolicy, make_policy
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +63,6 @@ class ChunkCorrupt(CacheError):
 
 class ChunkMissing(CacheError):
     pass
-
-
-def chunk_id(store: str, bucket: str, key: str, etag: str, chunk_size: int, index: int) -> str:
-    h = xxhash.xxh3_128()
-    for part in (store, bucket, key, etag, str(chunk_size), str(index)):
-        data = part.encode()
-        # Length-prefixed, so ("ab","c") and ("a","bc") differ.
-        h.update(len(data).to_bytes(4, "little"))
-        h.update(data)
-    return h.hexdigest()
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Save and load large checkpoints: parallel multipart up, ranged reads down.
 
-    from clients.connect import connect
-    from clients import checkpoint
+    from nearstore.clients.connect import connect
+    from nearstore.clients import checkpoint
     s3 = connect()
     checkpoint.save(s3, "ckpt", "run7/step-1000.pt", "/scratch/step-1000.pt")
     checkpoint.load(s3, "ckpt", "run7/step-1000.pt", "/scratch/restored.pt")
@@ -36,7 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from clients import ranged
+from nearstore.clients import ranged
 
 MiB = 1024 * 1024
 PART_SIZE = 32 * MiB

@@ -15,7 +15,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from metadata.defaults import DEFAULT_ENDPOINT, DEV_ACCESS_KEY, DEV_SECRET_KEY
+from nearstore.metadata.defaults import DEFAULT_ENDPOINT, DEV_ACCESS_KEY, DEV_SECRET_KEY
 
 
 def connect(

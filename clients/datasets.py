@@ -49,10 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Generic, Protocol, TypeVar
 
-from clients import ranged
-from clients.connect import connect
-from clients.local import LocalUnavailable, pread_all
-from clients.tar import Sample, buffer_reader, group_samples, iter_members, stream_reader
+from nearstore.clients import ranged
+from nearstore.clients.connect import connect
+from nearstore.clients.local import LocalUnavailable, pread_all
+from nearstore.clients.tar import Sample, buffer_reader, group_samples, iter_members, stream_reader
 
 T = TypeVar("T")
 U = TypeVar("U")

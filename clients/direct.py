@@ -7,7 +7,7 @@ a plain ranged read through one node of N pays that extra hop for
 and the bucket's chunk layout (``GET /_nearstore/ring?bucket=B``, see
 gateway/app.py), rebuilds the same ring locally (``Ring.build`` is a pure
 function of the membership, and the down nodes are routed around as the
-node does), computes each chunk's id (``cache.store.chunk_id``) and owner,
+node does), computes each chunk's id (``metadata.identity.chunk_id``) and owner,
 and sends each chunk-aligned ranged GET (If-Match the ETag) to the owner's
 own S3 endpoint, which serves it from its cache. (The ring route needs no
 signature, like the ring itself: it tells the cluster's configuration, not
@@ -57,8 +57,7 @@ from urllib.parse import quote
 
 import boto3
 
-from cache.store import chunk_id
-from clients.ranged import (
+from nearstore.clients.ranged import (
     CHUNK,
     STREAMS,
     Functions,
@@ -68,7 +67,8 @@ from clients.ranged import (
     Span,
     _ssl_context,
 )
-from metadata.ring import Node, NoLiveNodes, Ring
+from nearstore.metadata.identity import chunk_id
+from nearstore.metadata.ring import Node, NoLiveNodes, Ring
 
 __all__ = [
     "ClusterView", "DirectReader", "Layout", "ObjectChanged", "adownload", "aread_bytes", "aread_into",

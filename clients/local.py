@@ -38,7 +38,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from metadata.defaults import DEFAULT_CHUNK_SIZE
+from nearstore.metadata.defaults import DEFAULT_CHUNK_SIZE
 
 MAX_MESSAGE = 64 * 1024
 PRESIGN_S = 3600

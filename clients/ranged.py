@@ -65,8 +65,8 @@ from xml.etree import ElementTree
 
 from botocore.exceptions import ClientError
 
-from clients.local import LocalChanged, LocalNode, LocalNotServed, LocalUnavailable
-from metadata.defaults import DEFAULT_CHUNK_SIZE
+from nearstore.clients.local import LocalChanged, LocalNode, LocalNotServed, LocalUnavailable
+from nearstore.metadata.defaults import DEFAULT_CHUNK_SIZE
 
 CHUNK = DEFAULT_CHUNK_SIZE
 # Concurrent ranges per read: bench/readers.py measured 0.73x (4), 0.86x

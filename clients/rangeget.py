@@ -38,8 +38,8 @@ from urllib.parse import urlsplit
 
 from botocore.exceptions import ClientError
 
-from clients.local import LocalChanged, LocalNode, LocalUnavailable
-from clients.ranged import CHUNK, ObjectChanged, Pinned, RangedReader
+from nearstore.clients.local import LocalChanged, LocalNode, LocalUnavailable
+from nearstore.clients.ranged import CHUNK, ObjectChanged, Pinned, RangedReader
 
 Transport = Literal["auto", "http", "boto"]
 

@@ -36,8 +36,8 @@ chunks, for no gain in throughput).
 an adapter swapped in and out): no fresh memory to fault in, which on a
 warm node is most of a load's CPU (measured in bench/models.py).
 
-    from clients.connect import connect
-    from clients import safetensors as nst
+    from nearstore.clients.connect import connect
+    from nearstore.clients import safetensors as nst
     s3 = connect()
     weights = nst.load(s3, "models", "llama/model.safetensors.index.json")  # numpy
     weights = nst.load_torch(s3, "models", "llama/")                       # torch
@@ -74,11 +74,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from clients import ranged
-from clients.checkpoint import require_torch
-from clients.local import LocalChanged, LocalNode, LocalUnavailable
-from clients.ranged import CHUNK, ObjectChanged
-from clients.rangeget import ObjectVersion, RangeGetter, Transport, read_ranges, split_range
+from nearstore.clients import ranged
+from nearstore.clients.checkpoint import require_torch
+from nearstore.clients.local import LocalChanged, LocalNode, LocalUnavailable
+from nearstore.clients.ranged import CHUNK, ObjectChanged
+from nearstore.clients.rangeget import (
+    ObjectVersion,
+    RangeGetter,
+    Transport,
+    read_ranges,
+    split_range,
+)
 
 MAX_HEADER = 100 * 1024 * 1024
 FIRST_READ = 256 * 1024

@@ -29,30 +29,30 @@ from urllib.parse import urlsplit
 
 from aiohttp import HttpVersion11, http_exceptions, web, web_protocol
 
-from cache.metrics import exposition as metrics_exposition
-from cache.store import ChunkCorrupt, ChunkMissing, ChunkStore, open_verified
-from cache.warm import WarmProgress, warm
-from gateway import errors
-from gateway.auth import AuthContext, SignedRequest, authenticate
-from gateway.backends.base import Backend, ObjectInfo
-from gateway.backends.cached import CachedBackend, ObjectChanged
-from gateway.backends.local import LocalStore
-from gateway.backends.router import Router
-from gateway.backends.s3 import S3Upstream
-from gateway.cluster import AUTH_HEADER as PEER_AUTH_HEADER
-from gateway.cluster import ChunkFileHandle, Cluster
-from gateway.cluster import verify as verify_peer
-from gateway.config import Config, ConfigError
-from gateway.conn import BodyStalled, GuardedHandler, listen
-from gateway.control import Control
-from gateway.handlers.common import Ctx
-from gateway.localsock import LocalSocketServer
-from gateway.request import S3Request, parse_query, split_target
-from gateway.routes import Handler, resolve
-from gateway.sendfile import ResponseAborted, send_body
-from gateway.xml import XML_DECL, escape
-from metadata.membership import Membership, start_health_checks, stop_health_checks
-from metadata.ring import Node, Ring
+from nearstore.cache.metrics import exposition as metrics_exposition
+from nearstore.cache.store import ChunkCorrupt, ChunkMissing, ChunkStore, open_verified
+from nearstore.cache.warm import WarmProgress, warm
+from nearstore.gateway import errors
+from nearstore.gateway.auth import AuthContext, SignedRequest, authenticate
+from nearstore.gateway.backends.base import Backend, ObjectInfo
+from nearstore.gateway.backends.cached import CachedBackend, ObjectChanged
+from nearstore.gateway.backends.local import LocalStore
+from nearstore.gateway.backends.router import Router
+from nearstore.gateway.backends.s3 import S3Upstream
+from nearstore.gateway.cluster import AUTH_HEADER as PEER_AUTH_HEADER
+from nearstore.gateway.cluster import ChunkFileHandle, Cluster
+from nearstore.gateway.cluster import verify as verify_peer
+from nearstore.gateway.config import Config, ConfigError
+from nearstore.gateway.conn import BodyStalled, GuardedHandler, listen
+from nearstore.gateway.control import Control
+from nearstore.gateway.handlers.common import Ctx
+from nearstore.gateway.localsock import LocalSocketServer
+from nearstore.gateway.request import S3Request, parse_query, split_target
+from nearstore.gateway.routes import Handler, resolve
+from nearstore.gateway.sendfile import ResponseAborted, send_body
+from nearstore.gateway.xml import XML_DECL, escape
+from nearstore.metadata.membership import Membership, start_health_checks, stop_health_checks
+from nearstore.metadata.ring import Node, Ring
 
 log = logging.getLogger("nearstore")
 
@@ -286,7 +286,7 @@ def ring_route(request: web.Request) -> web.Response:
 
     (``cached`` false and nothing more when B is not read through the
     cache). With the ring, that is all a client needs to compute each
-    chunk's id (cache.store.chunk_id) and owner, and to ask the owner for
+    chunk's id (metadata.identity.chunk_id) and owner, and to ask the owner for
     it itself, saving the hop through a peer (clients/direct.py).
 
     Unauthenticated, like health and metrics: it tells the topology and the
@@ -658,7 +658,7 @@ async def _run(cfg: Config) -> None:
 
 
 def _worker_argv(cfg: Config) -> list[str]:
-    argv = [sys.executable, "-m", "gateway.cli", *sys.argv[1:], "--worker"]
+    argv = [sys.executable, "-m", "nearstore.gateway.cli", *sys.argv[1:], "--worker"]
     if "--workers" not in sys.argv:
         argv += ["--workers", str(cfg.workers)]
     return argv

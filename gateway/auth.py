@@ -58,7 +58,7 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import quote, unquote, unquote_to_bytes
 
-from gateway.errors import (
+from nearstore.gateway.errors import (
     AccessDenied,
     AuthorizationHeaderMalformed,
     AuthorizationQueryParametersError,
@@ -72,7 +72,7 @@ from gateway.errors import (
     S3Error,
     SignatureDoesNotMatch,
 )
-from gateway.errors import NotImplemented as S3NotImplemented  # not the builtin
+from nearstore.gateway.errors import NotImplemented as S3NotImplemented  # not the builtin
 
 __all__ = [
     "ALGORITHM",

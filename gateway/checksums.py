@@ -41,7 +41,7 @@ from typing import Final, Protocol
 
 from awscrt import checksums as crt
 
-from gateway.errors import BadDigest, InvalidRequest
+from nearstore.gateway.errors import BadDigest, InvalidRequest
 
 ALGORITHMS: Final = ("CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256")
 

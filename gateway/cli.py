@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from gateway import config as config_mod
+from nearstore.gateway import config as config_mod
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -42,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if cfg.workers > 1:
         # Before prometheus_client is first imported (cache.metrics).
-        from gateway.control import run_dir
+        from nearstore.gateway.control import run_dir
 
         mdir = run_dir(cfg.data_dir) / "metrics"
         if not cfg.worker:
@@ -51,7 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
             shutil.rmtree(mdir, ignore_errors=True)
             mdir.mkdir(parents=True, mode=0o700)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mdir)
-    from gateway.app import serve
+    from nearstore.gateway.app import serve
 
     try:
         serve(cfg)
@@ -124,7 +124,7 @@ def _warm(args: argparse.Namespace) -> int:
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from gateway.localcluster import run
+    from nearstore.gateway.localcluster import run
 
     return run(args.nodes, args.port, args.dir, args.backing, args.cache_size)
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
         # The benchmark harness has its own flags and heavier imports.
-        from bench.cli import main as bench_main
+        from nearstore.bench.cli import main as bench_main
 
         return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="nearstore", description="S3-compatible object store with a node-local cache")

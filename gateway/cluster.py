@@ -38,9 +38,9 @@ from urllib.parse import urlencode
 import aiohttp
 from yarl import URL
 
-from gateway.backends.base import FileSegment, ObjectInfo, Served, read_segments
-from metadata.membership import Membership
-from metadata.ring import Node, NoLiveNodes
+from nearstore.gateway.backends.base import FileSegment, ObjectInfo, Served, read_segments
+from nearstore.metadata.membership import Membership
+from nearstore.metadata.ring import Node, NoLiveNodes
 
 log = logging.getLogger(__name__)
 

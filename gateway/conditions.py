@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import errors
+from nearstore.gateway import errors
 
 
 def http_date(ts: float) -> str:

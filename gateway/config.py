@@ -38,8 +38,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.conn import ConnLimits
-from metadata.defaults import DEFAULT_CHUNK_SIZE, DEV_ACCESS_KEY, DEV_SECRET_KEY
+from nearstore.gateway.conn import ConnLimits
+from nearstore.metadata.defaults import DEFAULT_CHUNK_SIZE, DEV_ACCESS_KEY, DEV_SECRET_KEY
 
 
 class ConfigError(ValueError):

@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from gateway import config as config_mod
+from nearstore.gateway import config as config_mod
 
 
 def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
@@ -42,7 +42,7 @@ def run(nodes: int, port: int, directory: str, backing: str | None, cache_size: 
     env.setdefault("NEARSTORE_ACCESS_KEY", config_mod.DEV_ACCESS_KEY)
     env.setdefault("NEARSTORE_SECRET_KEY", config_mod.DEV_SECRET_KEY)
     env.setdefault("NEARSTORE_CLUSTER_SECRET", secrets.token_hex(16))
-    exe = [sys.executable, "-m", "gateway.cli", "serve"]
+    exe = [sys.executable, "-m", "nearstore.gateway.cli", "serve"]
     procs: list[subprocess.Popen[bytes]] = []
     stopping: list[bool] = []
 

@@ -46,12 +46,12 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
-from cache import metrics
-from gateway import errors
-from gateway.auth import SignedRequest, authenticate
-from gateway.backends.base import Backend, FileBacked, FileSegment, ReadOptions
-from gateway.conditions import check_read_conditions
-from gateway.request import check_key, split_target, validate_bucket_name
+from nearstore.cache import metrics
+from nearstore.gateway import errors
+from nearstore.gateway.auth import SignedRequest, authenticate
+from nearstore.gateway.backends.base import Backend, FileBacked, FileSegment, ReadOptions
+from nearstore.gateway.conditions import check_read_conditions
+from nearstore.gateway.request import check_key, split_target, validate_bucket_name
 
 log = logging.getLogger("nearstore.localsock")
 

@@ -84,8 +84,8 @@ import aiohttp
 from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.streams import EofStream
 
-from gateway import checksums, errors
-from gateway.errors import (
+from nearstore.gateway import checksums, errors
+from nearstore.gateway.errors import (
     BadDigest,
     EntityTooLarge,
     IncompleteBody,

@@ -20,7 +20,7 @@ from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 
-from gateway import errors
+from nearstore.gateway import errors
 
 MAX_KEY_BYTES = 1024
 

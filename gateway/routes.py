@@ -12,13 +12,13 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway import errors
-from gateway.handlers import bucket as b
-from gateway.handlers import multipart as mp
-from gateway.handlers import object as o
-from gateway.handlers import post
-from gateway.handlers.common import Ctx
-from gateway.request import S3Request
+from nearstore.gateway import errors
+from nearstore.gateway.handlers import bucket as b
+from nearstore.gateway.handlers import multipart as mp
+from nearstore.gateway.handlers import object as o
+from nearstore.gateway.handlers import post
+from nearstore.gateway.handlers.common import Ctx
+from nearstore.gateway.request import S3Request
 
 Handler = Callable[[Ctx, S3Request], Awaitable[web.StreamResponse]]
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from gateway import errors
+from nearstore.gateway import errors
 
 S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 XML_DECL = '<?xml version="1.0" encoding="UTF-8"?>\n'

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from metadata.ring import Node, Ring
+from nearstore.metadata.ring import Node, Ring
 
 log = logging.getLogger(__name__)
 

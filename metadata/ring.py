@@ -24,7 +24,7 @@ once. Placement is exact integer arithmetic, so all machines agree (only
 rendezvous compares floats, where a last-bit difference in `log` between
 platforms could flip a near-tie of two scores).
 
-Algorithms (`algorithm=`), chosen by measurement (`python -m bench.ring`;
+Algorithms (`algorithm=`), chosen by measurement (`python -m nearstore.bench.ring`;
 figures at 1000 equal nodes, one core of the development machine):
 
 - ``multiprobe`` (default): ketama points (``vnodes`` = 2048 per unit of

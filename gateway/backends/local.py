@@ -53,8 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from gateway import errors
-from gateway.backends.base import (
+from nearstore.gateway import errors
+from nearstore.gateway.backends.base import (
     BucketInfo,
     CompletedPart,
     FileSegment,
@@ -69,7 +69,7 @@ from gateway.backends.base import (
     WriteConditions,
     read_segments,
 )
-from gateway.checksums import new_checksum
+from nearstore.gateway.checksums import new_checksum
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 
-from cache.store import ChunkStore
-from gateway import errors
-from gateway.backends.base import (
+from nearstore.cache.store import ChunkStore
+from nearstore.gateway import errors
+from nearstore.gateway.backends.base import (
     Backend,
     BucketInfo,
     CompletedPart,
@@ -80,7 +80,7 @@ class Router:
         if self.store is not None:
             import asyncio
 
-            from cache import metrics
+            from nearstore.cache import metrics
 
             try:
                 found = await asyncio.get_running_loop().run_in_executor(None, self.store.load)

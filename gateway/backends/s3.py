@@ -42,9 +42,9 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from gateway import errors
-from gateway.auth import derive_signing_key, uri_encode
-from gateway.backends.base import (
+from nearstore.gateway import errors
+from nearstore.gateway.auth import derive_signing_key, uri_encode
+from nearstore.gateway.backends.base import (
     BucketInfo,
     CompletedPart,
     ListPage,
@@ -57,9 +57,9 @@ from gateway.backends.base import (
     UploadInfo,
     WriteConditions,
 )
-from gateway.checksums import ALGORITHMS
-from gateway.config import UpstreamConfig
-from gateway.xml import child_text, document, parse
+from nearstore.gateway.checksums import ALGORITHMS
+from nearstore.gateway.config import UpstreamConfig
+from nearstore.gateway.xml import child_text, document, parse
 
 log = logging.getLogger(__name__)
 

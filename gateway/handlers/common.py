@@ -10,13 +10,13 @@ from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
 
-from gateway import errors
-from gateway.auth import AuthContext
-from gateway.backends.base import Backend, ObjectMeta
-from gateway.config import Config
-from gateway.payload import Payload
-from gateway.request import S3Request
-from gateway.xml import Node, document
+from nearstore.gateway import errors
+from nearstore.gateway.auth import AuthContext
+from nearstore.gateway.backends.base import Backend, ObjectMeta
+from nearstore.gateway.config import Config
+from nearstore.gateway.payload import Payload
+from nearstore.gateway.request import S3Request
+from nearstore.gateway.xml import Node, document
 
 # Standard headers S3 stores with an object and returns on GET/HEAD.
 STORED_HEADERS = (

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway import errors
-from gateway.backends.base import CompletedPart, ObjectMeta
-from gateway.checksums import ALGORITHMS
-from gateway.conditions import check_copy_source_conditions, iso8601
-from gateway.handlers.common import (
+from nearstore.gateway import errors
+from nearstore.gateway.backends.base import CompletedPart, ObjectMeta
+from nearstore.gateway.checksums import ALGORITHMS
+from nearstore.gateway.conditions import check_copy_source_conditions, iso8601
+from nearstore.gateway.handlers.common import (
     Ctx,
     meta_from_headers,
     payload,
@@ -17,9 +17,9 @@ from gateway.handlers.common import (
     require_key,
     xml_response,
 )
-from gateway.handlers.object import parse_copy_source, with_encoding
-from gateway.request import S3Request, check_key
-from gateway.xml import child_text, parse
+from nearstore.gateway.handlers.object import parse_copy_source, with_encoding
+from nearstore.gateway.request import S3Request, check_key
+from nearstore.gateway.xml import child_text, parse
 
 MAX_PART_NUMBER = 10000
 

@@ -7,16 +7,16 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from gateway import errors
-from gateway.backends.base import ObjectInfo, ObjectMeta, ReadOptions, WriteConditions
-from gateway.conditions import (
+from nearstore.gateway import errors
+from nearstore.gateway.backends.base import ObjectInfo, ObjectMeta, ReadOptions, WriteConditions
+from nearstore.gateway.conditions import (
     check_copy_source_conditions,
     check_read_conditions,
     http_date,
     iso8601,
     parse_range,
 )
-from gateway.handlers.common import (
+from nearstore.gateway.handlers.common import (
     Ctx,
     acl_policy,
     meta_from_headers,
@@ -27,9 +27,9 @@ from gateway.handlers.common import (
     validate_tags,
     xml_response,
 )
-from gateway.request import S3Request, check_key, validate_bucket_name
-from gateway.sendfile import send_body
-from gateway.xml import child_text, parse
+from nearstore.gateway.request import S3Request, check_key, validate_bucket_name
+from nearstore.gateway.sendfile import send_body
+from nearstore.gateway.xml import child_text, parse
 
 log = logging.getLogger(__name__)
 

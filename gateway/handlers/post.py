@@ -16,17 +16,17 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from aiohttp import BodyPartReader, MultipartReader, web
 
-from gateway import errors
-from gateway.auth import PostPolicy, authenticate_post
-from gateway.backends.base import ObjectMeta
-from gateway.handlers.common import (
+from nearstore.gateway import errors
+from nearstore.gateway.auth import PostPolicy, authenticate_post
+from nearstore.gateway.backends.base import ObjectMeta
+from nearstore.gateway.handlers.common import (
     MAX_USER_META,
     STORED_HEADERS,
     Ctx,
     check_unsupported_headers,
     xml_response,
 )
-from gateway.request import S3Request, check_key
+from nearstore.gateway.request import S3Request, check_key
 
 # Everything before the file part, field names and each part's headers
 # included, is read before the signature can be checked: bounded in bytes

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients import checkpoint
-from clients.connect import connect
+from nearstore.clients import checkpoint
+from nearstore.clients.connect import connect
 from tests.conftest import ServerPool
 from tests.helpers.servers import S3Server
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from clients.connect import connect
-from clients.local import LocalNode
-from clients.ranged import ObjectChanged, RangedReader, download, read_bytes, read_into
+from nearstore.clients.connect import connect
+from nearstore.clients.local import LocalNode
+from nearstore.clients.ranged import ObjectChanged, RangedReader, download, read_bytes, read_into
 from tests.helpers.servers import S3Server
 
 MiB = 1024 * 1024

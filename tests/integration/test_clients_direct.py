@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
-from cache.store import chunk_id
-from clients import direct, ranged
-from clients.connect import connect
-from clients.direct import ClusterView, DirectReader
-from clients.ranged import ObjectChanged, Span
-from metadata.ring import Node, Ring
+from nearstore.clients import direct, ranged
+from nearstore.clients.connect import connect
+from nearstore.clients.direct import ClusterView, DirectReader
+from nearstore.clients.ranged import ObjectChanged, Span
+from nearstore.metadata.identity import chunk_id
+from nearstore.metadata.ring import Node, Ring
 from tests.helpers.procs import BIN, moto_server, wait_ready
 from tests.helpers.servers import S3Server, free_port
 

@@ -68,7 +68,7 @@ class Cluster:
     def misplaced(self) -> list[tuple[int, str]]:
         """(node port, chunk id) of each chunk file on a node the full ring
         does not name as the chunk's owner."""
-        from metadata.ring import Node, Ring
+        from nearstore.metadata.ring import Node, Ring
 
         ring = Ring.build([Node(f"127.0.0.1:{p}", f"http://127.0.0.1:{p}") for p in self.ports])
         return [(p, cid) for p in self.ports for cid in self.chunk_files(p)
@@ -108,8 +108,8 @@ def test_every_node_serves_the_same_bytes_from_owners(cluster: Cluster) -> None:
     assert len(all_chunks) == len(set(all_chunks)) == 13
     assert sum(1 for files in per_node if files) >= 2
     # Each on the node the ring names as its owner.
-    from cache.store import chunk_id
-    from metadata.ring import Node, Ring
+    from nearstore.metadata.identity import chunk_id
+    from nearstore.metadata.ring import Node, Ring
 
     ring = Ring.build([Node(f"127.0.0.1:{p}", f"http://127.0.0.1:{p}") for p in cluster.ports])
     etag = s3[0].head_object(Bucket="cluster-data", Key="dir/sub dir/obj+1")["ETag"]
@@ -201,9 +201,9 @@ def test_reads_survive_a_node_killed_mid_flight(cluster: Cluster) -> None:
 def test_a_peer_cannot_cut_a_chunk_to_a_wrong_size(cluster: Cluster) -> None:
     """A correctly signed peer request that claims a wrong object size must
     not cache a short chunk: the owner takes sizes from its own metadata."""
-    from cache.store import chunk_id
-    from gateway.cluster import AUTH_HEADER, sign
-    from metadata.ring import Node, Ring
+    from nearstore.gateway.cluster import AUTH_HEADER, sign
+    from nearstore.metadata.identity import chunk_id
+    from nearstore.metadata.ring import Node, Ring
 
     s3 = [cluster.client(p) for p in cluster.ports]
     s3[0].create_bucket(Bucket="cluster-poison")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from clients.connect import connect
-from clients.datasets import ObjectDataset, ObjectStream, S3Source, TarDataset
+from nearstore.clients.connect import connect
+from nearstore.clients.datasets import ObjectDataset, ObjectStream, S3Source, TarDataset
 from tests.helpers.servers import S3Server
 from tests.unit.test_datasets import make_tar
 

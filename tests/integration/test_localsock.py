@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from clients.connect import connect
-from clients.datasets import S3Source, TarDataset
-from clients.local import LocalChanged, LocalNode, LocalNotServed
-from clients.ranged import RangedReader
+from nearstore.clients.connect import connect
+from nearstore.clients.datasets import S3Source, TarDataset
+from nearstore.clients.local import LocalChanged, LocalNode, LocalNotServed
+from nearstore.clients.ranged import RangedReader
 from tests.helpers.cachenode import (
     ACCESS_KEY,
     SECRET_KEY,

@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from clients.connect import connect
-from clients.ranged import ObjectChanged, RangedReader
+from nearstore.clients.connect import connect
+from nearstore.clients.ranged import ObjectChanged, RangedReader
 from tests.helpers.servers import S3Server
 
 MiB = 1024 * 1024

@@ -18,10 +18,10 @@ import safetensors.torch as st_pt
 import torch
 from safetensors import safe_open
 
-from clients import direct, rangeget
-from clients import safetensors as nst
-from clients.connect import connect
-from clients.ranged import ObjectChanged, read_into
+from nearstore.clients import direct, rangeget
+from nearstore.clients import safetensors as nst
+from nearstore.clients.connect import connect
+from nearstore.clients.ranged import ObjectChanged, read_into
 from tests.conftest import ServerPool
 from tests.helpers.servers import S3Server
 
@@ -158,7 +158,7 @@ def test_whole_files_are_mapped_from_the_node(node: tuple[Any, str], tmp_path: P
     import gc
     import mmap
 
-    from clients.local import LocalNode
+    from nearstore.clients.local import LocalNode
 
     s3, bucket = node
     tensors = _torch_tensors(seed=3, n=8, width=1024)

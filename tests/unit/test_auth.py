@@ -30,8 +30,8 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from multidict import CIMultiDict
 
-from gateway import auth
-from gateway.auth import (
+from nearstore.gateway import auth
+from nearstore.gateway.auth import (
     AuthContext,
     InvalidPolicyDocument,
     PostPolicy,
@@ -41,7 +41,7 @@ from gateway.auth import (
     derive_signing_key,
     uri_encode,
 )
-from gateway.errors import (
+from nearstore.gateway.errors import (
     AccessDenied,
     AuthorizationHeaderMalformed,
     AuthorizationQueryParametersError,
@@ -54,7 +54,7 @@ from gateway.errors import (
     S3Error,
     SignatureDoesNotMatch,
 )
-from gateway.errors import NotImplemented as S3NotImplemented
+from nearstore.gateway.errors import NotImplemented as S3NotImplemented
 
 # --- helpers -------------------------------------------------------------------
 

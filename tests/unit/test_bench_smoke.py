@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import PRESETS, parse_size
-from bench.loadgen import LoadError, _parse_head
-from bench.scenarios import SCENARIOS, select
-from bench.stats import percentile, summarize
+from nearstore.bench.config import PRESETS, parse_size
+from nearstore.bench.loadgen import LoadError, _parse_head
+from nearstore.bench.scenarios import SCENARIOS, select
+from nearstore.bench.stats import percentile, summarize
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,7 +59,7 @@ def test_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     argv = ["--smoke", "--no-progress", "--no-setup", "--workdir", str(tmp_path / "work")]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", *argv, "--json", str(out)],
+        [sys.executable, "-m", "nearstore.bench", *argv, "--json", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -90,7 +90,7 @@ def test_missing_nginx_is_skipped_with_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A fresh machine without nginx: the peer is skipped, nothing starts."""
-    from bench import peers, runner
+    from nearstore.bench import peers, runner
 
     monkeypatch.setattr(peers, "find_tool", lambda name, bin_dir: None)
     plan = PRESETS["smoke"]
@@ -107,7 +107,7 @@ def test_smoke_proxy_through_moto(tmp_path: Path) -> None:
     out = tmp_path / "proxy.json"
     argv = ["--smoke", "--no-progress", "--no-setup", "--workdir", str(tmp_path / "work")]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", *argv, "--scenarios", "proxy", "--peers",
+        [sys.executable, "-m", "nearstore.bench", *argv, "--scenarios", "proxy", "--peers",
          "nearstore->moto", "--json", str(out)],
         cwd=REPO,
         capture_output=True,
@@ -147,7 +147,7 @@ def test_smoke_cache_cold_and_warm(tmp_path: Path) -> None:
     """The cache scenario's cold runs restart a peer on the same port: moto
     and nearstore have no cache (clear_cache is a no-op) but run every case;
     nearstore-cache+seaweedfs is only checked where weed is installed."""
-    from bench import peers as peers_mod
+    from nearstore.bench import peers as peers_mod
 
     names = ["nearstore"]
     bin_dir = Path(sys.executable).parent
@@ -156,7 +156,7 @@ def test_smoke_cache_cold_and_warm(tmp_path: Path) -> None:
     out = tmp_path / "cache.json"
     argv = ["--smoke", "--no-progress", "--no-setup", "--workdir", str(tmp_path / "work")]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", *argv, "--scenarios", "cache", "--peers",
+        [sys.executable, "-m", "nearstore.bench", *argv, "--scenarios", "cache", "--peers",
          ",".join(names), "--json", str(out)],
         cwd=REPO,
         capture_output=True,
@@ -201,7 +201,7 @@ def test_smoke_cluster(tmp_path: Path) -> None:
     out = tmp_path / "cluster.json"
     argv = ["--smoke", "--no-progress", "--no-setup", "--workdir", str(tmp_path / "work")]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", *argv, "--scenarios", "cluster", "--peers",
+        [sys.executable, "-m", "nearstore.bench", *argv, "--scenarios", "cluster", "--peers",
          "nearstore-cluster", "--subject", "nearstore-cluster", "--json", str(out)],
         cwd=REPO,
         capture_output=True,
@@ -231,7 +231,7 @@ def test_smoke_loader(tmp_path: Path) -> None:
     samples counted and the JSON written."""
     out = tmp_path / "loader.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.loader", "--samples", "120", "--shard-samples", "40",
+        [sys.executable, "-m", "nearstore.bench.loader", "--samples", "120", "--shard-samples", "40",
          "--sample-size", "4KiB", "--runs", "1", "--workdir", str(tmp_path), "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )

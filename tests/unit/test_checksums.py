@@ -9,7 +9,7 @@ import os
 import pytest
 from botocore import httpchecksum
 
-from gateway import checksums, errors
+from nearstore.gateway import checksums, errors
 
 CHECK = b"123456789"
 

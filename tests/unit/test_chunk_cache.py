@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from cache.store import ChunkStore
-from gateway.backends.base import FileSegment, ObjectMeta, ReadOptions
-from gateway.backends.cached import CachedBackend, CachedHandle, ObjectChanged
-from gateway.backends.local import LocalStore
+from nearstore.cache.store import ChunkStore
+from nearstore.gateway.backends.base import FileSegment, ObjectMeta, ReadOptions
+from nearstore.gateway.backends.cached import CachedBackend, CachedHandle, ObjectChanged
+from nearstore.gateway.backends.local import LocalStore
 from tests.unit.test_local_store import Body
 
 CS = 64 * 1024
@@ -197,7 +197,7 @@ async def test_concurrent_misses_share_one_fill(env: tuple[CachedBackend, LocalS
 
 
 async def test_warm_fills_and_pins(env: tuple[CachedBackend, LocalStore, Path]) -> None:
-    from cache.warm import warm
+    from nearstore.cache.warm import warm
 
     cb, local, _ = env
     objects = {f"w/{i}": os.urandom(2 * CS + i) for i in range(3)}
@@ -231,8 +231,8 @@ async def test_warm_fills_and_pins(env: tuple[CachedBackend, LocalStore, Path]) 
 def test_verification_memo_trusts_only_unchanged_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import xxhash
 
-    from cache import store as store_mod
-    from cache.store import ChunkCorrupt, open_verified
+    from nearstore.cache import store as store_mod
+    from nearstore.cache.store import ChunkCorrupt, open_verified
 
     data = os.urandom(1 << 20)
     path = tmp_path / "chunk"
@@ -291,7 +291,7 @@ async def test_a_chunk_of_the_wrong_length_is_never_served(env: tuple[CachedBack
     cid = cb._chunk_id("bkt", info, 1)
     cb.store.drop(cid)
     tmp = cb.store.new_temp()
-    from cache.store import ChunkWriter
+    from nearstore.cache.store import ChunkWriter
 
     w = ChunkWriter(tmp)
     w.write(data[CS : CS + 100])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import errors
-from gateway.conditions import (
+from nearstore.gateway import errors
+from nearstore.gateway.conditions import (
     check_copy_source_conditions,
     check_read_conditions,
     http_date,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import config
-from gateway.config import ConfigError, is_loopback, load
+from nearstore.gateway import config
+from nearstore.gateway.config import ConfigError, is_loopback, load
 
 
 @pytest.mark.parametrize(("host", "expected"), [

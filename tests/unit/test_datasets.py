@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.datasets import (
+from nearstore.clients.datasets import (
     Entry,
     LocalSource,
     ObjectDataset,
@@ -22,7 +22,7 @@ from clients.datasets import (
     prefetched,
     split,
 )
-from clients.tar import (
+from nearstore.clients.tar import (
     TarError,
     buffer_reader,
     group_samples,

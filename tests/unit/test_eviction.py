@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import eviction as bench
-from cache.eviction import (
+from nearstore.bench import eviction as bench
+from nearstore.cache.eviction import (
     DEFAULT_POLICY,
     POLICIES,
     S3FIFO,

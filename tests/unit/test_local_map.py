@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from clients.local import PAGE, LocalNode
+from nearstore.clients.local import PAGE, LocalNode
 
 MiB = 1024 * 1024
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import errors
-from gateway.backends.base import CompletedPart, ObjectMeta, WriteConditions
-from gateway.backends.local import MIN_PART_SIZE, LocalStore, _key_upper_bound
+from nearstore.gateway import errors
+from nearstore.gateway.backends.base import CompletedPart, ObjectMeta, WriteConditions
+from nearstore.gateway.backends.local import MIN_PART_SIZE, LocalStore, _key_upper_bound
 
 
 class Body:

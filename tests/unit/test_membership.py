@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from metadata import membership
-from metadata.membership import Membership
-from metadata.ring import Node, Ring
+from nearstore.metadata import membership
+from nearstore.metadata.membership import Membership
+from nearstore.metadata.ring import Node, Ring
 
 
 def cluster(heard: bool = True) -> Membership:

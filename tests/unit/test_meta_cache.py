@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from metadata.objects import MetaCache
+from nearstore.metadata.objects import MetaCache
 
 
 async def test_hits_within_ttl_and_shared_lookups() -> None:

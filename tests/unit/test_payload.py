@@ -25,8 +25,8 @@ from aiohttp.http_exceptions import ContentLengthError
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
 
-from gateway import checksums, errors, payload
-from gateway.payload import Payload
+from nearstore.gateway import checksums, errors, payload
+from nearstore.gateway.payload import Payload
 
 # --- fixtures and helpers ------------------------------------------------------------
 

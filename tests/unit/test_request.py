@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import errors
-from gateway.request import check_key, parse_query, split_target, validate_bucket_name
+from nearstore.gateway import errors
+from nearstore.gateway.request import check_key, parse_query, split_target, validate_bucket_name
 
 
 @pytest.mark.parametrize(

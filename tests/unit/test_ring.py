@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from metadata.ring import (
+from nearstore.metadata.ring import (
     ALGORITHMS,
     DEFAULT_ALGORITHM,
     Node,
