@@ -4,7 +4,7 @@ The store owns the byte budget. When it needs room it asks ``victim()`` for a
 key, removes that chunk, calls ``remove(key)``, and repeats until the new chunk
 fits; then it calls ``admit``. A policy only keeps an order over keys.
 
-Invariants every policy keeps (and ``tests/unit/test_eviction.py`` checks for
+Invariants every policy keeps (and ``tests/unit/cache/test_eviction.py`` checks for
 all of them with one contract test):
 
 - A policy tracks the keys the store holds: admitted and not yet removed.

@@ -5,7 +5,7 @@ A `Ring` is an immutable, versioned answer to "who owns key K?". Membership
 reference atomically; health checks derive a ring that routes around down
 peers with `Ring.without`. Lookups do no I/O and take no locks.
 
-Invariants (tests/unit/test_ring.py checks each):
+Invariants (tests/unit/metadata/test_ring.py checks each):
 
 - A pure function of the membership: the same nodes (in any order) with the
   same weights, algorithm and parameters give the same owners on every

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from nearstore.clients.connect import connect
 from nearstore.clients.datasets import ObjectDataset, ObjectStream, S3Source, TarDataset
 from tests.helpers.servers import S3Server
-from tests.unit.test_datasets import make_tar
+from tests.unit.clients.test_datasets import make_tar
 
 SHARDS = 5
 PER_SHARD = 40

@@ -32,7 +32,7 @@ from tests.helpers.cachenode import (
     start_moto,
 )
 from tests.helpers.servers import S3Server
-from tests.unit.test_datasets import make_tar
+from tests.unit.clients.test_datasets import make_tar
 
 
 @pytest.fixture

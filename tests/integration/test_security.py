@@ -1,7 +1,7 @@
 """Holes that cost an attacker little: a POST form whose fields repeat in
 another case, connections that never finish their request, files other local
 users could read, and the published development keys on a public address.
-(A peer that lies about an object's size: tests/integration/test_cluster.py.)
+(A peer that lies about an object's size: tests/cluster/test_cluster.py.)
 """
 
 from __future__ import annotations

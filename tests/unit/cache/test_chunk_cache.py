@@ -17,7 +17,7 @@ from nearstore.cache.store import ChunkStore
 from nearstore.gateway.backends.base import FileSegment, ObjectMeta, ReadOptions
 from nearstore.gateway.backends.cached import CachedBackend, CachedHandle, ObjectChanged
 from nearstore.gateway.backends.local import LocalStore
-from tests.unit.test_local_store import Body
+from tests.unit.gateway.test_local_store import Body
 
 CS = 64 * 1024
 

@@ -20,7 +20,7 @@ from nearstore.bench.loadgen import LoadError, _parse_head
 from nearstore.bench.scenarios import SCENARIOS, select
 from nearstore.bench.stats import percentile, summarize
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_parse_size() -> None:
