@@ -87,6 +87,13 @@ class UploadBody(Protocol):
     def chunks(self) -> AsyncIterator[bytes | memoryview]: ...
 
     @property
+    def declared_size(self) -> int | None:
+        """The length the client announced before sending (Content-Length,
+        or the decoded length of an aws-chunked body); None where it is
+        known only at the end (a browser POST form's file)."""
+        ...
+
+    @property
     def size(self) -> int: ...
 
     @property

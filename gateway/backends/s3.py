@@ -31,11 +31,12 @@ import hashlib
 import hmac
 import logging
 import random
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -412,10 +413,20 @@ class S3Upstream:
 
     async def _upload(
         self, bucket: str, key: str, params: Mapping[str, str | None], headers: dict[str, str], body: UploadBody,
-        size: int,
     ) -> _Response:
         """Stream a verified client body to the upstream, one piece behind
         (see the module docstring). Not retried: the body is consumed."""
+        body, size = await self._sized(body)
+        try:
+            return await self._upload_sized(bucket, key, params, headers, body, size)
+        finally:
+            if isinstance(body, _SpooledBody):
+                body.close()
+
+    async def _upload_sized(
+        self, bucket: str, key: str, params: Mapping[str, str | None], headers: dict[str, str], body: UploadBody,
+        size: int,
+    ) -> _Response:
         headers["Content-Length"] = str(size)
         await self._check_bucket(bucket)
         failed: list[BaseException] = []
@@ -470,10 +481,16 @@ class S3Upstream:
         return h
 
     @staticmethod
-    def _declared_size(body: UploadBody) -> int:
+    async def _sized(body: UploadBody) -> tuple[UploadBody, int]:
+        """The body and its length. A body whose length is known only at
+        its end (the file of a browser POST form) is spooled first, in
+        memory up to SPOOL_MEMORY and then in a private temporary file, so
+        that the upstream gets a Content-Length and memory stays flat."""
         size = getattr(body, "declared_size", None)
-        if size is None:
-            raise errors.MissingContentLength()
+        if size is not None:
+            return body, int(size)
+        spooled = await _SpooledBody.fill(body)
+        return spooled, spooled.size
         return int(size)
 
     async def put_object(
@@ -485,7 +502,7 @@ class S3Upstream:
         if conditions and conditions.if_none_match:
             headers["If-None-Match"] = conditions.if_none_match
         headers.update(_integrity_headers(body))
-        r = await self._upload(bucket, key, {}, headers, body, self._declared_size(body))
+        r = await self._upload(bucket, key, {}, headers, body)
         r.release()
         return ObjectInfo(key=key, size=body.size, etag=r.headers.get("ETag", f'"{body.md5_hex}"'),
                           last_modified=time.time(), content_type=meta.content_type or "binary/octet-stream")
@@ -578,7 +595,7 @@ class S3Upstream:
     ) -> PartInfo:
         headers = _integrity_headers(body)
         params = {"partNumber": str(part_number), "uploadId": upload_id}
-        r = await self._upload(bucket, key, params, headers, body, self._declared_size(body))
+        r = await self._upload(bucket, key, params, headers, body)
         r.release()
         checksum = body.checksum[1] if body.checksum else None
         return PartInfo(part_number, body.size, r.headers.get("ETag", ""), time.time(), checksum)
@@ -737,6 +754,48 @@ class UpstreamHandle:
             # instead of draining a possibly huge body.
             self._resp.resp.close()
             self._resp = None
+
+
+SPOOL_MEMORY = 8 * 1024 * 1024
+
+
+class _SpooledBody:
+    """A fully received body of unknown length, replayed from a spool (see
+    ``S3Upstream._sized``); its checks passed while it was received."""
+
+    def __init__(self, inner: UploadBody, spool: IO[bytes], size: int) -> None:
+        self._inner, self._spool, self.size = inner, spool, size
+        self.declared_size = size
+
+    @classmethod
+    async def fill(cls, body: UploadBody) -> _SpooledBody:
+        loop = asyncio.get_running_loop()
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
+        try:
+            async for piece in body.chunks():
+                await loop.run_in_executor(None, spool.write, piece)
+            size = spool.tell()
+            spool.seek(0)
+        except BaseException:
+            spool.close()
+            raise
+        return cls(body, spool, size)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        while data := await loop.run_in_executor(None, self._spool.read, 1024 * 1024):
+            yield data
+
+    @property
+    def md5_hex(self) -> str:
+        return self._inner.md5_hex
+
+    @property
+    def checksum(self) -> tuple[str, str] | None:
+        return self._inner.checksum
+
+    def close(self) -> None:
+        self._spool.close()
 
 
 def _integrity_headers(body: UploadBody) -> dict[str, str]:

@@ -63,6 +63,10 @@ class FormFile:
         self._policy.check(self._fields, bucket=self._bucket, content_length=self._size)
 
     @property
+    def declared_size(self) -> int | None:
+        return None  # the form's length includes the other fields
+
+    @property
     def size(self) -> int:
         return self._size
 

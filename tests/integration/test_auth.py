@@ -188,6 +188,9 @@ def _multipart_form(fields: dict[str, str], file_data: bytes) -> tuple[bytes, st
     return bytes(out), f"multipart/form-data; boundary={boundary}"
 
 
+# Also in front of each backing store: a form's file has no length until its
+# end, and the upstream still needs one (once answered 411 there).
+@pytest.mark.backend
 @pytest.mark.parametrize("signature_version", [None, "s3v4"])
 def test_presigned_post(server: S3Server, s3: Any, bucket: str,
                         signature_version: str | None) -> None:
