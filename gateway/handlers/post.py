@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from nearstore.gateway import errors
 from nearstore.gateway.auth import PostPolicy, authenticate_post
@@ -94,7 +95,9 @@ async def read_fields(reader: MultipartReader) -> tuple[dict[str, str], BodyPart
     while True:
         try:
             part = await reader.next()
-        except ValueError:
+        except (ValueError, HttpProcessingError):
+            # A part header over its bounds (8 KiB a line, 100 lines) or
+            # garbage where a part should be.
             raise errors.MalformedPOSTRequest() from None
         if part is None:
             raise errors.InvalidArgument(
@@ -144,7 +147,7 @@ async def post_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     check_unsupported_headers(req)
     try:
         reader = await req.http.multipart()
-    except (ValueError, AssertionError, KeyError):
+    except (ValueError, AssertionError, KeyError, HttpProcessingError):
         raise errors.MalformedPOSTRequest() from None
     # One case-folded view of the form, read by the signature, the policy
     # and the write alike.

@@ -91,6 +91,22 @@ def test_post_field_names_and_count_are_bounded(
     assert resp.status == 400 and _error_code(resp) == "MaxPostPreDataLengthExceededError", resp
 
 
+@pytest.mark.parametrize("part_headers", [
+    b"X-Long: " + b"a" * 9000 + b"\r\n",  # one line over 8 KiB
+    b"".join(b"X-Many-%d: a\r\n" % i for i in range(150)),  # more lines than allowed
+], ids=["long-line", "many-lines"])
+def test_post_part_headers_are_bounded(
+    nearstore_server: S3Server, post_bucket: tuple[Any, str], part_headers: bytes
+) -> None:
+    _s3, bucket = post_bucket
+    boundary = b"----nearstore" + uuid.uuid4().hex.encode()
+    body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="key"\r\n' + part_headers
+            + b"\r\nx\r\n--" + boundary + b"--\r\n")
+    ctype = "multipart/form-data; boundary=" + boundary.decode()
+    resp = rawhttp.send(nearstore_server, "POST", key_path(bucket), {"Content-Type": ctype}, body)
+    assert resp.status == 400 and _error_code(resp) == "MalformedPOSTRequest", resp
+
+
 # -- 2. connection limits ------------------------------------------------------------
 
 HEAD_TIMEOUT, IDLE_TIMEOUT, BODY_TIMEOUT = 2.0, 3.0, 2.0
