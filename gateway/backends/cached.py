@@ -22,10 +22,11 @@ age out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -556,66 +557,86 @@ class CachedHandle:
             os.close(fd)
 
     async def segments(self, start: int, length: int) -> AsyncIterator[FileSegment | bytes]:
+        """The requested bytes chunk by chunk, each from the first source
+        that has it: the owner when another node owns it (``_from_peer``),
+        else this node (``_from_here``: a chunk being filled, a cached
+        chunk, a fill, or the backing store on a cache fault)."""
         if length <= 0:
             return
         cs = self.cb.chunk_size
         first, last = start // cs, (start + length - 1) // cs
-        loop = asyncio.get_running_loop()
         for index in range(first, last + 1):
             # Keep a bounded window of fills ahead of the chunk being sent.
             for ahead in range(index, min(last, index + self.cb.prefetch) + 1):
                 if self._remote(ahead) is None:
                     self._want(ahead)
+            self._prefetch_remote(index, last, start, length)
             lo = max(start, index * cs) - index * cs
             hi = min(start + length, (index + 1) * cs) - index * cs
             owner = self._remote(index)
-            self._prefetch_remote(index, last, start, length)
             pending = self._remote_ahead.pop(index, None)
-            if owner is not None and pending is not None:
-                try:
-                    data = await pending
-                    metrics.BYTES_FROM_PEERS.inc(len(data))
-                    yield data
-                    continue
-                except (PeerFailed, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
-                    yield await self._instead_of_peer(owner, index, lo, hi, e)
-                    continue
-            if owner is not None and self.cb.cluster is not None:
-                sent = 0
-                try:
-                    async for piece in self.cb.cluster.fetch(
-                        owner, self.bucket, self.key, self.info.etag, index, lo, hi
-                    ):
-                        piece = piece[: hi - lo - sent]
-                        sent += len(piece)
-                        metrics.BYTES_FROM_PEERS.inc(len(piece))
-                        yield piece
-                    if sent < hi - lo:
-                        raise PeerFailed(f"{owner.id}: chunk {index} ended short")
-                    continue
-                except (PeerFailed, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
-                    yield await self._instead_of_peer(owner, index, lo + sent, hi, e)
-                    continue
-            progress = self._progress(index)
-            if progress is not None and progress.path is not None and not self._want(index).done():
-                try:
-                    async for seg in self._stream_filling(index, progress, lo, hi):
-                        yield seg
-                    self._ahead.pop(index, None)
-                    continue
-                except FileNotFoundError:
-                    pass  # renamed into place meanwhile: read it as a cached chunk
-            fd = await self._open(index, loop)
-            if fd is None:
-                data = await self.cb.direct_chunk(self.bucket, self.info, index)
-                yield data[lo:hi]
-                continue
+            source: AsyncGenerator[FileSegment | bytes, None]
+            if owner is None:
+                if pending is not None:
+                    pending.cancel()  # read ahead for an owner the ring has since dropped
+                source = self._from_here(index, lo, hi)
+            else:
+                source = self._from_peer(owner, index, lo, hi, pending)
+            # Closed at once if the consumer stops: a segment's descriptor
+            # must not wait for the garbage collector.
+            async with contextlib.aclosing(source) as pieces:
+                async for piece in pieces:
+                    yield piece
+
+    async def _from_peer(
+        self, owner: Node, index: int, lo: int, hi: int, pending: asyncio.Task[bytes] | None
+    ) -> AsyncGenerator[bytes, None]:
+        """Bytes lo..hi of a chunk another node owns: read ahead already
+        (``pending``) or streamed from the owner; if the owner fails, the
+        rest from the backing store."""
+        assert self.cb.cluster is not None
+        sent = 0
+        try:
+            if pending is not None:
+                data = await pending
+                sent = len(data)
+                metrics.BYTES_FROM_PEERS.inc(sent)
+                yield data
+                return
+            async for piece in self.cb.cluster.fetch(owner, self.bucket, self.key, self.info.etag, index, lo, hi):
+                piece = piece[: hi - lo - sent]
+                sent += len(piece)
+                metrics.BYTES_FROM_PEERS.inc(len(piece))
+                yield piece
+            if sent < hi - lo:
+                raise PeerFailed(f"{owner.id}: chunk {index} ended short")
+        except (PeerFailed, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
+            yield await self._instead_of_peer(owner, index, lo + sent, hi, e)
+
+    async def _from_here(self, index: int, lo: int, hi: int) -> AsyncGenerator[FileSegment | bytes, None]:
+        """Bytes lo..hi of a chunk this node owns: from its temporary file
+        while it fills, else the verified chunk file (filled first on a
+        miss), else, on a cache fault, from the backing store."""
+        progress = self._progress(index)
+        if progress is not None and progress.path is not None and not self._want(index).done():
             try:
-                metrics.BYTES_FROM_CACHE.inc(hi - lo)
-                yield FileSegment(fd, lo, hi - lo)
-            finally:
-                os.close(fd)
-            self._ahead.pop(index, None)
+                async for seg in self._stream_filling(index, progress, lo, hi):
+                    yield seg
+                self._ahead.pop(index, None)
+                return
+            except FileNotFoundError:
+                pass  # renamed into place meanwhile: read it as a cached chunk
+        fd = await self._open(index, asyncio.get_running_loop())
+        if fd is None:
+            data = await self.cb.direct_chunk(self.bucket, self.info, index)
+            yield data[lo:hi]
+            return
+        try:
+            metrics.BYTES_FROM_CACHE.inc(hi - lo)
+            yield FileSegment(fd, lo, hi - lo)
+        finally:
+            os.close(fd)
+        self._ahead.pop(index, None)
 
     async def _instead_of_peer(self, owner: Node, index: int, lo: int, hi: int, error: BaseException) -> bytes:
         """Bytes lo..hi of a chunk whose owner failed, straight from the
