@@ -7,6 +7,7 @@ source through this node into the destination (bounded memory).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 
@@ -28,6 +29,19 @@ from nearstore.gateway.backends.base import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def _copy_source(src: Backend, bucket: str, key: str, expected_etag: str | None) -> AsyncIterator[ObjectHandle]:
+    """The source of a copy between two stores, open and pinned to the
+    version the caller's copy-source conditions were evaluated against."""
+    handle = await src.open_object(bucket, key)
+    try:
+        if expected_etag is not None and handle.info.etag != expected_etag:
+            raise errors.PreconditionFailed(Condition="x-amz-copy-source-if-match")
+        yield handle
+    finally:
+        await handle.close()
 
 
 class _Stream:
@@ -139,17 +153,12 @@ class Router:
         src, dst = self.pick(src_bucket), self.pick(dst_bucket)
         if src is dst:
             return await src.copy_object(src_bucket, src_key, dst_bucket, dst_key, meta, expected_etag)
-        handle = await src.open_object(src_bucket, src_key)
-        try:
+        async with _copy_source(src, src_bucket, src_key, expected_etag) as handle:
             info = handle.info
-            if expected_etag is not None and info.etag != expected_etag:
-                raise errors.PreconditionFailed(Condition="x-amz-copy-source-if-match")
             if meta is None:
                 meta = ObjectMeta(info.content_type, info.headers, info.user_meta,
                                   await src.get_tags(src_bucket, src_key))
             return await dst.put_object(dst_bucket, dst_key, _Stream(handle, 0, info.size), meta)
-        finally:
-            await handle.close()
 
     async def delete_object(self, bucket: str, key: str) -> None:
         await self.pick(bucket).delete_object(bucket, key)
@@ -184,17 +193,12 @@ class Router:
             return await dst.upload_part_copy(
                 bucket, key, upload_id, part_number, src_bucket, src_key, src_range, expected_etag
             )
-        handle = await src.open_object(src_bucket, src_key)
-        try:
-            info = handle.info
-            if expected_etag is not None and info.etag != expected_etag:
-                raise errors.PreconditionFailed(Condition="x-amz-copy-source-if-match")
-            start, end = src_range if src_range else (0, info.size - 1)
-            if end >= info.size or start > end:
-                raise errors.InvalidRange(ActualObjectSize=str(info.size))
+        async with _copy_source(src, src_bucket, src_key, expected_etag) as handle:
+            size = handle.info.size
+            start, end = src_range if src_range else (0, size - 1)
+            if end >= size or start > end:
+                raise errors.InvalidRange(ActualObjectSize=str(size))
             return await dst.upload_part(bucket, key, upload_id, part_number, _Stream(handle, start, end - start + 1))
-        finally:
-            await handle.close()
 
     async def complete_upload(
         self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart]

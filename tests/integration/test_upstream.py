@@ -275,6 +275,19 @@ def test_unmapped_buckets_stay_local(mapped: Mapped) -> None:
         "Body"].read() == b"local body"
     mapped.s3.copy_object(Bucket=name, Key="back", CopySource="renamed/from-local")
     assert mapped.s3.get_object(Bucket=name, Key="back")["Body"].read() == b"local body"
+    # Pinned to the version the client named, across stores too.
+    assert error_of(mapped.s3.copy_object, Bucket="renamed", Key="pinned", CopySource=f"{name}/k",
+                    CopySourceIfMatch='"0123456789abcdef0123456789abcdef"') == (412, "PreconditionFailed")
+    # A part copied from a local object into an upload on the backing store.
+    uid = mapped.s3.create_multipart_upload(Bucket="renamed", Key="parts")["UploadId"]
+    part = mapped.s3.upload_part_copy(Bucket="renamed", Key="parts", UploadId=uid, PartNumber=1,
+                                      CopySource=f"{name}/k", CopySourceRange="bytes=6-9")
+    assert error_of(mapped.s3.upload_part_copy, Bucket="renamed", Key="parts", UploadId=uid, PartNumber=2,
+                    CopySource=f"{name}/k", CopySourceRange="bytes=6-99")[0] == 416
+    mapped.s3.complete_multipart_upload(
+        Bucket="renamed", Key="parts", UploadId=uid,
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["CopyPartResult"]["ETag"]}]})
+    assert mapped.s3.get_object(Bucket="renamed", Key="parts")["Body"].read() == b"body"
 
 
 # -- credentials ---------------------------------------------------------------------
