@@ -139,18 +139,24 @@ def _prefixes(page: ListPage, enc: str | None) -> list[Node]:
     return [("CommonPrefixes", [("Prefix", encode_key(p, enc))]) for p in page.common_prefixes]
 
 
+async def _page(ctx: Ctx, req: S3Request, after: str, max_keys: int) -> ListPage:
+    """One page of a listing (v1 and v2 alike). max-keys=0 lists nothing
+    but still answers NoSuchBucket for a bucket that is not there."""
+    if max_keys == 0:
+        await ctx.backend.head_bucket(_bucket(req))
+        return ListPage([], [], False, None)
+    return await ctx.backend.list_objects(
+        _bucket(req), prefix=req.query.get("prefix", ""), delimiter=req.query.get("delimiter", ""),
+        start_after=after, max_keys=max_keys,
+    )
+
+
 async def list_objects(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     q = req.query
     enc = _encoding(req)
     max_keys = _max_keys(req)
     prefix, delimiter, marker = q.get("prefix", ""), q.get("delimiter", ""), q.get("marker", "")
-    if max_keys == 0:
-        page = ListPage([], [], False, None)
-        await ctx.backend.head_bucket(_bucket(req))
-    else:
-        page = await ctx.backend.list_objects(
-            _bucket(req), prefix=prefix, delimiter=delimiter, start_after=marker, max_keys=max_keys
-        )
+    page = await _page(ctx, req, marker, max_keys)
     return xml_response(
         "ListBucketResult",
         [
@@ -179,7 +185,7 @@ def _encode_token(marker: str) -> str:
 def _decode_token(token: str) -> str:
     try:
         raw = base64.urlsafe_b64decode(token.encode())
-        if not raw.startswith(b"v1:"):
+        if not token or not raw.startswith(b"v1:"):
             raise ValueError
         return raw[3:].decode()
     except (binascii.Error, ValueError, UnicodeDecodeError):
@@ -195,21 +201,7 @@ async def list_objects_v2(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     prefix, delimiter = q.get("prefix", ""), q.get("delimiter", "")
     token = q.get("continuation-token")
     start_after = q.get("start-after", "")
-    if token is not None:
-        if not token:
-            raise errors.InvalidArgument(
-                "The continuation token provided is incorrect", ArgumentName="continuation-token"
-            )
-        after = _decode_token(token)
-    else:
-        after = start_after
-    if max_keys == 0:
-        await ctx.backend.head_bucket(_bucket(req))
-        page = ListPage([], [], False, None)
-    else:
-        page = await ctx.backend.list_objects(
-            _bucket(req), prefix=prefix, delimiter=delimiter, start_after=after, max_keys=max_keys
-        )
+    page = await _page(ctx, req, _decode_token(token) if token is not None else start_after, max_keys)
     fetch_owner = q.get("fetch-owner", "false").lower() == "true"
     return xml_response(
         "ListBucketResult",

@@ -356,3 +356,9 @@ def test_errors_are_xml_with_request_id(server: S3Server, bucket: str) -> None:
     assert head.status == 404
     assert head.header("x-amz-request-id")
     assert head.body == b""
+
+
+@pytest.mark.parametrize("token", ["", "bm90LWEtdG9rZW4%3D", "xyz"], ids=["empty", "not-ours", "garbage"])
+def test_list_v2_bad_continuation_token(server: S3Server, bucket: str, token: str) -> None:
+    resp = rawhttp.request(server, "GET", key_path(bucket), f"list-type=2&continuation-token={token}")
+    assert_s3_error(resp, 400, "InvalidArgument")
