@@ -1,4 +1,4 @@
-"""``clients.connect()``: a boto3 S3 client set up for nearstore.
+"""``nearstore.connect()`` (this module's ``connect``): a boto3 S3 client set up for nearstore.
 
 The endpoint comes from NEARSTORE_ENDPOINT (default: this node,
 http://127.0.0.1:9000), credentials from NEARSTORE_ACCESS_KEY /

@@ -9,7 +9,7 @@ Three datasets, one set of rules:
   for an object store), a sample is a group of members.
 
 Where the bytes come from is a ``Source``: ``S3Source`` (a nearstore node,
-or any S3, through ``clients.connect``) or ``LocalSource`` (a directory;
+or any S3, through ``nearstore.connect()``) or ``LocalSource`` (a directory;
 the same code reading local disk, which is how the bench measures the
 limit). A dataset is given a source or a URL: ``s3://bucket/prefix`` or a
 local path.

@@ -14,7 +14,7 @@ signature, like the ring itself: it tells the cluster's configuration, not
 data; every byte still comes by a signed GET.)
 
 Same shapes as ``clients.ranged`` (``s3`` is a boto3 client for any node,
-e.g. ``clients.connect()``)::
+e.g. ``nearstore.connect()``)::
 
     read_into(s3, bucket, key, out=None, *, streams=16, chunk=CHUNK) -> memoryview
     read_bytes(s3, bucket, key, *, streams=16, chunk=CHUNK) -> bytes

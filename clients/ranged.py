@@ -9,7 +9,7 @@ Every range is pinned to the ETag seen at the start (If-Match), so a read
 never mixes two versions of an object: a change mid-read raises
 ``ObjectChanged``.
 
-Functions (``s3`` is a boto3 client, e.g. ``clients.connect()``)::
+Functions (``s3`` is a boto3 client, e.g. ``nearstore.connect()``)::
 
     read_into(s3, bucket, key, out=None, *, streams=16, chunk=CHUNK) -> memoryview
     read_bytes(s3, bucket, key, *, streams=16, chunk=CHUNK) -> bytes
