@@ -462,7 +462,7 @@ async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
             raise errors.PreconditionFailed(Condition="If-Match")
     if not 0 <= index * target.chunk_size < info.size:
         raise errors.InvalidRange(ActualObjectSize=str(info.size))
-    if target.cluster is not None and target.cluster.owner(target._chunk_id(bucket, info, index)) is not None:
+    if target.owner(bucket, info, index) is not None:
         # The asker's ring is not ours (a peer coming back, seen here
         # first): caching the chunk here would leave a copy beside its
         # owner's. The asker serves it itself.

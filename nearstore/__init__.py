@@ -17,9 +17,10 @@ folders of those names; ``nearstore/`` holds links to them.
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = version("nearstore")  # pyproject.toml's, not a second copy
 __all__ = ["__version__", "connect"]
 
 if TYPE_CHECKING:

@@ -215,6 +215,18 @@ class CachedBackend:
     def _chunk_id(self, bucket: str, info: ObjectInfo, index: int) -> str:
         return chunk_id(self.inner.name, bucket, info.key, info.etag, self.chunk_size, index)
 
+    def chunk_span(self, info: ObjectInfo, index: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``index`` in the object: the one place
+        a chunk's length is derived from the object's size."""
+        start = index * self.chunk_size
+        return start, min(self.chunk_size, info.size - start)
+
+    def owner(self, bucket: str, info: ObjectInfo, index: int) -> Node | None:
+        """The chunk's owner when it is another live node of the cluster."""
+        if self.cluster is None:
+            return None
+        return self.cluster.owner(self._chunk_id(bucket, info, index))
+
     def chunk(self, bucket: str, info: ObjectInfo, index: int) -> asyncio.Future[Chunk]:
         """The chunk, cached or being filled (one fill per chunk at a time)."""
         cid = self._chunk_id(bucket, info, index)
@@ -275,8 +287,7 @@ class CachedBackend:
     async def _fill(
         self, cid: str, bucket: str, info: ObjectInfo, index: int, progress: FillProgress | None = None
     ) -> Chunk:
-        start = index * self.chunk_size
-        length = min(self.chunk_size, info.size - start)
+        start, length = self.chunk_span(info, index)
         loop = asyncio.get_running_loop()
         began = time.monotonic()
         metrics.FILLS_IN_FLIGHT.inc()
@@ -334,8 +345,7 @@ class CachedBackend:
 
     async def direct_chunk(self, bucket: str, info: ObjectInfo, index: int) -> bytes:
         """A chunk's bytes straight from the backing store (cache fault)."""
-        start = index * self.chunk_size
-        length = min(self.chunk_size, info.size - start)
+        start, length = self.chunk_span(info, index)
         src = await self.inner.open_object(
             bucket, info.key,
             ReadOptions(range_header=f"bytes={start}-{start + length - 1}", conditions={"If-Match": info.etag}),
@@ -494,10 +504,7 @@ class CachedHandle:
         return fut
 
     def _remote(self, index: int) -> Node | None:
-        """The chunk's owner when it is another live node of the cluster."""
-        if self.cb.cluster is None:
-            return None
-        return self.cb.cluster.owner(self.cb._chunk_id(self.bucket, self.info, index))
+        return self.cb.owner(self.bucket, self.info, index)
 
     def _progress(self, index: int) -> FillProgress | None:
         return self.cb.progress.get(self.cb._chunk_id(self.bucket, self.info, index))
@@ -663,13 +670,12 @@ class CachedHandle:
                 self._ahead.pop(index, None)
                 return None
             try:
-                start = index * self.cb.chunk_size
-                if chunk.size != min(self.cb.chunk_size, self.info.size - start):
+                _, length = self.cb.chunk_span(self.info, index)
+                if chunk.size != length:
                     # The chunk id does not carry the size: a chunk of the
                     # wrong length (a store from before fills checked it)
                     # is never served.
-                    raise ChunkCorrupt(f"{chunk.size} bytes where chunk {index} of {self.key} has "
-                                       f"{min(self.cb.chunk_size, self.info.size - start)}")
+                    raise ChunkCorrupt(f"{chunk.size} bytes where chunk {index} of {self.key} has {length}")
                 if self.cb.verify:  # a chunk hashed lately: no thread hop needed
                     fd = open_if_verified(self.cb.store.path(chunk), chunk.checksum, chunk.size,
                                           self.cb.reverify_s)

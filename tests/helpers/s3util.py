@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from botocore import httpchecksum
@@ -122,3 +123,16 @@ def unsigned_trailer_chunks(data: bytes, chunk_size: int, trailer: tuple[str, st
     out += b"0\r\n"
     out += f"{trailer[0]}:{trailer[1]}\r\n\r\n".encode()
     return bytes(out)
+
+
+def post_form(fields: Iterable[tuple[str, str]], file_data: bytes) -> tuple[bytes, str]:
+    """A browser POST form (its fields in order, repeats allowed, then the
+    file part): the body and its Content-Type."""
+    boundary = "----nearstore" + uuid.uuid4().hex
+    out = bytearray()
+    for k, v in fields:
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+    out += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="upload.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    out += file_data + f"\r\n--{boundary}--\r\n".encode()
+    return bytes(out), f"multipart/form-data; boundary={boundary}"

@@ -10,7 +10,6 @@ import datetime
 import hashlib
 import json
 import time
-import uuid
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from tests.helpers.s3util import (
     checksum_b64,
     error_of,
     pattern,
+    post_form,
     signed_chunks,
     signing_key,
     unsigned_trailer_chunks,
@@ -176,18 +176,6 @@ def test_presigned_expired(server: S3Server, s3: Any, bucket: str) -> None:
 # -- browser POST uploads --------------------------------------------------------------
 
 
-def _multipart_form(fields: dict[str, str], file_data: bytes) -> tuple[bytes, str]:
-    boundary = "----nearstore" + uuid.uuid4().hex
-    out = bytearray()
-    for k, v in fields.items():
-        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n"
-                f"{v}\r\n").encode()
-    out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-            f"filename=\"upload.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
-    out += file_data + f"\r\n--{boundary}--\r\n".encode()
-    return bytes(out), f"multipart/form-data; boundary={boundary}"
-
-
 # Also in front of each backing store: a form's file has no length until its
 # end, and the upstream still needs one (once answered 411 there).
 @pytest.mark.backend
@@ -201,7 +189,7 @@ def test_presigned_post(server: S3Server, s3: Any, bucket: str,
         Conditions=[{"Content-Type": "image/png"}, {"x-amz-meta-origin": "browser"},
                     ["starts-with", "$key", "uploads/"], ["content-length-range", 1, 1000]],
         ExpiresIn=300)
-    body, ctype = _multipart_form(post["fields"], b"\x89PNG data")
+    body, ctype = post_form(post["fields"].items(), b"\x89PNG data")
     resp = rawhttp.send(server, "POST", key_path(bucket), {"Content-Type": ctype}, body)
     assert resp.status == 204, resp
     head = s3.head_object(Bucket=bucket, Key="uploads/upload.bin")
@@ -214,23 +202,23 @@ def test_presigned_post(server: S3Server, s3: Any, bucket: str,
         bucket, "uploads/${filename}", Fields=fields,
         Conditions=[{"Content-Type": "image/png"}, {"x-amz-meta-origin": "browser"},
                     ["starts-with", "$key", "uploads/"], {"success_action_status": "201"}])
-    body, ctype = _multipart_form(post201["fields"], b"second")
+    body, ctype = post_form(post201["fields"].items(), b"second")
     resp = rawhttp.send(server, "POST", key_path(bucket), {"Content-Type": ctype}, body)
     assert resp.status == 201, resp
     assert b"<PostResponse" in resp.body and b"<ETag>" in resp.body
     # Policy violations: a field the policy does not allow, a file too large.
     bad_fields = dict(post["fields"], key="elsewhere/x")
-    body, ctype = _multipart_form(bad_fields, b"x")
+    body, ctype = post_form(bad_fields.items(), b"x")
     assert_error(rawhttp.send(server, "POST", key_path(bucket), {"Content-Type": ctype}, body),
                  403, "AccessDenied")
-    body, ctype = _multipart_form(post["fields"], b"x" * 2000)
+    body, ctype = post_form(post["fields"].items(), b"x" * 2000)
     assert_error(rawhttp.send(server, "POST", key_path(bucket), {"Content-Type": ctype}, body),
                  400, "EntityTooLarge")
     # A tampered signature.
     sig_field = "signature" if "signature" in post["fields"] else "x-amz-signature"
     tampered = dict(post["fields"], **{sig_field: base64.b64encode(b"0" * 20).decode()
                                        if sig_field == "signature" else "0" * 64})
-    body, ctype = _multipart_form(tampered, b"x")
+    body, ctype = post_form(tampered.items(), b"x")
     assert_error(rawhttp.send(server, "POST", key_path(bucket), {"Content-Type": ctype}, body),
                  403, "SignatureDoesNotMatch")
     assert error_of(s3.head_object, Bucket=bucket, Key="elsewhere/x") == (404, "404")
@@ -246,7 +234,7 @@ def test_presigned_post_expired_policy(server: S3Server, s3: Any, bucket: str) -
     sig = base64.b64encode(hmac.new(server.secret_key.encode(), encoded.encode(),
                                     hashlib.sha1).digest()).decode()
     fields = dict(post["fields"], policy=encoded, signature=sig)
-    body, ctype = _multipart_form(fields, b"x")
+    body, ctype = post_form(fields.items(), b"x")
     assert_error(rawhttp.send(server, "POST", key_path(bucket), {"Content-Type": ctype}, body),
                  403, "AccessDenied")
 

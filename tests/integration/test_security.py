@@ -22,21 +22,10 @@ import pytest
 
 from tests.helpers import rawhttp
 from tests.helpers.rawhttp import key_path
-from tests.helpers.s3util import error_of
+from tests.helpers.s3util import error_of, post_form
 from tests.helpers.servers import VENV_BIN, S3Server, free_port
 
 MiB = 1024 * 1024
-
-
-def _form(pairs: list[tuple[str, str]], file_data: bytes) -> tuple[bytes, str]:
-    boundary = "----nearstore" + uuid.uuid4().hex
-    out = bytearray()
-    for k, v in pairs:
-        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-    out += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="f.bin"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
-    out += file_data + f"\r\n--{boundary}--\r\n".encode()
-    return bytes(out), f"multipart/form-data; boundary={boundary}"
 
 
 def _error_code(resp: rawhttp.Response) -> str | None:
@@ -66,13 +55,13 @@ def test_post_field_repeated_in_another_case_is_refused(
         bucket, "allowed/x", Fields={"x-amz-meta-owner": "alice"},
         Conditions=[["starts-with", "$key", "allowed/"], {"x-amz-meta-owner": "alice"}], ExpiresIn=300)
     pairs = [*post["fields"].items(), extra]
-    body, ctype = _form(pairs, b"overwritten")
+    body, ctype = post_form(pairs, b"overwritten")
     resp = rawhttp.send(nearstore_server, "POST", key_path(bucket), {"Content-Type": ctype}, body)
     assert resp.status == 400 and _error_code(resp) == "InvalidArgument", resp
     assert s3.get_object(Bucket=bucket, Key="secret.txt")["Body"].read() == b"original"
     assert error_of(s3.head_object, Bucket=bucket, Key="allowed/x") == (404, "404")
     # The same form without the repeat is accepted: the policy is right.
-    body, ctype = _form(list(post["fields"].items()), b"fine")
+    body, ctype = post_form(list(post["fields"].items()), b"fine")
     resp = rawhttp.send(nearstore_server, "POST", key_path(bucket), {"Content-Type": ctype}, body)
     assert resp.status == 204, resp
     assert s3.head_object(Bucket=bucket, Key="allowed/x")["Metadata"] == {"owner": "alice"}
@@ -86,7 +75,7 @@ def test_post_field_names_and_count_are_bounded(
     and many short ones: both refused before the signature is looked at."""
     _s3, bucket = post_bucket
     pairs = [(f"f{i:04d}".ljust(name_len, "n"), "") for i in range(count)]
-    body, ctype = _form(pairs, b"x")
+    body, ctype = post_form(pairs, b"x")
     resp = rawhttp.send(nearstore_server, "POST", key_path(bucket), {"Content-Type": ctype}, body)
     assert resp.status == 400 and _error_code(resp) == "MaxPostPreDataLengthExceededError", resp
 
