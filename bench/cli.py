@@ -1,6 +1,6 @@
 """``nearstore bench``: run the scenarios against the peers, print the table.
 
-gateway/cli.py dispatches ``nearstore bench ARGS...`` to `main`; until then
+nearstore/cli.py dispatches ``nearstore bench ARGS...`` to `main`; until then
 ``python -m nearstore.bench ARGS...`` does the same.
 """
 

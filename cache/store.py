@@ -46,23 +46,12 @@ from pathlib import Path
 
 import xxhash
 
+from nearstore.cache.errors import ChunkCorrupt, ChunkMissing
 from nearstore.cache.eviction import EvictionPolicy, make_policy
 
 log = logging.getLogger(__name__)
 
 WRITE_PIECE = 1024 * 1024
-
-
-class CacheError(Exception):
-    """Base of the cache's own errors (never an S3 error)."""
-
-
-class ChunkCorrupt(CacheError):
-    pass
-
-
-class ChunkMissing(CacheError):
-    pass
 
 
 @dataclass

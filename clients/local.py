@@ -2,7 +2,7 @@
 
 When the node a client talks to runs on the same machine (a cache daemon
 on every GPU node), the client can skip HTTP: it asks the node's Unix
-socket (``gateway/localsock.py``) for a byte range and receives open
+socket (``cache/localsock.py``) for a byte range and receives open
 descriptors of the chunk files that hold it, then ``preadv``s them straight
 into its buffer from the page cache or NVMe, several at once. Loopback TCP
 tops out near 1.6 GB/s on a small machine; this path runs at the speed of

@@ -1,9 +1,9 @@
-"""Pure HTTP semantics for reads: byte ranges and conditional requests.
+"""Pure HTTP semantics for reads: dates and conditional requests.
 
-Ranges (RFC 9110 §14, as S3 applies it): a single ``bytes=`` range; S3 does
-not support multi-range requests and, like a syntactically invalid range,
-answers them with the whole object (200). A range that starts past the end,
-or a zero-length suffix, is unsatisfiable: 416 InvalidRange.
+(Byte ranges are read by ``metadata.backing.parse_range``: the backing
+stores and the cache's read path need them too. S3 applies RFC 9110 §14
+its way: one ``bytes=`` range; a multi-range or invalid one gets the whole
+object (200); one that starts past the end, or a zero-length suffix, 416.)
 
 Conditionals (RFC 9110 §13.2.2 with S3's documented precedence):
 
@@ -47,43 +47,6 @@ def parse_http_date(value: str | None) -> float | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
-
-
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """(first, last) inclusive, or None for "the whole object"."""
-    if header is None:
-        return None
-    value = header.strip()
-    if not value.lower().startswith("bytes="):
-        return None
-    spec = value[6:].strip()
-    if "," in spec:
-        return None
-    first_s, dash, last_s = spec.partition("-")
-    first_s, last_s = first_s.strip(), last_s.strip()
-    if not dash or not (first_s or last_s):
-        return None
-    try:
-        if not first_s:
-            n = int(last_s)
-            if n < 0:
-                return None
-            if n == 0 or size == 0:
-                raise _unsatisfiable(header, size)
-            return max(0, size - n), size - 1
-        first = int(first_s)
-        last = int(last_s) if last_s else None
-    except ValueError:
-        return None
-    if first < 0 or (last is not None and last < first):
-        return None
-    if first >= size:
-        raise _unsatisfiable(header, size)
-    return first, size - 1 if last is None else min(last, size - 1)
-
-
-def _unsatisfiable(header: str, size: int) -> errors.InvalidRange:
-    return errors.InvalidRange(RangeRequested=header, ActualObjectSize=str(size))
 
 
 def _etag_matches(header: str, etag: str) -> bool:

@@ -161,7 +161,7 @@ class Config:
     cluster_secret: str = ""
     cluster_dns: str = ""  # members = this name's addresses (headless Service)
     # Unix socket for short-circuit reads by clients on this machine
-    # (gateway/localsock.py); "" means <data_dir>/nearstore.sock, "off" none.
+    # (cache/localsock.py); "" means <data_dir>/nearstore.sock, "off" none.
     local_socket: str = ""
     # Connection limits before and around a request (gateway/conn.py):
     # seconds to finish a request head, to keep an idle connection, and

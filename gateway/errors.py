@@ -2,10 +2,16 @@
 
 The class name is the S3 error code, ``status`` its HTTP status, ``message``
 the default text S3 itself uses (AWS "Error responses" reference, "List of
-error codes"). Raise them anywhere in the gateway; the error middleware in
-``gateway.app`` renders every one as an XML ``<Error>`` body with a request
-id. Anything else that escapes a handler becomes ``InternalError``, logged
-with the request id.
+error codes"). Raise them anywhere in the gateway; ``gateway.app`` renders
+every one as an XML ``<Error>`` body with a request id.
+
+The cache and the backing-store interface have failures of their own
+(``cache.errors``, ``metadata.backing``): ``to_s3`` at the end of this
+module is the one table that turns each into its S3 error. S3Error is a
+``metadata.backing.StoreError`` (the backing stores speak S3, and a store's
+refusal must reach the client unchanged); PreconditionFailed is also a
+``ConditionFailed``, which the cache's fills watch for. Anything else that
+escapes a handler becomes ``InternalError``, logged with the request id.
 
 Extra fields (``BucketName``, ``Key``, ``ArgumentName`` ...) are passed as
 keyword arguments and appear as elements of the ``<Error>`` body, as S3 does.
@@ -18,10 +24,13 @@ keyword arguments and appear as elements of the ``<Error>`` body, as S3 does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+
+from nearstore.cache import errors as cache_errors
+from nearstore.metadata.backing import ConditionFailed, RangeNotSatisfiable, StoreError
 
 
-class S3Error(Exception):
+class S3Error(StoreError):
     status: int = 500
     message: str = "We encountered an internal error. Please try again."
 
@@ -315,7 +324,7 @@ class MissingContentLength(S3Error):
     message = "You must provide the Content-Length HTTP header."
 
 
-class PreconditionFailed(S3Error):
+class PreconditionFailed(S3Error, ConditionFailed):
     status = 412
     message = "At least one of the pre-conditions you specified did not hold"
 
@@ -385,3 +394,49 @@ class InvalidPolicyDocument(S3Error):
 class MalformedTrailerError(S3Error):
     status = 400
     message = "The request contained trailing data that was not well-formed or did not conform to our published schema."
+
+
+# --- the one translation table ----------------------------------------------
+#
+# Every failure that is not already an S3 error and that a client may see,
+# with the S3 error it gets. Checked in order (a subclass before its base);
+# anything not here is a bug and becomes InternalError.
+
+_Kinds = type[BaseException] | tuple[type[BaseException], ...]
+
+_TABLE: list[tuple[_Kinds, Callable[[BaseException], S3Error]]] = [
+    # The backing-store interface (metadata.backing).
+    (RangeNotSatisfiable, lambda e: _invalid_range(e)),
+    (ConditionFailed, lambda e: PreconditionFailed()),
+    # The cache (cache.errors, cache.store).
+    (cache_errors.ObjectChanged, lambda e: ServiceUnavailable(
+        "The object is changing too fast to read consistently", headers={"Retry-After": "1"})),
+    (cache_errors.StaleVersion, lambda e: PreconditionFailed(Condition="If-Match")),
+    (cache_errors.NotOwner, lambda e: ServiceUnavailable("Not this chunk's owner", headers={"Retry-After": "0"})),
+    ((cache_errors.ChunkCorrupt, cache_errors.ChunkMissing), lambda e: ServiceUnavailable(
+        "Chunk failed verification; ask again", headers={"Retry-After": "0"})),
+    (cache_errors.PeerFailed, lambda e: ServiceUnavailable("A cache peer failed; ask again",
+                                                           headers={"Retry-After": "0"})),
+    (cache_errors.PeerDenied, lambda e: AccessDenied("Peer authentication failed")),
+    (cache_errors.NotCached, lambda e: InvalidRequest(str(e))),
+    (cache_errors.BadRequest, lambda e: InvalidRequest(str(e))),
+    (cache_errors.NotFileBacked, lambda e: NotImplemented(str(e))),
+]
+
+
+def _invalid_range(e: BaseException) -> InvalidRange:
+    assert isinstance(e, RangeNotSatisfiable)
+    if e.requested:
+        return InvalidRange(RangeRequested=e.requested, ActualObjectSize=str(e.size))
+    return InvalidRange(ActualObjectSize=str(e.size))
+
+
+def to_s3(exc: BaseException) -> S3Error | None:
+    """The S3 error a client gets for ``exc``; None where it has none (a
+    bug: the caller answers InternalError and logs it)."""
+    if isinstance(exc, S3Error):
+        return exc
+    for kinds, make in _TABLE:
+        if isinstance(exc, kinds):
+            return make(exc)
+    return None

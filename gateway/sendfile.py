@@ -28,7 +28,7 @@ import threading
 
 from aiohttp import web
 
-from nearstore.gateway.backends.base import FileBacked, ObjectHandle
+from nearstore.metadata.backing import FileBacked, ObjectHandle
 
 # A client that reads nothing for this long is dropped (S3 uses a similar
 # idle timeout on slow readers).

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from nearstore.metadata.ring import Node, Ring
+from nearstore.metadata.ring import Node, NoLiveNodes, Ring
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,19 @@ class Membership:
             except OSError as e:
                 log.warning("DNS lookup of %s failed (%s); keeping %d members", name, e, len(self.base.nodes))
             await asyncio.sleep(interval)
+
+    def owner_of(self, chunk_id: str) -> Node | None:
+        """Who serves a chunk: its owner on the current ring when that is
+        another live node, None when this node serves it itself (it owns
+        it, it is alone, or no node is live)."""
+        ring = self.current
+        if ring is None or not self.peers:
+            return None
+        try:
+            node = ring.owner(chunk_id)
+        except NoLiveNodes:
+            return None
+        return None if node.id == self.self_id else node
 
     @property
     def down(self) -> list[str]:

@@ -54,7 +54,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from nearstore.gateway import errors
-from nearstore.gateway.backends.base import (
+from nearstore.gateway.checksums import new_checksum
+from nearstore.metadata.backing import (
     BucketInfo,
     CompletedPart,
     FileSegment,
@@ -69,7 +70,6 @@ from nearstore.gateway.backends.base import (
     WriteConditions,
     read_segments,
 )
-from nearstore.gateway.checksums import new_checksum
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class LocalStore:
         # them become unreachable).
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Group search stays if the local socket's server gave it (the
-        # socket lives here; gateway/localsock.py).
+        # socket lives here; cache/localsock.py).
         os.chmod(self.root, 0o700 | (stat.S_IMODE(os.stat(self.root).st_mode) & stat.S_IXGRP))
         for sub in ("objects", "uploads", "tmp"):
             (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -11,9 +11,8 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 
-from nearstore.cache.store import ChunkStore
 from nearstore.gateway import errors
-from nearstore.gateway.backends.base import (
+from nearstore.metadata.backing import (
     Backend,
     BucketInfo,
     CompletedPart,
@@ -71,12 +70,11 @@ class Router:
     name = "router"
 
     def __init__(
-        self, local: Backend, mapped: Mapping[str, Backend], wildcard: Backend | None, store: ChunkStore | None = None
+        self, local: Backend, mapped: Mapping[str, Backend], wildcard: Backend | None
     ) -> None:
         self.local = local
         self.mapped = dict(mapped)
         self.wildcard = wildcard
-        self.store = store
 
     def pick(self, bucket: str) -> Backend:
         b = self.mapped.get(bucket)
@@ -91,22 +89,6 @@ class Router:
         return out
 
     async def start(self) -> None:
-        if self.store is not None:
-            import asyncio
-
-            from nearstore.cache import metrics
-
-            try:
-                found = await asyncio.get_running_loop().run_in_executor(None, self.store.load)
-            except OSError as e:
-                # A cache that cannot even be opened is a cache fault like any
-                # other: serve everything from the backing store, loudly.
-                log.error("chunk cache at %s unusable (%s); serving from the backing store", self.store.root, e)
-                found = 0
-            metrics.CACHE_BYTES.set(self.store.used)
-            metrics.CACHE_CAPACITY.set(self.store.capacity)
-            log.info("chunk cache: %d chunks, %d bytes of %d, in %s", found, self.store.used,
-                     self.store.capacity, self.store.root)
         for b in self._all():
             await b.start()
 

@@ -45,7 +45,10 @@ from yarl import URL
 
 from nearstore.gateway import errors
 from nearstore.gateway.auth import derive_signing_key, uri_encode
-from nearstore.gateway.backends.base import (
+from nearstore.gateway.checksums import ALGORITHMS
+from nearstore.gateway.config import UpstreamConfig
+from nearstore.gateway.xml import child_text, document, parse
+from nearstore.metadata.backing import (
     BucketInfo,
     CompletedPart,
     ListPage,
@@ -58,9 +61,6 @@ from nearstore.gateway.backends.base import (
     UploadInfo,
     WriteConditions,
 )
-from nearstore.gateway.checksums import ALGORITHMS
-from nearstore.gateway.config import UpstreamConfig
-from nearstore.gateway.xml import child_text, document, parse
 
 log = logging.getLogger(__name__)
 

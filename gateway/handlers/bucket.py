@@ -8,11 +8,11 @@ import binascii
 from aiohttp import web
 
 from nearstore.gateway import errors
-from nearstore.gateway.backends.base import ListPage, ObjectInfo
 from nearstore.gateway.conditions import iso8601
 from nearstore.gateway.handlers.common import Ctx, acl_policy, encode_key, read_body, xml_response
 from nearstore.gateway.request import S3Request, check_key, validate_bucket_name
 from nearstore.gateway.xml import Node, child_text, parse
+from nearstore.metadata.backing import ListPage, ObjectInfo
 
 MAX_KEYS = 1000
 

@@ -12,11 +12,11 @@ from aiohttp import web
 
 from nearstore.gateway import errors
 from nearstore.gateway.auth import AuthContext
-from nearstore.gateway.backends.base import Backend, ObjectMeta
 from nearstore.gateway.config import Config
 from nearstore.gateway.payload import Payload
 from nearstore.gateway.request import S3Request
 from nearstore.gateway.xml import Node, document
+from nearstore.metadata.backing import Backend, ObjectMeta
 
 # Standard headers S3 stores with an object and returns on GET/HEAD.
 STORED_HEADERS = (

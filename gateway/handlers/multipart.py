@@ -6,7 +6,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from nearstore.gateway import errors
-from nearstore.gateway.backends.base import CompletedPart, ObjectMeta
 from nearstore.gateway.checksums import ALGORITHMS
 from nearstore.gateway.conditions import check_copy_source_conditions, iso8601
 from nearstore.gateway.handlers.common import (
@@ -20,6 +19,7 @@ from nearstore.gateway.handlers.common import (
 from nearstore.gateway.handlers.object import parse_copy_source, with_encoding
 from nearstore.gateway.request import S3Request, check_key
 from nearstore.gateway.xml import child_text, parse
+from nearstore.metadata.backing import CompletedPart, ObjectMeta
 
 MAX_PART_NUMBER = 10000
 

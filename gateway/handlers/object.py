@@ -8,13 +8,11 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from nearstore.gateway import errors
-from nearstore.gateway.backends.base import ObjectInfo, ObjectMeta, ReadOptions, WriteConditions
 from nearstore.gateway.conditions import (
     check_copy_source_conditions,
     check_read_conditions,
     http_date,
     iso8601,
-    parse_range,
 )
 from nearstore.gateway.handlers.common import (
     Ctx,
@@ -30,6 +28,13 @@ from nearstore.gateway.handlers.common import (
 from nearstore.gateway.request import S3Request, check_key, validate_bucket_name
 from nearstore.gateway.sendfile import send_body
 from nearstore.gateway.xml import child_text, parse
+from nearstore.metadata.backing import (
+    ObjectInfo,
+    ObjectMeta,
+    ReadOptions,
+    WriteConditions,
+    parse_range,
+)
 
 log = logging.getLogger(__name__)
 

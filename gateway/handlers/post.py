@@ -19,7 +19,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from nearstore.gateway import errors
 from nearstore.gateway.auth import PostPolicy, authenticate_post
-from nearstore.gateway.backends.base import ObjectMeta
 from nearstore.gateway.handlers.common import (
     MAX_USER_META,
     STORED_HEADERS,
@@ -28,6 +27,7 @@ from nearstore.gateway.handlers.common import (
     xml_response,
 )
 from nearstore.gateway.request import S3Request, check_key
+from nearstore.metadata.backing import ObjectMeta
 
 # Everything before the file part, field names and each part's headers
 # included, is read before the signature can be checked: bounded in bytes

@@ -201,7 +201,7 @@ def test_reads_survive_a_node_killed_mid_flight(cluster: Cluster) -> None:
 def test_a_peer_cannot_cut_a_chunk_to_a_wrong_size(cluster: Cluster) -> None:
     """A correctly signed peer request that claims a wrong object size must
     not cache a short chunk: the owner takes sizes from its own metadata."""
-    from nearstore.gateway.cluster import AUTH_HEADER, sign
+    from nearstore.cache.peers import AUTH_HEADER, sign
     from nearstore.metadata.identity import chunk_id
     from nearstore.metadata.ring import Node, Ring
 

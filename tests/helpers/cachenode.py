@@ -124,7 +124,7 @@ class CacheNode:
 
     def start(self) -> CacheNode:
         exe = VENV_BIN / "nearstore"
-        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "nearstore.gateway.cli"]
+        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "nearstore.cli"]
         argv += ["serve", "--host", "127.0.0.1", "--port", str(self.port),
                  "--data-dir", str(self.data_dir), "--config", str(self.config_path)]
         self.proc = Proc(kind="nearstore-cache", host="127.0.0.1", argv=argv, env=self.env(),
@@ -197,7 +197,7 @@ class CacheNode:
     # -- warming ----------------------------------------------------------------
     def warm_cli(self, target: str, pin: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         exe = VENV_BIN / "nearstore"
-        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "nearstore.gateway.cli"]
+        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "nearstore.cli"]
         argv += ["warm", target, "--endpoint", self.url] + (["--pin"] if pin else [])
         return subprocess.run(argv, env=self.env(), capture_output=True, text=True, timeout=timeout,
                               check=False)

@@ -333,7 +333,7 @@ def _nearstore(workdir: Path, *, tls: bool = False, data_dir: Path | None = None
     data_dir = data_dir or workdir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     exe = VENV_BIN / "nearstore"
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "nearstore.gateway.cli"]
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "nearstore.cli"]
     argv += ["serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)]
     if buckets or config_text:
         config = workdir / "nearstore.toml"

@@ -1,6 +1,6 @@
 """The backing-store contract: what the gateway's write path and the cache's
 fill path rely on, passed by every store behind the narrow interface
-(``nearstore.gateway.backends.base.Backend``): the embedded local store and
+(``nearstore.metadata.backing.Backend``): the embedded local store and
 the S3 upstream (against a real moto server), driven directly, no HTTP
 front in between."""
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from nearstore.gateway import errors
-from nearstore.gateway.backends.base import Backend, CompletedPart, ObjectMeta, ReadOptions
 from nearstore.gateway.backends.local import LocalStore
 from nearstore.gateway.backends.s3 import S3Upstream
 from nearstore.gateway.config import UpstreamConfig
+from nearstore.metadata.backing import Backend, CompletedPart, ObjectMeta, ReadOptions
 from tests.helpers.servers import MOTO_ACCESS_KEY, MOTO_SECRET_KEY, S3Server
 from tests.unit.gateway.test_local_store import Body
 

@@ -2,7 +2,7 @@
 ``[cache]`` section, real processes on 127.0.0.1, boto3 with default
 settings as the client.
 
-The invariants come from ``gateway/backends/cached.py`` and
+The invariants come from ``cache/readpath.py`` and
 ``cache/store.py``: a read never mixes two versions; a flipped bit is never
 served; the budget is exceeded at most by the chunks being filled; a warm
 cache stays warm across a restart; a cache fault is a miss served from the

@@ -1,4 +1,4 @@
-"""Short-circuit reads over the node's Unix socket (gateway/localsock.py,
+"""Short-circuit reads over the node's Unix socket (cache/localsock.py,
 clients/local.py): same bytes and the same errors as a GET, on the local
 store and through the chunk cache; a corrupt chunk file is never handed out."""
 

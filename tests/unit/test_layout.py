@@ -1,7 +1,11 @@
 """The packages' dependencies point one way: gateway -> cache -> metadata;
-clients import metadata only (a training job installs no server); bench is
-imported by the `nearstore bench` command alone. Read from the source, so a
-new import against the direction fails here before anyone runs it."""
+the backing stores (gateway/backends) know nothing of the cache; clients
+import metadata only (a training job installs no server); bench is imported
+by the `nearstore bench` command alone; the composition root (the modules
+directly in nearstore/: the command, the node, the local cluster) is the one
+place that knows every package, and nothing imports it. Read from the
+source, so a new import against the direction fails here before anyone
+runs it."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("gateway", "cache", "metadata", "clients", "bench")
+ROOT_MODULES = ("cli", "node", "localcluster")
 
 # What each package may import of the others.
 ALLOWED: dict[str, set[str]] = {
@@ -20,9 +25,12 @@ ALLOWED: dict[str, set[str]] = {
     "clients": {"metadata"},
     "gateway": {"cache", "metadata"},
     "bench": {"gateway", "cache", "metadata", "clients"},
+    "nearstore": {"gateway", "cache", "metadata"},  # the composition root
 }
-# (module, package it may import besides): the composition root's commands.
-EXCEPTIONS = {("gateway/cli.py", "bench")}
+# (module, package it may import besides): the command runs the benchmarks.
+EXCEPTIONS = {("nearstore/cli.py", "bench")}
+# Folders held to less than their package: the backing stores.
+NARROWER = {"gateway/backends": {"metadata"}}
 
 
 def _imports(path: Path) -> set[str]:
@@ -38,13 +46,16 @@ def _imports(path: Path) -> set[str]:
             parts = name.split(".")
             if parts[0] == "nearstore" and len(parts) > 1 and parts[1] in PACKAGES:
                 found.add(parts[1])
+            elif parts[0] == "nearstore" and len(parts) > 1 and parts[1] in ROOT_MODULES:
+                found.add("nearstore")
             elif parts[0] in PACKAGES:
                 found.add(f"top-level {parts[0]}")  # not through the namespace: a second copy
     return found
 
 
 def _modules() -> list[Path]:
-    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+    root = [ROOT / "nearstore" / f"{m}.py" for m in ROOT_MODULES]
+    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")) + root
 
 
 def test_there_are_modules_to_check() -> None:
@@ -56,13 +67,32 @@ def test_imports_follow_the_dependency_direction(path: Path) -> None:
     rel = path.relative_to(ROOT)
     package = rel.parts[0]
     allowed = ALLOWED[package] | {package} | {extra for mod, extra in EXCEPTIONS if mod == rel.as_posix()}
+    for folder, narrower in NARROWER.items():
+        if rel.as_posix().startswith(folder + "/"):
+            allowed = narrower | {package}
+    if package != "nearstore":
+        allowed -= {"nearstore"}  # nothing imports the composition root
     assert _imports(path) <= allowed, f"{rel} imports {sorted(_imports(path) - allowed)}"
+
+
+def test_no_isinstance_on_store_types_outside_the_root() -> None:
+    """Which kind of store serves a bucket is decided where the node is
+    built; elsewhere a store is used through its interface."""
+    kinds = {"CachedBackend", "Router", "LocalStore", "S3Upstream"}
+    for path in _modules():
+        if path.parent.name == "nearstore":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+                named = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+                assert not named & kinds, f"{path.relative_to(ROOT)}:{node.lineno} isinstance on {named & kinds}"
 
 
 def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     bad = tmp_path / "m.py"
-    bad.write_text("def f():\n    from nearstore.gateway import errors\n    import cache.store\n")
-    assert _imports(bad) == {"gateway", "top-level cache"}
+    bad.write_text("def f():\n    from nearstore.gateway import errors\n    import cache.store\n"
+                   "from nearstore.node import build_node\n")
+    assert _imports(bad) == {"gateway", "top-level cache", "nearstore"}
 
 
 def test_one_installed_name(tmp_path: Path) -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from nearstore.cache.readpath import CachedBackend, CachedHandle, ObjectChanged
 from nearstore.cache.store import ChunkStore
-from nearstore.gateway.backends.base import FileSegment, ObjectMeta, ReadOptions
-from nearstore.gateway.backends.cached import CachedBackend, CachedHandle, ObjectChanged
 from nearstore.gateway.backends.local import LocalStore
+from nearstore.metadata.backing import FileSegment, ObjectMeta, ReadOptions
 from tests.unit.gateway.test_local_store import Body
 
 CS = 64 * 1024
@@ -232,7 +232,8 @@ def test_verification_memo_trusts_only_unchanged_files(tmp_path: Path, monkeypat
     import xxhash
 
     from nearstore.cache import store as store_mod
-    from nearstore.cache.store import ChunkCorrupt, open_verified
+    from nearstore.cache.errors import ChunkCorrupt
+    from nearstore.cache.store import open_verified
 
     data = os.urandom(1 << 20)
     path = tmp_path / "chunk"

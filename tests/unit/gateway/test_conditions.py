@@ -9,8 +9,8 @@ from nearstore.gateway.conditions import (
     check_copy_source_conditions,
     check_read_conditions,
     http_date,
-    parse_range,
 )
+from nearstore.metadata.backing import RangeNotSatisfiable, parse_range
 
 ETAG = '"abc"'
 LM = 1_700_000_000.4
@@ -39,8 +39,12 @@ def test_parse_range(header: str | None, size: int, expected: tuple[int, int] | 
 
 @pytest.mark.parametrize(("header", "size"), [("bytes=10-", 10), ("bytes=10-20", 10), ("bytes=-0", 10), ("bytes=0-", 0)])
 def test_unsatisfiable_range(header: str, size: int) -> None:
-    with pytest.raises(errors.InvalidRange):
+    with pytest.raises(RangeNotSatisfiable) as e:
         parse_range(header, size)
+    # ... which the gateway answers as S3 does: 416 InvalidRange.
+    s3 = errors.to_s3(e.value)
+    assert isinstance(s3, errors.InvalidRange) and s3.status == 416
+    assert s3.fields == {"RangeRequested": header, "ActualObjectSize": str(size)}
 
 
 def _check(**headers: str) -> None:

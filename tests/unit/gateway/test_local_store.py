@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from nearstore.gateway import errors
-from nearstore.gateway.backends.base import CompletedPart, ObjectMeta, WriteConditions
 from nearstore.gateway.backends.local import MIN_PART_SIZE, LocalStore, _key_upper_bound
+from nearstore.metadata.backing import CompletedPart, ObjectMeta, WriteConditions
 
 
 class Body:

@@ -42,7 +42,7 @@ def run(nodes: int, port: int, directory: str, backing: str | None, cache_size: 
     env.setdefault("NEARSTORE_ACCESS_KEY", config_mod.DEV_ACCESS_KEY)
     env.setdefault("NEARSTORE_SECRET_KEY", config_mod.DEV_SECRET_KEY)
     env.setdefault("NEARSTORE_CLUSTER_SECRET", secrets.token_hex(16))
-    exe = [sys.executable, "-m", "nearstore.gateway.cli", "serve"]
+    exe = [sys.executable, "-m", "nearstore.cli", "serve"]
     procs: list[subprocess.Popen[bytes]] = []
     stopping: list[bool] = []
 

@@ -14,7 +14,9 @@ request carries ``x-nearstore-peer: <unix time>.<HMAC-SHA256(secret, time
 readable (403). Writes through any node invalidate the object's metadata
 on every peer before the client is answered.
 
-Routes (served by ``gateway.app``):
+The server side is here too (``check``, ``serve_chunk``,
+``serve_invalidate``); the gateway's admin routes give it HTTP and send the
+chunk file with sendfile. Routes:
 
 - ``GET  /_nearstore/peer/chunk?bucket&key&etag&index&start&end``: the
   owner takes the object's size from its own metadata (never from the
@@ -31,26 +33,44 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 import aiohttp
 from yarl import URL
 
-from nearstore.gateway.backends.base import FileSegment, ObjectInfo, Served, read_segments
+from nearstore.cache.errors import (
+    BadRequest,
+    ChunkCorrupt,
+    ChunkMissing,
+    NotCached,
+    NotOwner,
+    ObjectChanged,
+    PeerDenied,
+    PeerFailed,
+    StaleVersion,
+)
+from nearstore.cache.store import open_verified
+from nearstore.metadata.backing import (
+    FileSegment,
+    ObjectInfo,
+    RangeNotSatisfiable,
+    Served,
+    read_segments,
+)
 from nearstore.metadata.membership import Membership
-from nearstore.metadata.ring import Node, NoLiveNodes
+from nearstore.metadata.ring import Node
+
+if TYPE_CHECKING:
+    from nearstore.cache.readpath import CachedBackend
 
 log = logging.getLogger(__name__)
 
 AUTH_HEADER = "x-nearstore-peer"
 MAX_SKEW = 300.0
 INVALIDATE_TIMEOUT_S = 5.0
-
-
-class PeerFailed(Exception):
-    """A peer could not serve a chunk; the caller serves it itself."""
 
 
 def sign(secret: str, method: str, path_query: str, now: float | None = None) -> str:
@@ -85,17 +105,6 @@ class Cluster:
     def self_id(self) -> str:
         return self.membership.self_id
 
-    def owner(self, chunk_id: str) -> Node | None:
-        """The chunk's owner if it is another live node, else None."""
-        ring = self.membership.current
-        if ring is None or not self.membership.peers:
-            return None
-        try:
-            node = ring.owner(chunk_id)
-        except NoLiveNodes:
-            return None
-        return None if node.id == self.self_id else node
-
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, connect=1.0, sock_read=self.read_timeout),
@@ -109,8 +118,9 @@ class Cluster:
     async def fetch(
         self, node: Node, bucket: str, key: str, etag: str, index: int, start: int, end: int
     ) -> AsyncIterator[bytes]:
-        """Bytes start..end (exclusive) of a chunk from its owner. Raises
-        PeerFailed before the first byte if the owner cannot serve it."""
+        """Exactly bytes start..end (exclusive) of a chunk from its owner, or
+        PeerFailed (before the first byte or mid-stream: the caller serves
+        the rest itself)."""
         assert self.session is not None
         query = urlencode({"bucket": bucket, "key": key, "etag": etag, "index": index, "start": start, "end": end})
         path = f"/_nearstore/peer/chunk?{query}"
@@ -122,11 +132,18 @@ class Cluster:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
             self.membership.mark(node.id, ok=False, error=str(e))
             raise PeerFailed(f"{node.id}: {e}") from e
+        want, got = end - start, 0
         try:
             if resp.status != 200:
                 raise PeerFailed(f"{node.id}: HTTP {resp.status}")
             async for piece in resp.content.iter_any():
+                piece = piece[: want - got]
+                got += len(piece)
                 yield piece
+            if got < want:
+                raise PeerFailed(f"{node.id}: chunk {index} ended short ({got} of {want} bytes)")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
+            raise PeerFailed(f"{node.id}: chunk {index}: {e}") from e
         finally:
             resp.close()
 
@@ -178,3 +195,64 @@ class ChunkFileHandle:
 
     async def close(self) -> None:
         os.close(self.fd)
+
+
+# --- the server side ----------------------------------------------------------
+
+
+def check(secret: str, method: str, path_query: str, header: str | None) -> None:
+    """A peer request's signature, or PeerDenied."""
+    if not verify(secret, method, path_query, header):
+        raise PeerDenied("Peer authentication failed")
+
+
+async def serve_invalidate(cache: CachedBackend | None, bucket: str, key: str) -> None:
+    """A write through another node: drop this node's metadata of the object
+    (in every worker process)."""
+    if cache is None:
+        return
+    cache.meta.invalidate(bucket, key)
+    if cache.control is not None:
+        await cache.control.broadcast_invalidate(bucket, key)
+
+
+async def serve_chunk(cache: CachedBackend | None, bucket: str, query: Mapping[str, str]) -> ChunkFileHandle:
+    """Bytes start..end of chunk ``index`` of bucket/key at version
+    ``etag``, as an open, verified chunk file: filled here on a miss."""
+    if cache is None:
+        raise NotCached(f"Bucket {bucket!r} is not served through the cache")
+    key = query.get("key", "")
+    try:
+        index, start, end = (int(query[n]) for n in ("index", "start", "end"))
+    except (KeyError, ValueError):
+        raise BadRequest("index, start and end are integers") from None
+    # The object's size and version come from this node's own metadata,
+    # never from the asker (a size it sent would decide the chunk's length).
+    etag = query.get("etag", "")
+    info = await cache.head_object(bucket, key)
+    if info.etag != etag:
+        cache.meta.invalidate(bucket, key)  # perhaps ours is the stale one
+        info = await cache.head_object(bucket, key)
+        if info.etag != etag:
+            raise StaleVersion(f"{bucket}/{key} is at {info.etag}, not {etag}")
+    if not 0 <= index * cache.chunk_size < info.size:
+        raise RangeNotSatisfiable(info.size)
+    if cache.owner(bucket, info, index) is not None:
+        # The asker's ring is not ours (a peer coming back, seen here
+        # first): caching the chunk here would leave a copy beside its
+        # owner's. The asker serves it itself.
+        raise NotOwner(f"{bucket}/{key} chunk {index}")
+    try:
+        chunk = await cache.chunk(bucket, info, index)
+    except ObjectChanged:
+        raise StaleVersion(f"{bucket}/{key} changed") from None
+    if not 0 <= start <= end <= chunk.size:
+        raise RangeNotSatisfiable(chunk.size)
+    loop = asyncio.get_running_loop()
+    try:
+        fd = await loop.run_in_executor(None, open_verified, cache.store.path(chunk), chunk.checksum, chunk.size,
+                                        cache.reverify_s)
+    except (ChunkCorrupt, ChunkMissing):
+        cache.store.discard(chunk)  # the asker tries again: refilled then
+        raise
+    return ChunkFileHandle(fd, start, end)

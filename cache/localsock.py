@@ -22,8 +22,9 @@ travels with exactly one message); every message is JSON unless noted:
     -> next request on the same connection, or close
 
 Authentication is the object's presigned URL (SigV4 or V2, as boto3 makes
-it): the same credentials and checks as a GET over HTTP; the socket file's
-mode (0660) only adds to that. A descriptor is handed out only for a file
+it): the same credentials and checks as a GET over HTTP, made by the
+gateway's own code (``open_read``, given by the node: auth, bucket and key
+rules, conditions); the socket file's mode only adds to that. A descriptor is handed out only for a file
 the HTTP path would have sent with sendfile, so the corruption checks are
 the same; files are never rewritten in place (a new chunk or object is a
 new file), so a reader holding a descriptor sees one version. The
@@ -39,19 +40,13 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
-
-from multidict import CIMultiDict
 
 from nearstore.cache import metrics
-from nearstore.gateway import errors
-from nearstore.gateway.auth import SignedRequest, authenticate
-from nearstore.gateway.backends.base import Backend, FileBacked, FileSegment, ReadOptions
-from nearstore.gateway.conditions import check_read_conditions
-from nearstore.gateway.request import check_key, split_target, validate_bucket_name
+from nearstore.cache.errors import BadRequest, NotFileBacked
+from nearstore.metadata.backing import FileBacked, FileSegment, ObjectHandle, RangeNotSatisfiable
 
 log = logging.getLogger("nearstore.localsock")
 
@@ -61,13 +56,19 @@ DATA_PIECE = 64 * 1024
 MAX_PATH = 107
 
 
+# (presigned URL, inclusive range or None, If-Match or None) -> the open
+# object, checked as an HTTP GET of that URL would be; raises what the
+# HTTP path would answer.
+OpenRead = Callable[[str, "tuple[int, int] | None", "str | None"], Awaitable[ObjectHandle]]
+# A failure -> (HTTP status, S3 error code, message), None for a bug.
+Describe = Callable[[BaseException], "tuple[int, str, str] | None"]
+
+
 class LocalSocketServer:
-    def __init__(self, path: str, backend: Backend, credentials: Mapping[str, str],
-                 domain: str | None) -> None:
+    def __init__(self, path: str, open_read: OpenRead, describe: Describe) -> None:
         self.path = path
-        self.backend = backend
-        self.credentials = credentials
-        self.domain = domain
+        self.open_read = open_read
+        self.describe = describe
         self.sock: socket.socket | None = None
         self.task: asyncio.Task[None] | None = None
         self.conns: set[asyncio.Task[None]] = set()
@@ -138,8 +139,14 @@ class LocalSocketServer:
                     return
                 try:
                     await self._request(conn, msg)
-                except errors.S3Error as e:
-                    await _send(conn, {"status": e.status, "code": e.code, "message": e.text})
+                except (ConnectionError, BrokenPipeError):
+                    raise
+                except Exception as e:
+                    answer = self.describe(e)
+                    if answer is None:
+                        raise
+                    status, code, message = answer
+                    await _send(conn, {"status": status, "code": code, "message": message})
         except (ConnectionError, BrokenPipeError):
             return  # the client went away mid-reply
         except Exception:
@@ -150,37 +157,28 @@ class LocalSocketServer:
     async def _request(self, conn: socket.socket, msg: bytes) -> None:
         try:
             req = json.loads(msg)
-            url = urlsplit(req["url"])
+            url = req["url"]
             rng = req.get("range")
             if_match = req.get("if_match")
+            if not isinstance(url, str):
+                raise TypeError("url")
             if rng is not None and not (isinstance(rng, list) and len(rng) == 2
                                         and all(isinstance(x, int) and x >= 0 for x in rng)
                                         and rng[0] <= rng[1]):
                 raise ValueError("range")
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise errors.InvalidRequest("Malformed local read request") from None
-        headers = CIMultiDict({"Host": url.netloc})
-        authenticate(SignedRequest(method="GET", raw_path=url.path, raw_query=url.query,
-                                   headers=headers), self.credentials)
-        bucket, key, _ = split_target(url.path, url.netloc, self.domain)
-        if not bucket or not key:
-            raise errors.InvalidRequest("A local read names one object")
-        validate_bucket_name(bucket)
-        check_key(key)
-        conditions = {"If-Match": str(if_match)} if if_match else {}
-        range_header = f"bytes={rng[0]}-{rng[1]}" if rng is not None else None
-        handle = await self.backend.open_object(
-            bucket, key, ReadOptions(range_header=range_header, conditions=conditions), head=False)
+            raise BadRequest("Malformed local read request") from None
+        handle = await self.open_read(url, (rng[0], rng[1]) if rng is not None else None,
+                                      str(if_match) if if_match else None)
         try:
             info = handle.info
-            check_read_conditions(conditions, info.etag, info.last_modified)
             if handle.served is not None or not isinstance(handle, FileBacked):
                 # A pass-through upstream: no local file holds the bytes.
-                raise errors.NotImplemented("Short-circuit reads need a cached or local bucket")
+                raise NotFileBacked("Short-circuit reads need a cached or local bucket")
             if rng is None:
                 start, length, status = 0, info.size, 200
             elif rng[0] >= info.size:
-                raise errors.InvalidRange(ActualObjectSize=str(info.size))
+                raise RangeNotSatisfiable(info.size)
             else:
                 start, status = rng[0], 206
                 length = min(rng[1], info.size - 1) - start + 1
@@ -198,7 +196,7 @@ class LocalSocketServer:
                         await _send_raw(conn, view[i : i + DATA_PIECE])
                     pos += len(seg)
             if pos != length:
-                raise ConnectionError(f"{bucket}/{key}: sent {pos} of {length} bytes")
+                raise ConnectionError(f"{info.key}: sent {pos} of {length} bytes")
             await _send(conn, {"end": True})
             metrics.LOCAL_READS.inc()
             metrics.LOCAL_BYTES.inc(length)

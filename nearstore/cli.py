@@ -42,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if cfg.workers > 1:
         # Before prometheus_client is first imported (cache.metrics).
-        from nearstore.gateway.control import run_dir
+        from nearstore.cache.control import run_dir
 
         mdir = run_dir(cfg.data_dir) / "metrics"
         if not cfg.worker:
@@ -51,7 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
             shutil.rmtree(mdir, ignore_errors=True)
             mdir.mkdir(parents=True, mode=0o700)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mdir)
-    from nearstore.gateway.app import serve
+    from nearstore.node import serve
 
     try:
         serve(cfg)
@@ -124,7 +124,7 @@ def _warm(args: argparse.Namespace) -> int:
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from nearstore.gateway.localcluster import run
+    from nearstore.localcluster import run
 
     return run(args.nodes, args.port, args.dir, args.backing, args.cache_size)
 

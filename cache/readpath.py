@@ -1,22 +1,31 @@
-"""A backing store seen through the node-local chunk cache.
+"""The cache's read path: a backing store seen through the node-local
+chunk cache.
 
-Reads: the object's metadata comes from a short-TTL cache; the requested
-byte range is cut into fixed-size chunks; each chunk is served from its
-file on local disk (verified, then sendfile) or filled first from the
-backing store with a ranged GET carrying If-Match, so that a read never
-mixes two versions. Chunks ahead of the one being sent are filled in
-parallel (bounded), concurrent misses of one chunk share one fill, and the
-first chunk is ready before the response starts, so a changed object is
-retried with fresh metadata instead of failing a client that asked for no
-condition.
+A cached GET, top-down (each step a function here, in this order):
 
-A cache fault (disk full, unwritable directory, a corrupt chunk twice) is a
-miss: the chunk's bytes come straight from the backing store, logged, and
-the client never notices.
+1. ``CachedBackend.open_object``: the object's size and ETag from the
+   short-TTL metadata cache (``head_object``); the first chunk made ready
+   (``CachedHandle.ready``) before the response starts, so that a changed
+   object is retried with fresh metadata and a backing-store error is
+   answered as such.
+2. ``CachedHandle.segments``: the requested range cut into fixed-size
+   chunks; for each, the first source that has it:
+   - another node owns it (``CachedBackend.owner``): ``_from_peer``, the
+     bytes from the owner (``cache.peers.Cluster.fetch``, read ahead by
+     ``_fetch_remote``); if the owner fails, ``_instead_of_peer``;
+   - this node owns it: ``_from_here``: the chunk still filling
+     (``_stream_filling``, from the growing temporary file), else a local
+     hit or a fill (``CachedBackend.chunk`` → ``_fill``, one per chunk, a
+     ranged GET with If-Match so a read never mixes two versions), opened
+     and verified by ``_open``;
+   - on a cache fault (disk full, unwritable directory, a corrupt chunk
+     twice), the backing store (``CachedBackend.direct_chunk``): the client
+     never notices.
+   Chunks ahead of the one being sent are filled in parallel (bounded).
 
-Writes go through to the backing store and invalidate the metadata entry;
-chunks of the old version are unreachable (their id has the old ETag) and
-age out.
+Writes go through to the backing store and invalidate the metadata entry
+here, in the other worker processes and on every peer; chunks of the old
+version are unreachable (their id has the old ETag) and age out.
 """
 
 from __future__ import annotations
@@ -29,48 +38,37 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
-import aiohttp
-
 from nearstore.cache import metrics
-from nearstore.cache.store import (
-    Chunk,
-    ChunkCorrupt,
-    ChunkMissing,
-    ChunkStore,
-    ChunkWriter,
-    open_if_verified,
-    open_verified,
-)
-from nearstore.gateway import errors
-from nearstore.gateway.backends.base import (
+from nearstore.cache.control import Control
+from nearstore.cache.errors import ChunkCorrupt, ChunkMissing, ObjectChanged, PeerFailed
+from nearstore.cache.peers import Cluster
+from nearstore.cache.store import Chunk, ChunkStore, ChunkWriter, open_if_verified, open_verified
+from nearstore.metadata.backing import (
     Backend,
     BucketInfo,
     CompletedPart,
+    ConditionFailed,
     FileSegment,
     ListPage,
     ObjectHandle,
     ObjectInfo,
     ObjectMeta,
     PartInfo,
+    RangeNotSatisfiable,
     ReadOptions,
     Served,
+    StoreError,
     UploadBody,
     UploadInfo,
     WriteConditions,
+    parse_range,
     read_segments,
 )
-from nearstore.gateway.cluster import Cluster, PeerFailed
-from nearstore.gateway.conditions import parse_range
-from nearstore.gateway.control import Control
 from nearstore.metadata.identity import chunk_id
 from nearstore.metadata.objects import MetaCache
 from nearstore.metadata.ring import Node
 
 log = logging.getLogger(__name__)
-
-
-class ObjectChanged(Exception):
-    """The backing object's ETag changed under a read."""
 
 
 class FillProgress:
@@ -124,9 +122,9 @@ class CachedBackend:
         self._fills: dict[str, asyncio.Future[Chunk]] = {}
         self._fill_tasks: set[asyncio.Task[Chunk]] = set()
         self.progress: dict[str, FillProgress] = {}
-        # Multi-process node (see gateway.control): None when alone.
+        # Multi-process node (see cache.control): None when alone.
         self.control: Control | None = None
-        # Cache peers (gateway.cluster): None for a node alone.
+        # Cache peers (cache.peers): None for a node alone.
         self.cluster: Cluster | None = None
         self.follower = False
         self._touched: set[str] = set()
@@ -197,7 +195,7 @@ class CachedBackend:
                 return handle
             try:
                 rng = parse_range(opts.range_header, info.size)
-            except errors.InvalidRange:
+            except RangeNotSatisfiable:
                 return handle  # the handler answers 416 from info
             first = (rng[0] if rng else 0) // self.chunk_size
             try:
@@ -205,9 +203,7 @@ class CachedBackend:
             except ObjectChanged:
                 self.meta.invalidate(bucket, key)
                 if attempt == 2:
-                    raise errors.ServiceUnavailable(
-                        "The object is changing too fast to read consistently", headers={"Retry-After": "1"}
-                    ) from None
+                    raise  # changing too fast to read consistently: 503, ask again
                 continue
             return handle
         raise AssertionError("unreachable")
@@ -225,7 +221,7 @@ class CachedBackend:
         """The chunk's owner when it is another live node of the cluster."""
         if self.cluster is None:
             return None
-        return self.cluster.owner(self._chunk_id(bucket, info, index))
+        return self.cluster.membership.owner_of(self._chunk_id(bucket, info, index))
 
     def chunk(self, bucket: str, info: ObjectInfo, index: int) -> asyncio.Future[Chunk]:
         """The chunk, cached or being filled (one fill per chunk at a time)."""
@@ -298,7 +294,7 @@ class CachedBackend:
                     bucket, info.key,
                     ReadOptions(range_header=f"bytes={start}-{start + length - 1}", conditions={"If-Match": info.etag}),
                 )
-            except errors.PreconditionFailed:
+            except ConditionFailed:
                 raise ObjectChanged(info.key) from None
             try:
                 if (src.info.etag and src.info.etag != info.etag) or src.info.size != info.size:
@@ -317,7 +313,7 @@ class CachedBackend:
                         metrics.BYTES_FROM_BACKING.inc(len(piece))
                         if progress is not None:
                             progress.advance(len(piece))
-                except errors.PreconditionFailed:
+                except ConditionFailed:
                     # A resumed stream found another version: not the
                     # client's condition failing, the object changing.
                     raise ObjectChanged(info.key) from None
@@ -485,17 +481,8 @@ class CachedHandle:
 
     async def _fetch_remote(self, owner: Node, index: int, lo: int, hi: int) -> bytes:
         assert self.cb.cluster is not None
-        parts: list[bytes] = []
-        got = 0
-        async for piece in self.cb.cluster.fetch(
-            owner, self.bucket, self.key, self.info.etag, index, lo, hi
-        ):
-            piece = piece[: hi - lo - got]
-            got += len(piece)
-            parts.append(piece)
-        if got < hi - lo:
-            raise PeerFailed(f"{owner.id}: chunk {index} ended short")
-        return b"".join(parts)
+        return b"".join([p async for p in self.cb.cluster.fetch(owner, self.bucket, self.key, self.info.etag,
+                                                                 index, lo, hi)])
 
     def _want(self, index: int) -> asyncio.Future[Chunk]:
         fut = self._ahead.get(index)
@@ -524,7 +511,7 @@ class CachedHandle:
             return
         try:
             fut.result()
-        except (ObjectChanged, errors.S3Error):
+        except (ObjectChanged, StoreError):
             # The backing store's own answer (503 after retries, 403 ...):
             # before the response starts, the client gets it as it is.
             raise
@@ -550,7 +537,7 @@ class CachedHandle:
                     continue
                 if fut.done():
                     exc = fut.exception()
-                    if isinstance(exc, (ObjectChanged, errors.S3Error)) or exc is None:
+                    if isinstance(exc, (ObjectChanged, StoreError)) or exc is None:
                         raise exc or OSError("fill ended short")
                     # A cache fault mid-fill: the rest from the backing store.
                     log.warning("cache fill of %s chunk %d failed (%s); finishing from the backing store",
@@ -611,13 +598,10 @@ class CachedHandle:
                 yield data
                 return
             async for piece in self.cb.cluster.fetch(owner, self.bucket, self.key, self.info.etag, index, lo, hi):
-                piece = piece[: hi - lo - sent]
                 sent += len(piece)
                 metrics.BYTES_FROM_PEERS.inc(len(piece))
                 yield piece
-            if sent < hi - lo:
-                raise PeerFailed(f"{owner.id}: chunk {index} ended short")
-        except (PeerFailed, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
+        except PeerFailed as e:
             yield await self._instead_of_peer(owner, index, lo + sent, hi, e)
 
     async def _from_here(self, index: int, lo: int, hi: int) -> AsyncGenerator[FileSegment | bytes, None]:

@@ -1,11 +1,19 @@
-"""The backing-store interface: what the gateway (and later the cache's fill
-path) needs from a place that holds objects.
+"""The backing-store interface: what the gateway's handlers and the
+cache's fill path need from a place that holds objects.
 
-Two implementations: ``local.LocalStore`` (the embedded default, a directory
-plus SQLite) and the S3 upstream. The interface is deliberately narrow and
-speaks S3 semantics, not storage mechanics: a backend raises the gateway's
-S3 errors (``NoSuchKey``, ``NoSuchBucket`` ...) for conditions S3 defines, so
-that an upstream's error reaches the client unchanged.
+Implementations live in ``gateway.backends``: ``local.LocalStore`` (the
+embedded default, a directory plus SQLite), the S3 upstream, and the router
+that picks one per bucket; the cache's read path (``cache.readpath``) wraps
+one. The interface is deliberately narrow and speaks S3 semantics, not
+storage mechanics.
+
+Failures: a store refuses a request with a ``StoreError`` (the gateway's S3
+errors are StoreErrors, so an upstream's error reaches the client
+unchanged); one whose If-Match no longer holds raises a ``ConditionFailed``;
+an unsatisfiable byte range is a ``RangeNotSatisfiable``. A StoreError is
+the client's answer, never a cache fault: the cache passes it on rather
+than retrying elsewhere. Everything here is below the gateway and the
+cache: it imports neither.
 
 Invariants every backend keeps:
 
@@ -26,6 +34,61 @@ import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+
+class StoreError(Exception):
+    """A store's refusal of the request (no such key, a condition, a bad
+    range ...): the client's answer, to be passed on."""
+
+
+class ConditionFailed(StoreError):
+    """A read's precondition (If-Match ...) does not hold: the object is
+    not the version the reader asked for."""
+
+
+class RangeNotSatisfiable(StoreError):
+    """A byte range that starts past the end of the object (or an empty
+    suffix): HTTP 416."""
+
+    def __init__(self, size: int, requested: str | None = None) -> None:
+        self.size, self.requested = size, requested
+        super().__init__(f"range {requested or ''} not satisfiable for {size} bytes")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """A ``Range`` header (``ReadOptions.range_header``) against an object
+    of ``size`` bytes: (first, last) inclusive, or None for "the whole
+    object" (no header, or one S3 ignores: not bytes=, several ranges,
+    malformed). Raises RangeNotSatisfiable where S3 answers 416."""
+    if header is None:
+        return None
+    value = header.strip()
+    if not value.lower().startswith("bytes="):
+        return None
+    spec = value[6:].strip()
+    if "," in spec:
+        return None
+    first_s, dash, last_s = spec.partition("-")
+    first_s, last_s = first_s.strip(), last_s.strip()
+    if not dash or not (first_s or last_s):
+        return None
+    try:
+        if not first_s:
+            n = int(last_s)
+            if n < 0:
+                return None
+            if n == 0 or size == 0:
+                raise RangeNotSatisfiable(size, header)
+            return max(0, size - n), size - 1
+        first = int(first_s)
+        last = int(last_s) if last_s else None
+    except ValueError:
+        return None
+    if first < 0 or (last is not None and last < first):
+        return None
+    if first >= size:
+        raise RangeNotSatisfiable(size, header)
+    return first, size - 1 if last is None else min(last, size - 1)
 
 
 @dataclass(frozen=True)

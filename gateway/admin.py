@@ -1,0 +1,190 @@
+"""The node's routes under ``/_nearstore/``: health, metrics, the ring,
+warming, and the HTTP side of the cache peers' API.
+
+The cache does the work (``cache.peers`` serves chunks, ``cache.warm``
+warms); these routes give it HTTP: authentication of the S3 kind where a
+user calls them, query parsing, and sending a chunk file with sendfile.
+Which buckets are cached comes from the node (``CACHE_FOR_KEY``): nothing
+here looks at backend types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from nearstore.cache import peers
+from nearstore.cache.errors import NotCached
+from nearstore.cache.localsock import OpenRead
+from nearstore.cache.metrics import exposition as metrics_exposition
+from nearstore.cache.warm import WarmProgress, warm
+from nearstore.gateway import errors
+from nearstore.gateway.auth import SignedRequest, authenticate
+from nearstore.gateway.conditions import check_read_conditions
+from nearstore.gateway.request import check_key, parse_query, split_target, validate_bucket_name
+from nearstore.gateway.sendfile import send_body
+from nearstore.gateway.state import CACHE_FOR_KEY, CONFIG_KEY, LOCALSOCK_KEY, MEMBERSHIP_KEY
+from nearstore.metadata.backing import Backend, ObjectHandle, ObjectInfo, ReadOptions
+
+
+async def admin(request: web.Request, path: str) -> web.StreamResponse:
+    if path == "/_nearstore/health" and request.method in ("GET", "HEAD"):
+        return web.json_response({"status": "ok", "pid": os.getpid(),
+                                  "local_socket": request.app.get(LOCALSOCK_KEY)})
+    if path == "/_nearstore/metrics" and request.method in ("GET", "HEAD"):
+        body, content_type = metrics_exposition()
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
+        return resp
+    if path.startswith("/_nearstore/peer/"):
+        return await peer_route(request, path)
+    if path == "/_nearstore/ring" and request.method in ("GET", "HEAD"):
+        return ring_route(request)
+    if path == "/_nearstore/warm" and request.method == "POST":
+        return await warm_route(request)
+    raise errors.NoSuchKey("No such administrative route", Key=path)
+def ring_route(request: web.Request) -> web.Response:
+    """GET /_nearstore/ring[?bucket=B]: the ring and each peer's health;
+    with ``bucket=B`` also how B's objects are cut into chunks::
+
+        "bucket": {"name": B, "cached": true, "store": "s3:http://...", "chunk_size": 16777216}
+
+    (``cached`` false and nothing more when B is not read through the
+    cache). With the ring, that is all a client needs to compute each
+    chunk's id (metadata.identity.chunk_id) and owner, and to ask the owner for
+    it itself, saving the hop through a peer (clients/direct.py).
+
+    Unauthenticated, like health and metrics: it tells the topology and the
+    cache's configuration (which buckets are cached, the backing store's
+    name, which is its endpoint URL, and the chunk size), never credentials
+    or data; it does no I/O, so answering it for any name costs nothing.
+    Every object byte still needs a signed S3 request."""
+    doc = request.app[MEMBERSHIP_KEY].describe()
+    query = parse_query(request.raw_path.partition("?")[2])
+    if "bucket" in query:
+        bucket = query["bucket"]
+        cache = request.app[CACHE_FOR_KEY](bucket)
+        layout: dict[str, object] = {"name": bucket, "cached": cache is not None}
+        if cache is not None:
+            layout.update(store=cache.inner.name, chunk_size=cache.chunk_size)
+        doc["bucket"] = layout
+    return web.json_response(doc)
+
+
+async def warm_route(request: web.Request) -> web.StreamResponse:
+    """POST /_nearstore/warm?bucket=B&prefix=P[&pin=true]: fill the cache
+    with every chunk of the objects under a prefix; answers JSON lines of
+    progress, the last one the summary. Signed like any S3 request."""
+    raw_path, _, raw_query = request.raw_path.partition("?")
+    cfg = request.app[CONFIG_KEY]
+    authenticate(SignedRequest(request.method, raw_path, raw_query, request.headers), cfg.credentials)
+    q = parse_query(raw_query)
+    bucket = q.get("bucket", "")
+    prefix = q.get("prefix", "")
+    pin = q.get("pin", "").lower() in ("1", "true", "yes")
+    target = request.app[CACHE_FOR_KEY](bucket)
+    if target is None:
+        raise NotCached(f"Bucket {bucket!r} is not served through the cache")
+    objects: list[tuple[str, int]] = []
+    after = ""
+    while True:
+        page = await target.list_objects(bucket, prefix=prefix, start_after=after, max_keys=1000)
+        objects += [(o.key, o.size) for o in page.objects]
+        if not page.is_truncated or not page.next_marker:
+            break
+        after = page.next_marker
+    infos: dict[str, ObjectInfo] = {}
+    not_pinned = 0
+
+    async def fill(key: str, index: int) -> int:
+        nonlocal not_pinned
+        info = infos.get(key)
+        if info is None:
+            info = infos[key] = await target.head_object(bucket, key)
+        chunk = await target.chunk(bucket, info, index)
+        if pin and not target.store.pin(chunk.id):
+            not_pinned += 1
+        return chunk.size
+
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    latest: list[WarmProgress] = []
+    task = asyncio.ensure_future(
+        warm(objects, target.chunk_size, fill, report=lambda p: latest.append(p), report_every=0.5)
+    )
+    while not task.done():
+        await asyncio.wait([task], timeout=0.5)
+        if latest and not task.done():
+            await resp.write((json.dumps(latest[-1].as_dict()) + "\n").encode())
+            latest.clear()
+    summary = task.result().as_dict()
+    summary["pinned"] = pin
+    summary["not_pinned_chunks"] = not_pinned
+    await resp.write((json.dumps(summary) + "\n").encode())
+    await resp.write_eof()
+    return resp
+
+
+async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
+    """The cache peers' API (``cache.peers``); 403 without the secret."""
+    raw = request.raw_path
+    peers.check(request.app[CONFIG_KEY].cluster_secret, request.method, raw, request.headers.get(peers.AUTH_HEADER))
+    q = parse_query(raw.partition("?")[2])
+    bucket = q.get("bucket", "")
+    cache = request.app[CACHE_FOR_KEY](bucket)
+    if path == "/_nearstore/peer/invalidate" and request.method == "POST":
+        await peers.serve_invalidate(cache, bucket, q.get("key", ""))
+        return web.Response(status=204)
+    if path != "/_nearstore/peer/chunk" or request.method != "GET":
+        raise errors.NoSuchKey("No such peer route", Key=path)
+    handle = await peers.serve_chunk(cache, bucket, q)
+    try:
+        resp = web.StreamResponse(status=200)
+        resp.content_length = handle.end - handle.start
+        await send_body(request, resp, handle, handle.start, handle.end - handle.start)
+        return resp
+    finally:
+        await handle.close()
+
+
+# --- the short-circuit socket's requests (cache.localsock) ---------------------
+
+
+def local_reads(backend: Backend, credentials: Mapping[str, str], domain: str | None) -> OpenRead:
+    """The local socket's ``open_read``: a presigned GET URL checked and
+    opened exactly as the HTTP path would (signature, bucket and key rules,
+    conditions)."""
+
+    async def open_read(url: str, rng: tuple[int, int] | None, if_match: str | None) -> ObjectHandle:
+        parts = urlsplit(url)
+        authenticate(SignedRequest(method="GET", raw_path=parts.path, raw_query=parts.query,
+                                   headers=CIMultiDict({"Host": parts.netloc})), credentials)
+        bucket, key, _ = split_target(parts.path, parts.netloc, domain)
+        if not bucket or not key:
+            raise errors.InvalidRequest("A local read names one object")
+        validate_bucket_name(bucket)
+        check_key(key)
+        conditions = {"If-Match": if_match} if if_match else {}
+        range_header = f"bytes={rng[0]}-{rng[1]}" if rng is not None else None
+        handle = await backend.open_object(bucket, key, ReadOptions(range_header=range_header,
+                                                                    conditions=conditions), head=False)
+        try:
+            check_read_conditions(conditions, handle.info.etag, handle.info.last_modified)
+        except BaseException:
+            await handle.close()
+            raise
+        return handle
+
+    return open_read
+
+
+def describe(exc: BaseException) -> tuple[int, str, str] | None:
+    """The local socket's answer for a failure: its S3 status, code and text."""
+    err = errors.to_s3(exc)
+    return None if err is None else (err.status, err.code, err.text)
