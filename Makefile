@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint venv clean bench bench-quick cluster
+.PHONY: run test lint venv clean bench bench-quick cluster config-doc
 
 # torch first and pinned: 2.13.0 resolves to the local CPU wheel, so the
 # extras after it (torch, and s3torchconnector which needs it) find it
@@ -39,3 +39,6 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) nearstore-data .pytest_cache .mypy_cache .ruff_cache
+
+config-doc: venv
+	$(BIN)/python -m nearstore.gateway.config > docs/CONFIG.md

@@ -31,13 +31,16 @@ Example ``nearstore.toml``::
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
+import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field
 from typing import Any
 
+from nearstore.cache.eviction import POLICIES
 from nearstore.gateway.conn import ConnLimits
 from nearstore.metadata.defaults import DEFAULT_CHUNK_SIZE, DEV_ACCESS_KEY, DEV_SECRET_KEY
 
@@ -123,11 +126,20 @@ def _upstream(entry: Mapping[str, Any]) -> UpstreamConfig:
     bucket = str(entry.get("bucket", "" if name == "*" else name))
     if name == "*" and (bucket or entry.get("prefix")):
         raise ConfigError("[[buckets]] '*' maps every bucket by its own name: no bucket or prefix")
-    known = set(UpstreamConfig.__dataclass_fields__)
-    unknown = set(entry) - known
-    if unknown:
-        raise ConfigError(f"[[buckets]] {name}: unknown settings {sorted(unknown)}")
+    if bool(entry.get("access_key")) != bool(entry.get("secret_key")):
+        raise ConfigError(f"[[buckets]] {name}: set both access_key and secret_key, or neither (a public "
+                          "bucket, read with unsigned requests)")
     kwargs = {k: v for k, v in entry.items() if k not in ("name", "endpoint", "bucket", "addressing")}
+    checks: dict[str, Callable[[object], Any]] = {
+        "prefix": _text, "region": _text, "access_key": _text, "secret_key": _text,
+        "connect_timeout": _seconds, "read_timeout": _seconds, "deadline": _seconds,
+        "max_attempts": _integer(1, 100), "pool_size": _integer(1, 4096),
+    }
+    for k, v in list(kwargs.items()):
+        try:
+            kwargs[k] = checks[k](v)
+        except ValueError as e:
+            raise ConfigError(f"[[buckets]] {name}: {k}: {e}") from None
     try:
         return UpstreamConfig(name=name, endpoint=endpoint, bucket=bucket, addressing=addressing, **kwargs)
     except TypeError as e:
@@ -169,29 +181,13 @@ class Config:
     head_timeout: float = 10.0
     idle_timeout: float = 60.0
     body_timeout: float = 30.0
-    raw: Mapping[str, Any] = field(default_factory=dict)
+    # NEARSTORE_* variables no setting reads (a typo?), said at start-up.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def limits(self) -> ConnLimits:
         return ConnLimits(head_timeout=self.head_timeout, idle_timeout=self.idle_timeout,
                           body_timeout=self.body_timeout)
-
-
-_TIMEOUTS = {
-    "NEARSTORE_HEAD_TIMEOUT": "head_timeout",
-    "NEARSTORE_IDLE_TIMEOUT": "idle_timeout",
-    "NEARSTORE_BODY_TIMEOUT": "body_timeout",
-}
-
-
-def _seconds(value: object, where: str) -> float:
-    try:
-        seconds = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: not a number of seconds: {value!r}") from None
-    if not 0 < seconds <= 86400:
-        raise ConfigError(f"{where}: must be between 0 and 86400 seconds, not {value!r}")
-    return seconds
 
 
 def is_loopback(host: str) -> bool:
@@ -204,11 +200,250 @@ def is_loopback(host: str) -> bool:
         return False  # a name, or a wildcard written otherwise: assume reachable
 
 
-def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    sec = doc.get(name, {})
-    if not isinstance(sec, Mapping):
-        raise ConfigError(f"[{name}] must be a table")
-    return sec
+
+# --- every setting, once -------------------------------------------------------
+#
+# The file, the environment and the command line are read through this one
+# table, and docs/CONFIG.md is generated from it (``reference``). A TOML key
+# or section that is not here is an error naming the file, the line and the
+# nearest valid name.
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str  # TOML table
+    key: str  # TOML key
+    attr: str  # Config attribute ("cache.size" for CacheConfig's)
+    parse: Callable[[object], Any]  # a TOML value or a string from env/flag -> value
+    help: str
+    env: str | None = None
+    flag: str | None = None
+    secret: bool = False
+    type_name: str = "string"
+
+    @property
+    def id(self) -> str:
+        """The override key (and argparse dest): ``port``, ``cache_size``."""
+        return self.attr.replace(".", "_")
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, not {value!r}")
+    return value
+
+
+def _optional_text(value: object) -> str | None:
+    return _text(value) or None
+
+
+def _integer(lo: int, hi: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"expected a whole number, not {value!r}")
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"expected a whole number, not {value!r}") from None
+        if not lo <= n <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, not {n}")
+        return n
+
+    return parse
+
+
+def _number(lo: float, hi: float) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, not {value!r}")
+        try:
+            x = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, not {value!r}") from None
+        if not lo <= x <= hi:
+            raise ValueError(f"must be between {lo:g} and {hi:g}, not {value!r}")
+        return x
+
+    return parse
+
+
+def _seconds(value: object) -> float:
+    seconds = _number(0, 86400)(value)
+    if seconds == 0:
+        raise ValueError(f"must be between 0 and 86400 seconds, not {value!r}")
+    return seconds
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"expected true or false, not {value!r}")
+
+
+def _size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a size such as 10GiB, not {value!r}")
+    try:
+        return parse_size(value)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+def _policy(value: object) -> str:
+    name = _text(value)
+    if name not in POLICIES:
+        raise ValueError(f"one of {sorted(POLICIES)}, not {name!r}")
+    return name
+
+
+def _urls(value: object) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise ValueError("a list of URLs")
+    return [x.strip().rstrip("/") for x in items if x.strip()]
+
+
+_INT, _NUM, _SECONDS, _BOOL, _SIZE = "integer", "number", "seconds", "boolean", "size"
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server", "host", "host", _text, "Address to listen on. Anything but loopback needs your own keys.",
+            "NEARSTORE_HOST", "--host"),
+    Setting("server", "port", "port", _integer(1, 65535), "TCP port of the S3 endpoint.", "NEARSTORE_PORT",
+            "--port", type_name=_INT),
+    Setting("server", "data_dir", "data_dir", _text, "Where the local store keeps objects (and, by default, "
+            "the chunk cache and the local socket).", "NEARSTORE_DATA_DIR", "--data-dir"),
+    Setting("server", "domain", "domain", _optional_text, "Serve virtual-hosted-style requests for `<bucket>.DOMAIN`.",
+            "NEARSTORE_DOMAIN", "--domain"),
+    Setting("server", "region", "region", _text, "The region the node answers as (SigV4 scope).",
+            "NEARSTORE_REGION"),
+    Setting("server", "workers", "workers", _integer(1, 256), "Processes serving the port; the first fills "
+            "and evicts for all.", "NEARSTORE_WORKERS", "--workers", type_name=_INT),
+    Setting("server", "fsync", "fsync", _boolean, "fsync each object before it becomes visible.",
+            "NEARSTORE_FSYNC", type_name=_BOOL),
+    Setting("server", "local_socket", "local_socket", _text, "Unix socket for short-circuit local reads; "
+            "empty: `<data_dir>/nearstore.sock`; `off`: none.", "NEARSTORE_LOCAL_SOCKET"),
+    Setting("server", "head_timeout", "head_timeout", _seconds, "Seconds to receive a request head.",
+            "NEARSTORE_HEAD_TIMEOUT", type_name=_SECONDS),
+    Setting("server", "idle_timeout", "idle_timeout", _seconds, "Seconds an idle keep-alive connection is kept.",
+            "NEARSTORE_IDLE_TIMEOUT", type_name=_SECONDS),
+    Setting("server", "body_timeout", "body_timeout", _seconds, "Seconds allowed between two bytes of a "
+            "request body.", "NEARSTORE_BODY_TIMEOUT", type_name=_SECONDS),
+    Setting("server", "shutdown_timeout", "shutdown_timeout", _seconds, "Seconds in-flight requests get to "
+            "finish on SIGTERM.", "NEARSTORE_SHUTDOWN_TIMEOUT", type_name=_SECONDS),
+    Setting("tls", "cert", "tls_cert", _optional_text, "PEM certificate: serve HTTPS (with [tls] key).",
+            "NEARSTORE_TLS_CERT", "--tls-cert"),
+    Setting("tls", "key", "tls_key", _optional_text, "PEM private key of [tls] cert.", "NEARSTORE_TLS_KEY", "--tls-key"),
+    Setting("cache", "enabled", "cache.enabled", _boolean, "Read [[buckets]] through the node-local chunk "
+            "cache.", "NEARSTORE_CACHE_ENABLED", type_name=_BOOL),
+    Setting("cache", "dir", "cache.dir", _text, "Chunk cache directory (empty: `<data_dir>/cache`).",
+            "NEARSTORE_CACHE_DIR", "--cache-dir"),
+    Setting("cache", "size", "cache.size", _size, "Chunk cache byte budget, e.g. 100GiB.",
+            "NEARSTORE_CACHE_SIZE", "--cache-size", type_name=_SIZE),
+    Setting("cache", "chunk_size", "cache.chunk_size", _size, "Size of the chunks objects are cached in "
+            "(at least 64KiB).", "NEARSTORE_CHUNK_SIZE", type_name=_SIZE),
+    Setting("cache", "policy", "cache.policy", _policy, f"Eviction policy: one of {', '.join(sorted(POLICIES))}.",
+            "NEARSTORE_CACHE_POLICY"),
+    Setting("cache", "meta_ttl", "cache.meta_ttl", _number(0, 86400), "Seconds an object's size and ETag are "
+            "trusted without asking the backing store.", "NEARSTORE_META_TTL", type_name=_SECONDS),
+    Setting("cache", "prefetch", "cache.prefetch", _integer(1, 1024), "Chunks filled ahead of the one being "
+            "sent.", "NEARSTORE_PREFETCH", type_name=_INT),
+    Setting("cache", "verify", "cache.verify", _boolean, "Check each chunk's checksum before it is sent "
+            "(off only to measure what it costs).", "NEARSTORE_CACHE_VERIFY", type_name=_BOOL),
+    Setting("cache", "reverify_s", "cache.reverify_s", _number(0, 86400), "A chunk hashed this recently, its "
+            "file unchanged, is sent without hashing again; 0: hash every read.", "NEARSTORE_REVERIFY_S",
+            type_name=_SECONDS),
+    Setting("cluster", "peers", "cluster_peers", _urls, "Base URLs of every node of the cluster, this one "
+            "included (env: comma-separated).", "NEARSTORE_CLUSTER_PEERS", type_name="list of URLs"),
+    Setting("cluster", "node_id", "node_id", _text, "This node's host:port among the peers (default: "
+            "host:port).", "NEARSTORE_NODE_ID"),
+    Setting("cluster", "secret", "cluster_secret", _text, "Shared secret the peers sign their requests with.",
+            "NEARSTORE_CLUSTER_SECRET", secret=True),
+    Setting("cluster", "dns", "cluster_dns", _text, "Members are this DNS name's addresses (a headless "
+            "Service).", "NEARSTORE_CLUSTER_DNS"),
+)
+_BY_KEY = {(s.section, s.key): s for s in SETTINGS}
+TABLES = sorted({s.section for s in SETTINGS})
+ARRAYS = {
+    "credentials": ("access_key", "secret_key"),
+    "buckets": tuple(UpstreamConfig.__dataclass_fields__),
+}
+# Read by the clients and the tools, not by a node: not typos.
+CLIENT_VARIABLES = {"NEARSTORE_ENDPOINT", "NEARSTORE_ACCESS_KEY", "NEARSTORE_SECRET_KEY", "NEARSTORE_LOCAL_READS"}
+# The processes a node starts are told they are workers.
+_INTERNAL = {"worker"}
+
+
+def _get(cfg: Config, attr: str) -> Any:
+    obj: Any = cfg
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(cfg: Config, attr: str, value: Any) -> None:
+    *path, last = attr.split(".")
+    obj: Any = cfg
+    for part in path:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def _nearest(name: str, names: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(sorted(names))})"
+
+
+def _line_of(text: str, table: str | None, key: str | None) -> int | None:
+    """The line of ``[table]`` (key None) or of ``key =`` inside it."""
+    current: str | None = None
+    for n, line in enumerate(text.splitlines(), 1):
+        header = re.match(r"\s*\[\[?\s*([^\]\s]+)\s*\]\]?", line)
+        if header:
+            current = header.group(1).strip('"')
+            if key is None and current == table:
+                return n
+            continue
+        if key is not None and current == table and re.match(rf"\s*[\"']?{re.escape(key)}[\"']?\s*=", line):
+            return n
+    return None
+
+
+class _Where:
+    """Error messages that point at the file and line."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path, self.text = path, text
+
+    def error(self, message: str, table: str | None = None, key: str | None = None) -> ConfigError:
+        line = _line_of(self.text, table, key) if table else None
+        return ConfigError(f"{self.path}:{line}: {message}" if line else f"{self.path}: {message}")
+
+
+def _check_names(doc: Mapping[str, Any], where: _Where) -> None:
+    valid_tables = [*TABLES, *ARRAYS]
+    for table, content in doc.items():
+        if table not in valid_tables:
+            raise where.error(f"unknown section [{table}]{_nearest(table, valid_tables)}", table)
+        if table in ARRAYS:
+            if not isinstance(content, list) or not all(isinstance(e, Mapping) for e in content):
+                raise where.error(f"[[{table}]] must be an array of tables ([[{table}]] headers)", table)
+            for entry in content:
+                for key in entry:
+                    if key not in ARRAYS[table]:
+                        raise where.error(f"[[{table}]] unknown setting {key!r}{_nearest(key, ARRAYS[table])}",
+                                          table, key)
+            continue
+        if not isinstance(content, Mapping):
+            raise where.error(f"[{table}] must be a table", table)
+        keys = [s.key for s in SETTINGS if s.section == table]
+        for key in content:
+            if key not in keys:
+                raise where.error(f"[{table}] unknown setting {key!r}{_nearest(key, keys)}", table, key)
 
 
 def load(
@@ -216,120 +451,68 @@ def load(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
+    """The configuration from a TOML file, then NEARSTORE_* variables, then
+    ``overrides`` (flags, keyed by ``Setting.id``), in rising precedence."""
     env = os.environ if env is None else env
     cfg = Config()
-    doc: Mapping[str, Any] = {}
     if path:
         try:
             with open(path, "rb") as f:
-                doc = tomllib.load(f)
+                raw = f.read()
+            doc = tomllib.loads(raw.decode())
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e}") from e
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"invalid TOML in {path}: {e}") from e
-        server = _section(doc, "server")
-        for name in ("host", "data_dir", "domain", "region", "local_socket"):
-            if name in server:
-                setattr(cfg, name, str(server[name]))
-        if "port" in server:
-            cfg.port = int(server["port"])
-        if "workers" in server:
-            cfg.workers = int(server["workers"])
-        if "fsync" in server:
-            cfg.fsync = bool(server["fsync"])
-        for name in _TIMEOUTS.values():
-            if name in server:
-                setattr(cfg, name, _seconds(server[name], f"[server] {name}"))
-        tls = _section(doc, "tls")
-        cfg.tls_cert = tls.get("cert", cfg.tls_cert)
-        cfg.tls_key = tls.get("key", cfg.tls_key)
-        creds = doc.get("credentials", [])
-        if not isinstance(creds, list):
-            raise ConfigError("[[credentials]] must be an array of tables")
-        for c in creds:
+        where = _Where(path, raw.decode())
+        _check_names(doc, where)
+        for table in TABLES:
+            for key, value in doc.get(table, {}).items():
+                setting = _BY_KEY[(table, key)]
+                try:
+                    _set(cfg, setting.attr, setting.parse(value))
+                except ValueError as e:
+                    raise where.error(f"[{table}] {key}: {e}", table, key) from None
+        for c in doc.get("credentials", []):
             try:
-                cfg.credentials[str(c["access_key"])] = str(c["secret_key"])
-            except (KeyError, TypeError):
-                raise ConfigError("each [[credentials]] needs access_key and secret_key") from None
-        buckets = doc.get("buckets", [])
-        if not isinstance(buckets, list):
-            raise ConfigError("[[buckets]] must be an array of tables")
-        cfg.upstreams = [_upstream(b) for b in buckets]
+                cfg.credentials[_text(c["access_key"])] = _text(c["secret_key"])
+            except (KeyError, ValueError):
+                raise where.error("each [[credentials]] needs access_key and secret_key (strings)",
+                                  "credentials") from None
+        cfg.upstreams = [_upstream(b) for b in doc.get("buckets", [])]
         names = [u.name for u in cfg.upstreams]
         if len(names) != len(set(names)):
-            raise ConfigError("[[buckets]]: a bucket name is mapped twice")
-        cl = _section(doc, "cluster")
-        peers = cl.get("peers", [])
-        if not isinstance(peers, list) or not all(isinstance(x, str) for x in peers):
-            raise ConfigError("[cluster] peers is a list of URLs")
-        cfg.cluster_peers = [str(x).rstrip("/") for x in peers]
-        cfg.node_id = str(cl.get("node_id", ""))
-        cfg.cluster_secret = str(cl.get("secret", ""))
-        cfg.cluster_dns = str(cl.get("dns", ""))
-        c = _section(doc, "cache")
-        for name in ("enabled",):
-            if name in c:
-                cfg.cache.enabled = bool(c[name])
-        for name in ("size", "chunk_size"):
-            if name in c:
-                setattr(cfg.cache, name, parse_size(c[name]))
-        if "dir" in c:
-            cfg.cache.dir = str(c["dir"])
-        if "policy" in c:
-            cfg.cache.policy = str(c["policy"])
-        if "meta_ttl" in c:
-            cfg.cache.meta_ttl = float(c["meta_ttl"])
-        if "prefetch" in c:
-            cfg.cache.prefetch = int(c["prefetch"])
-        if "verify" in c:
-            cfg.cache.verify = bool(c["verify"])
-        if "reverify_s" in c:
-            cfg.cache.reverify_s = float(c["reverify_s"])
-    cfg.raw = doc
+            raise where.error("[[buckets]]: a bucket name is mapped twice", "buckets")
 
-    simple = {
-        "NEARSTORE_HOST": "host",
-        "NEARSTORE_DATA_DIR": "data_dir",
-        "NEARSTORE_DOMAIN": "domain",
-        "NEARSTORE_REGION": "region",
-        "NEARSTORE_TLS_CERT": "tls_cert",
-        "NEARSTORE_TLS_KEY": "tls_key",
-        "NEARSTORE_LOCAL_SOCKET": "local_socket",
-    }
-    for var, name in simple.items():
-        if env.get(var):
-            setattr(cfg, name, env[var])
-    if env.get("NEARSTORE_CACHE_DIR"):
-        cfg.cache.dir = env["NEARSTORE_CACHE_DIR"]
-    if env.get("NEARSTORE_CACHE_SIZE"):
-        cfg.cache.size = parse_size(env["NEARSTORE_CACHE_SIZE"])
-    if env.get("NEARSTORE_WORKERS"):
-        cfg.workers = int(env["NEARSTORE_WORKERS"])
-    if env.get("NEARSTORE_PORT"):
-        cfg.port = int(env["NEARSTORE_PORT"])
-    for var, name in _TIMEOUTS.items():
-        if env.get(var):
-            setattr(cfg, name, _seconds(env[var], var))
+    for setting in SETTINGS:
+        if setting.env and env.get(setting.env):
+            try:
+                _set(cfg, setting.attr, setting.parse(env[setting.env]))
+            except ValueError as e:
+                raise ConfigError(f"{setting.env}: {e}") from None
     ak, sk = env.get("NEARSTORE_ACCESS_KEY"), env.get("NEARSTORE_SECRET_KEY")
     if bool(ak) != bool(sk):
         raise ConfigError("set both NEARSTORE_ACCESS_KEY and NEARSTORE_SECRET_KEY, or neither")
     if ak and sk:
         cfg.credentials[ak] = sk
+    known_env = {s.env for s in SETTINGS if s.env} | CLIENT_VARIABLES
+    for var in sorted(v for v in env if v.startswith("NEARSTORE_") and v not in known_env):
+        if not var.startswith("NEARSTORE_IT_"):  # the test suite's own
+            cfg.warnings.append(f"{var} is not a nearstore setting{_nearest(var, sorted(known_env))}")
 
+    by_id = {s.id: s for s in SETTINGS}
     for name, value in (overrides or {}).items():
         if value is None:
             continue
-        if name.startswith("cache_"):
-            attr = name[len("cache_"):]
-            setattr(cfg.cache, attr, parse_size(value) if attr in ("size", "chunk_size") else value)
-        else:
+        if name in _INTERNAL:
             setattr(cfg, name, value)
-    if env.get("NEARSTORE_CLUSTER_DNS"):
-        cfg.cluster_dns = env["NEARSTORE_CLUSTER_DNS"]
-    if env.get("NEARSTORE_NODE_ID"):
-        cfg.node_id = env["NEARSTORE_NODE_ID"]
-    if env.get("NEARSTORE_CLUSTER_SECRET"):
-        cfg.cluster_secret = env["NEARSTORE_CLUSTER_SECRET"]
+            continue
+        setting = by_id[name]
+        try:
+            _set(cfg, setting.attr, setting.parse(value))
+        except ValueError as e:
+            raise ConfigError(f"{setting.flag or name}: {e}") from None
+
     if (cfg.cluster_peers or cfg.cluster_dns) and not cfg.node_id:
         if cfg.host in ("0.0.0.0", "::", ""):
             raise ConfigError(
@@ -358,8 +541,124 @@ def load(
         )
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("TLS needs both a certificate and a key")
-    if not 1 <= cfg.workers <= 256:
-        raise ConfigError(f"workers must be between 1 and 256, not {cfg.workers}")
-    if not 0 < cfg.port < 65536:
-        raise ConfigError(f"invalid port {cfg.port}")
     return cfg
+
+
+# --- showing it ------------------------------------------------------------------
+
+MASK = "********"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if value is None:
+        return '""'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render(cfg: Config) -> str:
+    """The effective configuration as TOML, secrets masked
+    (``nearstore serve --print-config``)."""
+    out: list[str] = []
+    for table in ("server", "tls", "cache", "cluster"):
+        out.append(f"[{table}]")
+        for s in SETTINGS:
+            if s.section == table:
+                value = _get(cfg, s.attr)
+                out.append(f"{s.key} = {_toml(MASK if s.secret and value else value)}")
+        out.append("")
+    for ak in cfg.credentials:
+        note = "  # the published development keys" if cfg.using_dev_keys else ""
+        out += ["[[credentials]]", f"access_key = {_toml(ak)}{note}", f"secret_key = {_toml(MASK)}", ""]
+    for up in cfg.upstreams:
+        out.append("[[buckets]]")
+        for name in ARRAYS["buckets"]:
+            value = getattr(up, name)
+            out.append(f"{name} = {_toml(MASK if name == 'secret_key' and value else value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def reference() -> str:
+    """docs/CONFIG.md: every setting, from ``SETTINGS``."""
+    defaults = Config()
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `gateway/config.py` (`SETTINGS`) by `make config-doc`; a test keeps it equal to the code.",
+        "",
+        "A node reads a TOML file (`nearstore serve --config FILE`), then `NEARSTORE_*` environment",
+        "variables, then flags, each overriding the one before. A key or section the file does not",
+        "define is an error naming the file, the line and the nearest valid name; a `NEARSTORE_*`",
+        "variable no setting reads is warned about at start-up. `nearstore serve --print-config`",
+        "shows the effective configuration, secrets masked.",
+        "",
+    ]
+    for table in ("server", "tls", "cache", "cluster"):
+        lines += [f"## [{table}]", "", "| key | type | default | environment | flag | meaning |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for s in SETTINGS:
+            if s.section != table:
+                continue
+            default = _get(defaults, s.attr)
+            shown = "" if default in ("", None, []) else f"`{_toml(default)}`"
+            if s.attr == "cache.size" or s.attr == "cache.chunk_size":
+                shown = f"`{default >> 20} MiB`" if default < 1 << 30 else f"`{default >> 30} GiB`"
+            lines.append(f"| `{s.key}` | {s.type_name} | {shown} | `{s.env}` | {f'`{s.flag}`' if s.flag else ''} "
+                         f"| {s.help} |")
+        lines.append("")
+    lines += [
+        "## [[credentials]]",
+        "",
+        "As many as needed; each is a key pair clients sign with. Environment: `NEARSTORE_ACCESS_KEY` and",
+        "`NEARSTORE_SECRET_KEY` (one pair). Without any, the published development keys, on loopback only.",
+        "",
+        "| key | meaning |",
+        "| --- | --- |",
+        "| `access_key` | the access key id |",
+        "| `secret_key` | its secret |",
+        "",
+        "## [[buckets]]",
+        "",
+        "Each entry fronts a bucket of another S3 store (read through the cache when `[cache] enabled`).",
+        "",
+        "| key | default | meaning |",
+        "| --- | --- | --- |",
+    ]
+    meaning = {
+        "name": "the bucket clients see; `\"*\"` maps every bucket of the store by its own name",
+        "endpoint": "the store's URL, `http(s)://host:port`",
+        "bucket": "the store's bucket (default: `name`)",
+        "prefix": "a key prefix inside it",
+        "region": "the store's region (SigV4 scope)",
+        "addressing": "`path` (MinIO, Ceph, SeaweedFS) or `virtual` (AWS)",
+        "access_key": "the store's own access key",
+        "secret_key": "its secret",
+        "connect_timeout": "seconds to connect",
+        "read_timeout": "seconds without a byte before a request fails",
+        "deadline": "seconds one request may spend on retries before the client gets 503",
+        "max_attempts": "attempts per request",
+        "pool_size": "connections kept to the store",
+    }
+    for name, f in UpstreamConfig.__dataclass_fields__.items():
+        default = "" if f.default is MISSING or f.default in ("", None) else f"`{_toml(f.default)}`"
+        if name in ("name", "endpoint"):
+            default = "required"
+        lines.append(f"| `{name}` | {default} | {meaning.get(name, '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_flags(parser: Any) -> None:
+    """The settings that have a flag, as ``nearstore serve`` arguments."""
+    for s in SETTINGS:
+        if s.flag:
+            parser.add_argument(s.flag, dest=s.id, metavar=s.key.upper(), help=f"{s.help} ({s.env})")
+
+
+if __name__ == "__main__":  # python -m nearstore.gateway.config > docs/CONFIG.md
+    print(reference(), end="")

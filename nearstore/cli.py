@@ -17,25 +17,18 @@ from nearstore.gateway import config as config_mod
 
 
 def _serve(args: argparse.Namespace) -> int:
+    overrides = {s.id: getattr(args, s.id) for s in config_mod.SETTINGS if s.flag}
+    overrides["worker"] = True if args.worker else None
     try:
-        cfg = config_mod.load(
-            args.config,
-            overrides={
-                "host": args.host,
-                "port": args.port,
-                "data_dir": args.data_dir,
-                "tls_cert": args.tls_cert,
-                "tls_key": args.tls_key,
-                "domain": args.domain,
-                "cache_dir": args.cache_dir,
-                "cache_size": args.cache_size,
-                "workers": args.workers,
-                "worker": True if args.worker else None,
-            },
-        )
+        cfg = config_mod.load(args.config, overrides=overrides)
     except (config_mod.ConfigError, ValueError) as e:
         print(f"nearstore: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(config_mod.render(cfg), end="")
+        return 0
+    for warning in cfg.warnings:
+        print(f"nearstore: warning: {warning}", file=sys.stderr)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -115,6 +108,16 @@ def _warm(args: argparse.Namespace) -> int:
             print(f"{done / 2**20:,.0f} / {total / 2**20:,.0f} MiB", file=sys.stderr)
     if bar is not None:
         bar.close()
+    if not last.get("done"):
+        print(f"nearstore warm: the node stopped answering before the end ({args.endpoint})", file=sys.stderr)
+        return 1
+    if not last.get("objects_total"):
+        print(f"nearstore warm: nothing to warm: no objects under {args.target}", file=sys.stderr)
+        return 1
+    for failure in last.get("failures", []):
+        print(f"nearstore warm: failed: {failure}", file=sys.stderr)
+    if int(last.get("errors", 0) or 0) > len(last.get("failures", [])):
+        print(f"nearstore warm: ... and {int(last['errors']) - len(last['failures'])} more", file=sys.stderr)
     print(
         f"warmed {last.get('objects')} objects, {int(last.get('bytes', 0) or 0) / 1e9:.2f} GB "
         f"in {last.get('seconds', 0):.1f} s ({last.get('gbps')} GB/s), {last.get('errors')} errors"
@@ -139,16 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nearstore", description="S3-compatible object store with a node-local cache")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run a node: the S3 endpoint on the local store")
-    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, help="port (default 9000)")
-    s.add_argument("--data-dir", help="where objects live (default ./nearstore-data)")
-    s.add_argument("--config", help="TOML configuration file")
-    s.add_argument("--domain", help="serve virtual-hosted-style requests for <bucket>.DOMAIN")
-    s.add_argument("--tls-cert", help="PEM certificate: serve HTTPS")
-    s.add_argument("--tls-key", help="PEM private key for --tls-cert")
-    s.add_argument("--cache-dir", help="chunk cache directory (default DATA_DIR/cache)")
-    s.add_argument("--cache-size", help="chunk cache byte budget, e.g. 100GiB (default 10GiB)")
-    s.add_argument("--workers", type=int, help="processes serving the port (default 1)")
+    s.add_argument("--config", help="TOML configuration file (docs/CONFIG.md)")
+    config_mod.add_flags(s)
+    s.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration (secrets masked) and exit")
     s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
@@ -159,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     w.set_defaults(func=_warm)
     c = sub.add_parser("cluster", help="a local cluster: a backing store and N cache nodes on this machine")
     c.add_argument("--nodes", type=int, default=3)
-    c.add_argument("--port", type=int, default=9000, help="first cache node's port (default 9000)")
+    c.add_argument("--port", type=int, default=9000,
+                   help="first cache node's port (default 9000): the nodes listen on PORT..PORT+N-1 and, "
+                        "without --backing, the local backing node on PORT+100")
     c.add_argument("--dir", default="./nearstore-cluster", help="where the nodes keep their data")
-    c.add_argument("--backing", help="an S3 endpoint to front instead of a local backing node")
+    c.add_argument("--backing", help="an S3 endpoint to front instead of a local backing node (on PORT+100)")
     c.add_argument("--cache-size", default="4GiB")
     c.set_defaults(func=_cluster)
     sub.add_parser("bench", help="throughput benchmarks (nearstore bench --help)")

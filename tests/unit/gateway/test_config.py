@@ -47,3 +47,85 @@ def test_timeouts_from_file_env_and_defaults(tmp_path: Path) -> None:
 def test_bad_timeouts_are_refused(value: str) -> None:
     with pytest.raises(ConfigError, match="NEARSTORE_HEAD_TIMEOUT"):
         load(env={"NEARSTORE_HEAD_TIMEOUT": value})
+
+
+# --- strict configuration: every mistake is loud ---------------------------------
+
+
+def _file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "nearstore.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[server]\nhost = \"127.0.0.1\"\nprot = 5630\n", r"nearstore.toml:3: \[server\] unknown setting 'prot'; did you mean 'port'\?"),
+    ("[server]\nport = 9001\n\n[cahce]\nsize = \"1GiB\"\n", r"nearstore.toml:4: unknown section \[cahce\]; did you mean 'cache'\?"),
+    ("[cache]\nchunk_sise = \"8MiB\"\n", r"nearstore.toml:2: \[cache\] unknown setting 'chunk_sise'; did you mean 'chunk_size'\?"),
+    ("[[buckets]]\nname = \"d\"\nendpoint = \"http://x\"\nsecret = \"s\"\n",
+     r"nearstore.toml:4: \[\[buckets\]\] unknown setting 'secret'; did you mean 'secret_key'\?"),
+    ("[server]\nport = \"nine thousand\"\n", r"nearstore.toml:2: \[server\] port: expected a whole number"),
+    ("[server]\nport = 70000\n", r"nearstore.toml:2: \[server\] port: must be between 1 and 65535"),
+    ("[server]\nfsync = \"maybe\"\n", r"nearstore.toml:2: \[server\] fsync: expected true or false"),
+    ("[cache]\npolicy = \"lfu\"\n", r"nearstore.toml:2: \[cache\] policy: one of"),
+    ("[tls]\ncert = 5\n", r"nearstore.toml:2: \[tls\] cert: expected a string"),
+])
+def test_a_mistake_in_the_file_names_file_line_and_the_nearest_name(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(_file(tmp_path, text), env={})
+
+
+def test_every_setting_from_file_env_and_flag(tmp_path: Path) -> None:
+    path = _file(tmp_path, "[server]\nport = 9100\nfsync = false\n[cache]\nsize = \"2GiB\"\npolicy = \"lru\"\n"
+                           "[cluster]\npeers = [\"http://127.0.0.1:9100/\"]\n")
+    cfg = load(path, env={"NEARSTORE_PORT": "9200", "NEARSTORE_CACHE_VERIFY": "off",
+                          "NEARSTORE_CHUNK_SIZE": "8MiB"}, overrides={"port": "9300", "cache_size": "3GiB"})
+    assert (cfg.port, cfg.fsync, cfg.cache.size, cfg.cache.policy) == (9300, False, 3 << 30, "lru")
+    assert (cfg.cache.verify, cfg.cache.chunk_size, cfg.cluster_peers) == (False, 8 << 20, ["http://127.0.0.1:9100"])
+    with pytest.raises(ConfigError, match="NEARSTORE_WORKERS: must be between 1 and 256"):
+        load(env={"NEARSTORE_WORKERS": "0"})
+    with pytest.raises(ConfigError, match="--port: expected a whole number"):
+        load(env={}, overrides={"port": "x"})
+
+
+def test_an_unknown_nearstore_variable_is_warned_about() -> None:
+    cfg = load(env={"NEARSTORE_PROT": "5630", "NEARSTORE_ENDPOINT": "http://127.0.0.1:9000"})
+    assert cfg.warnings == ["NEARSTORE_PROT is not a nearstore setting; did you mean 'NEARSTORE_PORT'?"]
+
+
+def test_print_config_masks_secrets(tmp_path: Path) -> None:
+    path = _file(tmp_path, "[[credentials]]\naccess_key = \"trainer\"\nsecret_key = \"hunter2-secret\"\n"
+                           "[[buckets]]\nname = \"d\"\nendpoint = \"http://127.0.0.1:1\"\n"
+                           "access_key = \"up\"\nsecret_key = \"upstream-secret\"\n"
+                           "[cluster]\nsecret = \"cluster-secret\"\n")
+    text = config.render(load(path, env={}))
+    assert "hunter2" not in text and "upstream-secret" not in text and "cluster-secret" not in text
+    assert 'access_key = "trainer"' in text and 'secret_key = "********"' in text and 'port = 9000' in text
+    # What it prints is a configuration the node reads back unchanged.
+    again = load(_file(tmp_path, text.replace('"********"', '"x"')), env={})
+    assert (again.port, again.cache.size, again.upstreams[0].endpoint) == (9000, 10 << 30, "http://127.0.0.1:1")
+
+
+def test_docs_config_md_is_generated_from_the_code() -> None:
+    doc = Path(__file__).resolve().parents[3] / "docs" / "CONFIG.md"
+    assert doc.read_text() == config.reference(), "run `make config-doc`"
+    for s in config.SETTINGS:
+        assert f"`{s.key}`" in doc.read_text() and f"`{s.env}`" in doc.read_text()
+
+
+def _doc_tomls() -> list[tuple[str, str]]:
+    import re
+
+    root = Path(__file__).resolve().parents[3]
+    out = []
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for i, text in enumerate(re.findall(r"^```toml\n(.*?)^```", path.read_text(), flags=re.S | re.M), 1):
+            out.append((f"{path.name}#{i}", text))
+    return out
+
+
+@pytest.mark.parametrize(("where", "text"), _doc_tomls(), ids=[w for w, _ in _doc_tomls()])
+def test_every_toml_example_in_the_docs_is_a_valid_configuration(tmp_path: Path, where: str, text: str) -> None:
+    """A user who copies an example gets no unknown-setting error."""
+    cfg = load(_file(tmp_path, text), env={"NEARSTORE_ACCESS_KEY": "a", "NEARSTORE_SECRET_KEY": "s"})
+    assert cfg.port == 9000
