@@ -170,7 +170,7 @@ class Cluster:
                     timeout=aiohttp.ClientTimeout(total=INVALIDATE_TIMEOUT_S if up else 1.0),
                 ) as r:
                     await r.read()
-                    if r.status != 200:
+                    if r.status not in (200, 204):
                         log.warning("invalidate %s/%s on %s: HTTP %d", bucket, key, node.id, r.status)
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 log.warning("invalidate %s/%s on %s failed: %r", bucket, key, node.id, e)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -23,20 +23,23 @@ class WarmProgress:
     errors: int = 0
     seconds: float = 0.0
     done: bool = False
+    # Why chunks failed: the first MAX_FAILURES reasons, "key#chunk: error".
+    failures: list[str] = field(default_factory=list)
 
     @property
     def gbps(self) -> float:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
-    def as_dict(self) -> dict[str, float | int | bool]:
-        d: dict[str, float | int | bool] = dict(asdict(self))
+    def as_dict(self) -> dict[str, float | int | bool | list[str]]:
+        d: dict[str, float | int | bool | list[str]] = dict(asdict(self))
         d["gbps"] = round(self.gbps, 3)
         return d
 
 
-# (object key, size) pairs to warm; and a function that fills one chunk of
-# one object and returns its size (pinning it if asked).
-ObjectLister = Callable[[], AsyncIterator[tuple[str, int]]]
+MAX_FAILURES = 20
+
+# A function that fills one chunk of one object and returns its size
+# (pinning it if asked).
 ChunkFiller = Callable[[str, int], Awaitable[int]]
 
 
@@ -60,8 +63,10 @@ async def warm(
         async with sem:
             try:
                 n = await fill(key, index)
-            except Exception:
+            except Exception as e:
                 progress.errors += 1
+                if len(progress.failures) < MAX_FAILURES:
+                    progress.failures.append(f"{key}#{index}: {type(e).__name__}: {e}")
                 n = 0
         progress.bytes += n
         progress.chunks += 1

@@ -42,6 +42,7 @@ import os
 import random
 import sys
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -300,6 +301,12 @@ def _default_decode(sample: T) -> T:
 # -- datasets -----------------------------------------------------------------
 
 
+class EmptyDataset(UserWarning):
+    """A dataset whose prefix holds no objects (of the wanted suffixes): a
+    wrong bucket or prefix, most likely, that would otherwise train on
+    nothing in silence."""
+
+
 class _Listed:
     """A source, a prefix and the sorted list of entries under it (listed
     once, when the dataset is made, so every rank sees the same list)."""
@@ -310,6 +317,11 @@ class _Listed:
         if suffixes:
             entries = [e for e in entries if e.name.endswith(tuple(suffixes))]
         self.entries = sorted(entries, key=lambda e: e.name)
+        if not self.entries:
+            where = url if isinstance(url, str) else type(url).__name__
+            wanted = f" ending in {', '.join(suffixes)}" if suffixes else ""
+            warnings.warn(f"no objects{wanted} under {where} (prefix {self.prefix!r}): the dataset is empty",
+                          EmptyDataset, stacklevel=3)
 
 
 class ObjectDataset(_MapBase, Generic[T]):

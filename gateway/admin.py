@@ -29,13 +29,19 @@ from nearstore.gateway.auth import SignedRequest, authenticate
 from nearstore.gateway.conditions import check_read_conditions
 from nearstore.gateway.request import check_key, parse_query, split_target, validate_bucket_name
 from nearstore.gateway.sendfile import send_body
-from nearstore.gateway.state import CACHE_FOR_KEY, CONFIG_KEY, LOCALSOCK_KEY, MEMBERSHIP_KEY
+from nearstore.gateway.state import (
+    CACHE_FOR_KEY,
+    CONFIG_KEY,
+    HEALTH_KEY,
+    LOCALSOCK_KEY,
+    MEMBERSHIP_KEY,
+)
 from nearstore.metadata.backing import Backend, ObjectHandle, ObjectInfo, ReadOptions
 
 
 async def admin(request: web.Request, path: str) -> web.StreamResponse:
     if path == "/_nearstore/health" and request.method in ("GET", "HEAD"):
-        return web.json_response({"status": "ok", "pid": os.getpid(),
+        return web.json_response({**request.app[HEALTH_KEY].describe(), "pid": os.getpid(),
                                   "local_socket": request.app.get(LOCALSOCK_KEY)})
     if path == "/_nearstore/metrics" and request.method in ("GET", "HEAD"):
         body, content_type = metrics_exposition()

@@ -36,9 +36,11 @@ from nearstore.gateway.state import (
     BACKEND_KEY,
     CACHE_FOR_KEY,
     CONFIG_KEY,
+    HEALTH_KEY,
     INFLIGHT_KEY,
     MEMBERSHIP_KEY,
     CacheFor,
+    Health,
     InFlight,
 )
 from nearstore.gateway.xml import XML_DECL, escape
@@ -236,6 +238,7 @@ def build_app(cfg: Config, backend: Backend, membership: Membership, cache_for: 
     app[MEMBERSHIP_KEY] = membership
     app[BACKEND_KEY] = backend
     app[CACHE_FOR_KEY] = cache_for
+    app[HEALTH_KEY] = Health()
     # [\s\S]: keys may contain newlines, which '.' would not match.
     app.router.add_route("*", r"/{tail:[\s\S]*}", front, expect_handler=expect_continue)
     return app

@@ -36,11 +36,28 @@ class InFlight:
             self.idle.set()
 
 
+class Health:
+    """What is wrong with the node, by part (the chunk cache, each backing
+    store); ``/_nearstore/health`` says "degraded", with the reasons, while
+    anything is. The node keeps serving what works."""
+
+    def __init__(self) -> None:
+        self.problems: dict[str, str] = {}
+        # Start-up checks still waiting for their answer (a backing store
+        # that retries until its deadline), by the part they check.
+        self.checking: set[str] = set()
+
+    def describe(self) -> dict[str, object]:
+        return {"status": "degraded" if self.problems else "ok", "problems": sorted(self.problems.values()),
+                "checking": sorted(self.checking)}
+
+
 CONFIG_KEY = web.AppKey("config", Config)
 MEMBERSHIP_KEY = web.AppKey("membership", Membership)
 BACKEND_KEY = web.AppKey("backend", Backend)
 CACHE_FOR_KEY: web.AppKey[CacheFor] = web.AppKey("cache_for")
 INFLIGHT_KEY = web.AppKey("inflight", InFlight)
+HEALTH_KEY = web.AppKey("health", Health)
 # The short-circuit socket's path, when this node serves one (the owner
 # process listens; workers report the owner's).
 LOCALSOCK_KEY = web.AppKey("local_socket", str)

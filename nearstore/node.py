@@ -11,13 +11,19 @@ Nothing else decides which kind of store serves a bucket.
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
+import json
 import logging
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -35,7 +41,7 @@ from nearstore.gateway.backends.router import Router
 from nearstore.gateway.backends.s3 import S3Upstream
 from nearstore.gateway.config import Config, ConfigError
 from nearstore.gateway.conn import listen
-from nearstore.gateway.state import INFLIGHT_KEY, LOCALSOCK_KEY
+from nearstore.gateway.state import HEALTH_KEY, INFLIGHT_KEY, LOCALSOCK_KEY, Health
 from nearstore.metadata.backing import Backend
 from nearstore.metadata.membership import Membership, start_health_checks, stop_health_checks
 from nearstore.metadata.ring import Node, Ring
@@ -52,6 +58,7 @@ class Stores:
         self.local = LocalStore(cfg.data_dir, fsync=cfg.fsync, sweep=not cfg.worker)
         self.chunks: ChunkStore | None = None
         self.caches: list[CachedBackend] = []
+        self.upstreams: list[S3Upstream] = []
         self.front: Backend = self.local
         self._router: Router | None = None
         if not cfg.upstreams:
@@ -60,6 +67,7 @@ class Stores:
             self.chunks = ChunkStore(cfg.cache.dir, cfg.cache.size, cfg.cache.policy)
 
         def wrap(up: S3Upstream) -> Backend:
+            self.upstreams.append(up)
             if self.chunks is None:
                 return up
             cache = CachedBackend(up, self.chunks, chunk_size=cfg.cache.chunk_size, meta_ttl=cfg.cache.meta_ttl,
@@ -105,11 +113,19 @@ def build_node(cfg: Config, stores: Stores | None = None) -> web.Application:
     membership = make_membership(cfg)
     app = build_app(cfg, stores.front, membership, stores.cache_for)
 
+    health = app[HEALTH_KEY]
+
     async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
         if stores.chunks is not None and not cfg.worker:  # workers hold no index: the owner loads it
-            await _load_chunks(stores.chunks)
+            problem = await _load_chunks(stores.chunks)
+            if problem:
+                health.problems["cache"] = problem
         await stores.front.start()
+        # Each backing store's credentials, checked while the node already
+        # serves: one that fails is named (log and health), the others work.
+        checks = asyncio.ensure_future(_check_upstreams(stores.upstreams, health))
         yield
+        checks.cancel()
         await stores.front.close()
 
     async def control_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -172,17 +188,38 @@ def build_node(cfg: Config, stores: Stores | None = None) -> web.Application:
     return app
 
 
-async def _load_chunks(chunks: ChunkStore) -> None:
+async def _load_chunks(chunks: ChunkStore) -> str | None:
+    """Load the chunk index; what is wrong with the cache, if anything."""
+    problem = None
     try:
         found = await asyncio.get_running_loop().run_in_executor(None, chunks.load)
     except OSError as e:
         # A cache that cannot even be opened is a cache fault like any
         # other: serve everything from the backing store, loudly.
-        log.error("chunk cache at %s unusable (%s); serving from the backing store", chunks.root, e)
+        problem = f"chunk cache at {chunks.root} unusable ({e}); serving from the backing store"
+        log.error("%s", problem)
         found = 0
     metrics.CACHE_BYTES.set(chunks.used)
     metrics.CACHE_CAPACITY.set(chunks.capacity)
     log.info("chunk cache: %d chunks, %d bytes of %d, in %s", found, chunks.used, chunks.capacity, chunks.root)
+    return problem
+
+
+async def _check_upstreams(upstreams: list[S3Upstream], health: Health) -> None:
+    async def one(up: S3Upstream) -> None:
+        part = f"upstream {up.cfg.name}"
+        health.checking.add(part)
+        try:
+            problem = await up.check()
+        finally:
+            health.checking.discard(part)
+        if problem:
+            health.problems[part] = problem
+            log.error("backing store check failed: %s; its buckets answer with errors until it is fixed", problem)
+        else:
+            log.info("backing store %s ([[buckets]] %r): credentials work", up.cfg.endpoint, up.cfg.name)
+
+    await asyncio.gather(*(one(up) for up in upstreams))
 
 
 # --- serving ----------------------------------------------------------------
@@ -228,6 +265,17 @@ async def _run(cfg: Config) -> None:
     # event, and cleanup runs uncancelled.
     if cfg.worker:
         _die_with_parent()
+        claim = None
+    else:
+        claim = claim_port(cfg.host, cfg.port, cfg.data_dir)
+    try:
+        await _serve_claimed(cfg)
+    finally:
+        if claim is not None:
+            os.close(claim)
+
+
+async def _serve_claimed(cfg: Config) -> None:
     app = build_node(cfg)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.shutdown_timeout)
     workers: list[subprocess.Popen[bytes]] = []
@@ -263,6 +311,53 @@ async def _run(cfg: Config) -> None:
                         app[INFLIGHT_KEY].count, cfg.shutdown_timeout)
     finally:
         await runner.cleanup()
+
+
+def _port_lock(host: str, port: int) -> Path:
+    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in host)
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"nearstore-port-{safe}-{port}.lock"
+
+
+def claim_port(host: str, port: int, data_dir: str) -> int | None:
+    """The owner's claim on its address, held (an open, locked file) for the
+    node's life. A node's processes share its port with SO_REUSEPORT, and
+    the kernel would just as readily let a second node join and split the
+    requests between two stores; so before binding, the owner takes a lock
+    named after host:port (another nearstore node holding it is named in
+    the error) and checks with a bind without SO_REUSEPORT that nothing at
+    all listens there yet."""
+    fd: int | None = None
+    holder = ""
+    try:
+        fd = os.open(_port_lock(host, port), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError:
+        pass  # a lock another user made: the probe below still refuses a shared port
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                other = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                holder = f" (pid {other.get('pid')}, data dir {other.get('data_dir')})"
+            except ValueError:
+                pass
+            os.close(fd)
+            raise OSError(errno.EADDRINUSE, f"address already in use by another nearstore node{holder}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "data_dir": os.path.abspath(data_dir)}).encode(), 0)
+    try:
+        for family, kind, proto, _, addr in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                               flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(addr)
+    except OSError:
+        if fd is not None:
+            os.close(fd)
+        raise
+    return fd
 
 
 def _worker_argv(cfg: Config) -> list[str]:

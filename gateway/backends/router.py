@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 from nearstore.gateway import errors
@@ -75,6 +76,10 @@ class Router:
         self.local = local
         self.mapped = dict(mapped)
         self.wildcard = wildcard
+        # A mapped bucket's creation date is its backing store's, which the
+        # node's keys may not be allowed to list: the mapping's start here
+        # stands in (never 1970).
+        self.mapped_since = time.time()
 
     def pick(self, bucket: str) -> Backend:
         b = self.mapped.get(bucket)
@@ -103,7 +108,7 @@ class Router:
         else:
             found.update((b.name, b) for b in await self.local.list_buckets())
         for name in self.mapped:
-            found.setdefault(name, BucketInfo(name, 0.0))
+            found.setdefault(name, BucketInfo(name, self.mapped_since))
         return sorted(found.values(), key=lambda b: b.name)
 
     async def create_bucket(self, bucket: str, region: str = "") -> None:

@@ -88,15 +88,17 @@ def _error_class(code: str, status: int) -> type[errors.S3Error]:
     return made
 
 
+# Codes with which a store refuses the node's own credentials: never the
+# client's fault, so never passed on as they are.
+AUTH_CODES = frozenset({"SignatureDoesNotMatch", "InvalidAccessKeyId", "AuthorizationHeaderMalformed",
+                        "InvalidToken", "ExpiredToken", "MissingSecurityHeader", "RequestTimeTooSkewed",
+                        "InvalidSecurity"})
+
 _STATUS_CODES = {
     400: "BadRequest", 403: "AccessDenied", 404: "NoSuchKey", 405: "MethodNotAllowed",
     409: "OperationAborted", 411: "MissingContentLength", 412: "PreconditionFailed",
     416: "InvalidRange", 501: "NotImplemented", 503: "SlowDown",
 }
-
-
-class UpstreamUnavailable(Exception):
-    """The upstream could not be reached within the deadline."""
 
 
 @dataclass
@@ -124,6 +126,9 @@ class S3Upstream:
         self._base_path = parts.path.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
         self._known_buckets: dict[str, float] = {}
+        # The code with which the store last refused this node's keys, until
+        # a request succeeds: a HEAD's refusal carries no body to say why.
+        self._refused: str | None = None
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -183,6 +188,8 @@ class S3Upstream:
         headers["host"] = host
         headers["x-amz-date"] = amz_date
         headers["x-amz-content-sha256"] = payload_hash
+        if not self.cfg.access_key:
+            return  # a mapping without keys reads a public bucket: requests go unsigned
         names = sorted(headers)
         canonical_headers = "".join(f"{n}:{' '.join(headers[n].split())}\n" for n in names)
         signed = ";".join(names)
@@ -242,12 +249,11 @@ class S3Upstream:
                 r = await self._send_once(method, bucket, key, params, headers, body, payload_hash)
             except (TimeoutError, aiohttp.ClientConnectionError, OSError) as e:
                 if not self._may_retry(attempt, deadline, idempotent):
-                    raise errors.ServiceUnavailable(
-                        f"The backing store is unreachable: {type(e).__name__}", headers={"Retry-After": "1"}
-                    ) from e
+                    raise self._unreachable("is unreachable", e) from e
                 await self._backoff(attempt, deadline)
                 continue
             if r.status in ok:
+                self._refused = None
                 return r
             err = await self._error(r, method, key)
             if (r.status in RETRY_STATUSES or err.code in RETRY_CODES) and self._may_retry(
@@ -258,6 +264,11 @@ class S3Upstream:
             if r.status == 503 and "Retry-After" not in err.headers:
                 err.headers["Retry-After"] = "1"
             raise err
+
+    def _unreachable(self, what: str, e: BaseException) -> errors.ServiceUnavailable:
+        log.warning("backing store %s ([[buckets]] %r) %s: %r", self.cfg.endpoint, self.cfg.name, what, e)
+        return errors.ServiceUnavailable(f"The backing store at {self.cfg.endpoint} {what}: {type(e).__name__}",
+                                         headers={"Retry-After": "1"})
 
     def _may_retry(self, attempt: int, deadline: float, idempotent: bool) -> bool:
         return idempotent and attempt < self.cfg.max_attempts and time.monotonic() < deadline
@@ -287,15 +298,42 @@ class S3Upstream:
                 pass
         if r.status == 304:
             return errors.NotModified(headers={n: r.headers[n] for n in ("ETag", "Last-Modified") if n in r.headers})
+        if not code:  # a HEAD: no body; some stores say the code in a header
+            code = r.headers.get("x-amz-error-code")
+        if not code and r.status == 403 and self._refused:
+            code = self._refused  # a body-less 403 while the store refuses the node's keys
         if not code:
             code = _STATUS_CODES.get(r.status, "InternalError" if r.status >= 500 else "BadRequest")
             if code == "NoSuchKey" and key is None:
                 code = "NoSuchBucket"
+        if code in AUTH_CODES:
+            self._refused = code
+            # The store refused *this node's* keys: the client's signature was
+            # checked here and was right. Said loudly, to both.
+            log.error("backing store %s refused the node's credentials of [[buckets]] %r: %s %s",
+                      self.cfg.endpoint, self.cfg.name, code, message or "")
+            return errors.AccessDenied(
+                f"The backing store at {self.cfg.endpoint} refused this node's credentials ({code}); "
+                f"the node's [[buckets]] {self.cfg.name!r} configuration needs fixing, not your request")
         if key is not None and "Key" in fields:
             fields["Key"] = self._strip(fields["Key"])
         err = _error_class(code, r.status)(message or None)
         err.fields.update(fields)
         return err
+
+    async def check(self) -> str | None:
+        """What start-up asks of a mapping: a signed list of its bucket (of
+        every bucket for "*"), which needs the credentials to work. None if
+        it does, else what is wrong, naming the mapping and the endpoint."""
+        try:
+            if self.cfg.name == "*":
+                await self.list_buckets()
+            else:
+                params = {"list-type": "2", "max-keys": "1", "prefix": self.cfg.prefix or None}
+                (await self._request("GET", self.cfg.name, params={k: v for k, v in params.items() if v})).release()
+        except errors.S3Error as e:
+            return f"[[buckets]] {self.cfg.name!r} at {self.cfg.endpoint}: {e.code}: {e.text}"
+        return None
 
     # --- buckets ------------------------------------------------------------
 
@@ -452,9 +490,7 @@ class S3Upstream:
         except (TimeoutError, aiohttp.ClientConnectionError, OSError) as e:
             if failed:
                 raise failed[0] from None
-            raise errors.ServiceUnavailable(
-                f"The backing store failed during the upload: {type(e).__name__}", headers={"Retry-After": "1"}
-            ) from e
+            raise self._unreachable("failed during the upload", e) from e
         if r.status != 200:
             raise await self._error(r, "PUT", key)
         return r

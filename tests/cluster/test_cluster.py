@@ -140,6 +140,10 @@ def test_read_after_write_across_nodes(cluster: Cluster) -> None:
         [a, b, c][i % 3].put_object(Bucket="cluster-raw", Key="a/b/k", Body=body)
         for reader in (a, b, c):
             assert reader.get_object(Bucket="cluster-raw", Key="a/b/k")["Body"].read() == body
+    # Every invalidation was answered 204 (success): nothing to warn about.
+    for port in cluster.ports:
+        log = (cluster.tmp / f"n{port}.log").read_text()
+        assert "invalidate" not in log, log[-2000:]
 
 
 @pytest.mark.timeout(120)

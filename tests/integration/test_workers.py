@@ -144,3 +144,28 @@ def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
         assert len(replaced) == 2 and worker not in replaced, replaced
     finally:
         _stop(proc)
+
+
+def test_a_second_node_cannot_join_a_nodes_port(tmp_path: Path) -> None:
+    """SO_REUSEPORT lets any process of the same user join a port; a second
+    node that did would split the requests between two stores (data would
+    seem to vanish). Only the processes of one node share it."""
+    (tmp_path / "a").mkdir()
+    proc, url = _node(tmp_path / "a", None)
+    try:
+        s3 = _client(url)
+        s3.create_bucket(Bucket="only-in-a")
+        port = url.rsplit(":", 1)[1]
+        for workers in ("2", "1"):
+            second = subprocess.run(
+                [str(BIN / "nearstore"), "serve", "--port", port, "--data-dir", str(tmp_path / "b"),
+                 "--workers", workers],
+                env={**os.environ, **KEYS}, capture_output=True, text=True, timeout=60)
+            assert second.returncode == 1, second.stderr
+            assert (f"address already in use by another nearstore node (pid {proc.pid}, data dir "
+                    f"{tmp_path / 'a' / 'data'})") in second.stderr
+        # Every request still reaches node a's store.
+        fresh = [_client(url) for _ in range(20)]  # new connections: spread over the processes
+        assert all([b["Name"] for b in c.list_buckets()["Buckets"]] == ["only-in-a"] for c in fresh)
+    finally:
+        _stop(proc)

@@ -310,3 +310,19 @@ async def test_drop_unless_keeps_pinned_and_wanted(env: tuple[CachedBackend, Loc
     assert cb.store.drop_unless(lambda cid: cid == ids[1]) == 1
     assert sorted(cb.store.index) == ids[:2]
     assert len(chunk_files(root)) == 2
+
+
+async def test_warm_says_why_chunks_failed() -> None:
+    from nearstore.cache.warm import MAX_FAILURES, warm
+
+    async def fill(key: str, index: int) -> int:
+        if key == "bad":
+            raise OSError(f"disk full at chunk {index}")
+        return 10
+
+    progress = await warm([("good", 10), ("bad", 3 * CS)], CS, fill)
+    assert progress.errors == 3 and progress.bytes == 10
+    assert sorted(progress.failures) == [f"bad#{i}: OSError: disk full at chunk {i}" for i in range(3)]
+    assert progress.as_dict()["failures"] == progress.failures
+    many = await warm([("bad", (MAX_FAILURES + 5) * CS)], CS, fill)
+    assert many.errors == MAX_FAILURES + 5 and len(many.failures) == MAX_FAILURES

@@ -197,3 +197,17 @@ def test_object_datasets(tmp_path: Path) -> None:
     got = list(stream)
     assert [k for k, _ in got] == [f"objs/{i:03d}.bin" for i in range(1, 30, 3)]
     assert all(data == bytes([int(k[5:8])]) * (int(k[5:8]) + 1) for k, data in got)
+
+
+def test_an_empty_prefix_is_said(tmp_path: Path) -> None:
+    """A dataset over nothing (a wrong bucket or prefix) would train on
+    nothing in silence."""
+    from nearstore.clients.datasets import EmptyDataset, ObjectDataset
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "a.bin").write_bytes(b"x")
+    with pytest.warns(EmptyDataset, match=r"no objects under .* \(prefix 'valid/'\)"):
+        assert len(ObjectDataset(str(tmp_path), prefix="valid/")) == 0
+    with pytest.warns(EmptyDataset, match="ending in .tar"):
+        TarDataset(str(tmp_path), prefix="train/")
+    assert len(ObjectDataset(str(tmp_path), prefix="train/")) == 1  # and no warning (warnings are errors)
