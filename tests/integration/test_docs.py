@@ -115,7 +115,46 @@ def test_snippet_runs(node: S3Server, tmp_path: Path, where: str, code: str) -> 
             fresh.stop()
 
 
-def _run(node: S3Server, tmp_path: Path, where: str, code: str) -> None:
+def _blocks(path: Path) -> list[tuple[str, str]]:
+    """(language, code) of every fenced block, in the document's order."""
+    return re.findall(r"^```(\w*)\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+
+
+def test_the_readme_in_order_on_a_fresh_node(tmp_path: Path) -> None:
+    """A new user's first steps, one after another on one fresh node (as
+    `make run` starts it), from a directory holding what the README says
+    (train.tar, shards/): the quickstart makes the bucket, the AWS CLI
+    block fills it, the training loop reads what the CLI put there. Each
+    step sees what the one before made; an empty dataset fails the test."""
+    blocks = _blocks(ROOT / "README.md")
+    quickstart = next(code for lang, code in blocks if lang == "python" and "create_bucket(" in code)
+    cli = next(code for lang, code in blocks if lang == "sh" and "aws --endpoint-url" in code)
+    loop = next(code for lang, code in blocks if lang == "python" and "TarDataset(" in code)
+    assert blocks.index(("python", quickstart)) < blocks.index(("sh", cli)) < blocks.index(("python", loop))
+    work = tmp_path / "work"
+    (work / "shards").mkdir(parents=True)
+    (work / "train.tar").write_bytes(_shard(1000, 4))
+    for n in range(2):
+        (work / "shards" / f"{n:06d}.tar").write_bytes(_shard(n * 8, 8))
+    node = _dev_node(tmp_path / "node")
+    try:
+        _run(node, work, "README quickstart", quickstart)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "NEARSTORE_"))}
+        env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+                   AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+                   AWS_EC2_METADATA_DISABLED="true")
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", cli.replace("http://127.0.0.1:9000", node.url)],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, f"the README's AWS CLI block failed:\n{done.stderr[-3000:]}"
+        assert (work / "head.bin").stat().st_size == 1024
+        # The loop, then a count of what it read: every sample the CLI synced.
+        _run(node, work, "README training loop",
+             loop + "\nassert sum(1 for _ in shards) == 16, 'the loop read nothing'\n", warnings_are_errors=True)
+    finally:
+        node.stop()
+
+
+def _run(node: S3Server, tmp_path: Path, where: str, code: str, *, warnings_are_errors: bool = False) -> None:
     host = f"127.0.0.1:{node.port}"
     code = (code.replace("http://127.0.0.1:9000", node.url).replace("http://localhost:9000", node.url)
             .replace('"localhost:9000"', f'"{host}"'))
@@ -126,6 +165,8 @@ def _run(node: S3Server, tmp_path: Path, where: str, code: str) -> None:
                AWS_SECRET_ACCESS_KEY=DEV["secret"], AWS_DEFAULT_REGION="us-east-1",
                AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull,
                AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
+    # An empty dataset fails the run.
+    flags = ["-W", "error::nearstore.clients.datasets.EmptyDataset"] if warnings_are_errors else []
+    done = subprocess.run([sys.executable, *flags, str(script)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, f"{where} failed:\n{code}\n{done.stderr[-3000:]}"
