@@ -139,6 +139,70 @@ def cpu_table(results: Results) -> str:
     )
 
 
+# Work per server CPU-second the node must reach (the hot-path issue): case
+# label prefix -> (absolute floor per CPU-second, floor as a share of nginx's
+# rate per CPU-second in the same run).
+PER_CPU_TARGETS: dict[str, tuple[float, float]] = {
+    "small/64 KiB": (6000.0, 0.3),
+    "small/4 KiB": (6000.0, 0.3),
+}
+
+
+def per_cpu(cr: CaseResult) -> float | None:
+    """The case's headline figure per CPU-second of the server under test
+    (the front alone where a backing store runs beside it): the median of
+    the runs' ratios."""
+    cpu_key = "gateway_cpu" if "gateway_cpu" in cr.summary else "server_cpu"
+    vals = sorted(r[cr.headline] / r[cpu_key] for r in cr.runs
+                  if r.get(cpu_key) and cr.headline in r and not math.isnan(r[cr.headline]))
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
+def per_cpu_table(results: Results) -> str:
+    """Each case's headline figure per server CPU-second, every peer, with
+    the subject's ratios and the per-core targets met or not: on 2 shared
+    cores the load generator caps the totals, the work per core it does not."""
+    cols = peer_columns(results)
+    peers = {p.name: p for p in results.peers}
+    subject = results.subject
+    others = [c for c in cols if c != subject] if subject in peers else []
+    head = ["case", "figure per server CPU-s", *cols, *(f"{subject}/{o}" for o in others), "target", "met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    judged: list[bool] = []
+    for cid in results.case_order:
+        got = {c: per_cpu(peers[c].cases[cid]) for c in cols if cid in peers[c].cases}
+        if not any(v is not None for v in got.values()):
+            continue
+        meta = next(peers[c].cases[cid] for c in got)
+        metric = meta.headline
+        if metric in LOWER_IS_BETTER:
+            continue  # a latency per CPU-second means nothing
+        row = [cid, METRIC_UNITS.get(metric, metric)]
+        row += [_fmt(metric, v) if (v := got.get(c)) is not None else "-" for c in cols]
+        mine = got.get(subject)
+        for o in others:
+            theirs = got.get(o)
+            row.append(fmt_ratio(mine / theirs) if mine is not None and theirs else "-")
+        target = next((t for prefix, t in PER_CPU_TARGETS.items() if cid.startswith(prefix)), None)
+        if target is None or mine is None:
+            row += ["", ""]
+        else:
+            floor, share = target
+            nginx = got.get("nginx")
+            ok = mine >= floor and (nginx is None or mine >= share * nginx)
+            judged.append(ok)
+            row += [f">= {floor:,.0f}" + (f" and >= {share:g} x nginx" if nginx else ""), "met" if ok else "NOT met"]
+        lines.append("| " + " | ".join(row) + " |")
+    out = "Work per server CPU-second (median of the runs' figure / server cores busy; a peer with a " \
+          "backing store counts its front alone):\n\n" + "\n".join(lines)
+    if judged:
+        out += f"\n\nPer-core targets met: {sum(judged)} of {len(judged)}."
+    return out
+
+
 def counters_table(results: Results) -> str:
     """Cache counters per run (median) of the peers that export them."""
     lines: list[str] = []
@@ -301,6 +365,7 @@ def render(results: Results) -> str:
     notes = {cr.id: cr.note for p in results.peers for cr in p.cases.values() if cr.note}
     lines += [f"- {cid}: {note}" for cid, note in notes.items()]
     lines += ["", cpu_table(results)]
+    lines += ["", per_cpu_table(results)]
     overhead = overhead_table(results)
     if overhead:
         lines += ["", overhead]

@@ -48,6 +48,18 @@ def test_parse_head() -> None:
         _parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked")
 
 
+def test_per_cpu_is_the_median_of_the_runs_figure_per_core() -> None:
+    from nearstore.bench.report import per_cpu
+    from nearstore.bench.runner import CaseResult
+
+    runs = [{"rps": 3000.0, "server_cpu": 0.5}, {"rps": 2000.0, "server_cpu": 1.0}, {"rps": 4000.0, "server_cpu": 1.0}]
+    case = CaseResult(id="small/64 KiB x1", scenario="small", label="64 KiB x1", headline="rps", shown=["rps"],
+                      note="", runs=runs)
+    assert per_cpu(case) == 4000.0  # 6,000, 2,000 and 4,000 per CPU-second
+    case.runs = [{"rps": 3000.0, "server_cpu": 0.0}]
+    assert per_cpu(case) is None
+
+
 def test_every_scenario_has_cases() -> None:
     for plan in PRESETS.values():
         cases = select(list(SCENARIOS), plan)
@@ -68,6 +80,7 @@ def test_smoke_run(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "nearstore/moto" in proc.stdout
+    assert "Work per server CPU-second" in proc.stdout
     data = json.loads(out.read_text())
     peers = {p["name"]: p for p in data["peers"]}
     assert peers["nginx"]["status"] in ("ok", "skipped")
