@@ -28,7 +28,7 @@ import threading
 
 from aiohttp import web
 
-from nearstore.metadata.backing import FileBacked, ObjectHandle
+from nearstore.metadata.backing import ObjectHandle
 
 # A client that reads nothing for this long is dropped (S3 uses a similar
 # idle timeout on slow readers).
@@ -115,7 +115,10 @@ async def _send(
     start: int,
     length: int,
 ) -> None:
-    segments = handle.segments(start, length) if isinstance(handle, FileBacked) else None
+    # The attribute, not isinstance(handle, FileBacked): a runtime-checkable
+    # Protocol's isinstance walks the class's attributes, ~4 % of a small GET.
+    by_file = getattr(handle, "segments", None)
+    segments = by_file(start, length) if by_file is not None else None
     if segments is None:
         async for chunk in handle.read_range(start, length):
             await resp.write(chunk)

@@ -191,6 +191,9 @@ def _row_to_info(key: bytes, size: int, etag: str, mtime: float, info: str, tags
     )
 
 
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
 @dataclass
 class LocalHandle:
     """An open object version (see ``ObjectHandle``)."""
@@ -227,6 +230,8 @@ class LocalStore:
         self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nearstore-db")
         self._conn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
+        self._hot: dict[tuple[str, str], tuple[ObjectInfo, str]] = {}
+        self._hot_version = -1
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -389,8 +394,28 @@ class LocalStore:
             raise errors.NoSuchKey(Key=key)
         return _row_to_info(*row[:6]), row[6]
 
+    # Rows read lately, with the object file's full path: a hot key's GET
+    # skips the query, the JSON of its metadata and the path join (py-spy:
+    # 16 % of a 64 KiB GET). Valid while SQLite's data_version on the read
+    # connection is unchanged, which it is until any other connection (this
+    # process's writer, another worker process) commits: one pragma, ~1.5 us.
+    HOT_ROWS = 4096
+
+    def _hot_row(self, bucket: str, key: str) -> tuple[ObjectInfo, str]:
+        version = self.rconn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._hot_version:
+            self._hot.clear()
+            self._hot_version = version
+        got = self._hot.get((bucket, key))
+        if got is None:
+            info, rel = self._object_row(bucket, key, self.rconn)
+            if len(self._hot) >= self.HOT_ROWS:
+                self._hot.clear()
+            got = self._hot[(bucket, key)] = (info, str(self.root / rel))
+        return got
+
     async def head_object(self, bucket: str, key: str) -> ObjectInfo:
-        return self._object_row(bucket, key, self.rconn)[0]
+        return self._hot_row(bucket, key)[0]
 
     async def open_object(
         self, bucket: str, key: str, opts: ReadOptions | None = None, *, head: bool = False
@@ -401,12 +426,13 @@ class LocalStore:
         executor hand-offs were 40% of a 4 KiB GET). If an overwrite
         unlinks the file between lookup and open, look again."""
         for _ in range(5):
-            info, rel = self._object_row(bucket, key, self.rconn)
+            info, path = self._hot_row(bucket, key)
             if head:
                 return LocalHandle(info, -1)
             try:
-                fd = os.open(self.root / rel, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                fd = os.open(path, os.O_RDONLY | _CLOEXEC)
             except FileNotFoundError:
+                self._hot.pop((bucket, key), None)  # replaced meanwhile: look again
                 continue
             return LocalHandle(info, fd)
         raise errors.SlowDown("The object is being overwritten too fast to read")

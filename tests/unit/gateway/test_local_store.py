@@ -229,3 +229,24 @@ async def test_restart_sweeps_debris(tmp_path: Path) -> None:
     assert files_under(root / "tmp") == []
     assert not (root / "objects" / "zz" / "zz" / "orphan").exists()
     await s.close()
+
+
+async def test_remembered_rows_follow_every_writer(store: LocalStore, tmp_path: Path) -> None:
+    """Reads reuse the rows they read lately; a write by this store or by
+    another process's store on the same directory (a worker) is seen at
+    once, and a delete too."""
+    other = LocalStore(store.root, fsync=False, sweep=False)  # another worker process's view
+    await other.start()
+    try:
+        await store.put_object("bkt", "k", Body(b"one"), ObjectMeta())
+        assert await read_all(store, "k") == b"one" and await read_all(other, "k") == b"one"
+        await other.put_object("bkt", "k", Body(b"two"), ObjectMeta())  # the other process writes
+        assert await read_all(store, "k") == b"two"
+        assert (await store.head_object("bkt", "k")).etag == hashlib.md5(b"two").hexdigest().join('""')
+        await store.put_object("bkt", "k", Body(b"three"), ObjectMeta())  # this process writes
+        assert await read_all(other, "k") == b"three" and await read_all(store, "k") == b"three"
+        await other.delete_object("bkt", "k")
+        with pytest.raises(errors.NoSuchKey):
+            await store.head_object("bkt", "k")
+    finally:
+        await other.close()
