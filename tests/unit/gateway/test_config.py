@@ -121,11 +121,15 @@ def _doc_tomls() -> list[tuple[str, str]]:
     for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
         for i, text in enumerate(re.findall(r"^```toml\n(.*?)^```", path.read_text(), flags=re.S | re.M), 1):
             out.append((f"{path.name}#{i}", text))
+    for path in sorted((root / "deploy").rglob("*.toml.example")):  # what the manifests mount
+        out.append((str(path.relative_to(root)), path.read_text()))
     return out
 
 
 @pytest.mark.parametrize(("where", "text"), _doc_tomls(), ids=[w for w, _ in _doc_tomls()])
 def test_every_toml_example_in_the_docs_is_a_valid_configuration(tmp_path: Path, where: str, text: str) -> None:
     """A user who copies an example gets no unknown-setting error."""
-    cfg = load(_file(tmp_path, text), env={"NEARSTORE_ACCESS_KEY": "a", "NEARSTORE_SECRET_KEY": "s"})
+    env = {"NEARSTORE_ACCESS_KEY": "a", "NEARSTORE_SECRET_KEY": "s", "NEARSTORE_NODE_ID": "10.0.0.1:9000",
+           "NEARSTORE_CLUSTER_SECRET": "x"}
+    cfg = load(_file(tmp_path, text), env=env)
     assert cfg.port == 9000
