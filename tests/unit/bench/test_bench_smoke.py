@@ -23,6 +23,13 @@ from nearstore.bench.stats import percentile, summarize
 REPO = Path(__file__).resolve().parents[3]
 
 
+def _smoke(tmp_path: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``nearstore bench --smoke ARGS`` in its own interpreter."""
+    argv = ["--smoke", "--no-progress", "--no-setup", "--workdir", str(tmp_path / "work"), *args]
+    return subprocess.run([sys.executable, "-m", "nearstore.bench", *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
 def test_parse_size() -> None:
     assert parse_size("64KiB") == 64 * 1024
     assert parse_size("1g") == 1 << 30
@@ -69,15 +76,7 @@ def test_every_scenario_has_cases() -> None:
 
 def test_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    argv = ["--smoke", "--no-progress", "--no-setup", "--workdir", str(tmp_path / "work")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "nearstore.bench", *argv, "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=100,
-        check=False,
-    )
+    proc = _smoke(tmp_path, "--json", str(out), timeout=100)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "nearstore/moto" in proc.stdout
     assert "Work per server CPU-second" in proc.stdout
@@ -118,16 +117,7 @@ def test_missing_nginx_is_skipped_with_reason(
 def test_smoke_proxy_through_moto(tmp_path: Path) -> None:
     """nearstore fronting moto: both legs measured, through/direct with goals."""
     out = tmp_path / "proxy.json"
-    argv = ["--smoke", "--no-progress", "--no-setup", "--workdir", str(tmp_path / "work")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "nearstore.bench", *argv, "--scenarios", "proxy", "--peers",
-         "nearstore->moto", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )  # fmt: skip
+    proc = _smoke(tmp_path, "--scenarios", "proxy", "--peers", "nearstore->moto", "--json", str(out), timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Through nearstore vs direct (nearstore+moto" in proc.stdout
     data = json.loads(out.read_text())
@@ -167,16 +157,7 @@ def test_smoke_cache_cold_and_warm(tmp_path: Path) -> None:
     if peers_mod.find_tool("weed", bin_dir) is not None:
         names.append("nearstore-cache+seaweedfs")
     out = tmp_path / "cache.json"
-    argv = ["--smoke", "--no-progress", "--no-setup", "--workdir", str(tmp_path / "work")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "nearstore.bench", *argv, "--scenarios", "cache", "--peers",
-         ",".join(names), "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )  # fmt: skip
+    proc = _smoke(tmp_path, "--scenarios", "cache", "--peers", ",".join(names), "--json", str(out), timeout=90)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     for peer in data["peers"]:
@@ -212,16 +193,8 @@ def test_smoke_cluster(tmp_path: Path) -> None:
     """A real cluster (nearstore cache nodes before a nearstore local store):
     rings of 1 and 2 nodes, warm, then reads by owner through node A."""
     out = tmp_path / "cluster.json"
-    argv = ["--smoke", "--no-progress", "--no-setup", "--workdir", str(tmp_path / "work")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "nearstore.bench", *argv, "--scenarios", "cluster", "--peers",
-         "nearstore-cluster", "--subject", "nearstore-cluster", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )  # fmt: skip
+    proc = _smoke(tmp_path, "--scenarios", "cluster", "--peers", "nearstore-cluster", "--subject", "nearstore-cluster",
+                  "--json", str(out), timeout=90)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     (peer,) = data["peers"]
