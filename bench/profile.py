@@ -15,7 +15,6 @@ import argparse
 import collections
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +23,9 @@ from pathlib import Path
 
 import boto3
 
+from nearstore.bench.procs import TreeMonitor, free_ports
+
 KEYS = {"NEARSTORE_ACCESS_KEY": "profile", "NEARSTORE_SECRET_KEY": "profile-secret-key"}
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def summarize(stacks: Path, top: int = 25) -> str:
@@ -72,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     bin_dir = Path(sys.executable).parent
     spy = None if args.no_spy else (shutil.which("py-spy", path=f"{bin_dir}:{os.environ.get('PATH', '')}"))
     args.out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    (port,) = free_ports(1)
     url = f"http://127.0.0.1:{port}"
     with open(args.out / "node.log", "wb") as log:
         node = subprocess.Popen([sys.executable, "-m", "nearstore.cli", "serve", "--port", str(port), "--data-dir",
@@ -91,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         s3.put_object(Bucket="profile", Key="obj", Body=os.urandom(args.size))
         signed = s3.generate_presigned_url("get_object", Params={"Bucket": "profile", "Key": "obj"}, ExpiresIn=3600)
         subprocess.run([wrk, "-t1", "-c32", "-d2s", signed], capture_output=True, check=False)  # warm-up
-        before = _cpu_seconds(node.pid)
+        monitor = TreeMonitor(node.pid)  # the bench's own CPU accounting, whole process tree
+        before = monitor.cpu_seconds()
         sampler = None
         if spy:
             sampler = subprocess.Popen([spy, "record", "--pid", str(node.pid), "--duration", str(args.seconds),
@@ -100,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         run = subprocess.run([wrk, "-t1", "-c32", f"-d{args.seconds}s", signed], capture_output=True, text=True,
                              check=False)
-        cpu = _cpu_seconds(node.pid) - before
+        cpu = monitor.cpu_seconds() - before
         if sampler is not None:
             sampler.wait(60)
     finally:
