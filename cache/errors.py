@@ -47,6 +47,9 @@ class NotOwner(CacheError):
 class NotCached(CacheError):
     """A bucket that is not read through the cache."""
 
+    def __init__(self, bucket: str) -> None:
+        super().__init__(f"Bucket {bucket!r} is not served through the cache")
+
 
 class BadRequest(CacheError):
     """A malformed request to one of the cache's own APIs (the peer API,

@@ -220,7 +220,7 @@ async def serve_chunk(cache: CachedBackend | None, bucket: str, query: Mapping[s
     """Bytes start..end of chunk ``index`` of bucket/key at version
     ``etag``, as an open, verified chunk file: filled here on a miss."""
     if cache is None:
-        raise NotCached(f"Bucket {bucket!r} is not served through the cache")
+        raise NotCached(bucket)
     key = query.get("key", "")
     try:
         index, start, end = (int(query[n]) for n in ("index", "start", "end"))

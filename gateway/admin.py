@@ -96,7 +96,7 @@ async def warm_route(request: web.Request) -> web.StreamResponse:
     pin = q.get("pin", "").lower() in ("1", "true", "yes")
     target = request.app[CACHE_FOR_KEY](bucket)
     if target is None:
-        raise NotCached(f"Bucket {bucket!r} is not served through the cache")
+        raise NotCached(bucket)
     objects: list[tuple[str, int]] = []
     after = ""
     while True:
