@@ -308,7 +308,7 @@ def _urls(value: object) -> list[str]:
     return [x.strip().rstrip("/") for x in items if x.strip()]
 
 
-_INT, _NUM, _SECONDS, _BOOL, _SIZE = "integer", "number", "seconds", "boolean", "size"
+_INT, _SECONDS, _BOOL, _SIZE = "integer", "seconds", "boolean", "size"
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("server", "host", "host", _text, "Address to listen on. Anything but loopback needs your own keys.",
