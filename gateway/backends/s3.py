@@ -777,9 +777,18 @@ class UpstreamHandle:
                 if pos < end:
                     raise aiohttp.ClientPayloadError("upstream body ended early")
             except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+                salvaged = b""
                 if resp is not None:
+                    # Bytes that arrived before the break: aiohttp's reader
+                    # raises the error ahead of what it still buffers, so
+                    # the resume would fetch them again (or never make
+                    # progress, if every break comes with its bytes).
+                    salvaged = _buffered(resp.resp)[: end - pos]
                     resp.resp.close()
                 resp = None
+                if salvaged:
+                    pos += len(salvaged)
+                    yield salvaged
                 if attempt >= self.up.cfg.max_attempts or time.monotonic() > deadline:
                     raise OSError(f"upstream stream broke at byte {pos}: {e}") from e
                 log.info("upstream stream for %s broke at byte %d (%s); resuming", self.key, pos, e)
@@ -832,6 +841,18 @@ class _SpooledBody:
 
     def close(self) -> None:
         self._spool.close()
+
+
+def _buffered(resp: aiohttp.ClientResponse) -> bytes:
+    """What a broken response's body reader still holds. aiohttp (3.x)
+    offers no public call for it once the reader holds an error; without
+    the private one, nothing is salvaged and the resume fetches those bytes
+    again (still correct, only slower)."""
+    read = getattr(resp.content, "_read_nowait", None)
+    try:
+        return bytes(read(-1)) if read is not None else b""
+    except Exception:  # the private call changed: salvage nothing
+        return b""
 
 
 def _integrity_headers(body: UploadBody) -> dict[str, str]:
