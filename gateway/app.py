@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import HttpVersion11, http_exceptions, web, web_protocol
@@ -57,6 +58,7 @@ log = logging.getLogger("nearstore")
 MAX_HEADER_BYTES = 8 * 1024
 
 _POST_OBJECT_HINT = "multipart/form-data"
+SERVER = "nearstore"
 
 
 _ID_PREFIX = secrets.token_hex(4).upper()
@@ -79,18 +81,40 @@ def error_body(err: errors.S3Error, request_id: str, resource: str | None) -> by
     return "".join(parts).encode()
 
 
-def error_response(err: errors.S3Error, request_id: str, resource: str | None, head: bool) -> web.Response:
-    headers = {"x-amz-request-id": request_id, "x-amz-id-2": request_id, **err.headers}
+def error_parts(
+    err: errors.S3Error, request_id: str, resource: str | None, head: bool
+) -> tuple[int, dict[str, str], bytes | None]:
+    """An S3 error as status, headers and body (None: no body), for either
+    server (this module's aiohttp front, ``gateway.hotpath``)."""
+    headers = {"x-amz-request-id": request_id, "x-amz-id-2": request_id, "Server": SERVER, **err.headers}
     if err.status == 304:
-        return web.Response(status=304, headers=headers)
+        return 304, headers, None
     if err.status == 503 and "Retry-After" not in headers:
         headers["Retry-After"] = "1"
-    body = None if head else error_body(err, request_id, resource)
-    resp = web.Response(status=err.status, body=body, headers=headers, content_type="application/xml")
+    headers["Content-Type"] = "application/xml"
     if head:
         # HEAD carries no body; S3 still says which error in a header.
-        resp.headers["x-amz-error-code"] = err.code
-    return resp
+        headers["x-amz-error-code"] = err.code
+        return err.status, headers, None
+    return err.status, headers, error_body(err, request_id, resource)
+
+
+def error_response(err: errors.S3Error, request_id: str, resource: str | None, head: bool) -> web.Response:
+    status, headers, body = error_parts(err, request_id, resource, head)
+    return web.Response(status=status, body=body, headers=headers)
+
+
+def as_s3_error(e: Exception, request_id: str, method: str, raw_path: str) -> errors.S3Error:
+    """What the client is told of a failure: S3 errors as they are, known
+    failures translated (``errors.to_s3``, the one table), anything else
+    InternalError, logged with its traceback and request id."""
+    err = errors.to_s3(e)
+    if err is None:
+        log.error("request %s %s %s failed", request_id, method, raw_path, exc_info=e)
+        return errors.InternalError()
+    if err.status >= 500:
+        log.warning("request %s %s %s: %s %s (%r)", request_id, method, raw_path, err.code, err.text, e)
+    return err
 
 
 def _header_bytes(request: web.Request) -> int:
@@ -117,19 +141,38 @@ class Prepared:
 
 
 PREPARED_KEY = "nearstore.prepared"
+REQUEST_ID_KEY = "nearstore.request_id"
 
 
-def prepare(request: web.Request, request_id: str) -> Prepared:
-    """Everything that can be decided from the request head alone: parse,
-    authenticate, route. Raises S3 errors."""
-    raw_path, _, raw_query = request.raw_path.partition("?")
-    cfg = request.app[CONFIG_KEY]
-    if _header_bytes(request) > MAX_HEADER_BYTES:
+async def _stamp(request: web.BaseRequest, resp: web.StreamResponse) -> None:
+    """Every response names its request and this server, set as its headers
+    go out (a streamed body's head leaves before the handler returns)."""
+    rid = request.get(REQUEST_ID_KEY)
+    if rid is not None:
+        resp.headers.setdefault("x-amz-request-id", rid)
+        resp.headers.setdefault("x-amz-id-2", rid)
+    resp.headers["Server"] = SERVER
+
+
+def parse_request(
+    cfg: Config,
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    header_bytes: int,
+    request_id: str,
+    http: web.Request | None = None,
+) -> S3Request:
+    """The request head as an ``S3Request``: size, bucket and key, query.
+    Raises S3 errors."""
+    if header_bytes > MAX_HEADER_BYTES:
         raise errors.RequestHeaderSectionTooLarge(MaxSizeAllowed=str(MAX_HEADER_BYTES))
-    bucket, key, vhost = split_target(raw_path, request.headers.get("Host"), cfg.domain)
-    req = S3Request(
-        http=request,
-        method=request.method,
+    raw_path, _, raw_query = target.partition("?")
+    bucket, key, vhost = split_target(raw_path, headers.get("Host"), cfg.domain)
+    return S3Request(
+        http=http,
+        headers=headers,
+        method=method,
         bucket=bucket,
         key=key,
         query=parse_query(raw_query),
@@ -138,23 +181,35 @@ def prepare(request: web.Request, request_id: str) -> Prepared:
         request_id=request_id,
         vhost=vhost,
     )
-    if _is_post_object(request, bucket, key) and not raw_query:
+
+
+def check_signature(cfg: Config, req: S3Request) -> AuthContext:
+    return authenticate(
+        SignedRequest(
+            method=req.method,
+            raw_path=req.raw_path,
+            raw_query=req.raw_query,
+            headers=req.headers,
+            vhost_bucket=req.bucket if req.vhost else None,
+        ),
+        cfg.credentials,
+    )
+
+
+def prepare(request: web.Request, request_id: str) -> Prepared:
+    """Everything that can be decided from the request head alone: parse,
+    authenticate, route. Raises S3 errors."""
+    cfg = request.app[CONFIG_KEY]
+    req = parse_request(cfg, request.method, request.raw_path, request.headers, _header_bytes(request), request_id,
+                        request)
+    if _is_post_object(request, req.bucket, req.key) and not req.raw_query:
         # Browser POST: the signature is in the form, checked by the handler.
         auth = AuthContext(
             access_key="", scheme="post-v4", content_sha256=None, signing_key=None,
             seed_signature=None, amz_date=None, scope=None,
         )
     else:
-        auth = authenticate(
-            SignedRequest(
-                method=request.method,
-                raw_path=raw_path,
-                raw_query=raw_query,
-                headers=request.headers,
-                vhost_bucket=bucket if vhost else None,
-            ),
-            cfg.credentials,
-        )
+        auth = check_signature(cfg, req)
     handler = resolve(req)
     return Prepared(req, Ctx(request.app[BACKEND_KEY], cfg, auth), handler)
 
@@ -195,6 +250,7 @@ async def _front(request: web.Request) -> web.StreamResponse:
         guard.reading(request.content)
     prepared: Prepared | None = request.get(PREPARED_KEY)
     request_id = prepared.req.request_id if prepared else new_request_id()
+    request[REQUEST_ID_KEY] = request_id
     raw_path = request.raw_path.partition("?")[0]
     head = request.method == "HEAD"
     try:
@@ -215,16 +271,7 @@ async def _front(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception as e:
-        err = errors.to_s3(e)  # the one table: S3 errors as they are, known failures translated
-        if err is None:
-            log.exception("request %s %s %s failed", request_id, request.method, raw_path)
-            return error_response(errors.InternalError(), request_id, raw_path, head)
-        if err.status >= 500:
-            log.warning("request %s %s %s: %s %s (%r)", request_id, request.method, raw_path, err.code, err.text,
-                        e)
-        return error_response(err, request_id, raw_path, head)
-    resp.headers["x-amz-request-id"] = request_id
-    resp.headers["x-amz-id-2"] = request_id
+        return error_response(as_s3_error(e, request_id, request.method, raw_path), request_id, raw_path, head)
     return resp
 
 
@@ -239,6 +286,7 @@ def build_app(cfg: Config, backend: Backend, membership: Membership, cache_for: 
     app[BACKEND_KEY] = backend
     app[CACHE_FOR_KEY] = cache_for
     app[HEALTH_KEY] = Health()
+    app.on_response_prepare.append(_stamp)
     # [\s\S]: keys may contain newlines, which '.' would not match.
     app.router.add_route("*", r"/{tail:[\s\S]*}", front, expect_handler=expect_continue)
     return app

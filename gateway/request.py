@@ -68,7 +68,10 @@ def parse_query(raw_query: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class S3Request:
-    http: web.Request
+    # The aiohttp request behind this one; None on the hot path
+    # (gateway.hotpath), which serves only requests without a body.
+    http: web.Request | None
+    headers: Mapping[str, str]  # case-insensitive (a CIMultiDict or its proxy)
     method: str
     bucket: str | None
     key: str | None
@@ -78,12 +81,14 @@ class S3Request:
     request_id: str
     vhost: bool = False
 
-    @property
-    def headers(self) -> Mapping[str, str]:
-        return self.http.headers
-
     def header(self, name: str) -> str | None:
-        return self.http.headers.get(name)
+        return self.headers.get(name)
+
+    def body(self) -> web.Request:
+        """The aiohttp request, for the handlers that read a body."""
+        if self.http is None:
+            raise RuntimeError("a hot-path request has no body")
+        return self.http
 
 
 def split_target(raw_path: str, host: str | None, domain: str | None) -> tuple[str | None, str | None, bool]:

@@ -54,7 +54,7 @@ def xml_response(root: str, children: Iterable[Node | None], status: int = 200) 
 
 
 def payload(ctx: Ctx, req: S3Request) -> Payload:
-    return Payload(req.http.content, req.headers, ctx.auth)
+    return Payload(req.body().content, req.headers, ctx.auth)
 
 
 async def read_body(ctx: Ctx, req: S3Request, limit: int = 2 * 1024 * 1024) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -29,6 +30,7 @@ from nearstore.gateway.request import S3Request, check_key, validate_bucket_name
 from nearstore.gateway.sendfile import send_body
 from nearstore.gateway.xml import child_text, parse
 from nearstore.metadata.backing import (
+    ObjectHandle,
     ObjectInfo,
     ObjectMeta,
     ReadOptions,
@@ -77,7 +79,12 @@ def object_headers(info: ObjectInfo, req: S3Request) -> dict[str, str]:
         h["x-amz-storage-class"] = info.storage_class
     for param, header in RESPONSE_OVERRIDES.items():
         if param in req.query:
-            h[header] = req.query[param]
+            value = req.query[param]
+            if "\r" in value or "\n" in value:
+                # It would end the header and start another one.
+                raise errors.InvalidArgument("Header value cannot contain a line break", ArgumentName=param,
+                                             ArgumentValue=value)
+            h[header] = value
     return h
 
 
@@ -126,7 +133,23 @@ def read_options(req: S3Request) -> ReadOptions:
     )
 
 
-async def _read_object(ctx: Ctx, req: S3Request, *, head: bool) -> web.StreamResponse:
+@dataclass
+class Reading:
+    """A GET or HEAD decided: what to answer, and the open handle whose
+    ``length`` bytes from ``start`` are the body. The caller sends it (the
+    aiohttp handler below, or the hot path, ``gateway.hotpath``) and closes
+    the handle."""
+
+    status: int
+    headers: dict[str, str]
+    handle: ObjectHandle
+    start: int
+    length: int
+
+
+async def open_read(ctx: Ctx, req: S3Request, *, head: bool) -> Reading:
+    """GetObject and HeadObject up to the first byte: version, part and
+    range, conditions, the response headers."""
     key = require_key(req)
     check_version_id(req)
     if req.query.get("partNumber") is not None and req.header("Range") is not None:
@@ -159,16 +182,25 @@ async def _read_object(ctx: Ctx, req: S3Request, *, head: bool) -> web.StreamRes
                 status = 206 if info.size else 200
             whole = rng is None or (part is not None and not info.parts)
         headers.update(_checksum_headers(info, req, whole=whole))
-        resp = web.StreamResponse(status=status, headers=headers)
-        resp.content_length = max(length, 0)
+    except BaseException:
+        await handle.close()
+        raise
+    return Reading(status, headers, handle, start, max(length, 0))
+
+
+async def _read_object(ctx: Ctx, req: S3Request, *, head: bool) -> web.StreamResponse:
+    reading = await open_read(ctx, req, head=head)
+    try:
+        resp = web.StreamResponse(status=reading.status, headers=reading.headers)
+        resp.content_length = reading.length
         if head:
-            await resp.prepare(req.http)
+            await resp.prepare(req.body())
             await resp.write_eof()
             return resp
-        await send_body(req.http, resp, handle, start, max(length, 0))
+        await send_body(req.body(), resp, reading.handle, reading.start, reading.length)
         return resp
     finally:
-        await handle.close()
+        await reading.handle.close()
 
 
 def _write_conditions(req: S3Request) -> WriteConditions:

@@ -146,7 +146,7 @@ async def post_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     bucket = req.bucket
     check_unsupported_headers(req)
     try:
-        reader = await req.http.multipart()
+        reader = await req.body().multipart()
     except (ValueError, AssertionError, KeyError, HttpProcessingError):
         raise errors.MalformedPOSTRequest() from None
     # One case-folded view of the form, read by the signature, the policy
