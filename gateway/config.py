@@ -157,6 +157,7 @@ class Config:
     tls_cert: str | None = None
     tls_key: str | None = None
     fsync: bool = True
+    hot_path: bool = True
     # Seconds the server waits for in-flight requests on SIGTERM.
     shutdown_timeout: float = 30.0
     using_dev_keys: bool = False
@@ -325,6 +326,8 @@ SETTINGS: tuple[Setting, ...] = (
             "and evicts for all.", "NEARSTORE_WORKERS", "--workers", type_name=_INT),
     Setting("server", "fsync", "fsync", _boolean, "fsync each object before it becomes visible.",
             "NEARSTORE_FSYNC", type_name=_BOOL),
+    Setting("server", "hot_path", "hot_path", _boolean, "Serve GetObject and HeadObject on the lean httptools "
+            "path (gateway/hotpath.py); off: aiohttp serves everything.", "NEARSTORE_HOT_PATH", type_name=_BOOL),
     Setting("server", "local_socket", "local_socket", _text, "Unix socket for short-circuit local reads; "
             "empty: `<data_dir>/nearstore.sock`; `off`: none.", "NEARSTORE_LOCAL_SOCKET"),
     Setting("server", "head_timeout", "head_timeout", _seconds, "Seconds to receive a request head.",

@@ -37,7 +37,6 @@ tests of this module fail if it goes) and responses finished
 from __future__ import annotations
 
 import asyncio
-import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,27 +202,3 @@ class GuardedHandler(web_protocol.RequestHandler):
             self.force_close()
             return
         self._arm(deadline)
-
-
-async def listen(
-    runner: web.BaseRunner,
-    host: str,
-    port: int,
-    *,
-    limits: ConnLimits,
-    ssl_context: ssl.SSLContext | None = None,
-    reuse_port: bool = False,
-) -> asyncio.Server:
-    """Accept connections for ``runner``'s application, each a
-    :class:`GuardedHandler`. The runner still tracks every connection (its
-    cleanup shuts them down); closing the returned server stops accepting."""
-    manager = runner.server
-    assert manager is not None, "runner.setup() first"
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: GuardedHandler(manager, loop=loop, limits=limits, access_log=None),
-        host, port, ssl=ssl_context, backlog=1024, reuse_address=True, reuse_port=reuse_port or None,
-        # The handler (and so the head timeout) starts after the TLS
-        # handshake: a handshake gets no longer than a head.
-        ssl_handshake_timeout=limits.head_timeout if ssl_context is not None else None,
-    )

@@ -40,7 +40,7 @@ from nearstore.gateway.backends.local import LocalStore
 from nearstore.gateway.backends.router import Router
 from nearstore.gateway.backends.s3 import S3Upstream
 from nearstore.gateway.config import Config, ConfigError
-from nearstore.gateway.conn import listen
+from nearstore.gateway.hotpath import listen
 from nearstore.gateway.state import HEALTH_KEY, INFLIGHT_KEY, LOCALSOCK_KEY, Health
 from nearstore.metadata.backing import Backend
 from nearstore.metadata.membership import Membership, start_health_checks, stop_health_checks
@@ -282,8 +282,8 @@ async def _serve_claimed(cfg: Config) -> None:
     supervisor: asyncio.Future[None] | None = None
     await runner.setup()
     try:
-        listener = await listen(runner, cfg.host, cfg.port, limits=cfg.limits, ssl_context=ssl_context(cfg),
-                                reuse_port=cfg.workers > 1)
+        listener, hot = await listen(runner, cfg.host, cfg.port, limits=cfg.limits, ssl_context=ssl_context(cfg),
+                                     reuse_port=cfg.workers > 1, hot_path=cfg.hot_path)
         if not cfg.worker:
             _announce(cfg)
             workers = _start_workers(cfg)
@@ -304,6 +304,8 @@ async def _serve_claimed(cfg: Config) -> None:
         # from then on drops incoming bytes, which would starve an upload
         # whose body is still arriving.
         listener.close()
+        if hot is not None:
+            hot.shutdown()
         try:
             await asyncio.wait_for(app[INFLIGHT_KEY].idle.wait(), cfg.shutdown_timeout)
         except TimeoutError:
