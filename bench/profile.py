@@ -4,9 +4,12 @@ from /proc, and, where py-spy is installed (``pip install py-spy``), its
 sampled stacks summed into the top frames (self and inclusive).
 
     python -m nearstore.bench.profile OUTDIR [--seconds 10] [--no-spy] [--size 65536]
+        [--method GET|HEAD] [--hot-path on|off|both]
 
-Prints GETs/s and GETs per server CPU-second; OUTDIR keeps wrk's output,
-the raw stacks (``stacks.txt``) and the summary (``top.txt``).
+Prints requests/s and requests per server CPU-second, by default for the
+hot path off and on (``[server] hot_path``), alternated twice, each on its
+own node, so that the two are compared within one run; OUTDIR/N-MODE keeps
+wrk's output, the raw stacks (``stacks.txt``) and the summary (``top.txt``).
 """
 
 from __future__ import annotations
@@ -48,26 +51,16 @@ def summarize(stacks: Path, top: int = 25) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nearstore.bench.profile", description=__doc__.split("\n\n")[0])
-    p.add_argument("out", type=Path)
-    p.add_argument("--seconds", type=int, default=10)
-    p.add_argument("--size", type=int, default=64 * 1024)
-    p.add_argument("--no-spy", action="store_true")
-    args = p.parse_args(argv)
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        print("needs wrk (apt-get install wrk, or nearstore bench --setup)", file=sys.stderr)
-        return 2
-    bin_dir = Path(sys.executable).parent
-    spy = None if args.no_spy else (shutil.which("py-spy", path=f"{bin_dir}:{os.environ.get('PATH', '')}"))
-    args.out.mkdir(parents=True, exist_ok=True)
+def measure(args: argparse.Namespace, out: Path, hot_path: bool, wrk: str, spy: str | None) -> tuple[float, float]:
+    """One node, hot path on or off: (requests/s, requests per server CPU-second)."""
+    out.mkdir(parents=True, exist_ok=True)
     (port,) = free_ports(1)
     url = f"http://127.0.0.1:{port}"
-    with open(args.out / "node.log", "wb") as log:
+    env = {**os.environ, **KEYS, "NEARSTORE_HOT_PATH": "true" if hot_path else "false"}
+    with open(out / "node.log", "wb") as log:
         node = subprocess.Popen([sys.executable, "-m", "nearstore.cli", "serve", "--port", str(port), "--data-dir",
-                                 str(args.out / "data"), "--log-level", "warning"],
-                                env={**os.environ, **KEYS}, stdout=subprocess.DEVNULL, stderr=log)
+                                 str(out / "data"), "--log-level", "warning"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
         for _ in range(200):
             try:
@@ -79,32 +72,71 @@ def main(argv: list[str] | None = None) -> int:
                           aws_secret_access_key=KEYS["NEARSTORE_SECRET_KEY"], region_name="us-east-1")
         s3.create_bucket(Bucket="profile")
         s3.put_object(Bucket="profile", Key="obj", Body=os.urandom(args.size))
-        signed = s3.generate_presigned_url("get_object", Params={"Bucket": "profile", "Key": "obj"}, ExpiresIn=3600)
-        subprocess.run([wrk, "-t1", "-c32", "-d2s", signed], capture_output=True, check=False)  # warm-up
+        signed = s3.generate_presigned_url("head_object" if args.method == "HEAD" else "get_object",
+                                           Params={"Bucket": "profile", "Key": "obj"}, ExpiresIn=3600)
+        load = [wrk, "-t1", "-c32"] + (["-s", str(_head_script(out))] if args.method == "HEAD" else [])
+        subprocess.run([*load, "-d2s", signed], capture_output=True, check=False)  # warm-up
         monitor = TreeMonitor(node.pid)  # the bench's own CPU accounting, whole process tree
         before = monitor.cpu_seconds()
         sampler = None
         if spy:
             sampler = subprocess.Popen([spy, "record", "--pid", str(node.pid), "--duration", str(args.seconds),
                                         "--rate", "250", "--format", "raw", "--nonblocking",
-                                        "--output", str(args.out / "stacks.txt")],
+                                        "--output", str(out / "stacks.txt")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        run = subprocess.run([wrk, "-t1", "-c32", f"-d{args.seconds}s", signed], capture_output=True, text=True,
-                             check=False)
+        run = subprocess.run([*load, f"-d{args.seconds}s", signed], capture_output=True, text=True, check=False)
         cpu = monitor.cpu_seconds() - before
         if sampler is not None:
             sampler.wait(60)
     finally:
         node.terminate()
         node.wait(30)
-    (args.out / "wrk.txt").write_text(run.stdout)
+    (out / "wrk.txt").write_text(run.stdout)
     done = int(next(line for line in run.stdout.splitlines() if "requests in" in line).split()[0])
-    print(f"{args.size} B GETs: {done / args.seconds:,.0f}/s, server CPU {cpu:.2f} s, "
-          f"{done / cpu:,.0f} GETs per server CPU-second" + (" (sampled by py-spy)" if spy else ""))
-    if spy and (args.out / "stacks.txt").exists():
-        summary = summarize(args.out / "stacks.txt")
-        (args.out / "top.txt").write_text(summary + "\n")
-        print(summary)
+    non_2xx = [line for line in run.stdout.splitlines() if "Non-2xx" in line]
+    if non_2xx:
+        raise SystemExit(f"{out}: {non_2xx[0].strip()}")
+    print(f"hot path {'on ' if hot_path else 'off'}: {args.size} B {args.method}s: {done / args.seconds:,.0f}/s, "
+          f"server CPU {cpu:.2f} s, {done / cpu:,.0f} per server CPU-second" + (" (sampled by py-spy)" if spy else ""),
+          flush=True)
+    if spy and (out / "stacks.txt").exists():
+        (out / "top.txt").write_text(summarize(out / "stacks.txt") + "\n")
+    return done / args.seconds, done / cpu
+
+
+def _head_script(out: Path) -> Path:
+    script = out / "head.lua"
+    script.write_text('wrk.method = "HEAD"\n')
+    return script
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nearstore.bench.profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--size", type=int, default=64 * 1024)
+    p.add_argument("--method", choices=("GET", "HEAD"), default="GET")
+    p.add_argument("--hot-path", choices=("on", "off", "both"), default="both",
+                   help="both (default): off, on, off, on, each its own node, side by side")
+    p.add_argument("--no-spy", action="store_true")
+    args = p.parse_args(argv)
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("needs wrk (apt-get install wrk, or nearstore bench --setup)", file=sys.stderr)
+        return 2
+    bin_dir = Path(sys.executable).parent
+    spy = None if args.no_spy else (shutil.which("py-spy", path=f"{bin_dir}:{os.environ.get('PATH', '')}"))
+    modes = {"on": [True], "off": [False], "both": [False, True, False, True]}[args.hot_path]
+    per_cpu: dict[bool, list[float]] = {False: [], True: []}
+    for i, mode in enumerate(modes):
+        per_cpu[mode].append(measure(args, args.out / f"{i}-{'hot' if mode else 'aiohttp'}", mode, wrk, spy)[1])
+    if per_cpu[False] and per_cpu[True]:
+        ratios = [on / off for on, off in zip(per_cpu[True], per_cpu[False], strict=True)]
+        print("hot path on / off, per server CPU-second: " + ", ".join(f"{r:.2f}x" for r in ratios))
+    if spy:
+        last = args.out / f"{len(modes) - 1}-{'hot' if modes[-1] else 'aiohttp'}" / "top.txt"
+        if last.exists():
+            print(last.read_text())
     return 0
 
 
