@@ -42,6 +42,8 @@ def validate_bucket_name(name: str) -> None:
 
 
 def _decode(raw: str, what: str) -> str:
+    if "%" not in raw and raw.isascii():
+        return raw  # nothing to decode (most keys and query values)
     try:
         return unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:

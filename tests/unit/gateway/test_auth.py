@@ -1274,3 +1274,20 @@ def test_a_naive_now_is_utc() -> None:
     req = make_request("GET", EX_PRESIGNED, [("Host", EX_HOST)])
     assert authenticate(req, EX_SECRETS, now=datetime(2013, 5, 24, 12)).scheme == "v4-query"
     raises(AccessDenied, lambda: authenticate(req, EX_SECRETS, now=datetime(2013, 5, 25, 0, 0, 1)))
+
+
+def test_canonical_encoding_shortcut_agrees_with_decode_and_reencode() -> None:
+    # The shortcut returns already-canonical text as it is; it must never
+    # differ from decoding and re-encoding, for any escape or character.
+    import random
+    from urllib.parse import quote, unquote_to_bytes
+
+    from nearstore.gateway.auth import _canonical_part, _canonical_uri
+
+    pieces = [f"%{b:02X}" for b in range(256)] + [f"%{b:02x}" for b in range(256)]
+    pieces += [chr(c) for c in range(32, 127)] + ["é", "%", "%2", "%G0"]
+    rng = random.Random(7)
+    samples = pieces + ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 6))) for _ in range(20000)]
+    for text in samples:
+        assert _canonical_part(text) == quote(unquote_to_bytes(text), safe=""), text
+        assert _canonical_uri("/b/" + text) == quote(unquote_to_bytes("/b/" + text), safe="/"), text
