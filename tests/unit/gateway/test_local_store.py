@@ -245,8 +245,13 @@ async def test_remembered_rows_follow_every_writer(store: LocalStore, tmp_path: 
         assert (await store.head_object("bkt", "k")).etag == hashlib.md5(b"two").hexdigest().join('""')
         await store.put_object("bkt", "k", Body(b"three"), ObjectMeta())  # this process writes
         assert await read_all(other, "k") == b"three" and await read_all(store, "k") == b"three"
+        # A write that changes only the index (tags) is seen too.
+        assert (await store.head_object("bkt", "k")).tag_count == 0
+        await other.put_tags("bkt", "k", {"a": "1"})
+        assert (await store.head_object("bkt", "k")).tag_count == 1
         await other.delete_object("bkt", "k")
         with pytest.raises(errors.NoSuchKey):
             await store.head_object("bkt", "k")
     finally:
         await other.close()
+
