@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import boto3
+import botocore.config
 
 from nearstore.bench.procs import TreeMonitor, free_ports
 
@@ -71,7 +72,9 @@ def measure(args: argparse.Namespace, out: Path, hot_path: bool, wrk: str, spy: 
             except OSError:
                 time.sleep(0.05)
         s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=KEYS["NEARSTORE_ACCESS_KEY"],
-                          aws_secret_access_key=KEYS["NEARSTORE_SECRET_KEY"], region_name="us-east-1")
+                          aws_secret_access_key=KEYS["NEARSTORE_SECRET_KEY"], region_name="us-east-1",
+                          # SigV4, as the bench's targets sign (boto3 would presign V2 here).
+                          config=botocore.config.Config(signature_version="s3v4"))
         s3.create_bucket(Bucket="profile")
         s3.put_object(Bucket="profile", Key="obj", Body=os.urandom(args.size))
         signed = s3.generate_presigned_url("head_object" if args.method == "HEAD" else "get_object",
