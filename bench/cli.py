@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cluster-concurrency", type=int, metavar="N")
     g.add_argument("--cluster-owner-objects", type=int, metavar="N")
     g.add_argument("--cluster-owner-concurrency", type=_ints, metavar="1,4")
+    g.add_argument("--remote-size", type=parse_size, metavar="256MiB")
+    g.add_argument("--remote-concurrency", type=_ints, metavar="1,4")
+    g.add_argument("--remote-rate", type=float, metavar="BYTES/S",
+                   help="per-connection rate of the remote-like backing store (100e6)")
     r = p.add_argument_group("repetitions")
     r.add_argument("--runs", type=int, help="measured runs per case (after a warm-up)")
     r.add_argument("--duration", type=float, dest="duration_s", help="seconds per run")
@@ -102,6 +106,7 @@ _PLAN_FIELDS = (
     "put_small_concurrency", "ttfb_object", "cache_sizes", "cache_concurrency",
     "cache_small_concurrency", "cluster_nodes", "cluster_size", "cluster_objects",
     "cluster_concurrency", "cluster_owner_objects", "cluster_owner_concurrency",
+    "remote_size", "remote_concurrency", "remote_rate",
     "runs", "duration_s", "warmup_s", "max_requests",
 )  # fmt: skip
 
@@ -161,11 +166,12 @@ def main(argv: list[str]) -> int:
             print(f"peer     {name:26s} {cls.description}")
         return 0
     plan = plan_from_args(args)
-    # The per-node scenarios run by default; proxy, cache and cluster compare
-    # special peers (nearstore+seaweedfs, nearstore-cache+seaweedfs,
-    # nearstore-cluster ...) and are run by name with those (see
-    # bench/RESULTS.md). Keeps --quick under 5 min.
-    scenarios = args.scenarios or [n for n in SCENARIOS if n not in ("proxy", "cache", "cluster")]
+    # The per-node scenarios run by default; proxy, cache, cluster and remote
+    # compare special peers (nearstore+seaweedfs, nearstore-cache+seaweedfs,
+    # nearstore-cluster, nearstore-cache+remote-seaweedfs ...) and are run by
+    # name with those (see bench/RESULTS.md). Keeps --quick under 5 min.
+    special = ("proxy", "cache", "cluster", "remote")
+    scenarios = args.scenarios or [n for n in SCENARIOS if n not in special]
     peers = [PEER_ALIASES.get(p, p) for p in args.peers or ()] or (
         SMOKE_PEERS if args.smoke else DEFAULT_PEERS
     )

@@ -59,6 +59,12 @@ class Plan:
     cluster_owner_size: int = 16 * MiB
     cluster_owner_objects: int = 16
     cluster_owner_concurrency: tuple[int, ...] = (1, 4)
+    # remote: cold whole-object GETs with the backing store behind a proxy
+    # that holds each connection to remote_rate bytes/s, as a remote S3 does;
+    # one object per stream per run, large enough for the rate to dominate
+    remote_size: int = 256 * MiB
+    remote_concurrency: tuple[int, ...] = (1, 4)
+    remote_rate: float = 100e6
     # repetitions and bounds
     runs: int = 3
     warmup: bool = True
@@ -86,6 +92,7 @@ PRESETS: dict[Mode, Plan] = {
         cache_sizes=(16 * MiB, 256 * MiB),
         cluster_size=64 * MiB,
         cluster_objects=8,
+        remote_size=128 * MiB,
         duration_s=0.8,
         warmup_s=0.3,
     ),
@@ -116,6 +123,7 @@ PRESETS: dict[Mode, Plan] = {
         cluster_owner_size=2 * MiB,
         cluster_owner_objects=8,
         cluster_owner_concurrency=(1,),
+        remote_size=2 * MiB,
         runs=1,
         warmup=False,
         duration_s=0.2,

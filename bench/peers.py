@@ -53,6 +53,9 @@ class PeerContext:
     data_dir: Path  # the run's dataset: DATA/<bucket>/<key>
     bucket: str
     bin_dir: Path  # the virtualenv's bin directory (weed, nearstore)
+    # Bytes/s per connection of the throttling proxy in front of a
+    # remote-like backing store (the `remote` scenario's peers).
+    remote_rate: float = 100e6
 
 
 class Peer(abc.ABC):
@@ -100,6 +103,12 @@ class Peer(abc.ABC):
     def extra_nodes(self) -> list[ProcessPeer]:
         """Server processes beside this peer's own (a cluster's other nodes),
         running now: watched for CPU and death like the peer itself."""
+        return []
+
+    def aside(self) -> list[ProcessPeer]:
+        """Processes the harness runs beside the server that are no part of
+        it (a throttling proxy standing in for the network): watched for
+        death, their CPU reported on its own, never as the server's."""
         return []
 
 
@@ -560,14 +569,21 @@ class ProxyPeer(NearstorePeer):
         return PROXY_CONFIG.format(**self.backing_fields())
 
     def start(self) -> None:
-        self.backing.start()
+        self.start_backing()
         try:
             self.ctx.workdir.mkdir(parents=True, exist_ok=True)
             (self.ctx.workdir / "nearstore.toml").write_text(self.config_text())
             NearstorePeer.start(self)
         except BaseException:
-            self.backing.stop()
+            self.stop_backing()
             raise
+
+    def start_backing(self) -> None:
+        """Everything nearstore's upstream needs running before it starts."""
+        self.backing.start()
+
+    def stop_backing(self) -> None:
+        self.backing.stop()
 
     def command(self) -> list[str]:
         return [*super().command(), "--config", str(self.ctx.workdir / "nearstore.toml")]
@@ -580,7 +596,7 @@ class ProxyPeer(NearstorePeer):
         try:
             super().stop()
         finally:
-            self.backing.stop()
+            self.stop_backing()
 
     def direct_target(self) -> Target:
         return self.backing.target()
@@ -677,6 +693,83 @@ class CacheSeaweedPeer(CachePeer):
     name = "nearstore-cache+seaweedfs"
     description = "nearstore with its chunk cache on, fronting a SeaweedFS (weed mini)"
     backing_cls = SeaweedPeer
+
+
+# ------------------------------------------ a remote-like backing store
+
+
+class ThrottleProcess(ProcessPeer):
+    """bench/throttle.py in its own process, in front of an S3 peer: each
+    connection held to `rate` bytes/s from the store to its reader, as a
+    remote S3 holds one. Its own process, so that the runner can keep its
+    CPU apart from the server's (`Peer.aside`); not a peer on its own."""
+
+    name = "throttle"
+    description = "a TCP proxy holding each connection to a rate"
+
+    def __init__(self, ctx: PeerContext, upstream: S3Peer, rate: float) -> None:
+        super().__init__(ctx)
+        self.upstream = upstream
+        self.rate = rate
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "nearstore.bench.throttle", "--port", str(self.port),
+                "--upstream", f"127.0.0.1:{self.upstream.port}", "--rate", repr(self.rate)]  # fmt: skip
+
+    def target(self) -> Target:
+        """The store behind, reached through the proxy with its own keys."""
+        return Target("s3", self.endpoint(), self.ctx.bucket, self.upstream.access_key,
+                      self.upstream.secret_key)  # fmt: skip
+
+
+@peer
+class RemoteCacheSeaweedPeer(CachePeer):
+    """nearstore with its chunk cache, in front of a SeaweedFS that sits
+    behind a `ThrottleProcess`: a remote-like backing store.
+
+    Two legs, alternating run by run as for `ProxyPeer`: direct (a client
+    reading the store through the proxy, as it would read a remote S3) and
+    through (nearstore, whose upstream endpoint is the proxy). The objects
+    are loaded into SeaweedFS itself, around the proxy. Server CPU is
+    nearstore's and SeaweedFS's; the proxy's is reported apart.
+    """
+
+    name = "nearstore-cache+remote-seaweedfs"
+    description = ("nearstore cache fronting a SeaweedFS behind a proxy that holds each "
+                   "connection to 100 MB/s (--remote-rate): a remote-like store")  # fmt: skip
+    backing_cls = SeaweedPeer
+    legs = 2
+
+    def __init__(self, ctx: PeerContext) -> None:
+        super().__init__(ctx)
+        # In the peer's own directory: its log is kept after the run.
+        self.throttle = ThrottleProcess(ctx, self.backing, ctx.remote_rate)
+
+    def start_backing(self) -> None:
+        super().start_backing()
+        try:
+            self.throttle.start()
+        except BaseException:
+            super().stop_backing()
+            raise
+
+    def stop_backing(self) -> None:
+        try:
+            self.throttle.stop()
+        finally:
+            super().stop_backing()
+
+    def backing_fields(self) -> dict[str, str]:
+        return {**super().backing_fields(), "endpoint": self.throttle.endpoint()}
+
+    def direct_target(self) -> Target:
+        return self.throttle.target()
+
+    def aside(self) -> list[ProcessPeer]:
+        return [self.throttle] if self.throttle.proc is not None else []
+
+    def version(self) -> str:
+        return f"{super().version()}, {self.throttle.rate / 1e6:g} MB/s per connection"
 
 
 NGINX_CACHE_CONF = """\
@@ -1037,4 +1130,5 @@ PEER_ALIASES = {
     "nearstore->moto": "nearstore+moto",
     "nearstore-cache->seaweedfs": "nearstore-cache+seaweedfs",
     "nginx-cache->seaweedfs": "nginx-cache+seaweedfs",
+    "nearstore-cache->remote-seaweedfs": "nearstore-cache+remote-seaweedfs",
 }

@@ -263,12 +263,16 @@ def overhead_table(results: Results) -> str:
     out: list[str] = []
     for name in dict.fromkeys(r.peer for r in results.overhead):
         pr = peers[name]
+        # A proxy standing in for the network (the `remote` peer): its
+        # cores shown apart, counted in neither g nor b.
+        a = ("aside_cpu",) if any("aside_cpu" in cr.summary for cr in pr.cases.values()) else ()
+        ab = "/a" if a else ""
         lines = [
             f"Through nearstore vs direct ({name}: nearstore fronting {pr.backing}, "
             "both legs alternating in the same run):",
             "",
             "| case | figure | direct | through | through/direct | through-direct | target "
-            "| met | CPU direct c/b/m | CPU through c/g/b/m |",
+            f"| met | CPU direct c/b{ab}/m | CPU through c/g/b{ab}/m |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         last = ""
@@ -278,8 +282,8 @@ def overhead_table(results: Results) -> str:
             cpu_d = cpu_t = ""
             if first:
                 d, t = pr.direct.get(r.case), pr.cases.get(r.case)
-                cpu_d = _cores(d, ("client_cpu", "backing_cpu", "machine_cpu"))
-                cpu_t = _cores(t, ("client_cpu", "gateway_cpu", "backing_cpu", "machine_cpu"))
+                cpu_d = _cores(d, ("client_cpu", "backing_cpu", *a, "machine_cpu"))
+                cpu_t = _cores(t, ("client_cpu", "gateway_cpu", "backing_cpu", *a, "machine_cpu"))
             delta = "-" if r.delta is None else _fmt(r.metric, r.delta)
             met = "" if r.met is None else ("met" if r.met else "**not met**")
             lines.append(
@@ -291,10 +295,11 @@ def overhead_table(results: Results) -> str:
         if goals:
             n_met = sum(1 for r in goals if r.met)
             lines += ["", f"Targets met: {n_met} of {len(goals)}."]
+        aside = ", a the throttling proxy (the network's stand-in: in neither g nor b)"
         lines += [
             "",
-            "CPU in cores (median): c client (load generator), g nearstore, b backing store, "
-            f"m whole machine (of {results.machine.get('cores', '?')}).",
+            "CPU in cores (median): c client (load generator), g nearstore, b backing store"
+            f"{aside if a else ''}, m whole machine (of {results.machine.get('cores', '?')}).",
         ]
         out.append("\n".join(lines))
     return "\n\n".join(out)

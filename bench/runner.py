@@ -293,7 +293,8 @@ class Runner:
         files = dataset.build(data_dir, BUCKET, objects)
         try:
             for name in self.peer_names:
-                ctx = PeerContext(self.workdir / "peers" / name, data_dir, BUCKET, self.bin_dir)
+                ctx = PeerContext(self.workdir / "peers" / name, data_dir, BUCKET, self.bin_dir,
+                                  remote_rate=self.plan.remote_rate)
                 peer = PEERS[name](ctx)
                 pr = self._run_peer(peer, objects, files, progress, tick)
                 results.peers.append(pr)
@@ -438,13 +439,16 @@ class Runner:
                     duration = max(duration, case.duration_s)
                 job = spec.job(leg.target, duration, max_req, seed=1000 + i, spread=spread)
                 counters0 = peer.counters()
+                aside = [p.monitor for p in peer.aside()]
                 cpu0 = [_cpu(m) for m in all_monitors]
+                aside0 = [_cpu(m) for m in aside]
                 busy0 = machine_busy_s()
                 t0 = time.perf_counter()
                 r = self.gen.run(job)
                 span = time.perf_counter() - t0
                 busy = machine_busy_s() - busy0
                 cpu = [_cpu(m) - c0 for m, c0 in zip(all_monitors, cpu0, strict=True)]
+                aside_s = sum(_cpu(m) - c0 for m, c0 in zip(aside, aside0, strict=True))
                 tick(1)
                 if warm:
                     continue
@@ -464,6 +468,8 @@ class Runner:
                     m["backing_cpu"] = sum(cpu[front:]) / span
                     if front > 1:  # a cluster: its busiest node
                         m["node_cpu_max"] = max(cpu[:front]) / span
+                if aside and span > 0:  # beside the server, no part of it
+                    m["aside_cpu"] = aside_s / span
                 cr.runs.append(m)
                 dead = _dead(peer)
                 if dead:
@@ -651,7 +657,7 @@ def _dead(peer: Peer) -> str:
     procs: list[ProcessPeer] = []
     if isinstance(peer, ProcessPeer):
         procs.append(peer)
-    procs += peer.extra_nodes()
+    procs += peer.extra_nodes() + peer.aside()
     backing = _backing(peer)
     if backing is not None:
         procs.append(backing)

