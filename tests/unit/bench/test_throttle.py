@@ -66,6 +66,18 @@ def test_token_bucket_holds_reads_beyond_the_burst() -> None:
         TokenBucket(rate=0.0, burst=1.0, now=0.0)
 
 
+def test_token_bucket_credits_a_late_release_beyond_the_burst() -> None:
+    """A held read that leaves late was the proxy's delay, not the link's:
+    the time counts in full; idle time still refills only to the burst."""
+    b = TokenBucket(rate=1000.0, burst=100.0, now=0.0)
+    b.take(100, 0.0)
+    assert b.take(50, 0.0) == pytest.approx(0.05)  # due at 0.05 ...
+    b.release(0.25)  # ... left at 0.25: 200 bytes of the link's time unused
+    assert b.take(200, 0.25) == 0.0
+    assert b.take(0, 100.0) == 0.0
+    assert b.take(150, 100.0) == pytest.approx(0.05)  # idle: the burst only
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("both", [False, True])
 def test_forwards_bytes_exactly_both_ways(loop: str, both: bool) -> None:
