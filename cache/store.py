@@ -83,6 +83,7 @@ class ChunkStore:
 
     def __init__(self, root: str | os.PathLike[str], capacity: int, policy: str = "sieve") -> None:
         self.root = Path(root)
+        self._root = os.fspath(self.root)
         self.capacity = capacity
         self.policy: EvictionPolicy = make_policy(policy, capacity)
         self.index: dict[str, Chunk] = {}
@@ -142,8 +143,9 @@ class ChunkStore:
             self.policy.touch(cid)
         return c
 
-    def path(self, c: Chunk) -> Path:
-        return self.root / c.rel()
+    def path(self, c: Chunk) -> str:
+        # A string join: pathlib's was ~5 us of every cache hit.
+        return f"{self._root}/{c.rel()}"
 
     def find(self, cid: str) -> Chunk | None:
         """Look a chunk up on disk rather than in the index (blocking, one
@@ -241,7 +243,7 @@ class ChunkStore:
         try:
             os.rename(tmp, dest)
         except FileNotFoundError:
-            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            Path(dest).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.rename(tmp, dest)
         self._add(c)
         self.stats.fills += 1
@@ -296,33 +298,34 @@ def _ident(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _vouched(path: Path, st: os.stat_result, checksum: str, memo_s: float) -> bool:
+def _vouched(path: Path | str, st: os.stat_result, checksum: str, memo_s: float) -> bool:
     """Whether the memo says this open file is the one hashed lately."""
     seen = _verified.get(str(path)) if memo_s > 0 else None
     return (seen is not None and seen[:4] == _ident(st) and seen[4] == checksum
             and time.monotonic() - seen[5] < memo_s)
 
 
-def _open(path: Path) -> int:
+def _open(path: Path | str) -> int:
     try:
         return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ChunkMissing(str(path)) from None
 
 
-def open_if_verified(path: Path, checksum: str, size: int, memo_s: float) -> int | None:
+def open_if_verified(path: Path | str, checksum: str, size: int, memo_s: float) -> int | None:
     """A descriptor of the chunk file if the memo vouches for it (a few
     microseconds: open and fstat, no hashing, so callers may run it on an
     event loop); else None and the caller runs `open_verified`."""
-    if memo_s <= 0 or str(path) not in _verified:
+    name = str(path)
+    if memo_s <= 0 or name not in _verified:
         return None
     try:
-        fd = _open(path)
+        fd = _open(name)
     except ChunkMissing:
         return None
     try:
         st = os.fstat(fd)
-        if st.st_size == size and _vouched(path, st, checksum, memo_s):
+        if st.st_size == size and _vouched(name, st, checksum, memo_s):
             return fd
     except BaseException:
         os.close(fd)
@@ -331,7 +334,7 @@ def open_if_verified(path: Path, checksum: str, size: int, memo_s: float) -> int
     return None
 
 
-def open_verified(path: Path, checksum: str | None, size: int, memo_s: float = 0.0) -> int:
+def open_verified(path: Path | str, checksum: str | None, size: int, memo_s: float = 0.0) -> int:
     """Open a chunk file and verify its checksum (blocking). Returns an open
     descriptor positioned nowhere in particular (use pread/sendfile with
     offsets). Raises ChunkCorrupt or ChunkMissing. With ``memo_s`` > 0 a
