@@ -604,8 +604,9 @@ def compute_peer_goals(results: Results, cases: list[Case]) -> list[PeerGoalRow]
     rows: list[PeerGoalRow] = []
     for case in cases:
         for g in case.peer_goals:
-            subj = peers.get(g.subject)
-            if subj is None or case.id not in subj.cases:
+            subject = g.subject or results.subject  # "": the run's subject
+            subj = peers.get(subject)
+            if subj is None or subject == g.reference or case.id not in subj.cases:
                 continue
             ref = peers.get(g.reference)
             v = subj.cases[case.id].summary.get(g.metric)
@@ -616,7 +617,7 @@ def compute_peer_goals(results: Results, cases: list[Case]) -> list[PeerGoalRow]
             met: bool | None = None
             if rv is not None and g.ratio_min is not None:
                 met = v is not None and g.met(v.median, rv.median) is True
-            rows.append(PeerGoalRow(case.id, g.metric, g.subject, g.reference, v, rv,
+            rows.append(PeerGoalRow(case.id, g.metric, subject, g.reference, v, rv,
                                     ratio, g.text if g.ratio_min is not None else "", met))  # fmt: skip
     return rows
 

@@ -108,7 +108,8 @@ class Goal:
 @dataclass(frozen=True)
 class PeerGoal:
     """subject / reference of one figure on one case, at least ratio_min
-    (None: shown for information, no target)."""
+    (None: shown for information, no target). subject "": the run's subject
+    (--subject), for scenarios any peer may be measured on (`put`)."""
 
     metric: Metric
     subject: str
@@ -231,6 +232,12 @@ def small_get(plan: Plan) -> list[Case]:
     return cases
 
 
+# Issue 14: a multipart PUT of a large object reaches half of nginx's single
+# PUT (temp file and rename: this machine's write limit). The 64 KiB PUT's
+# target is per server CPU-second (bench/report.py, PER_CPU_TARGETS).
+PUT_LARGE_VS_NGINX = 0.5
+
+
 @scenario("put", "PUTs: large objects multipart (GB/s), small ones (req/s, p50/p99)")
 def put(plan: Plan) -> list[Case]:
     cases = []
@@ -257,6 +264,8 @@ def put(plan: Plan) -> list[Case]:
                     ("gbps", "p50_ms"),
                     note=f"{parts} parts of {fmt_size(plan.put_part_size)}; "
                     "plain peers (nginx) take one PUT",
+                    peer_goals=(PeerGoal("gbps", "", "nginx", PUT_LARGE_VS_NGINX,
+                                         "multipart >= 0.5 x nginx's PUT"),),
                 )
             )
         else:
@@ -287,9 +296,10 @@ def ttfb(plan: Plan) -> list[Case]:
 
 
 # The issue "Front a backing bucket": nearstore in front of a store costs at
-# most 10% of large-object throughput and at most 1 ms of p50 latency on 4 KiB.
+# most 10% of large-object throughput; issue 14 tightens the 4 KiB p50 from
+# +1 ms to +0.5 ms over the store read directly.
 PROXY_GBPS_RATIO_MIN = 0.9
-PROXY_P50_DELTA_MAX_MS = 1.0
+PROXY_P50_DELTA_MAX_MS = 0.5
 PROXY_SMALL_SIZE = 4 * 1024
 
 
@@ -331,10 +341,17 @@ def proxy(plan: Plan) -> list[Case]:
 # The issue "Node-local chunk cache": its targets, nearstore-cache+seaweedfs
 # against the peers of the same run.
 CACHE_SUBJECT = "nearstore-cache+seaweedfs"
+NGINX_CACHE = "nginx-cache+seaweedfs"
 CACHE_WARM_VS_NGINX = 0.9  # warm, objects >= 16 MiB, GB/s vs nginx static
 CACHE_WARM_VS_NGINX_CACHE = 1.0  # warm, large objects, vs nginx proxy_cache
-CACHE_SMALL_VS_NGINX = 0.5  # warm 64 KiB req/s vs nginx static
+# Issue 14: warm large hits at least 0.95 x nearstore serving the same
+# objects from its local store (the `nearstore` peer), 1 and 4 streams.
+CACHE_WARM_VS_LOCAL = 0.95
 CACHE_COLD_VS_BACKING = 0.9  # cold GB/s vs the backing store read directly
+CACHE_COLD_VS_NGINX_CACHE = 1.2  # cold GB/s vs nginx proxy_cache cold (issue 14)
+# Warm 64 KiB hits: the target is per server CPU-second, as for the `small`
+# scenario (bench/report.py, PER_CPU_TARGETS); req/s against nginx is shown
+# for information (on 2 cores the load generator caps nginx's total).
 CACHE_LARGE_MIN = 16 * 1024 * 1024
 COLD_DURATION_S = 600.0  # cold runs stop after reading each key once
 
@@ -367,26 +384,26 @@ def cache(plan: Plan) -> list[Case]:
             keys = numbered_keys("cache", size, n)
             objs = tuple(ObjectSpec(k, size) for k in keys)
             spec = JobSpec("get", c, keys=keys, object_size=size)
-            cold_goal = PeerGoal("gbps", s, "seaweedfs", CACHE_COLD_VS_BACKING,
-                                 "cold >= 0.9 x SeaweedFS direct")  # fmt: skip
+            cold_goals = (
+                PeerGoal("gbps", s, NGINX_CACHE, CACHE_COLD_VS_NGINX_CACHE,
+                         "cold >= 1.2 x nginx proxy_cache cold"),
+                PeerGoal("gbps", s, "seaweedfs", CACHE_COLD_VS_BACKING,
+                         "cold >= 0.9 x SeaweedFS direct"),
+            )  # fmt: skip
             warm_goals: tuple[PeerGoal, ...] = ()
             if size >= CACHE_LARGE_MIN:
                 warm_goals = (
                     PeerGoal("gbps", s, "nginx", CACHE_WARM_VS_NGINX, "warm >= 0.9 x nginx static"),
-                    PeerGoal(
-                        "gbps",
-                        s,
-                        "nginx-cache+seaweedfs",
-                        CACHE_WARM_VS_NGINX_CACHE,
-                        "warm >= 1.0 x nginx proxy_cache warm",
-                    ),
-                )
+                    PeerGoal("gbps", s, NGINX_CACHE, CACHE_WARM_VS_NGINX_CACHE,
+                             "warm >= 1.0 x nginx proxy_cache warm"),
+                    PeerGoal("gbps", s, "nearstore", CACHE_WARM_VS_LOCAL,
+                             "warm >= 0.95 x nearstore's local store"),
+                )  # fmt: skip
             cases.append(
                 Case("cache", f"cold {sz} x{c}", spec, "gbps", ("gbps", "p50_ms"), objs,
                      note=f"{n} object(s) of {sz} read once per run, cache emptied before each",
                      max_requests=n, cold=True, duration_s=COLD_DURATION_S,
-                     peer_goals=(cold_goal, PeerGoal("gbps", s, "nginx-cache+seaweedfs", None,
-                                                     "cold vs nginx proxy_cache cold")))
+                     peer_goals=cold_goals)
             )  # fmt: skip
             cases.append(
                 Case("cache", f"warm {sz} x{c}", spec, "gbps", ("gbps",), objs, prime=True,
@@ -398,8 +415,8 @@ def cache(plan: Plan) -> list[Case]:
     for c in plan.cache_small_concurrency:
         spec = JobSpec("get", c, keys=keys, object_size=size)
         goals = (
-            PeerGoal("rps", s, "nginx", CACHE_SMALL_VS_NGINX, "warm >= 0.5 x nginx static"),
-            PeerGoal("rps", s, "nginx-cache+seaweedfs", None, "warm vs nginx proxy_cache warm"),
+            PeerGoal("rps", s, "nginx", None, "warm vs nginx static"),
+            PeerGoal("rps", s, NGINX_CACHE, None, "warm vs nginx proxy_cache warm"),
         )
         cases.append(
             Case("cache", f"warm {fmt_size(size)} x{c}", spec, "rps",
