@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from nearstore.bench.runner import CaseResult, Results, ratio_direction
-from nearstore.bench.scenarios import LOWER_IS_BETTER, METRIC_UNITS
+from nearstore.bench.scenarios import LOWER_IS_BETTER, METRIC_UNITS, NGINX_CACHE
 from nearstore.bench.stats import Stat
+from nearstore.bench.verdicts import count_met, verdict
 
 PEER_ORDER = ["nginx", "nginx-cache+seaweedfs", "seaweedfs", "moto"]
 
@@ -139,13 +141,65 @@ def cpu_table(results: Results) -> str:
     )
 
 
-# Work per server CPU-second the node must reach (the hot-path issue): case
-# label prefix -> (absolute floor per CPU-second, floor as a share of nginx's
-# rate per CPU-second in the same run).
-PER_CPU_TARGETS: dict[str, tuple[float, float]] = {
-    "small/64 KiB": (6000.0, 0.3),
-    "small/4 KiB": (6000.0, 0.3),
+@dataclass(frozen=True)
+class CpuTarget:
+    """Work per server CPU-second the subject must reach on a case: at least
+    `floor`, and at least `share` x the rate per CPU-second of the first of
+    `references` the run has (if any). floor None: the figure it is set
+    against was not recorded; the row says `text` and is not judged."""
+
+    floor: float | None
+    share: float | None = None
+    references: tuple[str, ...] = ("nginx",)
+    text: str = ""
+
+
+# 64 KiB PUTs per server CPU-second before issue 14, which asks for twice
+# as many. bench/RESULTS.md records none: its full run has the PUT's req/s
+# ("put | 64 KiB x16", 752) and the server's cores ("What limits each
+# figure", 0.89) apart, never the per-CPU figure, so none is invented here.
+PUT_SMALL_PER_CPU_BEFORE: float | None = None
+
+# Case id prefix -> its per-core target. The small-GET floor (the hot-path
+# issue) holds for warm cache hits of the same sizes too (issue 14), against
+# nginx proxy_cache where the run has it, else nginx static.
+_SMALL = CpuTarget(6000.0, 0.3)
+_CACHED = CpuTarget(6000.0, 0.3, (NGINX_CACHE, "nginx"))
+PER_CPU_TARGETS: dict[str, CpuTarget] = {
+    "small/64 KiB": _SMALL,
+    "small/4 KiB": _SMALL,
+    "cache/warm 64 KiB": _CACHED,
+    "cache/warm 4 KiB": _CACHED,
+    "put/64 KiB": CpuTarget(
+        None if PUT_SMALL_PER_CPU_BEFORE is None else 2 * PUT_SMALL_PER_CPU_BEFORE,
+        references=(),
+        text="2 x the figure before issue 14 (not recorded)",
+    ),
 }
+
+
+def per_cpu_target(cid: str) -> CpuTarget | None:
+    return next((t for prefix, t in PER_CPU_TARGETS.items() if cid.startswith(prefix)), None)
+
+
+def judge_per_cpu(
+    target: CpuTarget, mine: float, got: dict[str, float | None]
+) -> tuple[str, bool | None]:
+    """(target text, met) of the subject's figure per CPU-second `mine`
+    against `target`, `got` the run's peers' figures; None: not judged."""
+    if target.floor is None:
+        return target.text, None
+    ref = next((r for r in target.references if got.get(r)), None)
+    text = f">= {target.floor:,.0f}"
+    if ref is None and target.share is not None and target.references:
+        text += f" ({target.share:g} x {' or '.join(target.references)}: not measured)"
+    ok = mine >= target.floor
+    if ref is not None and target.share is not None:
+        theirs = got[ref]
+        assert theirs is not None
+        text += f" and >= {target.share:g} x {ref}"
+        ok = ok and mine >= target.share * theirs
+    return text, ok
 
 
 def per_cpu(cr: CaseResult) -> float | None:
@@ -171,9 +225,9 @@ def per_cpu_table(results: Results) -> str:
     others = [c for c in cols if c != subject] if subject in peers else []
     head = ["case", "figure per server CPU-s", *cols, *(f"{subject}/{o}" for o in others), "target", "met"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    judged: list[bool] = []
+    verdicts = per_cpu_verdicts(results)
     for cid in results.case_order:
-        got = {c: per_cpu(peers[c].cases[cid]) for c in cols if cid in peers[c].cases}
+        got = per_cpu_figures(results, cid)
         if not any(v is not None for v in got.values()):
             continue
         meta = next(peers[c].cases[cid] for c in got)
@@ -186,21 +240,37 @@ def per_cpu_table(results: Results) -> str:
         for o in others:
             theirs = got.get(o)
             row.append(fmt_ratio(mine / theirs) if mine is not None and theirs else "-")
-        target = next((t for prefix, t in PER_CPU_TARGETS.items() if cid.startswith(prefix)), None)
-        if target is None or mine is None:
-            row += ["", ""]
-        else:
-            floor, share = target
-            nginx = got.get("nginx")
-            ok = mine >= floor and (nginx is None or mine >= share * nginx)
-            judged.append(ok)
-            row += [f">= {floor:,.0f}" + (f" and >= {share:g} x nginx" if nginx else ""), "met" if ok else "NOT met"]
+        text, ok = verdicts.get(cid, ("", None))
+        row += [text, verdict(ok) if cid in verdicts else ""]
         lines.append("| " + " | ".join(row) + " |")
     out = "Work per server CPU-second (median of the runs' figure / server cores busy; a peer with a " \
           "backing store counts its front alone):\n\n" + "\n".join(lines)
-    if judged:
-        out += f"\n\nPer-core targets met: {sum(judged)} of {len(judged)}."
+    if verdicts:
+        out += "\n\nPer-core targets " + count_met([ok for _, ok in verdicts.values()])
     return out
+
+
+def per_cpu_figures(results: Results, cid: str) -> dict[str, float | None]:
+    """Each peer's headline figure per server CPU-second on one case."""
+    return {p.name: per_cpu(p.cases[cid]) for p in results.peers if cid in p.cases}
+
+
+def per_cpu_verdicts(results: Results) -> dict[str, tuple[str, bool | None]]:
+    """case id -> (target text, met) of the subject's per-core targets."""
+    out: dict[str, tuple[str, bool | None]] = {}
+    for cid in results.case_order:
+        target = per_cpu_target(cid)
+        got = per_cpu_figures(results, cid) if target is not None else {}
+        if target is not None and (mine := got.get(results.subject)) is not None:
+            out[cid] = judge_per_cpu(target, mine, got)
+    return out
+
+
+def all_verdicts(results: Results) -> list[bool | None]:
+    """Every target of the run: through/direct, between peers, per core."""
+    out: list[bool | None] = [r.met for r in results.overhead if r.goal]
+    out += [r.met for r in results.peer_goals if r.goal]
+    return out + [ok for _, ok in per_cpu_verdicts(results).values()]
 
 
 def counters_table(results: Results) -> str:
@@ -229,7 +299,7 @@ def counters_table(results: Results) -> str:
 
 
 def peer_goal_table(results: Results) -> str:
-    """Targets between peers (the `cache` scenario): subject / reference."""
+    """Targets between peers (the `cache` and `put` scenarios): subject / reference."""
     if not results.peer_goals:
         return ""
     lines = [
@@ -240,16 +310,15 @@ def peer_goal_table(results: Results) -> str:
     ]
     for r in results.peer_goals:
         met = "" if r.goal == "" else (
-            "not judged (reference missing)" if r.met is None
-            else ("met" if r.met else "**not met**"))  # fmt: skip
+            "not judged (reference missing)" if r.met is None else verdict(r.met))  # fmt: skip
         lines.append(
             f"| {r.case} | {METRIC_UNITS.get(r.metric, r.metric)} | {r.subject} | {r.reference} | "
             f"{fmt_stat(r.metric, r.value)} | {fmt_stat(r.metric, r.ref_value)} | "
             f"{fmt_ratio(r.ratio)} | {r.goal or '(no target)'} | {met} |"
         )
-    judged = [r for r in results.peer_goals if r.goal and r.met is not None]
-    if judged:
-        lines += ["", f"Targets met: {sum(1 for r in judged if r.met)} of {len(judged)}."]
+    targets = [r.met for r in results.peer_goals if r.goal]
+    if targets:
+        lines += ["", "Targets " + count_met(targets)]
     return "\n".join(lines)
 
 
@@ -285,7 +354,7 @@ def overhead_table(results: Results) -> str:
                 cpu_d = _cores(d, ("client_cpu", "backing_cpu", *a, "machine_cpu"))
                 cpu_t = _cores(t, ("client_cpu", "gateway_cpu", "backing_cpu", *a, "machine_cpu"))
             delta = "-" if r.delta is None else _fmt(r.metric, r.delta)
-            met = "" if r.met is None else ("met" if r.met else "**not met**")
+            met = "" if r.met is None else verdict(r.met)
             lines.append(
                 f"| {r.case if first else ''} | {METRIC_UNITS.get(r.metric, r.metric)} | "
                 f"{fmt_stat(r.metric, r.direct)} | {fmt_stat(r.metric, r.through)} | "
@@ -383,6 +452,9 @@ def render(results: Results) -> str:
     lines += ["", generator_table(results)]
     lines += ["", "Headline ratios:"]
     lines += [f"- {h}" for h in headline(results)]
+    verdicts = all_verdicts(results)
+    if verdicts:
+        lines += ["", "All targets of this run " + count_met(verdicts)]
     return "\n".join(lines)
 
 
