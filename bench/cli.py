@@ -22,6 +22,32 @@ DEFAULT_PEERS = ["nginx", "seaweedfs", "moto", "nearstore"]
 # Smoke: only peers that need nothing outside the virtualenv (nginx is
 # listed so that a machine without it shows it skipped, with the reason).
 SMOKE_PEERS = ["nginx", "moto", "nearstore"]
+# Scenarios whose figures mean something only on particular peers: without
+# --peers they run on these, with this subject (without --subject). The
+# cache's cold reads need a cache to empty, and its targets name nginx
+# proxy_cache, SeaweedFS direct, nginx static and nearstore's local store.
+SCENARIO_PEERS: dict[str, tuple[list[str], str]] = {
+    "cache": (["nearstore-cache+seaweedfs", "nginx-cache+seaweedfs", "seaweedfs", "nginx",
+               "nearstore"], "nearstore-cache+seaweedfs"),
+    "proxy": (["nearstore+seaweedfs"], "nearstore+seaweedfs"),
+    "cluster": (["nearstore-cluster"], "nearstore-cluster"),
+    "remote": (["nearstore-cache+remote-seaweedfs"], "nearstore-cache+remote-seaweedfs"),
+}  # fmt: skip
+
+
+def default_peers(scenarios: list[str], smoke: bool) -> tuple[list[str], str]:
+    """(peers, subject) when --peers is not given: the union of what each
+    scenario needs, the per-node ones the usual peers; the subject is
+    nearstore where a per-node scenario runs, else the first special one's."""
+    plain = SMOKE_PEERS if smoke else DEFAULT_PEERS
+    peers: list[str] = []
+    subjects: list[str] = []
+    for name in scenarios:
+        need, subject = SCENARIO_PEERS.get(name, (plain, "nearstore"))
+        peers += [p for p in need if p not in peers]
+        subjects.append(subject)
+    subject = "nearstore" if "nearstore" in subjects else (subjects or ["nearstore"])[0]
+    return peers, subject
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -55,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--smoke", action="store_true", help="tiny run for tests (seconds)")
     p.add_argument("--scenarios", type=_names, help=f"comma list of {sorted(SCENARIOS)}")
     p.add_argument("--peers", type=_names, help=f"comma list of {sorted(PEERS)}")
-    p.add_argument("--subject", default="nearstore", help="the peer ratios are taken for")
+    p.add_argument("--subject", help="the peer ratios are taken for (default: nearstore, or "
+                   "the scenario's own: nearstore-cache+seaweedfs for cache ...)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every figure to FILE")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the comparison")
     p.add_argument("--setup", action="store_true", help="apt-get install nginx and wrk first")
@@ -169,12 +196,14 @@ def main(argv: list[str]) -> int:
     # The per-node scenarios run by default; proxy, cache, cluster and remote
     # compare special peers (nearstore+seaweedfs, nearstore-cache+seaweedfs,
     # nearstore-cluster, nearstore-cache+remote-seaweedfs ...) and are run by
-    # name with those (see bench/RESULTS.md). Keeps --quick under 5 min.
-    special = ("proxy", "cache", "cluster", "remote")
+    # name, on those unless --peers says otherwise (SCENARIO_PEERS). Keeps
+    # --quick under 5 min.
+    special = tuple(SCENARIO_PEERS)
     scenarios = args.scenarios or [n for n in SCENARIOS if n not in special]
-    peers = [PEER_ALIASES.get(p, p) for p in args.peers or ()] or (
-        SMOKE_PEERS if args.smoke else DEFAULT_PEERS
-    )
+    peers, subject = default_peers(scenarios, args.smoke)
+    if args.peers:
+        peers, subject = [PEER_ALIASES.get(p, p) for p in args.peers], "nearstore"
+    subject = args.subject or subject
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         print(f"unknown peer(s) {unknown}; known: {sorted(PEERS)}", file=sys.stderr)
@@ -195,7 +224,7 @@ def main(argv: list[str]) -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nearstore-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    runner = Runner(plan, cases, peers, workdir, subject=args.subject, keep=args.keep,
+    runner = Runner(plan, cases, peers, workdir, subject=subject, keep=args.keep,
                     bin_dir=bin_dir)  # fmt: skip
     say, tick, close = _progress(not args.no_progress, runner.total_steps())
     command = "nearstore bench " + " ".join(argv)
