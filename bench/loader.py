@@ -19,6 +19,9 @@ read by the same loader code from three places, side by side in one run:
 - ``nearstore cold`` (one pass only, first): the node right after its cache
   was cleared.
 
+Target (issue 14), printed met / not met under the table: nearstore cold at
+least 0.9 x boto3 reading the backing store directly (LOADER_COLD_VS_DIRECT).
+
 Each leg runs a warm-up pass, then ``--runs`` passes interleaved with the
 other legs; a cell is the median (min-max). ``--workers 0,2`` also runs
 each leg through torch's DataLoader with that many worker processes.
@@ -43,11 +46,25 @@ from typing import Any
 
 from nearstore.bench.config import fmt_size, parse_size
 from nearstore.bench.peers import CacheSeaweedPeer, PeerContext
+from nearstore.bench.verdicts import RatioTarget, ratio_table
 from nearstore.clients.connect import connect
 from nearstore.clients.datasets import LocalSource, S3Source, Source, TarDataset
 
 BUCKET = "loader-bench"
 PREFIX = "shards/"
+LOADER_COLD_VS_DIRECT = 0.9  # cold samples/s over the backing store's, read directly
+
+
+def targets(results: dict[str, list[float]], suffixes: list[str]) -> list[RatioTarget]:
+    """Issue 14's loader target for each DataLoader setting (suffix)."""
+    def med(name: str) -> float | None:
+        vals = results.get(name)
+        return statistics.median(vals) if vals else None
+
+    return [RatioTarget("cold TarDataset >= 0.9 x boto3 direct", "nearstore cold" + sfx,
+                        "boto3 -> seaweedfs" + sfx, LOADER_COLD_VS_DIRECT,
+                        med("nearstore cold" + sfx), med("boto3 -> seaweedfs" + sfx))
+            for sfx in suffixes]  # fmt: skip
 
 
 def write_shards(root: Path, samples: int, sample_size: int, per_shard: int) -> list[Path]:
@@ -76,6 +93,11 @@ def write_shards(root: Path, samples: int, sample_size: int, per_shard: int) -> 
         paths.append(path)
     stamp.write_text(json.dumps(params))
     return paths
+
+
+def suffix_of(workers: int) -> str:
+    """A leg's name suffix for a DataLoader of that many workers (0: none)."""
+    return "" if workers == 0 else f", DataLoader x{workers}"
 
 
 def decode(sample: dict[str, Any]) -> int:
@@ -161,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    seaweed.secret_key),
         }
         for w in workers:
-            suffix = "" if w == 0 else f", DataLoader x{w}"
+            suffix = suffix_of(w)
             legs = {name: TarDataset(make(), PREFIX, decode=decode, prefetch=args.prefetch)
                     for name, make in sources.items()}
             n, secs = one_pass(legs["nearstore warm"], w)  # cold: the cache is empty
@@ -191,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| leg | samples/s | GB/s | vs local disk |")
     print("|---|---|---|---|")
     for w in workers:
-        suffix = "" if w == 0 else f", DataLoader x{w}"
+        suffix = suffix_of(w)
         base = statistics.median(results["local disk" + suffix])
         for name in ["local disk", "nearstore warm", "nearstore warm, HTTP only", "boto3 -> seaweedfs",
                      "nearstore cold"]:
@@ -201,10 +223,15 @@ def main(argv: list[str] | None = None) -> int:
             med = statistics.median(vals)
             gbps = med * total / args.samples / 1e9
             print(f"| {name}{suffix} | {fmt_cell(vals)} | {gbps:.2f} | {med / base:.2f} |")
+    print()
+    print(ratio_table(targets(results, [suffix_of(w) for w in workers]), "samples/s"))
     if args.json:
+        goals = [{"target": t.text, "subject": t.subject, "reference": t.reference,
+                  "ratio": t.ratio, "met": t.met}
+                 for t in targets(results, [suffix_of(w) for w in workers])]  # fmt: skip
         args.json.write_text(json.dumps({"samples": args.samples, "sample_size": args.sample_size,
-                                         "shards": len(paths), "bytes": total, "results": results},
-                                        indent=1))
+                                         "shards": len(paths), "bytes": total, "results": results,
+                                         "targets": goals}, indent=1))
     return 0
 
 
