@@ -4,12 +4,14 @@ from /proc, and, where py-spy is installed (``pip install py-spy``), its
 sampled stacks summed into the top frames (self and inclusive).
 
     python -m nearstore.bench.profile OUTDIR [--seconds 10] [--no-spy] [--size 65536]
-        [--method GET|HEAD] [--hot-path on|off|both]
+        [--method GET|HEAD] [--hot-path on|off|both] [--workers N]
 
 Prints requests/s and requests per server CPU-second, by default for the
 hot path off and on (``[server] hot_path``), alternated twice, each on its
 own node, so that the two are compared within one run; OUTDIR/N-MODE keeps
 wrk's output, the raw stacks (``stacks.txt``) and the summary (``top.txt``).
+With ``--workers N`` it also prints the first process's own share of the
+CPU: on the hit path the workers should need nothing of it.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def measure(args: argparse.Namespace, out: Path, hot_path: bool, wrk: str, spy: 
     env = {**os.environ, **KEYS, "NEARSTORE_HOT_PATH": "true" if hot_path else "false"}
     with open(out / "node.log", "wb") as log:
         node = subprocess.Popen([sys.executable, "-m", "nearstore.cli", "serve", "--port", str(port), "--data-dir",
-                                 str(out / "data"), "--log-level", "warning"],
+                                 str(out / "data"), "--log-level", "warning", "--workers", str(args.workers)],
                                 env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
         for _ in range(200):
@@ -87,6 +89,7 @@ def measure(args: argparse.Namespace, out: Path, hot_path: bool, wrk: str, spy: 
             subprocess.run([*load, "-d2s", signed], capture_output=True, check=False)  # warm-up
         monitor = TreeMonitor(node.pid)  # the bench's own CPU accounting, whole process tree
         before = monitor.cpu_seconds()
+        owner_before = _own_cpu_seconds(node.pid)
         sampler = None
         if spy:
             sampler = subprocess.Popen([spy, "record", "--pid", str(node.pid), "--duration", str(args.seconds),
@@ -98,6 +101,7 @@ def measure(args: argparse.Namespace, out: Path, hot_path: bool, wrk: str, spy: 
         else:
             run = subprocess.run([*load, f"-d{args.seconds}s", signed], capture_output=True, text=True, check=False)
         cpu = monitor.cpu_seconds() - before
+        owner_cpu = _own_cpu_seconds(node.pid) - owner_before
         if sampler is not None:
             sampler.wait(60)
     finally:
@@ -110,11 +114,20 @@ def measure(args: argparse.Namespace, out: Path, hot_path: bool, wrk: str, spy: 
         if non_2xx:
             raise SystemExit(f"{out}: {non_2xx[0].strip()}")
     print(f"hot path {'on ' if hot_path else 'off'}: {args.size} B {args.method}s: {done / args.seconds:,.0f}/s, "
-          f"server CPU {cpu:.2f} s, {done / cpu:,.0f} per server CPU-second" + (" (sampled by py-spy)" if spy else ""),
+          f"server CPU {cpu:.2f} s, {done / cpu:,.0f} per server CPU-second"
+          + (f", the first process {owner_cpu:.2f} s of it" if args.workers > 1 else "")
+          + (" (sampled by py-spy)" if spy else ""),
           flush=True)
     if spy and (out / "stacks.txt").exists():
         (out / "top.txt").write_text(summarize(out / "stacks.txt") + "\n")
     return done / args.seconds, done / cpu
+
+
+def _own_cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process alone (not its children)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _head_load(url: str, seconds: float, connections: int = 32) -> int:
@@ -153,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", choices=("GET", "HEAD"), default="GET")
     p.add_argument("--hot-path", choices=("on", "off", "both"), default="both",
                    help="both (default): off, on, off, on, each its own node, side by side")
+    p.add_argument("--workers", type=int, default=1, help="the node's processes (py-spy samples the first)")
     p.add_argument("--no-spy", action="store_true")
     args = p.parse_args(argv)
     wrk = shutil.which("wrk")
