@@ -34,13 +34,17 @@ fault is a miss for the caller (served from the backing store).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
+import itertools
 import logging
 import mmap
 import os
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,31 +257,57 @@ class ChunkStore:
 
 class ChunkWriter:
     """Writes one chunk's bytes to a temp file while hashing (blocking
-    calls, run in an executor)."""
+    calls, run in an executor). One lock orders writes against ``close``
+    and ``abort``: a fill that is cancelled while a write is still running
+    in its thread must not close the descriptor under it (the number could
+    already name another file when the write reaches the kernel)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         self.hash = xxhash.xxh3_64()
         self.size = 0
+        self._lock = threading.Lock()
+        self._closed = False
 
     def write(self, data: bytes | memoryview) -> None:
-        self.hash.update(data)
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-        self.size += len(data)
+        self.write_many([data])
+
+    def write_many(self, pieces: Sequence[bytes | memoryview]) -> None:
+        """Append ``pieces`` in order: one writev per up to IOV_MAX of them."""
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.EBADF, "chunk writer closed")
+            for piece in pieces:
+                self.hash.update(piece)
+            views = collections.deque(memoryview(p) for p in pieces if len(p))
+            while views:
+                n = os.writev(self.fd, list(itertools.islice(views, _IOV_MAX)))
+                self.size += n
+                while n:
+                    if n >= len(views[0]):
+                        n -= len(views.popleft())
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
 
     def close(self) -> str:
-        os.close(self.fd)
+        with self._lock:
+            self._closed = True
+            os.close(self.fd)
         return self.hash.hexdigest()
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                with contextlib.suppress(OSError):
+                    os.close(self.fd)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+_IOV_MAX = 1024
 
 
 # Chunks already hashed, by path: (inode, size, mtime_ns, ctime_ns, checksum,
