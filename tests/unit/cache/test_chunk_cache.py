@@ -326,3 +326,70 @@ async def test_warm_says_why_chunks_failed() -> None:
     assert progress.as_dict()["failures"] == progress.failures
     many = await warm([("bad", (MAX_FAILURES + 5) * CS)], CS, fill)
     assert many.errors == MAX_FAILURES + 5 and len(many.failures) == MAX_FAILURES
+
+
+async def test_a_fill_writes_in_batches_and_readers_see_only_written_bytes(tmp_path: Path) -> None:
+    # Pieces arrive faster than one write finishes: they are batched, every
+    # byte lands in order, the hash is the content's, and the progress that
+    # readers follow never runs ahead of the file.
+    import asyncio
+    import threading
+    import types
+
+    import xxhash
+
+    from nearstore.cache.readpath import FillProgress
+    from nearstore.cache.store import ChunkWriter
+
+    rng = random.Random(3)
+    pieces = [rng.randbytes(rng.randint(1, 70_000)) for _ in range(200)]
+    writer = ChunkWriter(tmp_path / "fill")
+    calls: list[int] = []
+    write_many = writer.write_many
+
+    gate = threading.Event()  # the first write waits until 9 more pieces arrived
+
+    def slow_write_many(batch: list[bytes]) -> None:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            assert gate.wait(10)
+        write_many(batch)
+
+    writer.write_many = slow_write_many  # type: ignore[method-assign]
+    progress = FillProgress()
+    seen: list[tuple[int, int]] = []
+    advance = progress.advance
+
+    def checked_advance(n: int) -> None:
+        advance(n)
+        seen.append((progress.written, os.stat(writer.path).st_size))
+
+    progress.advance = checked_advance  # type: ignore[method-assign]
+
+    async def arriving() -> AsyncIterator[bytes]:
+        for i, piece in enumerate(pieces):
+            await asyncio.sleep(0)
+            if i == 10:
+                gate.set()
+            yield piece
+
+    fake = types.SimpleNamespace(WRITE_BEHIND=CachedBackend.WRITE_BEHIND)
+    await CachedBackend._receive(fake, arriving(), writer, progress)  # type: ignore[arg-type]
+    content = b"".join(pieces)
+    assert (tmp_path / "fill").read_bytes() == content
+    assert writer.close() == xxhash.xxh3_64(content).hexdigest()
+    assert progress.written == len(content) == writer.size
+    assert all(written <= on_disk for written, on_disk in seen), seen
+    assert calls[0] == 1 and calls[1] >= 9  # batched while the first write ran, not a hop per piece
+
+
+def test_a_chunk_writer_never_writes_after_abort(tmp_path: Path) -> None:
+    from nearstore.cache.store import ChunkWriter
+
+    writer = ChunkWriter(tmp_path / "aborted")
+    writer.write_many([b"abc", memoryview(b"def")])
+    assert writer.size == 6
+    writer.abort()
+    assert not (tmp_path / "aborted").exists()
+    with pytest.raises(OSError):
+        writer.write_many([b"more"])
