@@ -74,7 +74,8 @@ def _hwm_kib(pid: int) -> int:
     return 0
 
 
-def _cpu_s(pid: int) -> float:
+def cpu_seconds_of(pid: int) -> float:
+    """User + system CPU seconds of one process alone (-1 if gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -114,7 +115,7 @@ class TreeMonitor:
         with self._lock:
             for pid in pids:
                 self._hwm[pid] = max(self._hwm.get(pid, 0), _hwm_kib(pid))
-                cpu = _cpu_s(pid)
+                cpu = cpu_seconds_of(pid)
                 if cpu >= 0:
                     self._cpu[pid] = max(self._cpu.get(pid, 0.0), cpu)
 

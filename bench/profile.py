@@ -31,7 +31,7 @@ from pathlib import Path
 import boto3
 import botocore.config
 
-from nearstore.bench.procs import TreeMonitor, free_ports
+from nearstore.bench.procs import TreeMonitor, cpu_seconds_of, free_ports
 
 KEYS = {"NEARSTORE_ACCESS_KEY": "profile", "NEARSTORE_SECRET_KEY": "profile-secret-key"}
 
@@ -89,7 +89,7 @@ def measure(args: argparse.Namespace, out: Path, hot_path: bool, wrk: str, spy: 
             subprocess.run([*load, "-d2s", signed], capture_output=True, check=False)  # warm-up
         monitor = TreeMonitor(node.pid)  # the bench's own CPU accounting, whole process tree
         before = monitor.cpu_seconds()
-        owner_before = _own_cpu_seconds(node.pid)
+        owner_before = cpu_seconds_of(node.pid)
         sampler = None
         if spy:
             sampler = subprocess.Popen([spy, "record", "--pid", str(node.pid), "--duration", str(args.seconds),
@@ -101,7 +101,7 @@ def measure(args: argparse.Namespace, out: Path, hot_path: bool, wrk: str, spy: 
         else:
             run = subprocess.run([*load, f"-d{args.seconds}s", signed], capture_output=True, text=True, check=False)
         cpu = monitor.cpu_seconds() - before
-        owner_cpu = _own_cpu_seconds(node.pid) - owner_before
+        owner_cpu = cpu_seconds_of(node.pid) - owner_before
         if sampler is not None:
             sampler.wait(60)
     finally:
@@ -121,13 +121,6 @@ def measure(args: argparse.Namespace, out: Path, hot_path: bool, wrk: str, spy: 
     if spy and (out / "stacks.txt").exists():
         (out / "top.txt").write_text(summarize(out / "stacks.txt") + "\n")
     return done / args.seconds, done / cpu
-
-
-def _own_cpu_seconds(pid: int) -> float:
-    """User + system CPU of one process alone (not its children)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _head_load(url: str, seconds: float, connections: int = 32) -> int:

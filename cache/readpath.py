@@ -379,9 +379,8 @@ class CachedBackend:
                 batch, written, queued = [], queued, 0
             await settle()
             if batch:
-                await loop.run_in_executor(None, writer.write_many, batch)
-                if progress is not None:
-                    progress.advance(queued)
+                writing, written = loop.run_in_executor(None, writer.write_many, batch), queued
+                await settle()
         finally:
             if writing is not None and not writing.done():
                 # Cancelled or failed mid-write: the write finishes in its

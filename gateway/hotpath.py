@@ -287,11 +287,7 @@ class HotConnection(asyncio.Protocol):
             auth = check_signature(cfg, req)
             reading = await objects.open_read(Ctx(self._hot.backend, cfg, auth), req, head=is_head)
         except Exception as e:
-            err = as_s3_error(e, req.request_id, req.method, req.raw_path)
-            status, headers, body = error_parts(err, req.request_id, req.raw_path, is_head)
-            if body is not None:
-                headers["Content-Length"] = str(len(body))  # none for HEAD or 304, as aiohttp
-            self._write(self._head(status, headers, keep_alive) + (body or b""))
+            self._answer_error(e, req, is_head, keep_alive)
             return
         try:
             headers = reading.headers
@@ -312,12 +308,17 @@ class HotConnection(asyncio.Protocol):
                     # cut the body short, never to send a wrong one.
                     log.warning("request %s aborted mid-response: %s", req.request_id, e)
                     raise ConnectionAbortedError("response aborted") from e
-                err = as_s3_error(e, req.request_id, req.method, req.raw_path)
-                status, headers, body = error_parts(err, req.request_id, req.raw_path, False)
-                headers["Content-Length"] = str(len(body or b""))
-                self._write(self._head(status, headers, keep_alive) + (body or b""))
+                self._answer_error(e, req, False, keep_alive)
         finally:
             await reading.handle.close()
+
+    def _answer_error(self, e: Exception, req: S3Request, is_head: bool, keep_alive: bool) -> None:
+        """A failure before the response began, as S3's error."""
+        err = as_s3_error(e, req.request_id, req.method, req.raw_path)
+        status, headers, body = error_parts(err, req.request_id, req.raw_path, is_head)
+        if body is not None:
+            headers["Content-Length"] = str(len(body))  # none for HEAD or 304, as aiohttp
+        self._write(self._head(status, headers, keep_alive) + (body or b""))
 
     def _head(self, status: int, headers: dict[str, str], keep_alive: bool) -> bytes:
         lines = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"]
