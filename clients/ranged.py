@@ -392,6 +392,7 @@ class _Read:
     idle: dict[tuple[str, str, int], list[_Conn]] = field(default_factory=dict)
     conns: set[_Conn] = field(default_factory=set)
     ssl: dict[int, ssl.SSLContext] = field(default_factory=dict)
+    closed: bool = False
 
     def target(self, s3: Any) -> _Target:
         t = self.targets.get(id(s3))
@@ -427,17 +428,25 @@ class _Read:
             if isinstance(e, (OSError, TimeoutError)) and not isinstance(e, ssl.SSLCertVerificationError):
                 raise EndpointFailed(f"{host}:{port}: {e!r}") from e
             raise
+        if self.closed:
+            # Python 3.11's wait_for returns a result that arrived with the
+            # cancellation instead of raising it: a stream cancelled when
+            # its read was closed can get here, and must not keep the
+            # connection (it would outlive the read, unclosed).
+            conn.close()
+            raise asyncio.CancelledError
         self.conns.add(conn)
         return conn
 
     def release(self, target: _Target, conn: _Conn) -> None:
-        if conn.reusable and not conn.closed:
+        if conn.reusable and not conn.closed and not self.closed:
             self.idle.setdefault(target.key, []).append(conn)
         else:
             conn.close()
             self.conns.discard(conn)
 
     def close(self) -> None:
+        self.closed = True
         for conn in self.conns:
             conn.close()
         self.conns.clear()
