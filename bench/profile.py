@@ -1,10 +1,10 @@
-"""Where a small GET's CPU goes: one nearstore process on the local store,
+"""Where a small request's CPU goes (GET, HEAD or PUT): one nearstore process on the local store,
 wrk (one thread, 32 connections) on a presigned 64 KiB GET, the server's CPU
 from /proc, and, where py-spy is installed (``pip install py-spy``), its
 sampled stacks summed into the top frames (self and inclusive).
 
     python -m nearstore.bench.profile OUTDIR [--seconds 10] [--no-spy] [--size 65536]
-        [--method GET|HEAD] [--hot-path on|off|both] [--workers N]
+        [--method GET|HEAD|PUT] [--hot-path on|off|both] [--workers N]
 
 Prints requests/s and requests per server CPU-second, by default for the
 hot path off and on (``[server] hot_path``), alternated twice, each on its
@@ -79,9 +79,13 @@ def measure(args: argparse.Namespace, out: Path, hot_path: bool, wrk: str, spy: 
                           config=botocore.config.Config(signature_version="s3v4"))
         s3.create_bucket(Bucket="profile")
         s3.put_object(Bucket="profile", Key="obj", Body=os.urandom(args.size))
-        signed = s3.generate_presigned_url("head_object" if args.method == "HEAD" else "get_object",
-                                           Params={"Bucket": "profile", "Key": "obj"}, ExpiresIn=3600)
+        operation = {"GET": "get_object", "HEAD": "head_object", "PUT": "put_object"}[args.method]
+        signed = s3.generate_presigned_url(operation, Params={"Bucket": "profile", "Key": "obj"}, ExpiresIn=3600)
         load = [wrk, "-t1", "-c32"]
+        if args.method == "PUT":  # presigned: UNSIGNED-PAYLOAD, each PUT a whole new version, fsynced
+            script = out / "put.lua"
+            script.write_text(f'wrk.method = "PUT"\nwrk.body = string.rep("x", {args.size})\n')
+            load += ["-s", str(script)]
         head = args.method == "HEAD"
         if head:
             _head_load(signed, 2.0)  # warm-up
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--size", type=int, default=64 * 1024)
-    p.add_argument("--method", choices=("GET", "HEAD"), default="GET")
+    p.add_argument("--method", choices=("GET", "HEAD", "PUT"), default="GET")
     p.add_argument("--hot-path", choices=("on", "off", "both"), default="both",
                    help="both (default): off, on, off, on, each its own node, side by side")
     p.add_argument("--workers", type=int, default=1, help="the node's processes (py-spy samples the first)")
