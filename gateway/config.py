@@ -10,9 +10,15 @@ Example ``nearstore.toml``::
     domain = "s3.local"          # enables virtual-hosted-style requests
     region = "us-east-1"
 
-    [[credentials]]              # as many pairs as needed
+    [[credentials]]              # the first user's keys, as many pairs as needed
     access_key = "trainer"
     secret_key = "..."
+
+    [[users]]                    # more tenants: their own keys and buckets
+    name = "vision"
+    display_name = "Vision team" # default: name
+    id = "..."                   # canonical user id (default: SHA-256 of name)
+    keys = [{ access_key = "vision-1", secret_key = "..." }]
 
     [tls]
     cert = "/etc/nearstore/cert.pem"
@@ -27,11 +33,13 @@ Example ``nearstore.toml``::
     addressing = "virtual"       # or "path" (MinIO, Ceph, SeaweedFS)
     access_key = "AKIA..."       # the backing store's own credentials
     secret_key = "..."
+    owner = "vision"             # the user who owns it (default: the first)
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import os
 import re
@@ -110,6 +118,7 @@ class UpstreamConfig:
     deadline: float = 10.0
     max_attempts: int = 5
     pool_size: int = 64
+    owner: str = ""  # the [[users]] name that owns it; "" the first user
 
 
 def _upstream(entry: Mapping[str, Any]) -> UpstreamConfig:
@@ -133,7 +142,7 @@ def _upstream(entry: Mapping[str, Any]) -> UpstreamConfig:
     checks: dict[str, Callable[[object], Any]] = {
         "prefix": _text, "region": _text, "access_key": _text, "secret_key": _text,
         "connect_timeout": _seconds, "read_timeout": _seconds, "deadline": _seconds,
-        "max_attempts": _integer(1, 100), "pool_size": _integer(1, 4096),
+        "max_attempts": _integer(1, 100), "pool_size": _integer(1, 4096), "owner": _text,
     }
     for k, v in list(kwargs.items()):
         try:
@@ -144,6 +153,23 @@ def _upstream(entry: Mapping[str, Any]) -> UpstreamConfig:
         return UpstreamConfig(name=name, endpoint=endpoint, bucket=bucket, addressing=addressing, **kwargs)
     except TypeError as e:
         raise ConfigError(f"[[buckets]] {name}: {e}") from None
+
+
+@dataclass(frozen=True)
+class User:
+    """A tenant: whose buckets are whose. ``id`` is the canonical user id
+    (64 hex digits, as S3 shows it in Owner fields and grants)."""
+
+    name: str
+    id: str
+    display_name: str
+
+
+FIRST_USER = "owner"  # the name of the user the environment's and [[credentials]]' keys belong to
+
+
+def _canonical_id(seed: str) -> str:
+    return hashlib.sha256(seed.encode()).hexdigest()
 
 
 @dataclass
@@ -184,6 +210,31 @@ class Config:
     body_timeout: float = 30.0
     # NEARSTORE_* variables no setting reads (a typo?), said at start-up.
     warnings: list[str] = field(default_factory=list)
+    # The tenants, the first one holding ``credentials``' keys of its own
+    # (the environment's and [[credentials]]'); ``key_users`` maps every
+    # access key of ``credentials`` to its user.
+    users: list[User] = field(default_factory=list)
+    key_users: dict[str, User] = field(default_factory=dict)
+
+    @property
+    def first_user(self) -> User:
+        if not self.users:  # a Config made by hand (tests, tools), not by load(): its keys are one user's
+            first = next(iter(self.credentials), "")
+            self.users = [User(FIRST_USER, _canonical_id(first), first)]
+        return self.users[0]
+
+    def user_of(self, access_key: str) -> User:
+        """The user an authenticated access key belongs to."""
+        return self.key_users.get(access_key) or self.first_user
+
+    def user_named(self, name: str) -> User:
+        """The user called ``name`` ("" is the first)."""
+        if not name:
+            return self.first_user
+        for u in self.users:
+            if u.name == name:
+                return u
+        raise ConfigError(f"no user named {name!r} (users: {', '.join(u.name for u in self.users)})")
 
     @property
     def limits(self) -> ConnLimits:
@@ -373,6 +424,7 @@ _BY_KEY = {(s.section, s.key): s for s in SETTINGS}
 TABLES = sorted({s.section for s in SETTINGS})
 ARRAYS = {
     "credentials": ("access_key", "secret_key"),
+    "users": ("name", "id", "display_name", "keys"),
     "buckets": tuple(UpstreamConfig.__dataclass_fields__),
 }
 # Read by the clients and the tools, not by a node: not typos.
@@ -458,6 +510,7 @@ def load(
     ``overrides`` (flags, keyed by ``Setting.id``), in rising precedence."""
     env = os.environ if env is None else env
     cfg = Config()
+    declared: list[tuple[User, dict[str, str]]] = []
     if path:
         try:
             with open(path, "rb") as f:
@@ -482,6 +535,8 @@ def load(
             except (KeyError, ValueError):
                 raise where.error("each [[credentials]] needs access_key and secret_key (strings)",
                                   "credentials") from None
+        for u in doc.get("users", []):
+            declared.append(_user(u, where))
         cfg.upstreams = [_upstream(b) for b in doc.get("buckets", [])]
         names = [u.name for u in cfg.upstreams]
         if len(names) != len(set(names)):
@@ -535,6 +590,7 @@ def load(
     if not cfg.credentials:
         cfg.credentials[DEV_ACCESS_KEY] = DEV_SECRET_KEY
         cfg.using_dev_keys = True
+    _settle_users(cfg, declared, env.get("NEARSTORE_ACCESS_KEY") or None)
     if DEV_SECRET_KEY in cfg.credentials.values() and not is_loopback(cfg.host):
         # The development keys are printed in the README: on an address
         # other machines reach, they would open every object to anyone.
@@ -545,6 +601,58 @@ def load(
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("TLS needs both a certificate and a key")
     return cfg
+
+
+def _user(entry: Mapping[str, Any], where: _Where) -> tuple[User, dict[str, str]]:
+    """One [[users]] entry: the user and its keys (access key -> secret)."""
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise where.error("each [[users]] needs a name", "users")
+    if name == FIRST_USER:
+        raise where.error(f"[[users]] {name}: the name is the first user's, whose keys are the environment's "
+                          "and [[credentials]]'", "users", "name")
+    uid = entry.get("id", _canonical_id(name))
+    if not isinstance(uid, str) or not re.fullmatch(r"[0-9a-f]{64}", uid):
+        raise where.error(f"[[users]] {name}: id is a canonical user id, 64 lower-case hex digits", "users", "id")
+    display = entry.get("display_name", name)
+    if not isinstance(display, str) or not display:
+        raise where.error(f"[[users]] {name}: display_name is a string", "users", "display_name")
+    keys: dict[str, str] = {}
+    raw = entry.get("keys")
+    if not isinstance(raw, list) or not raw:
+        raise where.error(f"[[users]] {name}: keys = [{{ access_key = ..., secret_key = ... }}, ...], one or more",
+                          "users", "keys")
+    for k in raw:
+        if not (isinstance(k, Mapping) and set(k) == {"access_key", "secret_key"}
+                and all(isinstance(v, str) and v for v in k.values())):
+            raise where.error(f"[[users]] {name}: each key is {{ access_key = \"...\", secret_key = \"...\" }}",
+                              "users", "keys")
+        keys[k["access_key"]] = k["secret_key"]
+    return User(name, uid, display), keys
+
+
+def _settle_users(cfg: Config, declared: list[tuple[User, dict[str, str]]], env_key: str | None) -> None:
+    """The first user holds the keys read so far (the environment's first:
+    its canonical id is that key's hash, as every Owner field showed before
+    there were users); the declared users follow with their own keys."""
+    first_key = env_key if env_key in cfg.credentials else next(iter(cfg.credentials))
+    first = User(FIRST_USER, _canonical_id(first_key), first_key)
+    cfg.users = [first]
+    cfg.key_users = {ak: first for ak in cfg.credentials}
+    for user, keys in declared:
+        for u in cfg.users:
+            if u.name == user.name or u.id == user.id:
+                raise ConfigError(f"[[users]] {user.name}: the {'name' if u.name == user.name else 'id'} "
+                                  f"is also user {u.name!r}'s")
+        for ak, sk in keys.items():
+            if ak in cfg.key_users:
+                raise ConfigError(f"[[users]] {user.name}: access key {ak!r} is also user "
+                                  f"{cfg.key_users[ak].name!r}'s")
+            cfg.credentials[ak] = sk
+            cfg.key_users[ak] = user
+        cfg.users.append(user)
+    for up in cfg.upstreams:
+        cfg.user_named(up.owner)  # a typo is an error now, not a bucket nobody owns
 
 
 # --- showing it ------------------------------------------------------------------
@@ -575,9 +683,17 @@ def render(cfg: Config) -> str:
                 value = _get(cfg, s.attr)
                 out.append(f"{s.key} = {_toml(MASK if s.secret and value else value)}")
         out.append("")
+    first = cfg.users[0] if cfg.users else None
     for ak in cfg.credentials:
+        if first is not None and cfg.key_users.get(ak) is not first:
+            continue
         note = "  # the published development keys" if cfg.using_dev_keys else ""
         out += ["[[credentials]]", f"access_key = {_toml(ak)}{note}", f"secret_key = {_toml(MASK)}", ""]
+    for user in cfg.users[1:]:
+        keys = ", ".join(f"{{ access_key = {_toml(ak)}, secret_key = {_toml(MASK)} }}"
+                         for ak, u in cfg.key_users.items() if u is user)
+        out += ["[[users]]", f"name = {_toml(user.name)}", f"id = {_toml(user.id)}",
+                f"display_name = {_toml(user.display_name)}", f"keys = [{keys}]", ""]
     for up in cfg.upstreams:
         out.append("[[buckets]]")
         for name in ARRAYS["buckets"]:
@@ -626,6 +742,19 @@ def reference() -> str:
         "| `access_key` | the access key id |",
         "| `secret_key` | its secret |",
         "",
+        "## [[users]]",
+        "",
+        "More tenants, each with its own keys and buckets. The keys of `[[credentials]]` and the environment",
+        f"belong to the first user, `{FIRST_USER}`. A bucket belongs to the user who created it; only its owner",
+        "may read, list or write it (AccessDenied otherwise, on every node, cache hits included).",
+        "",
+        "| key | default | meaning |",
+        "| --- | --- | --- |",
+        "| `name` | required | the user's name (`[[buckets]] owner` names it) |",
+        "| `id` | SHA-256 of `name` | the canonical user id, 64 hex digits, shown in Owner fields |",
+        "| `display_name` | `name` | the DisplayName shown with it |",
+        "| `keys` | required | `[{ access_key = \"...\", secret_key = \"...\" }, ...]`, one or more |",
+        "",
         "## [[buckets]]",
         "",
         "Each entry fronts a bucket of another S3 store (read through the cache when `[cache] enabled`).",
@@ -647,6 +776,7 @@ def reference() -> str:
         "deadline": "seconds one request may spend on retries before the client gets 503",
         "max_attempts": "attempts per request",
         "pool_size": "connections kept to the store",
+        "owner": "the `[[users]]` name that owns the bucket (default: the first user)",
     }
     for name, f in UpstreamConfig.__dataclass_fields__.items():
         default = "" if f.default is MISSING or f.default in ("", None) else f"`{_toml(f.default)}`"

@@ -3,6 +3,7 @@ published development keys kept to loopback."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,55 @@ def test_every_toml_example_in_the_docs_is_a_valid_configuration(tmp_path: Path,
            "NEARSTORE_CLUSTER_SECRET": "x"}
     cfg = load(_file(tmp_path, text), env=env)
     assert cfg.port == 9000
+
+
+USERS = """
+[[credentials]]
+access_key = "first"
+secret_key = "first-secret"
+
+[[users]]
+name = "vision"
+display_name = "Vision team"
+keys = [{ access_key = "v1", secret_key = "v1-secret" }, { access_key = "v2", secret_key = "v2-secret" }]
+
+[[users]]
+name = "audio"
+id = "%s"
+keys = [{ access_key = "a1", secret_key = "a1-secret" }]
+""" % ("b" * 64)
+
+
+def test_users_their_keys_and_the_first_user(tmp_path: Path) -> None:
+    path = tmp_path / "n.toml"
+    path.write_text(USERS + '\n[[buckets]]\nname = "ds"\nendpoint = "http://127.0.0.1:1"\nowner = "audio"\n')
+    cfg = load(str(path), env={"NEARSTORE_ACCESS_KEY": "env", "NEARSTORE_SECRET_KEY": "env-secret"})
+    first, vision, audio = cfg.users
+    assert first.name == config.FIRST_USER and first.id == hashlib.sha256(b"env").hexdigest()
+    assert first.display_name == "env"  # the environment's key comes first
+    assert vision == config.User("vision", hashlib.sha256(b"vision").hexdigest(), "Vision team")
+    assert audio.id == "b" * 64 and audio.display_name == "audio"
+    assert {k: u.name for k, u in cfg.key_users.items()} == {
+        "first": "owner", "env": "owner", "v1": "vision", "v2": "vision", "a1": "audio"}
+    assert cfg.credentials["v2"] == "v2-secret" and cfg.credentials["first"] == "first-secret"
+    assert cfg.user_of("a1") is audio and cfg.user_named("") is first
+    assert cfg.user_named(cfg.upstreams[0].owner) is audio
+    shown = config.render(cfg)
+    assert 'name = "vision"' in shown and "v1-secret" not in shown and "a1-secret" not in shown
+    assert shown.count("[[credentials]]") == 2  # the first user's keys only
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('[[users]]\nname = "x"\nkeys = [{ access_key = "v1", secret_key = "s" }]\n', "also user 'vision'"),
+    ('[[users]]\nname = "vision"\nkeys = [{ access_key = "z", secret_key = "s" }]\n', "name is also"),
+    ('[[users]]\nname = "x"\nkeys = []\n', "one or more"),
+    ('[[users]]\nname = "x"\nid = "XYZ"\nkeys = [{ access_key = "z", secret_key = "s" }]\n', "64 lower-case hex"),
+    ('[[users]]\nname = "owner"\nkeys = [{ access_key = "z", secret_key = "s" }]\n', "first user"),
+    ('[[users]]\nname = "x"\nkeys = [{ access_key = "z" }]\n', "secret_key"),
+    ('[[buckets]]\nname = "ds"\nendpoint = "http://127.0.0.1:1"\nowner = "nobody"\n', "no user named 'nobody'"),
+])
+def test_mistakes_in_users_are_refused(tmp_path: Path, extra: str, message: str) -> None:
+    path = tmp_path / "n.toml"
+    path.write_text(USERS + "\n" + extra)
+    with pytest.raises(ConfigError, match=message):
+        load(str(path), env={})
