@@ -425,9 +425,9 @@ class CachedBackend:
         finally:
             await self._invalidate(dst_bucket, dst_key)
 
-    async def delete_object(self, bucket: str, key: str) -> None:
+    async def delete_object(self, bucket: str, key: str, if_match: str | None = None) -> None:
         try:
-            await self.inner.delete_object(bucket, key)
+            await self.inner.delete_object(bucket, key, if_match)
         finally:
             await self._invalidate(bucket, key)
 
@@ -454,8 +454,17 @@ class CachedBackend:
     async def list_buckets(self) -> list[BucketInfo]:
         return await self.inner.list_buckets()
 
-    async def create_bucket(self, bucket: str, region: str = "") -> None:
-        await self.inner.create_bucket(bucket, region)
+    async def create_bucket(self, bucket: str, region: str = "", owner: str = "") -> None:
+        await self.inner.create_bucket(bucket, region, owner)
+
+    def bucket_owner(self, bucket: str) -> str:
+        return self.inner.bucket_owner(bucket)
+
+    async def get_bucket_tags(self, bucket: str) -> dict[str, str]:
+        return await self.inner.get_bucket_tags(bucket)
+
+    async def put_bucket_tags(self, bucket: str, tags: Mapping[str, str]) -> None:
+        await self.inner.put_bucket_tags(bucket, tags)
 
     async def head_bucket(self, bucket: str) -> BucketInfo:
         return await self.inner.head_bucket(bucket)

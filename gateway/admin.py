@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -25,11 +24,14 @@ from nearstore.cache.localsock import OpenRead
 from nearstore.cache.metrics import exposition as metrics_exposition
 from nearstore.cache.warm import WarmProgress, warm
 from nearstore.gateway import errors
+from nearstore.gateway.access import authorize
 from nearstore.gateway.auth import SignedRequest, authenticate
 from nearstore.gateway.conditions import check_read_conditions
+from nearstore.gateway.config import Config
 from nearstore.gateway.request import check_key, parse_query, split_target, validate_bucket_name
 from nearstore.gateway.sendfile import send_body
 from nearstore.gateway.state import (
+    BACKEND_KEY,
     CACHE_FOR_KEY,
     CONFIG_KEY,
     HEALTH_KEY,
@@ -89,9 +91,11 @@ async def warm_route(request: web.Request) -> web.StreamResponse:
     progress, the last one the summary. Signed like any S3 request."""
     raw_path, _, raw_query = request.raw_path.partition("?")
     cfg = request.app[CONFIG_KEY]
-    authenticate(SignedRequest(request.method, raw_path, raw_query, request.headers), cfg.credentials)
+    auth = authenticate(SignedRequest(request.method, raw_path, raw_query, request.headers), cfg.credentials)
     q = parse_query(raw_query)
     bucket = q.get("bucket", "")
+    validate_bucket_name(bucket)
+    authorize(cfg, request.app[BACKEND_KEY], auth.access_key, bucket)  # a user warms its own buckets
     prefix = q.get("prefix", "")
     pin = q.get("pin", "").lower() in ("1", "true", "yes")
     target = request.app[CACHE_FOR_KEY](bucket)
@@ -162,20 +166,21 @@ async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
 # --- the short-circuit socket's requests (cache.localsock) ---------------------
 
 
-def local_reads(backend: Backend, credentials: Mapping[str, str], domain: str | None) -> OpenRead:
+def local_reads(backend: Backend, cfg: Config) -> OpenRead:
     """The local socket's ``open_read``: a presigned GET URL checked and
-    opened exactly as the HTTP path would (signature, bucket and key rules,
-    conditions)."""
+    opened exactly as the HTTP path would (signature, access, bucket and
+    key rules, conditions)."""
 
     async def open_read(url: str, rng: tuple[int, int] | None, if_match: str | None) -> ObjectHandle:
         parts = urlsplit(url)
-        authenticate(SignedRequest(method="GET", raw_path=parts.path, raw_query=parts.query,
-                                   headers=CIMultiDict({"Host": parts.netloc})), credentials)
-        bucket, key, _ = split_target(parts.path, parts.netloc, domain)
+        auth = authenticate(SignedRequest(method="GET", raw_path=parts.path, raw_query=parts.query,
+                                          headers=CIMultiDict({"Host": parts.netloc})), cfg.credentials)
+        bucket, key, _ = split_target(parts.path, parts.netloc, cfg.domain)
         if not bucket or not key:
             raise errors.InvalidRequest("A local read names one object")
         validate_bucket_name(bucket)
         check_key(key)
+        authorize(cfg, backend, auth.access_key, bucket)
         conditions = {"If-Match": if_match} if if_match else {}
         range_header = f"bytes={rng[0]}-{rng[1]}" if rng is not None else None
         handle = await backend.open_object(bucket, key, ReadOptions(range_header=range_header,

@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from aiohttp import HttpVersion11, http_exceptions, web, web_protocol
 
 from nearstore.gateway import errors
+from nearstore.gateway.access import authorize
 from nearstore.gateway.admin import admin
 from nearstore.gateway.auth import AuthContext, SignedRequest, authenticate
 from nearstore.gateway.config import Config
 from nearstore.gateway.conn import BodyStalled, GuardedHandler
 from nearstore.gateway.handlers.common import Ctx
 from nearstore.gateway.request import S3Request, parse_query, split_target
-from nearstore.gateway.routes import Handler, resolve
+from nearstore.gateway.routes import SELF_AUTHORIZED, Handler, resolve
 from nearstore.gateway.sendfile import ResponseAborted
 from nearstore.gateway.state import (
     BACKEND_KEY,
@@ -211,7 +212,10 @@ def prepare(request: web.Request, request_id: str) -> Prepared:
     else:
         auth = check_signature(cfg, req)
     handler = resolve(req)
-    return Prepared(req, Ctx(request.app[BACKEND_KEY], cfg, auth), handler)
+    backend = request.app[BACKEND_KEY]
+    if req.bucket is not None and handler not in SELF_AUTHORIZED:
+        authorize(cfg, backend, auth.access_key, req.bucket)
+    return Prepared(req, Ctx(backend, cfg, auth), handler)
 
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:

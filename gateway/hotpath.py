@@ -53,6 +53,7 @@ from multidict import CIMultiDict
 
 from nearstore.cache.metrics import HANDED_OFF
 from nearstore.gateway import errors
+from nearstore.gateway.access import authorize
 from nearstore.gateway.app import (
     MAX_HEADER_BYTES,
     SERVER,
@@ -285,6 +286,8 @@ class HotConnection(asyncio.Protocol):
         cfg = self._hot.cfg
         try:
             auth = check_signature(cfg, req)
+            assert req.bucket is not None  # the hot path serves objects only
+            authorize(cfg, self._hot.backend, auth.access_key, req.bucket)
             reading = await objects.open_read(Ctx(self._hot.backend, cfg, auth), req, head=is_head)
         except Exception as e:
             self._answer_error(e, req, is_head, keep_alive)

@@ -244,7 +244,7 @@ class _Plan:
     content_md5: str | None  # the header as sent, validated
 
 
-def _plan(headers: Mapping[str, str], auth: AuthContextLike, max_size: int) -> _Plan:
+def _plan(headers: Mapping[str, str], auth: AuthContextLike, max_size: int, unsized_is_empty: bool = False) -> _Plan:
     h = {k.lower(): v for k, v in headers.items()}
     tokens = [t.strip() for t in h.get("content-encoding", "").split(",") if t.strip()]
     aws_chunked = any(t.lower() == "aws-chunked" for t in tokens)
@@ -252,7 +252,7 @@ def _plan(headers: Mapping[str, str], auth: AuthContextLike, max_size: int) -> _
     declared = auth.content_sha256 or h.get("x-amz-content-sha256") or None
     mode = _payload_mode(declared, aws_chunked)
     signer = _signer(auth, declared) if mode.signed else None
-    content_length, decoded_length = _lengths(h, mode.framed, mode.signed, max_size)
+    content_length, decoded_length = _lengths(h, mode.framed, mode.signed, max_size, unsized_is_empty)
     trailers = _declared_trailers(h.get("x-amz-trailer"), mode.trailer_capable)
     algorithm, value = _checksum(h, trailers)
     return _Plan(
@@ -315,9 +315,13 @@ def _signer(auth: AuthContextLike, declared: str | None) -> _Signer:
 
 
 def _lengths(
-    h: Mapping[str, str], framed: bool, signed: bool, max_size: int
+    h: Mapping[str, str], framed: bool, signed: bool, max_size: int, unsized_is_empty: bool = False
 ) -> tuple[int | None, int | None]:
-    """(Content-Length, x-amz-decoded-content-length), checked against max_size."""
+    """(Content-Length, x-amz-decoded-content-length), checked against
+    max_size. With ``unsized_is_empty``, a request with neither length nor
+    chunked framing has an empty body, as HTTP/1.1 says (RFC 9112 6.3): what
+    S3 does for a bucket's own requests (``curl -X PUT`` creates a bucket),
+    while PutObject answers MissingContentLength."""
     content_length: int | None = None
     raw = h.get("content-length")
     if raw is not None:
@@ -325,7 +329,9 @@ def _lengths(
             raise MissingContentLength()
         content_length = int(raw)
     elif "chunked" not in h.get("transfer-encoding", "").lower():
-        raise MissingContentLength()
+        if not unsized_is_empty:
+            raise MissingContentLength()
+        content_length = 0
     decoded_length: int | None = None
     if framed:
         raw = h.get("x-amz-decoded-content-length")
@@ -526,8 +532,9 @@ class Payload:
         auth: AuthContextLike,
         *,
         max_size: int = 5 * 1024**3,
+        unsized_is_empty: bool = False,
     ) -> None:
-        plan = _plan(headers, auth, max_size)
+        plan = _plan(headers, auth, max_size, unsized_is_empty)
         self._plan = plan
         self._max_size = max_size
         self.size = 0

@@ -35,7 +35,6 @@ _NOT_CONFIGURED: dict[str, Handler] = {
     "cors": b.not_configured(errors.NoSuchCORSConfiguration),  # type: ignore[dict-item]
     "lifecycle": b.not_configured(errors.NoSuchLifecycleConfiguration),  # type: ignore[dict-item]
     "encryption": b.not_configured(errors.ServerSideEncryptionConfigurationNotFoundError),  # type: ignore[dict-item]
-    "tagging": b.not_configured(errors.NoSuchTagSet),  # type: ignore[dict-item]
 }
 
 # Bucket operations, by (method, sub-resource); "" = none.
@@ -47,6 +46,9 @@ _BUCKET: dict[tuple[str, str], Handler] = {
     ("GET", "location"): b.get_bucket_location,
     ("GET", "acl"): b.get_bucket_acl,
     ("GET", "versioning"): b.get_bucket_versioning,
+    ("GET", "tagging"): b.get_bucket_tagging,
+    ("PUT", "tagging"): b.put_bucket_tagging,
+    ("DELETE", "tagging"): b.delete_bucket_tagging,
     ("GET", "versions"): b.list_object_versions,
     ("GET", "uploads"): b.list_multipart_uploads,
     ("POST", "delete"): b.delete_objects,
@@ -64,6 +66,7 @@ _OBJECT: dict[tuple[str, str], Handler] = {
     ("PUT", "tagging"): o.put_object_tagging,
     ("DELETE", "tagging"): o.delete_object_tagging,
     ("GET", "acl"): o.get_object_acl,
+    ("GET", "attributes"): o.get_object_attributes,
     ("POST", "uploads"): mp.create_multipart_upload,
     ("POST", "uploadId"): mp.complete_multipart_upload,
     ("PUT", "uploadId"): mp.upload_part,
@@ -75,6 +78,11 @@ _OBJECT: dict[tuple[str, str], Handler] = {
 }
 
 _METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE"})
+
+# Operations on a bucket that decide access themselves (gateway.access):
+# creating one (the name may be free, or another user's), and a browser
+# POST (signed in its form, read by the handler).
+SELF_AUTHORIZED: frozenset[Handler] = frozenset({b.create_bucket, post.post_object})
 
 
 def _subresource(req: S3Request, table: dict[tuple[str, str], Handler]) -> str:

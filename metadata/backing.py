@@ -96,6 +96,7 @@ class BucketInfo:
     name: str
     created: float  # epoch seconds
     region: str = ""
+    owner: str = ""  # the owner's canonical user id; "" the node's first user
 
 
 @dataclass(frozen=True)
@@ -291,9 +292,25 @@ class Backend(Protocol):
     # Buckets
     async def list_buckets(self) -> list[BucketInfo]: ...
 
-    async def create_bucket(self, bucket: str, region: str = "") -> None: ...
+    async def create_bucket(self, bucket: str, region: str = "", owner: str = "") -> None: ...
 
     async def head_bucket(self, bucket: str) -> BucketInfo: ...
+
+    async def get_bucket_tags(self, bucket: str) -> dict[str, str]:
+        """The bucket's tag set; NoSuchTagSet where it has none."""
+        ...
+
+    async def put_bucket_tags(self, bucket: str, tags: Mapping[str, str]) -> None:
+        """Replace the bucket's tag set; an empty one removes it."""
+        ...
+
+    def bucket_owner(self, bucket: str) -> str:
+        """The canonical id of the user who owns ``bucket`` ("" for the
+        node's first user), without waiting: access is decided from it
+        before every request, so a store answers from memory or a local
+        index read. A store that keeps no owners answers ""; one that knows
+        the bucket does not exist raises NoSuchBucket."""
+        ...
 
     async def delete_bucket(self, bucket: str) -> None: ...
 
@@ -331,7 +348,10 @@ class Backend(Protocol):
         caller's copy-source conditions were evaluated against."""
         ...
 
-    async def delete_object(self, bucket: str, key: str) -> None: ...
+    async def delete_object(self, bucket: str, key: str, if_match: str | None = None) -> None:
+        """Remove the key; with ``if_match``, only while its ETag is that
+        one (PreconditionFailed otherwise, NoSuchKey if there is none)."""
+        ...
 
     async def list_objects(
         self,

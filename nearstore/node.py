@@ -83,12 +83,19 @@ class Stores:
                 wildcard = wrap(S3Upstream(up))
             else:
                 mapped[up.name] = wrap(S3Upstream(up))
-        self.front = self._router = Router(self.local, mapped, wildcard)
+        owners = {up.name: _stored_owner(cfg, up.owner) for up in cfg.upstreams}
+        self.front = self._router = Router(self.local, mapped, wildcard, owners)
 
     def cache_for(self, bucket: str) -> CachedBackend | None:
         """The cache that reads ``bucket``, None where it is not cached."""
         target = self._router.pick(bucket) if self._router is not None else self.front
         return target if isinstance(target, CachedBackend) else None
+
+
+def _stored_owner(cfg: Config, name: str) -> str:
+    """A user as bucket ownership records it: "" for the first user."""
+    user = cfg.user_named(name)
+    return "" if user is cfg.first_user else user.id
 
 
 def make_membership(cfg: Config) -> Membership:
@@ -172,7 +179,7 @@ def build_node(cfg: Config, stores: Stores | None = None) -> web.Application:
         """Short-circuit reads over a Unix socket (owner process only)."""
         server = None
         if not cfg.worker and cfg.local_socket != "off":
-            server = LocalSocketServer(cfg.local_socket, local_reads(stores.front, cfg.credentials, cfg.domain),
+            server = LocalSocketServer(cfg.local_socket, local_reads(stores.front, cfg),
                                        describe)
             if not await server.start():
                 server = None

@@ -85,7 +85,9 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS buckets (
     name    TEXT PRIMARY KEY,
     created REAL NOT NULL,
-    region  TEXT NOT NULL DEFAULT ''
+    region  TEXT NOT NULL DEFAULT '',
+    owner   TEXT NOT NULL DEFAULT '',  -- canonical user id; '' the node's first user
+    tags    TEXT                       -- JSON object; NULL: no tag set
 );
 -- Keys are stored as UTF-8 BLOBs: SQLite compares BLOBs with memcmp, which is
 -- exactly S3's listing order (UTF-8 binary), and makes prefix ranges exact.
@@ -119,7 +121,19 @@ CREATE TABLE IF NOT EXISTS parts (
     checksum    TEXT,
     PRIMARY KEY (upload_id, part_number)
 ) WITHOUT ROWID;
+-- Uploads completed lately (a day), so that a repeated
+-- CompleteMultipartUpload (a client that lost the first answer) is answered
+-- as the first one was, as S3 does.
+CREATE TABLE IF NOT EXISTS completed (
+    upload_id TEXT PRIMARY KEY,
+    bucket    TEXT NOT NULL,
+    key       BLOB NOT NULL,
+    parts     TEXT NOT NULL,  -- JSON [[part number, ETag], ...] as completed
+    etag      TEXT NOT NULL,
+    at        REAL NOT NULL
+);
 """
+COMPLETED_KEPT_S = 86400.0
 
 
 def _key_upper_bound(prefix: bytes) -> bytes | None:
@@ -233,6 +247,7 @@ class LocalStore:
         self._conn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._hot: dict[tuple[str, str], tuple[ObjectInfo, str]] = {}
+        self._hot_owners: dict[str, str] = {}
         self._generation: mmap.mmap | None = None
         self._hot_generation = b""
 
@@ -283,6 +298,17 @@ class LocalStore:
         conn.execute("PRAGMA synchronous=NORMAL" if not self.fsync else "PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(_SCHEMA)
+        # Columns added since the first index: an older one gets them (its
+        # buckets are the first user's, "", and have no tags).
+        have = {r[1] for r in conn.execute("PRAGMA table_info(buckets)")}
+        for column, kind in (("owner", "TEXT NOT NULL DEFAULT ''"), ("tags", "TEXT")):
+            if column in have:
+                continue
+            try:
+                conn.execute(f"ALTER TABLE buckets ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as e:  # another process of the node added it first
+                if "duplicate column" not in str(e):
+                    raise
         self._conn = conn
         # The event loop's own connection, for point reads (see open_object).
         rconn = sqlite3.connect(self.root / "meta.sqlite3", isolation_level=None, check_same_thread=False)
@@ -363,26 +389,28 @@ class LocalStore:
 
     async def list_buckets(self) -> list[BucketInfo]:
         def q() -> list[BucketInfo]:
-            rows = self.conn.execute("SELECT name, created, region FROM buckets ORDER BY name")
+            rows = self.conn.execute("SELECT name, created, region, owner FROM buckets ORDER BY name")
             return [BucketInfo(*r) for r in rows]
 
         return await self._db(q)
 
-    async def create_bucket(self, bucket: str, region: str = "") -> None:
+    async def create_bucket(self, bucket: str, region: str = "", owner: str = "") -> None:
         def q() -> None:
             try:
                 self.conn.execute(
-                    "INSERT INTO buckets (name, created, region) VALUES (?, ?, ?)",
-                    (bucket, time.time(), region),
+                    "INSERT INTO buckets (name, created, region, owner) VALUES (?, ?, ?, ?)",
+                    (bucket, time.time(), region, owner),
                 )
             except sqlite3.IntegrityError:
+                if self._bucket_row(bucket).owner != owner:
+                    raise errors.BucketAlreadyExists(BucketName=bucket) from None
                 raise errors.BucketAlreadyOwnedByYou(BucketName=bucket) from None
 
         await self._db(q)
 
     def _bucket_row(self, bucket: str, conn: sqlite3.Connection | None = None) -> BucketInfo:
         row = (conn or self.conn).execute(
-            "SELECT name, created, region FROM buckets WHERE name = ?", (bucket,)
+            "SELECT name, created, region, owner FROM buckets WHERE name = ?", (bucket,)
         ).fetchone()
         if row is None:
             raise errors.NoSuchBucket(BucketName=bucket)
@@ -390,6 +418,25 @@ class LocalStore:
 
     async def head_bucket(self, bucket: str) -> BucketInfo:
         return await self._db(self._bucket_row, bucket)
+
+    async def get_bucket_tags(self, bucket: str) -> dict[str, str]:
+        def q() -> dict[str, str]:
+            self._bucket_row(bucket)
+            (raw,) = self.conn.execute("SELECT tags FROM buckets WHERE name = ?", (bucket,)).fetchone()
+            if raw is None:
+                raise errors.NoSuchTagSet(BucketName=bucket)
+            tags: dict[str, str] = json.loads(raw)
+            return tags
+
+        return await self._db(q)
+
+    async def put_bucket_tags(self, bucket: str, tags: Mapping[str, str]) -> None:
+        def q() -> None:
+            self._bucket_row(bucket)
+            self.conn.execute("UPDATE buckets SET tags = ? WHERE name = ?",
+                              (json.dumps(dict(tags)) if tags else None, bucket))
+
+        await self._db(q)
 
     async def delete_bucket(self, bucket: str) -> None:
         def q() -> list[str]:
@@ -443,11 +490,25 @@ class LocalStore:
     # data_version did the same job at 16 % of a small GET's CPU.
     HOT_ROWS = 4096
 
-    def _hot_row(self, bucket: str, key: str) -> tuple[ObjectInfo, str]:
+    def _check_memo(self) -> None:
         generation = self._generation[:8] if self._generation is not None else b""
         if generation != self._hot_generation or not generation:
             self._hot.clear()
+            self._hot_owners.clear()
             self._hot_generation = generation
+
+    def bucket_owner(self, bucket: str) -> str:
+        self._check_memo()
+        owner = self._hot_owners.get(bucket)
+        if owner is None:
+            owner = self._bucket_row(bucket, self.rconn).owner
+            if len(self._hot_owners) >= self.HOT_ROWS:
+                self._hot_owners.clear()
+            self._hot_owners[bucket] = owner
+        return owner
+
+    def _hot_row(self, bucket: str, key: str) -> tuple[ObjectInfo, str]:
+        self._check_memo()
         got = self._hot.get((bucket, key))
         if got is None:
             info, rel = self._object_row(bucket, key, self.rconn)
@@ -678,12 +739,17 @@ class LocalStore:
                 os.fsync(fd)
         return rel, md5.digest()
 
-    async def delete_object(self, bucket: str, key: str) -> None:
+    async def delete_object(self, bucket: str, key: str, if_match: str | None = None) -> None:
         def q() -> str | None:
             c = self.conn
             c.execute("BEGIN IMMEDIATE")
             try:
                 self._bucket_row(bucket)
+                if if_match is not None:
+                    current = c.execute(
+                        "SELECT etag FROM objects WHERE bucket = ? AND key = ?", (bucket, key.encode())
+                    ).fetchone()
+                    _check_write_conditions(WriteConditions(if_match=if_match), current[0] if current else None, key)
                 row = c.execute(
                     "DELETE FROM objects WHERE bucket = ? AND key = ? RETURNING file",
                     (bucket, key.encode()),
@@ -945,7 +1011,14 @@ class LocalStore:
         numbers = [p.part_number for p in parts]
         if any(b <= a for a, b in itertools.pairwise(numbers)):
             raise errors.InvalidPartOrder()
-        upload, chosen = await self._db(check)
+        listed = json.dumps([[p.part_number, _unquote(p.etag)] for p in parts])
+        try:
+            upload, chosen = await self._db(check)
+        except errors.NoSuchUpload:
+            done = await self._db(self._completed, bucket, key, upload_id, listed)
+            if done is None:
+                raise
+            return done
         loop = asyncio.get_running_loop()
         tmp_rel = await loop.run_in_executor(None, self._concat, [c[0] for c in chosen])
         rel = await self._publish_async(tmp_rel, "objects")
@@ -981,6 +1054,10 @@ class LocalStore:
                 raise errors.NoSuchUpload(UploadId=upload_id)
             c.execute("DELETE FROM parts WHERE upload_id = ?", (upload_id,))
             c.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+            now = time.time()
+            c.execute("DELETE FROM completed WHERE at < ?", (now - COMPLETED_KEPT_S,))
+            c.execute("INSERT OR REPLACE INTO completed VALUES (?, ?, ?, ?, ?, ?)",
+                      (upload_id, bucket, key.encode(), listed, etag, now))
 
         info = await self._db(
             self._commit_object, bucket, key, rel, size, etag, info_json, meta.tags,
@@ -988,6 +1065,24 @@ class LocalStore:
         )
         await loop.run_in_executor(None, self._remove_upload_dir, upload_id)
         return info
+
+    def _completed(self, bucket: str, key: str, upload_id: str, listed: str) -> ObjectInfo | None:
+        """The answer to a CompleteMultipartUpload of an upload completed
+        lately with the same parts: the object as it became (or, if it was
+        replaced since, its ETag then); None otherwise."""
+        row = self.conn.execute(
+            "SELECT etag, at FROM completed WHERE upload_id = ? AND bucket = ? AND key = ? AND parts = ? AND at >= ?",
+            (upload_id, bucket, key.encode(), listed, time.time() - COMPLETED_KEPT_S),
+        ).fetchone()
+        if row is None:
+            return None
+        try:
+            info, _ = self._object_row(bucket, key)
+        except errors.NoSuchKey:
+            info = None
+        if info is not None and info.etag == row[0]:
+            return info
+        return ObjectInfo(key=key, size=0, etag=row[0], last_modified=row[1])
 
     def _concat(self, rels: Sequence[str]) -> str:
         """Concatenate part files into a new temporary file with

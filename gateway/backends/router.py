@@ -8,6 +8,7 @@ source through this node into the destination (bounded memory).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -71,11 +72,15 @@ class Router:
     name = "router"
 
     def __init__(
-        self, local: Backend, mapped: Mapping[str, Backend], wildcard: Backend | None
+        self, local: Backend, mapped: Mapping[str, Backend], wildcard: Backend | None,
+        owners: Mapping[str, str] | None = None,
     ) -> None:
         self.local = local
         self.mapped = dict(mapped)
         self.wildcard = wildcard
+        # Who owns a mapped bucket, by its name ("*": every bucket of the
+        # wildcard's store): the user the config names; "" the first user.
+        self.owners = dict(owners or {})
         # A mapped bucket's creation date is its backing store's, which the
         # node's keys may not be allowed to list: the mapping's start here
         # stands in (never 1970).
@@ -104,18 +109,33 @@ class Router:
     async def list_buckets(self) -> list[BucketInfo]:
         found: dict[str, BucketInfo] = {}
         if self.wildcard is not None:
-            found.update((b.name, b) for b in await self.wildcard.list_buckets())
+            owner = self.owners.get("*", "")
+            found.update((b.name, dataclasses.replace(b, owner=owner)) for b in await self.wildcard.list_buckets())
         else:
             found.update((b.name, b) for b in await self.local.list_buckets())
         for name in self.mapped:
-            found.setdefault(name, BucketInfo(name, self.mapped_since))
+            seen = found.get(name) or BucketInfo(name, self.mapped_since)
+            found[name] = dataclasses.replace(seen, owner=self.owners.get(name, ""))
         return sorted(found.values(), key=lambda b: b.name)
 
-    async def create_bucket(self, bucket: str, region: str = "") -> None:
-        await self.pick(bucket).create_bucket(bucket, region)
+    async def create_bucket(self, bucket: str, region: str = "", owner: str = "") -> None:
+        await self.pick(bucket).create_bucket(bucket, region, owner)
+
+    def bucket_owner(self, bucket: str) -> str:
+        if bucket in self.mapped:
+            return self.owners.get(bucket, "")
+        if self.wildcard is not None:
+            return self.owners.get("*", "")
+        return self.local.bucket_owner(bucket)
 
     async def head_bucket(self, bucket: str) -> BucketInfo:
         return await self.pick(bucket).head_bucket(bucket)
+
+    async def get_bucket_tags(self, bucket: str) -> dict[str, str]:
+        return await self.pick(bucket).get_bucket_tags(bucket)
+
+    async def put_bucket_tags(self, bucket: str, tags: Mapping[str, str]) -> None:
+        await self.pick(bucket).put_bucket_tags(bucket, tags)
 
     async def delete_bucket(self, bucket: str) -> None:
         await self.pick(bucket).delete_bucket(bucket)
@@ -147,8 +167,8 @@ class Router:
                                   await src.get_tags(src_bucket, src_key))
             return await dst.put_object(dst_bucket, dst_key, _Stream(handle, 0, info.size), meta)
 
-    async def delete_object(self, bucket: str, key: str) -> None:
-        await self.pick(bucket).delete_object(bucket, key)
+    async def delete_object(self, bucket: str, key: str, if_match: str | None = None) -> None:
+        await self.pick(bucket).delete_object(bucket, key, if_match)
 
     async def list_objects(
         self, bucket: str, *, prefix: str = "", delimiter: str = "", start_after: str = "", max_keys: int = 1000

@@ -347,13 +347,28 @@ class S3Upstream:
             out.append(BucketInfo(name, created))
         return out
 
-    async def create_bucket(self, bucket: str, region: str = "") -> None:
+    async def create_bucket(self, bucket: str, region: str = "", owner: str = "") -> None:
         if self.cfg.name != "*":
             raise errors.BucketAlreadyOwnedByYou(BucketName=bucket)
         body = None
         if region:
             body = document("CreateBucketConfiguration", [("LocationConstraint", region)])
         (await self._request("PUT", bucket, body=body, idempotent=False)).release()
+
+    def bucket_owner(self, bucket: str) -> str:
+        return ""  # the mapping's: the router holds who the config names
+
+    async def get_bucket_tags(self, bucket: str) -> dict[str, str]:
+        r = await self._request("GET", bucket, None, {"tagging": ""})
+        root = parse(await r.body())
+        return {child_text(t, "Key") or "": child_text(t, "Value") or "" for t in root.iter("Tag")}
+
+    async def put_bucket_tags(self, bucket: str, tags: Mapping[str, str]) -> None:
+        if not tags:
+            (await self._request("DELETE", bucket, None, {"tagging": ""}, ok=(204, 200))).release()
+            return
+        body = document("Tagging", [("TagSet", [("Tag", [("Key", k), ("Value", v)]) for k, v in tags.items()])])
+        (await self._request("PUT", bucket, None, {"tagging": ""}, {"Content-MD5": _b64md5(body)}, body)).release()
 
     async def head_bucket(self, bucket: str) -> BucketInfo:
         r = await self._request("HEAD", bucket)
@@ -562,8 +577,12 @@ class S3Upstream:
         return ObjectInfo(key=dst_key, size=0, etag=child_text(root, "ETag") or "",
                           last_modified=_parse_iso(child_text(root, "LastModified") or ""))
 
-    async def delete_object(self, bucket: str, key: str) -> None:
-        (await self._request("DELETE", bucket, key, ok=(204, 200))).release()
+    async def delete_object(self, bucket: str, key: str, if_match: str | None = None) -> None:
+        headers = {"If-Match": if_match} if if_match is not None else None
+        # A conditional delete retried after a lost answer would report the
+        # first one's success as NoSuchKey: sent once.
+        (await self._request("DELETE", bucket, key, None, headers, ok=(204, 200),
+                             idempotent=if_match is None)).release()
 
     # --- listing ------------------------------------------------------------
 

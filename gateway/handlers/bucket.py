@@ -8,8 +8,10 @@ import binascii
 from aiohttp import web
 
 from nearstore.gateway import errors
+from nearstore.gateway.access import owner_of, recorded
 from nearstore.gateway.conditions import iso8601
 from nearstore.gateway.handlers.common import Ctx, acl_policy, encode_key, read_body, xml_response
+from nearstore.gateway.handlers.object import read_tagging, tagging_response
 from nearstore.gateway.request import S3Request, check_key, validate_bucket_name
 from nearstore.gateway.xml import Node, child_text, parse
 from nearstore.metadata.backing import ListPage, ObjectInfo
@@ -23,7 +25,8 @@ def _bucket(req: S3Request) -> str:
 
 
 async def list_buckets(ctx: Ctx, req: S3Request) -> web.StreamResponse:
-    buckets = await ctx.backend.list_buckets()
+    mine = recorded(ctx.config, ctx.user)
+    buckets = [b for b in await ctx.backend.list_buckets() if b.owner == mine]
     return xml_response(
         "ListAllMyBucketsResult",
         [
@@ -51,7 +54,19 @@ async def create_bucket(ctx: Ctx, req: S3Request) -> web.StreamResponse:
             raise errors.InvalidLocationConstraint(
                 "The specified location-constraint is not valid", LocationConstraint=region
             )
-    await ctx.backend.create_bucket(bucket, region)
+    try:
+        taken = owner_of(ctx.config, ctx.backend, bucket)
+    except errors.NoSuchBucket:
+        taken = None
+    if taken is not None and taken != ctx.user.id:
+        raise errors.BucketAlreadyExists(BucketName=bucket)
+    try:
+        await ctx.backend.create_bucket(bucket, region, recorded(ctx.config, ctx.user))
+    except errors.BucketAlreadyOwnedByYou:
+        # S3 in us-east-1 answers the owner's re-create without a location
+        # constraint with 200 (legacy); every other region with 409.
+        if region or ctx.config.region != "us-east-1":
+            raise
     return web.Response(status=200, headers={"Location": f"/{bucket}"})
 
 
@@ -346,7 +361,7 @@ async def list_multipart_uploads(ctx: Ctx, req: S3Request) -> web.StreamResponse
                     [
                         ("Key", encode_key(u.key, enc)),
                         ("UploadId", u.upload_id),
-                        ("Initiator", [("ID", ctx.owner_id), ("DisplayName", ctx.auth.access_key)]),
+                        ("Initiator", [("ID", ctx.owner_id), ("DisplayName", ctx.user.display_name)]),
                         ctx.owner(),
                         ("StorageClass", "STANDARD"),
                         ("Initiated", iso8601(u.initiated)),
@@ -358,6 +373,21 @@ async def list_multipart_uploads(ctx: Ctx, req: S3Request) -> web.StreamResponse
             *[("CommonPrefixes", [("Prefix", encode_key(p, enc))]) for p in prefixes],
         ],
     )
+
+
+async def get_bucket_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    return tagging_response(await ctx.backend.get_bucket_tags(_bucket(req)))
+
+
+async def put_bucket_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    tags = await read_tagging(ctx, req, bucket=True)
+    await ctx.backend.put_bucket_tags(_bucket(req), tags)
+    return web.Response(status=204)
+
+
+async def delete_bucket_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    await ctx.backend.put_bucket_tags(_bucket(req), {})
+    return web.Response(status=204)
 
 
 def not_configured(error: type[errors.S3Error]) -> object:

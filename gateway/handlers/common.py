@@ -3,7 +3,6 @@ reading small request bodies, and object metadata from headers."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote
@@ -12,7 +11,7 @@ from aiohttp import web
 
 from nearstore.gateway import errors
 from nearstore.gateway.auth import AuthContext
-from nearstore.gateway.config import Config
+from nearstore.gateway.config import Config, User
 from nearstore.gateway.payload import Payload
 from nearstore.gateway.request import S3Request
 from nearstore.gateway.xml import Node, document
@@ -41,12 +40,19 @@ class Ctx:
     auth: AuthContext
 
     @property
+    def user(self) -> User:
+        """Who sent the request (its signature named the key)."""
+        return self.config.user_of(self.auth.access_key)
+
+    @property
     def owner_id(self) -> str:
-        # A stable canonical-user id per access key, in S3's 64-hex form.
-        return hashlib.sha256(self.auth.access_key.encode()).hexdigest()
+        return self.user.id
 
     def owner(self) -> Node:
-        return ("Owner", [("ID", self.owner_id), ("DisplayName", self.auth.access_key)])
+        """The requester as an Owner element: a bucket's only user, so also
+        the owner of what it holds."""
+        user = self.user
+        return ("Owner", [("ID", user.id), ("DisplayName", user.display_name)])
 
 
 def xml_response(root: str, children: Iterable[Node | None], status: int = 200) -> web.Response:
@@ -58,8 +64,9 @@ def payload(ctx: Ctx, req: S3Request) -> Payload:
 
 
 async def read_body(ctx: Ctx, req: S3Request, limit: int = 2 * 1024 * 1024) -> bytes:
-    """A small request body (XML), verified like any upload."""
-    body = payload(ctx, req)
+    """A small request body (XML), verified like any upload; none at all
+    when the request has neither Content-Length nor chunked framing."""
+    body = Payload(req.body().content, req.headers, ctx.auth, unsized_is_empty=True)
     out = bytearray()
     async for chunk in body.chunks():
         out += chunk
@@ -85,8 +92,10 @@ def parse_tagging_header(value: str | None) -> dict[str, str]:
     return tags
 
 
-def validate_tags(tags: Mapping[str, str]) -> None:
-    if len(tags) > 10:
+def validate_tags(tags: Mapping[str, str], *, bucket: bool = False) -> None:
+    if bucket and len(tags) > 50:
+        raise errors.InvalidTag("Bucket tag count cannot be greater than 50")
+    if not bucket and len(tags) > 10:
         raise errors.InvalidTag("Object tags cannot be greater than 10")
     for k, v in tags.items():
         if not k or len(k) > 128:
@@ -159,7 +168,7 @@ def acl_policy(ctx: Ctx) -> web.Response:
                     (
                         "Grant",
                         [
-                            (grantee, [("ID", ctx.owner_id), ("DisplayName", ctx.auth.access_key)]),
+                            (grantee, [("ID", ctx.owner_id), ("DisplayName", ctx.user.display_name)]),
                             ("Permission", "FULL_CONTROL"),
                         ],
                     )

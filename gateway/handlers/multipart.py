@@ -6,6 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from nearstore.gateway import errors
+from nearstore.gateway.access import authorize
 from nearstore.gateway.checksums import ALGORITHMS
 from nearstore.gateway.conditions import check_copy_source_conditions, iso8601
 from nearstore.gateway.handlers.common import (
@@ -128,6 +129,7 @@ async def upload_part_copy(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     number = _part_number(req)
     src_bucket, src_key = parse_copy_source(req.header("x-amz-copy-source") or "")
     rng = _copy_range(req.header("x-amz-copy-source-range"))
+    authorize(ctx.config, ctx.backend, ctx.auth.access_key, src_bucket)
     src = await ctx.backend.head_object(src_bucket, src_key)
     check_copy_source_conditions(req.headers, src.etag, src.last_modified)
     part = await ctx.backend.upload_part_copy(
@@ -198,7 +200,7 @@ async def list_parts(ctx: Ctx, req: S3Request) -> web.StreamResponse:
             ("Bucket", _bucket(req)),
             ("Key", key),
             ("UploadId", upload_id),
-            ("Initiator", [("ID", ctx.owner_id), ("DisplayName", ctx.auth.access_key)]),
+            ("Initiator", [("ID", ctx.owner_id), ("DisplayName", ctx.user.display_name)]),
             ctx.owner(),
             ("StorageClass", "STANDARD"),
             ("PartNumberMarker", marker),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
 
 from aiohttp import web
 
 from nearstore.gateway import errors
+from nearstore.gateway.access import authorize
 from nearstore.gateway.conditions import (
     check_copy_source_conditions,
     check_read_conditions,
@@ -28,7 +30,7 @@ from nearstore.gateway.handlers.common import (
 )
 from nearstore.gateway.request import S3Request, check_key, validate_bucket_name
 from nearstore.gateway.sendfile import send_body
-from nearstore.gateway.xml import child_text, parse
+from nearstore.gateway.xml import Node, child_text, parse
 from nearstore.metadata.backing import (
     ObjectHandle,
     ObjectInfo,
@@ -266,6 +268,7 @@ async def copy_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     tag_directive = (req.header("x-amz-tagging-directive") or "COPY").upper()
     if directive not in ("COPY", "REPLACE") or tag_directive not in ("COPY", "REPLACE"):
         raise errors.InvalidArgument("Unknown metadata directive.", ArgumentName="x-amz-metadata-directive")
+    authorize(ctx.config, ctx.backend, ctx.auth.access_key, src_bucket)
     src = await ctx.backend.head_object(src_bucket, src_key)
     check_copy_source_conditions(req.headers, src.etag, src.last_modified)
     if (
@@ -299,20 +302,17 @@ async def copy_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
 async def delete_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     key = require_key(req)
     check_version_id(req)
-    await ctx.backend.delete_object(_bucket(req), key)
+    await ctx.backend.delete_object(_bucket(req), key, req.header("If-Match"))
     return web.Response(status=204)
 
 
 async def get_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     check_version_id(req)
-    tags = await ctx.backend.get_tags(_bucket(req), require_key(req))
-    return xml_response(
-        "Tagging", [("TagSet", [("Tag", [("Key", k), ("Value", v)]) for k, v in tags.items()])]
-    )
+    return tagging_response(await ctx.backend.get_tags(_bucket(req), require_key(req)))
 
 
-async def put_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
-    check_version_id(req)
+async def read_tagging(ctx: Ctx, req: S3Request, *, bucket: bool = False) -> dict[str, str]:
+    """A Tagging document's tag set, checked as S3 checks it."""
     root = parse(await read_body(ctx, req, limit=64 * 1024))
     tagset = root.find("TagSet")
     if root.tag != "Tagging" or tagset is None:
@@ -325,7 +325,17 @@ async def put_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
         if k in tags:
             raise errors.InvalidTag("Cannot provide multiple Tags with the same key")
         tags[k] = v
-    validate_tags(tags)
+    validate_tags(tags, bucket=bucket)
+    return tags
+
+
+def tagging_response(tags: Mapping[str, str]) -> web.Response:
+    return xml_response("Tagging", [("TagSet", [("Tag", [("Key", k), ("Value", v)]) for k, v in tags.items()])])
+
+
+async def put_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    check_version_id(req)
+    tags = await read_tagging(ctx, req)
     await ctx.backend.put_tags(_bucket(req), require_key(req), tags)
     return web.Response(status=200)
 
@@ -334,6 +344,64 @@ async def delete_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     check_version_id(req)
     await ctx.backend.put_tags(_bucket(req), require_key(req), {})
     return web.Response(status=204)
+
+
+ATTRIBUTES = ("ETag", "Checksum", "ObjectParts", "StorageClass", "ObjectSize")
+
+
+async def get_object_attributes(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    """GetObjectAttributes: what ``x-amz-object-attributes`` names, from the
+    object's metadata (no body is read). Parts are listed for a multipart
+    object whose part sizes the store knows (the local store; a backing
+    store's HEAD does not tell them)."""
+    check_version_id(req)
+    wanted = [a.strip() for a in (req.header("x-amz-object-attributes") or "").split(",") if a.strip()]
+    if not wanted:
+        raise errors.InvalidArgument("The x-amz-object-attributes header specifying the attributes to be "
+                                     "retrieved is either missing or empty", ArgumentName="x-amz-object-attributes")
+    for name in wanted:
+        if name not in ATTRIBUTES:
+            raise errors.InvalidArgument("Invalid attribute name specified.", ArgumentName="x-amz-object-attributes",
+                                         ArgumentValue=name)
+    max_parts = _bounded(req, "x-amz-max-parts", 1000)
+    marker = _bounded(req, "x-amz-part-number-marker", 0)
+    info = await ctx.backend.head_object(_bucket(req), require_key(req))
+    out: list[Node | None] = []
+    if "ETag" in wanted:
+        out.append(("ETag", info.etag.strip('"')))
+    if "Checksum" in wanted and info.checksum:
+        alg, value, kind = info.checksum
+        out.append(("Checksum", [(f"Checksum{alg.upper()}", value), ("ChecksumType", kind)]))
+    if "ObjectParts" in wanted and info.parts:
+        listed = list(enumerate(info.parts, 1))[marker:marker + max_parts]
+        truncated = marker + len(listed) < len(info.parts)
+        part_alg = info.checksum[0].upper() if info.checksum and info.part_checksums else None
+        parts: list[Node | None] = [
+            ("Part", [(f"Checksum{part_alg}", info.part_checksums[n - 1]) if part_alg else None,
+                      ("PartNumber", n), ("Size", size)])
+            for n, size in listed
+        ]
+        out.append(("ObjectParts", [
+            ("IsTruncated", truncated), ("MaxParts", max_parts),
+            ("NextPartNumberMarker", listed[-1][0] if listed else marker),
+            ("PartNumberMarker", marker), *parts, ("PartsCount", len(info.parts)),
+        ]))
+    if "StorageClass" in wanted:
+        out.append(("StorageClass", info.storage_class))
+    if "ObjectSize" in wanted:
+        out.append(("ObjectSize", info.size))
+    resp = xml_response("GetObjectAttributesResponse", out)
+    resp.headers["Last-Modified"] = http_date(info.last_modified)
+    return resp
+
+
+def _bounded(req: S3Request, header: str, default: int) -> int:
+    raw = req.header(header)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or int(raw) > 2**31 - 1:
+        raise errors.InvalidArgument(f"Invalid value for {header}", ArgumentName=header, ArgumentValue=raw)
+    return int(raw)
 
 
 async def get_object_acl(ctx: Ctx, req: S3Request) -> web.StreamResponse:

@@ -18,6 +18,7 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from nearstore.gateway import errors
+from nearstore.gateway.access import authorize
 from nearstore.gateway.auth import PostPolicy, authenticate_post
 from nearstore.gateway.handlers.common import (
     MAX_USER_META,
@@ -152,7 +153,8 @@ async def post_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     # One case-folded view of the form, read by the signature, the policy
     # and the write alike.
     lower, part = await read_fields(reader)
-    _auth, policy = authenticate_post(lower, ctx.config.credentials)
+    auth, policy = authenticate_post(lower, ctx.config.credentials)
+    authorize(ctx.config, ctx.backend, auth.access_key, bucket)
     if "key" not in lower:
         raise errors.InvalidArgument(
             "Bucket POST must contain a field named 'key'.  If it is specified, please check the order of the fields.",

@@ -362,3 +362,29 @@ def test_errors_are_xml_with_request_id(server: S3Server, bucket: str) -> None:
 def test_list_v2_bad_continuation_token(server: S3Server, bucket: str, token: str) -> None:
     resp = rawhttp.request(server, "GET", key_path(bucket), f"list-type=2&continuation-token={token}")
     assert_s3_error(resp, 400, "InvalidArgument")
+
+
+def test_a_request_without_length_or_framing_has_an_empty_body(nearstore_server: S3Server) -> None:
+    """HTTP/1.1: no Content-Length and no Transfer-Encoding is an empty body.
+    ``curl -X PUT`` creates a bucket (S3 does the same); PutObject still
+    needs a length, as S3 answers it (411 MissingContentLength)."""
+    import uuid
+
+    server = nearstore_server
+    bucket = f"unsized-{uuid.uuid4().hex[:12]}"
+
+    def bare(method: str, target: str) -> tuple[int, bytes]:
+        sock = rawhttp.raw_socket(server)
+        try:
+            sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            status, _, body = rawhttp.parse_raw_response(rawhttp.read_http_response(sock))
+        finally:
+            sock.close()
+        return status, body
+
+    status, body = bare("PUT", rawhttp.presign(server, "PUT", key_path(bucket)))
+    assert status == 200, body
+    server.client().head_bucket(Bucket=bucket)
+    status, body = bare("PUT", rawhttp.presign(server, "PUT", key_path(bucket, "obj")))
+    assert status == 411 and b"<Code>MissingContentLength</Code>" in body

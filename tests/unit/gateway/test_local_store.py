@@ -255,3 +255,41 @@ async def test_remembered_rows_follow_every_writer(store: LocalStore, tmp_path: 
     finally:
         await other.close()
 
+
+
+async def test_buckets_keep_their_owner_and_an_old_index_is_the_first_users(tmp_path: Path) -> None:
+    import sqlite3
+
+    root = tmp_path / "data"
+    root.mkdir()
+    # An index written before buckets had owners.
+    old = sqlite3.connect(root / "meta.sqlite3")
+    old.execute("CREATE TABLE buckets (name TEXT PRIMARY KEY, created REAL NOT NULL, region TEXT NOT NULL DEFAULT '')")
+    old.execute("INSERT INTO buckets VALUES ('legacy', 1.0, '')")
+    old.commit()
+    old.close()
+    s = LocalStore(root, fsync=False)
+    await s.start()
+    try:
+        assert s.bucket_owner("legacy") == ""
+        with pytest.raises(errors.NoSuchTagSet):
+            await s.get_bucket_tags("legacy")
+        await s.put_bucket_tags("legacy", {"a": "1"})
+        assert await s.get_bucket_tags("legacy") == {"a": "1"}
+        await s.create_bucket("theirs", owner="a" * 64)
+        assert s.bucket_owner("theirs") == "a" * 64
+        assert {(b.name, b.owner) for b in await s.list_buckets()} == {("legacy", ""), ("theirs", "a" * 64)}
+        with pytest.raises(errors.BucketAlreadyExists):
+            await s.create_bucket("theirs")
+        with pytest.raises(errors.BucketAlreadyOwnedByYou):
+            await s.create_bucket("theirs", owner="a" * 64)
+        with pytest.raises(errors.NoSuchBucket):
+            s.bucket_owner("nobody")
+        # The memo follows a delete and a new owner of the same name.
+        await s.delete_bucket("theirs")
+        with pytest.raises(errors.NoSuchBucket):
+            s.bucket_owner("theirs")
+        await s.create_bucket("theirs", owner="b" * 64)
+        assert s.bucket_owner("theirs") == "b" * 64
+    finally:
+        await s.close()
