@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from nearstore.clients import direct, ranged
 from nearstore.clients.connect import connect
@@ -30,6 +31,7 @@ from tests.helpers.procs import BIN, moto_server, wait_ready
 from tests.helpers.servers import S3Server, free_port
 
 MiB = 1024 * 1024
+OTHER = ("dr-other-tenant", "dr-other-tenant-secret")  # a user who owns nothing here
 CACHED = "direct-data"  # mapped to moto, read through the cache
 LOCAL = "direct-local"  # each node's own local store: not cached
 ENV = {"NEARSTORE_ACCESS_KEY": "dr-access", "NEARSTORE_SECRET_KEY": "dr-secret",
@@ -58,6 +60,7 @@ class Nodes:
         conf.write_text(
             f'[[buckets]]\nname = "{CACHED}"\nendpoint = "{self.moto}"\naccess_key = "x"\nsecret_key = "x"\n'
             '[cache]\nchunk_size = "1MiB"\nsize = "256MiB"\n'
+            f'[[users]]\nname = "other"\nkeys = [{{ access_key = "{OTHER[0]}", secret_key = "{OTHER[1]}" }}]\n'
             "[cluster]\npeers = [" + ", ".join(f'"{self.url(j)}"' for j in range(3)) + "]\n")
         with open(self.tmp / f"node{i}.log", "ab") as log:
             self.procs[i] = subprocess.Popen(
@@ -180,6 +183,26 @@ def test_each_chunk_comes_from_its_owner(nodes: Nodes, tmp_path: Path) -> None:
     assert ranged.read_bytes(nodes.client(0), CACHED, "dir/sub dir/obj+1", chunk=MiB, local=False) == data
     remote = sum(min(MiB, size - i * MiB) for i, o in enumerate(chunk_owners) if o != nodes.node_id(0))
     assert sum(nodes.peer_bytes()) - sum(before) == remote
+
+
+def test_another_tenant_is_denied_by_every_node_warm_chunks_included(nodes: Nodes) -> None:
+    """CACHED is the first user's. Warm on every owner, a reader with
+    another tenant's key is refused by each node it asks, whether the
+    chunk is local to that node or a peer's: the decision is made where the
+    request arrives, and peers are only asked by a node that made it."""
+    data = put(nodes, "tenant", 3 * MiB + 1)
+    assert DirectReader(nodes.client(0), streams=3).read_bytes(CACHED, "tenant") == data  # warm, from owners
+    for i in range(3):
+        other = connect(nodes.url(i), access_key=OTHER[0], secret_key=OTHER[1])
+        for read in (lambda c=other: ranged.read_bytes(c, CACHED, "tenant", chunk=MiB, local=False),
+                     lambda c=other: c.get_object(Bucket=CACHED, Key="tenant")["Body"].read(),
+                     lambda c=other: c.list_objects_v2(Bucket=CACHED)):
+            with pytest.raises(ClientError) as e:
+                read()
+            # (A HEAD's answer has no body: botocore names it by its status.)
+            assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403, e.value.response
+            assert e.value.response["Error"]["Code"] in ("AccessDenied", "403"), e.value.response
+        assert CACHED not in {b["Name"] for b in other.list_buckets()["Buckets"]}
 
 
 async def test_async_readers(nodes: Nodes, tmp_path: Path) -> None:
