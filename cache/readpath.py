@@ -466,6 +466,12 @@ class CachedBackend:
     async def put_bucket_tags(self, bucket: str, tags: Mapping[str, str]) -> None:
         await self.inner.put_bucket_tags(bucket, tags)
 
+    async def get_bucket_cors(self, bucket: str) -> bytes:
+        return await self.inner.get_bucket_cors(bucket)
+
+    async def put_bucket_cors(self, bucket: str, document: bytes | None) -> None:
+        await self.inner.put_bucket_cors(bucket, document)
+
     async def head_bucket(self, bucket: str) -> BucketInfo:
         return await self.inner.head_bucket(bucket)
 

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 from aiohttp import HttpVersion11, http_exceptions, web, web_protocol
 
-from nearstore.gateway import errors
+from nearstore.gateway import cors, errors
 from nearstore.gateway.access import authorize
 from nearstore.gateway.admin import admin
 from nearstore.gateway.auth import AuthContext, SignedRequest, authenticate
 from nearstore.gateway.config import Config
 from nearstore.gateway.conn import BodyStalled, GuardedHandler
+from nearstore.gateway.cors import Rules
 from nearstore.gateway.handlers.common import Ctx
 from nearstore.gateway.request import S3Request, parse_query, split_target
 from nearstore.gateway.routes import SELF_AUTHORIZED, Handler, resolve
@@ -38,6 +39,7 @@ from nearstore.gateway.state import (
     BACKEND_KEY,
     CACHE_FOR_KEY,
     CONFIG_KEY,
+    CORS_KEY,
     HEALTH_KEY,
     INFLIGHT_KEY,
     MEMBERSHIP_KEY,
@@ -143,6 +145,7 @@ class Prepared:
 
 PREPARED_KEY = "nearstore.prepared"
 REQUEST_ID_KEY = "nearstore.request_id"
+BUCKET_KEY = "nearstore.bucket"  # the S3 request's bucket, for its CORS headers
 
 
 async def _stamp(request: web.BaseRequest, resp: web.StreamResponse) -> None:
@@ -153,6 +156,10 @@ async def _stamp(request: web.BaseRequest, resp: web.StreamResponse) -> None:
         resp.headers.setdefault("x-amz-request-id", rid)
         resp.headers.setdefault("x-amz-id-2", rid)
     resp.headers["Server"] = SERVER
+    origin, bucket = request.headers.get("Origin"), request.get(BUCKET_KEY)
+    if origin and bucket and request.method != "OPTIONS" and isinstance(request, web.Request):
+        rules = await request.app[CORS_KEY].of(bucket)
+        resp.headers.update(cors.actual(rules, origin, request.method))
 
 
 def parse_request(
@@ -215,7 +222,7 @@ def prepare(request: web.Request, request_id: str) -> Prepared:
     backend = request.app[BACKEND_KEY]
     if req.bucket is not None and handler not in SELF_AUTHORIZED:
         authorize(cfg, backend, auth.access_key, req.bucket)
-    return Prepared(req, Ctx(backend, cfg, auth), handler)
+    return Prepared(req, Ctx(backend, cfg, auth, request.app[CORS_KEY]), handler)
 
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
@@ -260,8 +267,11 @@ async def _front(request: web.Request) -> web.StreamResponse:
     try:
         if raw_path.startswith("/_nearstore/"):
             return await admin(request, raw_path)
+        if request.method == "OPTIONS":
+            return await _preflight(request)
         if prepared is None:
             prepared = prepare(request, request_id)
+        request[BUCKET_KEY] = prepared.req.bucket
         resp = await prepared.handler(prepared.ctx, prepared.req)
     except ResponseAborted as e:
         log.warning("request %s aborted mid-response: %s", request_id, e.__cause__ or e)
@@ -279,6 +289,21 @@ async def _front(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _preflight(request: web.Request) -> web.StreamResponse:
+    """A browser's CORS preflight: unsigned (browsers never sign one),
+    answered from the bucket's rules."""
+    cfg = request.app[CONFIG_KEY]
+    bucket, _, _ = split_target(request.raw_path.partition("?")[0], request.headers.get("Host"), cfg.domain)
+    if not bucket:
+        raise errors.BadRequest("Insufficient information. Origin request header needed.")
+    request[BUCKET_KEY] = bucket
+    rules = await request.app[CORS_KEY].of(bucket)
+    headers = cors.preflight(rules, request.headers.get("Origin"),
+                             request.headers.get("Access-Control-Request-Method"),
+                             cors.requested_headers(request.headers.get("Access-Control-Request-Headers")))
+    return web.Response(status=200, headers=headers)
+
+
 def build_app(cfg: Config, backend: Backend, membership: Membership, cache_for: CacheFor) -> web.Application:
     """The S3 front over ``backend``; the node (``nearstore.node``) adds
     the lifetimes of what it built (stores, cache, peers, local socket)."""
@@ -288,6 +313,7 @@ def build_app(cfg: Config, backend: Backend, membership: Membership, cache_for: 
     app[INFLIGHT_KEY] = InFlight()
     app[MEMBERSHIP_KEY] = membership
     app[BACKEND_KEY] = backend
+    app[CORS_KEY] = Rules(backend)
     app[CACHE_FOR_KEY] = cache_for
     app[HEALTH_KEY] = Health()
     app.on_response_prepare.append(_stamp)

@@ -268,6 +268,11 @@ class NoSuchBucketPolicy(S3Error):
     message = "The bucket policy does not exist"
 
 
+class AccessForbidden(S3Error):  # a CORS preflight no rule allows
+    status = 403
+    message = "CORSResponse: This CORS request is not allowed."
+
+
 class NoSuchCORSConfiguration(S3Error):
     status = 404
     message = "The CORS configuration does not exist"

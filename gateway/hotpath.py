@@ -245,8 +245,8 @@ class HotConnection(asyncio.Protocol):
         if method != b"GET" and method != b"HEAD":
             return None
         headers = CIMultiDict(self._headers)
-        if "Expect" in headers:
-            return None
+        if "Expect" in headers or "Origin" in headers:
+            return None  # 100-continue, or a browser's request with its CORS headers to add
         try:
             req = parse_request(self._hot.cfg, method.decode(), url.decode("utf-8", "surrogateescape"), headers,
                                 self._header_bytes, new_request_id())

@@ -32,7 +32,6 @@ S3_SUBRESOURCES = frozenset(
 
 _NOT_CONFIGURED: dict[str, Handler] = {
     "policy": b.not_configured(errors.NoSuchBucketPolicy),  # type: ignore[dict-item]
-    "cors": b.not_configured(errors.NoSuchCORSConfiguration),  # type: ignore[dict-item]
     "lifecycle": b.not_configured(errors.NoSuchLifecycleConfiguration),  # type: ignore[dict-item]
     "encryption": b.not_configured(errors.ServerSideEncryptionConfigurationNotFoundError),  # type: ignore[dict-item]
 }
@@ -46,6 +45,9 @@ _BUCKET: dict[tuple[str, str], Handler] = {
     ("GET", "location"): b.get_bucket_location,
     ("GET", "acl"): b.get_bucket_acl,
     ("GET", "versioning"): b.get_bucket_versioning,
+    ("GET", "cors"): b.get_bucket_cors,
+    ("PUT", "cors"): b.put_bucket_cors,
+    ("DELETE", "cors"): b.delete_bucket_cors,
     ("GET", "tagging"): b.get_bucket_tagging,
     ("PUT", "tagging"): b.put_bucket_tagging,
     ("DELETE", "tagging"): b.delete_bucket_tagging,

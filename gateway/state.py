@@ -11,6 +11,7 @@ from aiohttp import web
 
 from nearstore.cache.readpath import CachedBackend
 from nearstore.gateway.config import Config
+from nearstore.gateway.cors import Rules
 from nearstore.metadata.backing import Backend
 from nearstore.metadata.membership import Membership
 
@@ -55,6 +56,7 @@ class Health:
 CONFIG_KEY = web.AppKey("config", Config)
 MEMBERSHIP_KEY = web.AppKey("membership", Membership)
 BACKEND_KEY = web.AppKey("backend", Backend)
+CORS_KEY = web.AppKey("cors", Rules)
 CACHE_FOR_KEY: web.AppKey[CacheFor] = web.AppKey("cache_for")
 INFLIGHT_KEY = web.AppKey("inflight", InFlight)
 HEALTH_KEY = web.AppKey("health", Health)

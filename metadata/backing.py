@@ -304,6 +304,15 @@ class Backend(Protocol):
         """Replace the bucket's tag set; an empty one removes it."""
         ...
 
+    async def get_bucket_cors(self, bucket: str) -> bytes:
+        """The bucket's CORSConfiguration document; NoSuchCORSConfiguration
+        where it has none."""
+        ...
+
+    async def put_bucket_cors(self, bucket: str, document: bytes | None) -> None:
+        """Store the bucket's CORSConfiguration document (None removes it)."""
+        ...
+
     def bucket_owner(self, bucket: str) -> str:
         """The canonical id of the user who owns ``bucket`` ("" for the
         node's first user), without waiting: access is decided from it

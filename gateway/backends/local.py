@@ -87,7 +87,8 @@ CREATE TABLE IF NOT EXISTS buckets (
     created REAL NOT NULL,
     region  TEXT NOT NULL DEFAULT '',
     owner   TEXT NOT NULL DEFAULT '',  -- canonical user id; '' the node's first user
-    tags    TEXT                       -- JSON object; NULL: no tag set
+    tags    TEXT,                      -- JSON object; NULL: no tag set
+    cors    TEXT                       -- CORSConfiguration document; NULL: none
 );
 -- Keys are stored as UTF-8 BLOBs: SQLite compares BLOBs with memcmp, which is
 -- exactly S3's listing order (UTF-8 binary), and makes prefix ranges exact.
@@ -301,7 +302,7 @@ class LocalStore:
         # Columns added since the first index: an older one gets them (its
         # buckets are the first user's, "", and have no tags).
         have = {r[1] for r in conn.execute("PRAGMA table_info(buckets)")}
-        for column, kind in (("owner", "TEXT NOT NULL DEFAULT ''"), ("tags", "TEXT")):
+        for column, kind in (("owner", "TEXT NOT NULL DEFAULT ''"), ("tags", "TEXT"), ("cors", "TEXT")):
             if column in have:
                 continue
             try:
@@ -429,6 +430,24 @@ class LocalStore:
             return tags
 
         return await self._db(q)
+
+    async def get_bucket_cors(self, bucket: str) -> bytes:
+        def q() -> bytes:
+            self._bucket_row(bucket)
+            (raw,) = self.conn.execute("SELECT cors FROM buckets WHERE name = ?", (bucket,)).fetchone()
+            if raw is None:
+                raise errors.NoSuchCORSConfiguration(BucketName=bucket)
+            return str(raw).encode()
+
+        return await self._db(q)
+
+    async def put_bucket_cors(self, bucket: str, document: bytes | None) -> None:
+        def q() -> None:
+            self._bucket_row(bucket)
+            self.conn.execute("UPDATE buckets SET cors = ? WHERE name = ?",
+                              (document.decode() if document is not None else None, bucket))
+
+        await self._db(q)
 
     async def put_bucket_tags(self, bucket: str, tags: Mapping[str, str]) -> None:
         def q() -> None:

@@ -137,6 +137,12 @@ class Router:
     async def put_bucket_tags(self, bucket: str, tags: Mapping[str, str]) -> None:
         await self.pick(bucket).put_bucket_tags(bucket, tags)
 
+    async def get_bucket_cors(self, bucket: str) -> bytes:
+        return await self.pick(bucket).get_bucket_cors(bucket)
+
+    async def put_bucket_cors(self, bucket: str, document: bytes | None) -> None:
+        await self.pick(bucket).put_bucket_cors(bucket, document)
+
     async def delete_bucket(self, bucket: str) -> None:
         await self.pick(bucket).delete_bucket(bucket)
 

@@ -363,6 +363,16 @@ class S3Upstream:
         root = parse(await r.body())
         return {child_text(t, "Key") or "": child_text(t, "Value") or "" for t in root.iter("Tag")}
 
+    async def get_bucket_cors(self, bucket: str) -> bytes:
+        return await (await self._request("GET", bucket, None, {"cors": ""})).body()
+
+    async def put_bucket_cors(self, bucket: str, document: bytes | None) -> None:
+        if document is None:
+            (await self._request("DELETE", bucket, None, {"cors": ""}, ok=(204, 200))).release()
+            return
+        (await self._request("PUT", bucket, None, {"cors": ""}, {"Content-MD5": _b64md5(document)},
+                             document)).release()
+
     async def put_bucket_tags(self, bucket: str, tags: Mapping[str, str]) -> None:
         if not tags:
             (await self._request("DELETE", bucket, None, {"tagging": ""}, ok=(204, 200))).release()

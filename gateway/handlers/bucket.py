@@ -7,7 +7,7 @@ import binascii
 
 from aiohttp import web
 
-from nearstore.gateway import errors
+from nearstore.gateway import cors, errors
 from nearstore.gateway.access import owner_of, recorded
 from nearstore.gateway.conditions import iso8601
 from nearstore.gateway.handlers.common import Ctx, acl_policy, encode_key, read_body, xml_response
@@ -373,6 +373,26 @@ async def list_multipart_uploads(ctx: Ctx, req: S3Request) -> web.StreamResponse
             *[("CommonPrefixes", [("Prefix", encode_key(p, enc))]) for p in prefixes],
         ],
     )
+
+
+async def get_bucket_cors(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    document = await ctx.backend.get_bucket_cors(_bucket(req))
+    return web.Response(body=document, content_type="application/xml")
+
+
+async def put_bucket_cors(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    rules = cors.parse_configuration(await read_body(ctx, req, limit=256 * 1024))
+    await ctx.backend.put_bucket_cors(_bucket(req), cors.render(rules))
+    if ctx.cors is not None:
+        ctx.cors.forget(_bucket(req))
+    return web.Response(status=200)
+
+
+async def delete_bucket_cors(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    await ctx.backend.put_bucket_cors(_bucket(req), None)
+    if ctx.cors is not None:
+        ctx.cors.forget(_bucket(req))
+    return web.Response(status=204)
 
 
 async def get_bucket_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:

@@ -12,6 +12,7 @@ from aiohttp import web
 from nearstore.gateway import errors
 from nearstore.gateway.auth import AuthContext
 from nearstore.gateway.config import Config, User
+from nearstore.gateway.cors import Rules
 from nearstore.gateway.payload import Payload
 from nearstore.gateway.request import S3Request
 from nearstore.gateway.xml import Node, document
@@ -38,6 +39,8 @@ class Ctx:
     backend: Backend
     config: Config
     auth: AuthContext
+    # The node's memo of buckets' CORS rules, told of changes made here.
+    cors: Rules | None = None
 
     @property
     def user(self) -> User:

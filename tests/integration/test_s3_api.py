@@ -741,6 +741,68 @@ def test_a_repeated_complete_answers_like_the_first(s3: Any, bucket: str) -> Non
                     MultipartUpload=parts) == (404, "NoSuchUpload")
 
 
+def test_cors_configuration_preflight_and_actual_responses(server: S3Server, s3: Any, bucket: str) -> None:
+    assert error_of(s3.get_bucket_cors, Bucket=bucket) == (404, "NoSuchCORSConfiguration")
+
+    def options(origin: str | None, method: str | None, headers: str | None = None,
+                key: str = "obj") -> rawhttp.Response:
+        h = {k: v for k, v in (("Origin", origin), ("Access-Control-Request-Method", method),
+                                ("Access-Control-Request-Headers", headers)) if v is not None}
+        return rawhttp.send(server, "OPTIONS", key_path(bucket, key), h, b"")  # unsigned, as browsers send it
+
+    resp = options("https://app.example.com", "GET")
+    assert resp.status == 403 and b"<Code>AccessForbidden</Code>" in resp.body  # CORS not enabled
+    rules = {"CORSRules": [
+        {"AllowedOrigins": ["https://*.example.com"], "AllowedMethods": ["GET", "HEAD", "PUT"],
+         "AllowedHeaders": ["Content-*", "x-amz-*"], "ExposeHeaders": ["ETag", "x-amz-request-id"],
+         "MaxAgeSeconds": 600, "ID": "app"},
+        {"AllowedOrigins": ["*"], "AllowedMethods": ["GET"]},
+    ]}
+    s3.put_bucket_cors(Bucket=bucket, CORSConfiguration=rules)
+    got = s3.get_bucket_cors(Bucket=bucket)["CORSRules"]
+    assert got[0]["AllowedOrigins"] == ["https://*.example.com"] and got[0]["MaxAgeSeconds"] == 600
+    assert got[0]["ID"] == "app" and got[1]["AllowedMethods"] == ["GET"]
+
+    resp = options("https://app.example.com", "PUT", "Content-Type, X-Amz-Meta-Owner")
+    assert resp.status == 200, resp
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert resp.headers["Access-Control-Allow-Methods"] == "GET, HEAD, PUT"
+    assert resp.headers["Access-Control-Allow-Headers"] == "Content-Type, X-Amz-Meta-Owner"
+    assert resp.headers["Access-Control-Max-Age"] == "600"
+    assert resp.headers["Access-Control-Expose-Headers"] == "ETag, x-amz-request-id"
+    assert resp.headers["Access-Control-Allow-Credentials"] == "true"
+    # Another origin: only the "*" rule, for GET only.
+    resp = options("https://evil.test", "GET")
+    assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == "*"
+    assert options("https://evil.test", "PUT").status == 403
+    assert options("https://app.example.com", "PUT", "Authorization-Extra").status == 403  # header not allowed
+    assert options("https://app.example.com", "DELETE").status == 403
+    assert options(None, "GET").status == 400
+    assert options("https://app.example.com", None).status == 400
+
+    # The actual (signed) requests carry the headers of the rule that allows them.
+    s3.put_object(Bucket=bucket, Key="obj", Body=b"cross-origin")
+    for method in ("GET", "HEAD"):
+        path = key_path(bucket, "obj")
+        headers = rawhttp.sign_headers(server, method, path, headers={"Origin": "https://app.example.com"})
+        resp = rawhttp.send(server, method, path, headers, b"")
+        assert resp.status == 200, resp
+        assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+        assert resp.headers["Access-Control-Expose-Headers"] == "ETag, x-amz-request-id"
+    presigned = rawhttp.send(server, "GET", rawhttp.presign(server, "GET", key_path(bucket, "obj")),
+                             {"Origin": "https://evil.test"}, b"")
+    assert presigned.status == 200 and presigned.headers["Access-Control-Allow-Origin"] == "*"
+    path = key_path(bucket, "obj")
+    plain = rawhttp.send(server, "GET", path, rawhttp.sign_headers(server, "GET", path), b"")
+    assert "Access-Control-Allow-Origin" not in plain.headers  # no Origin, no CORS headers
+
+    assert error_of(s3.put_bucket_cors, Bucket=bucket, CORSConfiguration={"CORSRules": [
+        {"AllowedOrigins": ["*"], "AllowedMethods": ["PATCH"]}]})[1] == "InvalidRequest"
+    s3.delete_bucket_cors(Bucket=bucket)
+    assert error_of(s3.get_bucket_cors, Bucket=bucket) == (404, "NoSuchCORSConfiguration")
+    assert options("https://app.example.com", "GET").status == 403
+
+
 def test_bucket_tagging(s3: Any, bucket: str) -> None:
     assert error_of(s3.get_bucket_tagging, Bucket=bucket) == (404, "NoSuchTagSet")
     s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": [{"Key": "team", "Value": "vision"},
