@@ -432,10 +432,11 @@ class CachedBackend:
             await self._invalidate(bucket, key)
 
     async def complete_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart]
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart],
+        conditions: WriteConditions | None = None,
     ) -> ObjectInfo:
         try:
-            return await self.inner.complete_upload(bucket, key, upload_id, parts)
+            return await self.inner.complete_upload(bucket, key, upload_id, parts, conditions)
         finally:
             await self._invalidate(bucket, key)
 

@@ -397,8 +397,13 @@ class Backend(Protocol):
     ) -> PartInfo: ...
 
     async def complete_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart]
-    ) -> ObjectInfo: ...
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart],
+        conditions: WriteConditions | None = None,
+    ) -> ObjectInfo:
+        """Make the upload the key's object; ``conditions`` (If-Match,
+        If-None-Match: *) are checked against the key's object as the new
+        one takes its place."""
+        ...
 
     async def abort_upload(self, bucket: str, key: str, upload_id: str) -> None: ...
 

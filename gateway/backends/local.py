@@ -994,7 +994,8 @@ class LocalStore:
         return ck.b64()
 
     async def complete_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart]
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart],
+        conditions: WriteConditions | None = None,
     ) -> ObjectInfo:
         def check() -> tuple[UploadInfo, list[tuple[str, int, bytes, str | None]]]:
             upload = self._upload_row(bucket, key, upload_id)
@@ -1080,7 +1081,7 @@ class LocalStore:
 
         info = await self._db(
             self._commit_object, bucket, key, rel, size, etag, info_json, meta.tags,
-            WriteConditions(), finish,
+            conditions or WriteConditions(), finish,
         )
         await loop.run_in_executor(None, self._remove_upload_dir, upload_id)
         return info

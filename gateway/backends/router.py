@@ -214,9 +214,10 @@ class Router:
             return await dst.upload_part(bucket, key, upload_id, part_number, _Stream(handle, start, end - start + 1))
 
     async def complete_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart]
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart],
+        conditions: WriteConditions | None = None,
     ) -> ObjectInfo:
-        return await self.pick(bucket).complete_upload(bucket, key, upload_id, parts)
+        return await self.pick(bucket).complete_upload(bucket, key, upload_id, parts, conditions)
 
     async def abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
         await self.pick(bucket).abort_upload(bucket, key, upload_id)

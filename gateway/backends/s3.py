@@ -682,7 +682,8 @@ class S3Upstream:
                         _parse_iso(child_text(root, "LastModified") or ""))
 
     async def complete_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart]
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart],
+        conditions: WriteConditions | None = None,
     ) -> ObjectInfo:
         if not parts:
             raise errors.MalformedXML()
@@ -702,8 +703,13 @@ class S3Upstream:
                 for p in parts
             ],
         )
+        headers: dict[str, str] = {}
+        if conditions and conditions.if_match:
+            headers["If-Match"] = conditions.if_match
+        if conditions and conditions.if_none_match:
+            headers["If-None-Match"] = conditions.if_none_match
         # Not retried: a retry after a lost response would see NoSuchUpload.
-        r = await self._request("POST", bucket, key, {"uploadId": upload_id}, {}, body, idempotent=False)
+        r = await self._request("POST", bucket, key, {"uploadId": upload_id}, headers, body, idempotent=False)
         raw = await r.body()
         root = parse(raw)
         if root.tag == "Error":

@@ -17,7 +17,7 @@ from nearstore.gateway.handlers.common import (
     require_key,
     xml_response,
 )
-from nearstore.gateway.handlers.object import parse_copy_source, with_encoding
+from nearstore.gateway.handlers.object import parse_copy_source, with_encoding, write_conditions
 from nearstore.gateway.request import S3Request, check_key
 from nearstore.gateway.xml import child_text, parse
 from nearstore.metadata.backing import CompletedPart, ObjectMeta
@@ -159,7 +159,7 @@ async def complete_multipart_upload(ctx: Ctx, req: S3Request) -> web.StreamRespo
             if value is not None:
                 checksum, checksum_alg = value, alg
         parts.append(CompletedPart(n, etag.strip(), checksum, checksum_alg))
-    info = await ctx.backend.complete_upload(_bucket(req), key, upload_id, parts)
+    info = await ctx.backend.complete_upload(_bucket(req), key, upload_id, parts, write_conditions(req))
     host = req.header("Host") or "localhost"
     resp = xml_response(
         "CompleteMultipartUploadResult",

@@ -205,7 +205,7 @@ async def _read_object(ctx: Ctx, req: S3Request, *, head: bool) -> web.StreamRes
         await reading.handle.close()
 
 
-def _write_conditions(req: S3Request) -> WriteConditions:
+def write_conditions(req: S3Request) -> WriteConditions:
     inm = req.header("If-None-Match")
     if inm is not None and inm.strip() != "*":
         raise errors.NotImplemented("If-None-Match on writes supports only '*'", Header="If-None-Match")
@@ -220,7 +220,7 @@ async def put_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     meta = meta_from_headers(req)
     body = payload(ctx, req)
     info = await ctx.backend.put_object(_bucket(req), key, body, with_encoding(meta, body.content_encoding),
-                                        _write_conditions(req))
+                                        write_conditions(req))
     headers = {"ETag": info.etag}
     if body.checksum:
         headers[f"x-amz-checksum-{body.checksum[0].lower()}"] = body.checksum[1]
