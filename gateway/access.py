@@ -37,6 +37,12 @@ def owner_of(cfg: Config, backend: Backend, bucket: str) -> str:
 
 
 def authorize(cfg: Config, backend: Backend, access_key: str, bucket: str) -> None:
-    """AccessDenied unless the user of ``access_key`` owns ``bucket``."""
-    if owner_of(cfg, backend, bucket) != cfg.user_of(access_key).id:
+    """AccessDenied unless the user of ``access_key`` owns ``bucket`` (and
+    for a key no user holds: there is no such request once authenticated,
+    but a slip elsewhere must fail closed)."""
+    try:
+        user = cfg.user_of(access_key)
+    except KeyError:
+        raise errors.AccessDenied() from None
+    if owner_of(cfg, backend, bucket) != user.id:
         raise errors.AccessDenied()

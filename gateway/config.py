@@ -224,8 +224,14 @@ class Config:
         return self.users[0]
 
     def user_of(self, access_key: str) -> User:
-        """The user an authenticated access key belongs to."""
-        return self.key_users.get(access_key) or self.first_user
+        """The user an authenticated access key belongs to. KeyError for a
+        key no user holds (an anonymous request's "" included): never a
+        default user, so a path that forgot to authenticate grants nothing."""
+        if not self.key_users:  # made by hand (tests, tools): every key of ``credentials`` is the first user's
+            if access_key not in self.credentials:
+                raise KeyError(access_key)
+            return self.first_user
+        return self.key_users[access_key]
 
     def user_named(self, name: str) -> User:
         """The user called ``name`` ("" is the first)."""

@@ -186,3 +186,21 @@ def test_mistakes_in_users_are_refused(tmp_path: Path, extra: str, message: str)
     path.write_text(USERS + "\n" + extra)
     with pytest.raises(ConfigError, match=message):
         load(str(path), env={})
+
+
+def test_a_key_no_user_holds_is_nobodys(tmp_path: Path) -> None:
+    path = tmp_path / "n.toml"
+    path.write_text(USERS)
+    cfg = load(str(path), env={})
+    for key in ("", "unknown"):
+        with pytest.raises(KeyError):
+            cfg.user_of(key)
+    from nearstore.gateway import access, errors
+
+    class Store:
+        def bucket_owner(self, bucket: str) -> str:
+            return ""  # the first user's
+
+    with pytest.raises(errors.AccessDenied):
+        access.authorize(cfg, Store(), "", "b")  # type: ignore[arg-type]
+    access.authorize(cfg, Store(), "first", "b")  # type: ignore[arg-type]
