@@ -134,10 +134,13 @@ class ObjectMeta:
 
 @dataclass(frozen=True)
 class WriteConditions:
-    """Conditional writes (``If-Match`` / ``If-None-Match: *`` on PUT)."""
+    """Conditional writes (``If-Match`` / ``If-None-Match: *`` on PUT and
+    CompleteMultipartUpload); for the latter also the whole object's
+    checksum the client expects, ``(algorithm, base64 value)``."""
 
     if_match: str | None = None
     if_none_match: str | None = None
+    checksum: tuple[str, str] | None = None
 
 
 class UploadBody(Protocol):

@@ -1056,6 +1056,12 @@ class LocalStore:
                 for v in part_checksums:
                     ck.update(base64.b64decode(v))
                 checksum = (alg, f"{ck.b64()}-{len(chosen)}", "COMPOSITE")
+        if conditions is not None and conditions.checksum is not None:
+            try:
+                _check_expected_checksum(conditions.checksum, checksum)
+            except BaseException:
+                self._unlink(rel)
+                raise
         size = sum(c[1] for c in chosen)
         meta = upload.meta
         stored_headers = {k: v for k, v in meta.headers.items() if k != "x-amz-checksum-type"}
@@ -1216,6 +1222,19 @@ def _check_write_conditions(cond: WriteConditions, current_etag: str | None, key
             raise errors.NoSuchKey(Key=key)
         if cond.if_match.strip() != "*" and _unquote(cond.if_match) != _unquote(current_etag):
             raise errors.PreconditionFailed(Condition="If-Match")
+
+
+def _check_expected_checksum(expected: tuple[str, str], computed: tuple[str, str, str] | None) -> None:
+    """CompleteMultipartUpload's x-amz-checksum-*: the algorithm must be the
+    upload's (InvalidRequest), the value the object's (BadDigest); a
+    composite value may come with or without its -N."""
+    alg, value = expected
+    if computed is None or computed[0].upper() != alg.upper():
+        raise errors.InvalidRequest(
+            f"Checksum Type mismatch occurred, expected checksum Type: "
+            f"{computed[0].lower() if computed else 'null'}, actual checksum Type: {alg.lower()}")
+    if value != computed[1] and value != computed[1].rsplit("-", 1)[0]:
+        raise errors.BadDigest(f"The {alg.upper()} you specified did not match the calculated checksum.")
 
 
 def _unquote(etag: str) -> str:

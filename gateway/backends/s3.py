@@ -708,6 +708,8 @@ class S3Upstream:
             headers["If-Match"] = conditions.if_match
         if conditions and conditions.if_none_match:
             headers["If-None-Match"] = conditions.if_none_match
+        if conditions and conditions.checksum:
+            headers[f"x-amz-checksum-{conditions.checksum[0].lower()}"] = conditions.checksum[1]
         # Not retried: a retry after a lost response would see NoSuchUpload.
         r = await self._request("POST", bucket, key, {"uploadId": upload_id}, headers, body, idempotent=False)
         raw = await r.body()

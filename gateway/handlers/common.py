@@ -66,10 +66,16 @@ def payload(ctx: Ctx, req: S3Request) -> Payload:
     return Payload(req.body().content, req.headers, ctx.auth)
 
 
-async def read_body(ctx: Ctx, req: S3Request, limit: int = 2 * 1024 * 1024) -> bytes:
+async def read_body(ctx: Ctx, req: S3Request, limit: int = 2 * 1024 * 1024, *,
+                    object_checksum: bool = False) -> bytes:
     """A small request body (XML), verified like any upload; none at all
-    when the request has neither Content-Length nor chunked framing."""
-    body = Payload(req.body().content, req.headers, ctx.auth, unsized_is_empty=True)
+    when the request has neither Content-Length nor chunked framing. With
+    ``object_checksum`` the x-amz-checksum-* headers describe the object the
+    request makes (CompleteMultipartUpload), not this body: not checked here."""
+    headers: Mapping[str, str] = req.headers
+    if object_checksum:
+        headers = {k: v for k, v in req.headers.items() if not k.lower().startswith("x-amz-checksum-")}
+    body = Payload(req.body().content, headers, ctx.auth, unsized_is_empty=True)
     out = bytearray()
     async for chunk in body.chunks():
         out += chunk

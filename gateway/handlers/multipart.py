@@ -3,6 +3,8 @@ list parts. Listing uploads is a bucket operation (handlers.bucket)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from aiohttp import web
 
 from nearstore.gateway import errors
@@ -141,7 +143,7 @@ async def upload_part_copy(ctx: Ctx, req: S3Request) -> web.StreamResponse:
 async def complete_multipart_upload(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     key = require_key(req)
     upload_id = _upload_id(req)
-    root = parse(await read_body(ctx, req))
+    root = parse(await read_body(ctx, req, object_checksum=True))
     if root.tag != "CompleteMultipartUpload":
         raise errors.MalformedXML()
     parts: list[CompletedPart] = []
@@ -159,7 +161,12 @@ async def complete_multipart_upload(ctx: Ctx, req: S3Request) -> web.StreamRespo
             if value is not None:
                 checksum, checksum_alg = value, alg
         parts.append(CompletedPart(n, etag.strip(), checksum, checksum_alg))
-    info = await ctx.backend.complete_upload(_bucket(req), key, upload_id, parts, write_conditions(req))
+    conditions = write_conditions(req)
+    for alg in ALGORITHMS:
+        value = req.header(f"x-amz-checksum-{alg.lower()}")
+        if value is not None:
+            conditions = dataclasses.replace(conditions, checksum=(alg, value))
+    info = await ctx.backend.complete_upload(_bucket(req), key, upload_id, parts, conditions)
     host = req.header("Host") or "localhost"
     resp = xml_response(
         "CompleteMultipartUploadResult",

@@ -15,6 +15,7 @@ relaxed.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import io
 from concurrent.futures import ThreadPoolExecutor
@@ -751,6 +752,33 @@ def test_conditional_complete_multipart_upload(server: S3Server, s3: Any, bucket
     s3.complete_multipart_upload(Bucket=bucket, Key="cond-mp", UploadId=up, MultipartUpload=parts,
                                  IfMatch=current)  # the upload survived the refusals
     assert s3.get_object(Bucket=bucket, Key="cond-mp")["Body"].read() == b"second"
+
+
+@pytest.mark.gateway_only
+def test_complete_checks_the_whole_objects_checksum(s3: Any, bucket: str) -> None:
+    """CompleteMultipartUpload's x-amz-checksum-*: the whole object's CRC
+    (FULL_OBJECT) or the composite one, BadDigest when it differs and
+    InvalidRequest for another algorithm, as AWS answers; the upload
+    survives a refusal."""
+    import zlib
+
+    data = [b"a" * (5 * 1024 * 1024), b"tail"]
+    up = s3.create_multipart_upload(Bucket=bucket, Key="whole", ChecksumAlgorithm="CRC32",
+                                    ChecksumType="FULL_OBJECT")["UploadId"]
+    parts = {"Parts": [
+        {"PartNumber": n, "ETag": r["ETag"], "ChecksumCRC32": r["ChecksumCRC32"]}
+        for n, r in ((n, s3.upload_part(Bucket=bucket, Key="whole", UploadId=up, PartNumber=n, Body=d,
+                                        ChecksumAlgorithm="CRC32")) for n, d in enumerate(data, 1))]}
+    whole = base64.b64encode(zlib.crc32(b"".join(data)).to_bytes(4, "big")).decode()
+    assert error_of(s3.complete_multipart_upload, Bucket=bucket, Key="whole", UploadId=up,
+                    MultipartUpload=parts, ChecksumCRC32="AAAAAA==", ChecksumType="FULL_OBJECT") == (
+        400, "BadDigest")
+    assert error_of(s3.complete_multipart_upload, Bucket=bucket, Key="whole", UploadId=up,
+                    MultipartUpload=parts, ChecksumSHA256=base64.b64encode(bytes(32)).decode())[1] == "InvalidRequest"
+    assert error_of(s3.head_object, Bucket=bucket, Key="whole")[0] == 404  # nothing visible
+    done = s3.complete_multipart_upload(Bucket=bucket, Key="whole", UploadId=up, MultipartUpload=parts,
+                                        ChecksumCRC32=whole, ChecksumType="FULL_OBJECT")
+    assert done["ChecksumCRC32"] == whole and done["ChecksumType"] == "FULL_OBJECT"
 
 
 @pytest.mark.gateway_only
