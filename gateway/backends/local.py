@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from nearstore.gateway import errors
-from nearstore.gateway.checksums import new_checksum
+from nearstore.gateway.checksums import combine_crc, new_checksum
 from nearstore.metadata.backing import (
     BucketInfo,
     CompletedPart,
@@ -1049,8 +1049,10 @@ class LocalStore:
         if alg and all(c[3] for c in chosen):
             part_checksums = [c[3] or "" for c in chosen]
             if upload.meta.headers.get("x-amz-checksum-type", "COMPOSITE").upper() == "FULL_OBJECT":
-                value = await loop.run_in_executor(None, self._file_checksum, rel, alg)
-                checksum = (alg, value, "FULL_OBJECT")
+                # From the parts' CRCs and sizes (CRC combination), as S3
+                # computes it: no second read of the whole object.
+                value = base64.b64encode(combine_crc(alg, [(base64.b64decode(c[3] or ""), c[1]) for c in chosen]))
+                checksum = (alg, value.decode(), "FULL_OBJECT")
             else:
                 ck = new_checksum(alg)
                 for v in part_checksums:
