@@ -141,6 +141,7 @@ class WriteConditions:
     if_match: str | None = None
     if_none_match: str | None = None
     checksum: tuple[str, str] | None = None
+    checksum_type: str | None = None  # Complete's x-amz-checksum-type: must be the upload's
 
 
 class UploadBody(Protocol):

@@ -1039,6 +1039,11 @@ class LocalStore:
             if done is None:
                 raise
             return done
+        if conditions is not None and conditions.checksum_type is not None:
+            mode = upload.meta.headers.get("x-amz-checksum-type", "COMPOSITE").upper()
+            if conditions.checksum_type.upper() != mode:
+                raise errors.InvalidRequest(f"The upload was created using the {mode} checksum mode. "
+                                            "The complete request must use the same checksum mode.")
         loop = asyncio.get_running_loop()
         tmp_rel = await loop.run_in_executor(None, self._concat, [c[0] for c in chosen])
         rel = await self._publish_async(tmp_rel, "objects")

@@ -710,6 +710,8 @@ class S3Upstream:
             headers["If-None-Match"] = conditions.if_none_match
         if conditions and conditions.checksum:
             headers[f"x-amz-checksum-{conditions.checksum[0].lower()}"] = conditions.checksum[1]
+        if conditions and conditions.checksum_type:
+            headers["x-amz-checksum-type"] = conditions.checksum_type
         # Not retried: a retry after a lost response would see NoSuchUpload.
         r = await self._request("POST", bucket, key, {"uploadId": upload_id}, headers, body, idempotent=False)
         raw = await r.body()

@@ -161,7 +161,7 @@ async def complete_multipart_upload(ctx: Ctx, req: S3Request) -> web.StreamRespo
             if value is not None:
                 checksum, checksum_alg = value, alg
         parts.append(CompletedPart(n, etag.strip(), checksum, checksum_alg))
-    conditions = write_conditions(req)
+    conditions = dataclasses.replace(write_conditions(req), checksum_type=req.header("x-amz-checksum-type"))
     for alg in ALGORITHMS:
         value = req.header(f"x-amz-checksum-{alg.lower()}")
         if value is not None:

@@ -775,6 +775,8 @@ def test_complete_checks_the_whole_objects_checksum(s3: Any, bucket: str) -> Non
         400, "BadDigest")
     assert error_of(s3.complete_multipart_upload, Bucket=bucket, Key="whole", UploadId=up,
                     MultipartUpload=parts, ChecksumSHA256=base64.b64encode(bytes(32)).decode())[1] == "InvalidRequest"
+    assert error_of(s3.complete_multipart_upload, Bucket=bucket, Key="whole", UploadId=up,
+                    MultipartUpload=parts, ChecksumType="COMPOSITE")[1] == "InvalidRequest"  # not the upload's mode
     assert error_of(s3.head_object, Bucket=bucket, Key="whole")[0] == 404  # nothing visible
     done = s3.complete_multipart_upload(Bucket=bucket, Key="whole", UploadId=up, MultipartUpload=parts,
                                         ChecksumCRC32=whole, ChecksumType="FULL_OBJECT")
