@@ -13,7 +13,7 @@ clients that omit or vary the S3 namespace are all understood.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
@@ -60,6 +60,17 @@ def document(root: str, children: Iterable[Node | None], *, ns: bool = True) -> 
             _render(child, out)
     out.append(f"</{root}>")
     return "".join(out).encode()
+
+
+def tagging(tags: Mapping[str, str]) -> bytes:
+    """A Tagging document: what GetObjectTagging answers and PutObjectTagging
+    sends (buckets alike)."""
+    return document("Tagging", [("TagSet", [("Tag", [("Key", k), ("Value", v)]) for k, v in tags.items()])])
+
+
+def tags_of(root: ET.Element) -> dict[str, str]:
+    """The tag set of a parsed Tagging document."""
+    return {child_text(t, "Key") or "": child_text(t, "Value") or "" for t in root.iter("Tag")}
 
 
 MAX_XML_BODY = 1024 * 1024  # DeleteObjects with 1000 long keys fits well below

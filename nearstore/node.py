@@ -34,6 +34,7 @@ from nearstore.cache.localsock import LocalSocketServer
 from nearstore.cache.peers import Cluster
 from nearstore.cache.readpath import CachedBackend
 from nearstore.cache.store import ChunkStore
+from nearstore.gateway.access import recorded
 from nearstore.gateway.admin import describe, local_reads
 from nearstore.gateway.app import build_app
 from nearstore.gateway.backends.local import LocalStore
@@ -83,19 +84,13 @@ class Stores:
                 wildcard = wrap(S3Upstream(up))
             else:
                 mapped[up.name] = wrap(S3Upstream(up))
-        owners = {up.name: _stored_owner(cfg, up.owner) for up in cfg.upstreams}
+        owners = {up.name: recorded(cfg, cfg.user_named(up.owner)) for up in cfg.upstreams}
         self.front = self._router = Router(self.local, mapped, wildcard, owners)
 
     def cache_for(self, bucket: str) -> CachedBackend | None:
         """The cache that reads ``bucket``, None where it is not cached."""
         target = self._router.pick(bucket) if self._router is not None else self.front
         return target if isinstance(target, CachedBackend) else None
-
-
-def _stored_owner(cfg: Config, name: str) -> str:
-    """A user as bucket ownership records it: "" for the first user."""
-    user = cfg.user_named(name)
-    return "" if user is cfg.first_user else user.id
 
 
 def make_membership(cfg: Config) -> Membership:

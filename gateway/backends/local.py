@@ -420,42 +420,34 @@ class LocalStore:
     async def head_bucket(self, bucket: str) -> BucketInfo:
         return await self._db(self._bucket_row, bucket)
 
+    # A bucket's own documents, one column each of its row (NULL: none).
+    _BUCKET_DOCUMENTS = {"tags": errors.NoSuchTagSet, "cors": errors.NoSuchCORSConfiguration}
+
+    def _bucket_document(self, bucket: str, column: str) -> str:
+        row = self.conn.execute(f"SELECT {column} FROM buckets WHERE name = ?", (bucket,)).fetchone()
+        if row is None:
+            raise errors.NoSuchBucket(BucketName=bucket)
+        if row[0] is None:
+            raise self._BUCKET_DOCUMENTS[column](BucketName=bucket)
+        return str(row[0])
+
+    def _set_bucket_document(self, bucket: str, column: str, value: str | None) -> None:
+        assert column in self._BUCKET_DOCUMENTS
+        if self.conn.execute(f"UPDATE buckets SET {column} = ? WHERE name = ?", (value, bucket)).rowcount == 0:
+            raise errors.NoSuchBucket(BucketName=bucket)
+
     async def get_bucket_tags(self, bucket: str) -> dict[str, str]:
-        def q() -> dict[str, str]:
-            self._bucket_row(bucket)
-            (raw,) = self.conn.execute("SELECT tags FROM buckets WHERE name = ?", (bucket,)).fetchone()
-            if raw is None:
-                raise errors.NoSuchTagSet(BucketName=bucket)
-            tags: dict[str, str] = json.loads(raw)
-            return tags
-
-        return await self._db(q)
-
-    async def get_bucket_cors(self, bucket: str) -> bytes:
-        def q() -> bytes:
-            self._bucket_row(bucket)
-            (raw,) = self.conn.execute("SELECT cors FROM buckets WHERE name = ?", (bucket,)).fetchone()
-            if raw is None:
-                raise errors.NoSuchCORSConfiguration(BucketName=bucket)
-            return str(raw).encode()
-
-        return await self._db(q)
-
-    async def put_bucket_cors(self, bucket: str, document: bytes | None) -> None:
-        def q() -> None:
-            self._bucket_row(bucket)
-            self.conn.execute("UPDATE buckets SET cors = ? WHERE name = ?",
-                              (document.decode() if document is not None else None, bucket))
-
-        await self._db(q)
+        tags: dict[str, str] = json.loads(await self._db(self._bucket_document, bucket, "tags"))
+        return tags
 
     async def put_bucket_tags(self, bucket: str, tags: Mapping[str, str]) -> None:
-        def q() -> None:
-            self._bucket_row(bucket)
-            self.conn.execute("UPDATE buckets SET tags = ? WHERE name = ?",
-                              (json.dumps(dict(tags)) if tags else None, bucket))
+        await self._db(self._set_bucket_document, bucket, "tags", json.dumps(dict(tags)) if tags else None)
 
-        await self._db(q)
+    async def get_bucket_cors(self, bucket: str) -> bytes:
+        return (await self._db(self._bucket_document, bucket, "cors")).encode()
+
+    async def put_bucket_cors(self, bucket: str, document: bytes | None) -> None:
+        await self._db(self._set_bucket_document, bucket, "cors", document.decode() if document is not None else None)
 
     async def delete_bucket(self, bucket: str) -> None:
         def q() -> list[str]:
@@ -1039,23 +1031,20 @@ class LocalStore:
             if done is None:
                 raise
             return done
-        if conditions is not None and conditions.checksum_type is not None:
-            mode = upload.meta.headers.get("x-amz-checksum-type", "COMPOSITE").upper()
-            if conditions.checksum_type.upper() != mode:
-                raise errors.InvalidRequest(f"The upload was created using the {mode} checksum mode. "
-                                            "The complete request must use the same checksum mode.")
-        loop = asyncio.get_running_loop()
-        tmp_rel = await loop.run_in_executor(None, self._concat, [c[0] for c in chosen])
-        rel = await self._publish_async(tmp_rel, "objects")
-        etag = '"' + hashlib.md5(b"".join(c[2] for c in chosen)).hexdigest() + f'-{len(chosen)}"'
+        # The object's checksum comes from the parts' alone (no byte of the
+        # object is read), so it is settled, and checked against what the
+        # client expects, before the parts are copied into one file.
+        mode = upload.meta.headers.get("x-amz-checksum-type", "COMPOSITE").upper()
+        if conditions is not None and conditions.checksum_type is not None and conditions.checksum_type.upper() != mode:
+            raise errors.InvalidRequest(f"The upload was created using the {mode} checksum mode. "
+                                        "The complete request must use the same checksum mode.")
         checksum: tuple[str, str, str] | None = None
         part_checksums: list[str] = []
         alg = upload.meta.checksum_algorithm
         if alg and all(c[3] for c in chosen):
             part_checksums = [c[3] or "" for c in chosen]
-            if upload.meta.headers.get("x-amz-checksum-type", "COMPOSITE").upper() == "FULL_OBJECT":
-                # From the parts' CRCs and sizes (CRC combination), as S3
-                # computes it: no second read of the whole object.
+            if mode == "FULL_OBJECT":
+                # CRC combination, as S3 computes it.
                 value = base64.b64encode(combine_crc(alg, [(base64.b64decode(c[3] or ""), c[1]) for c in chosen]))
                 checksum = (alg, value.decode(), "FULL_OBJECT")
             else:
@@ -1064,11 +1053,11 @@ class LocalStore:
                     ck.update(base64.b64decode(v))
                 checksum = (alg, f"{ck.b64()}-{len(chosen)}", "COMPOSITE")
         if conditions is not None and conditions.checksum is not None:
-            try:
-                _check_expected_checksum(conditions.checksum, checksum)
-            except BaseException:
-                self._unlink(rel)
-                raise
+            _check_expected_checksum(conditions.checksum, checksum)
+        loop = asyncio.get_running_loop()
+        tmp_rel = await loop.run_in_executor(None, self._concat, [c[0] for c in chosen])
+        rel = await self._publish_async(tmp_rel, "objects")
+        etag = '"' + hashlib.md5(b"".join(c[2] for c in chosen)).hexdigest() + f'-{len(chosen)}"'
         size = sum(c[1] for c in chosen)
         meta = upload.meta
         stored_headers = {k: v for k, v in meta.headers.items() if k != "x-amz-checksum-type"}

@@ -47,7 +47,7 @@ from nearstore.gateway import errors
 from nearstore.gateway.auth import derive_signing_key, uri_encode
 from nearstore.gateway.checksums import ALGORITHMS
 from nearstore.gateway.config import UpstreamConfig
-from nearstore.gateway.xml import child_text, document, parse
+from nearstore.gateway.xml import child_text, document, parse, tagging, tags_of
 from nearstore.metadata.backing import (
     BucketInfo,
     CompletedPart,
@@ -358,27 +358,28 @@ class S3Upstream:
     def bucket_owner(self, bucket: str) -> str:
         return ""  # the mapping's: the router holds who the config names
 
-    async def get_bucket_tags(self, bucket: str) -> dict[str, str]:
-        r = await self._request("GET", bucket, None, {"tagging": ""})
-        root = parse(await r.body())
-        return {child_text(t, "Key") or "": child_text(t, "Value") or "" for t in root.iter("Tag")}
+    async def _get_document(self, bucket: str, key: str | None, sub: str) -> bytes:
+        """The document of a sub-resource (``?tagging``, ``?cors``)."""
+        return await (await self._request("GET", bucket, key, {sub: ""})).body()
 
-    async def get_bucket_cors(self, bucket: str) -> bytes:
-        return await (await self._request("GET", bucket, None, {"cors": ""})).body()
-
-    async def put_bucket_cors(self, bucket: str, document: bytes | None) -> None:
-        if document is None:
-            (await self._request("DELETE", bucket, None, {"cors": ""}, ok=(204, 200))).release()
+    async def _put_document(self, bucket: str, key: str | None, sub: str, body: bytes | None) -> None:
+        """Replace a sub-resource's document; None deletes it."""
+        if body is None:
+            (await self._request("DELETE", bucket, key, {sub: ""}, ok=(204, 200))).release()
             return
-        (await self._request("PUT", bucket, None, {"cors": ""}, {"Content-MD5": _b64md5(document)},
-                             document)).release()
+        (await self._request("PUT", bucket, key, {sub: ""}, {"Content-MD5": _b64md5(body)}, body)).release()
+
+    async def get_bucket_tags(self, bucket: str) -> dict[str, str]:
+        return tags_of(parse(await self._get_document(bucket, None, "tagging")))
 
     async def put_bucket_tags(self, bucket: str, tags: Mapping[str, str]) -> None:
-        if not tags:
-            (await self._request("DELETE", bucket, None, {"tagging": ""}, ok=(204, 200))).release()
-            return
-        body = document("Tagging", [("TagSet", [("Tag", [("Key", k), ("Value", v)]) for k, v in tags.items()])])
-        (await self._request("PUT", bucket, None, {"tagging": ""}, {"Content-MD5": _b64md5(body)}, body)).release()
+        await self._put_document(bucket, None, "tagging", tagging(tags) if tags else None)
+
+    async def get_bucket_cors(self, bucket: str) -> bytes:
+        return await self._get_document(bucket, None, "cors")
+
+    async def put_bucket_cors(self, bucket: str, document: bytes | None) -> None:
+        await self._put_document(bucket, None, "cors", document)
 
     async def head_bucket(self, bucket: str) -> BucketInfo:
         r = await self._request("HEAD", bucket)
@@ -633,17 +634,10 @@ class S3Upstream:
     # --- tagging ------------------------------------------------------------
 
     async def get_tags(self, bucket: str, key: str) -> dict[str, str]:
-        r = await self._request("GET", bucket, key, {"tagging": ""})
-        root = parse(await r.body())
-        return {child_text(t, "Key") or "": child_text(t, "Value") or "" for t in root.iter("Tag")}
+        return tags_of(parse(await self._get_document(bucket, key, "tagging")))
 
     async def put_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
-        if not tags:
-            (await self._request("DELETE", bucket, key, {"tagging": ""}, ok=(204, 200))).release()
-            return
-        body = document("Tagging", [("TagSet", [("Tag", [("Key", k), ("Value", v)]) for k, v in tags.items()])])
-        md5 = _b64md5(body)
-        (await self._request("PUT", bucket, key, {"tagging": ""}, {"Content-MD5": md5}, body)).release()
+        await self._put_document(bucket, key, "tagging", tagging(tags) if tags else None)
 
     # --- multipart ----------------------------------------------------------
 

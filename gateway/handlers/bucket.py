@@ -361,7 +361,7 @@ async def list_multipart_uploads(ctx: Ctx, req: S3Request) -> web.StreamResponse
                     [
                         ("Key", encode_key(u.key, enc)),
                         ("UploadId", u.upload_id),
-                        ("Initiator", [("ID", ctx.owner_id), ("DisplayName", ctx.user.display_name)]),
+                        ctx.owner("Initiator"),
                         ctx.owner(),
                         ("StorageClass", "STANDARD"),
                         ("Initiated", iso8601(u.initiated)),

@@ -47,15 +47,11 @@ class Ctx:
         """Who sent the request (its signature named the key)."""
         return self.config.user_of(self.auth.access_key)
 
-    @property
-    def owner_id(self) -> str:
-        return self.user.id
-
-    def owner(self) -> Node:
-        """The requester as an Owner element: a bucket's only user, so also
-        the owner of what it holds."""
+    def owner(self, tag: str = "Owner") -> Node:
+        """The requester as an Owner (or Initiator, Grantee) element: a
+        bucket's only user, so also the owner of what it holds."""
         user = self.user
-        return ("Owner", [("ID", user.id), ("DisplayName", user.display_name)])
+        return (tag, [("ID", user.id), ("DisplayName", user.display_name)])
 
 
 def xml_response(root: str, children: Iterable[Node | None], status: int = 200) -> web.Response:
@@ -177,7 +173,7 @@ def acl_policy(ctx: Ctx) -> web.Response:
                     (
                         "Grant",
                         [
-                            (grantee, [("ID", ctx.owner_id), ("DisplayName", ctx.user.display_name)]),
+                            ctx.owner(grantee),
                             ("Permission", "FULL_CONTROL"),
                         ],
                     )

@@ -161,11 +161,10 @@ async def complete_multipart_upload(ctx: Ctx, req: S3Request) -> web.StreamRespo
             if value is not None:
                 checksum, checksum_alg = value, alg
         parts.append(CompletedPart(n, etag.strip(), checksum, checksum_alg))
-    conditions = dataclasses.replace(write_conditions(req), checksum_type=req.header("x-amz-checksum-type"))
-    for alg in ALGORITHMS:
-        value = req.header(f"x-amz-checksum-{alg.lower()}")
-        if value is not None:
-            conditions = dataclasses.replace(conditions, checksum=(alg, value))
+    sent = [(alg, req.header(f"x-amz-checksum-{alg.lower()}")) for alg in ALGORITHMS]
+    expected = next(((alg, v) for alg, v in reversed(sent) if v is not None), None)
+    conditions = dataclasses.replace(write_conditions(req), checksum=expected,
+                                     checksum_type=req.header("x-amz-checksum-type"))
     info = await ctx.backend.complete_upload(_bucket(req), key, upload_id, parts, conditions)
     host = req.header("Host") or "localhost"
     resp = xml_response(
@@ -207,7 +206,7 @@ async def list_parts(ctx: Ctx, req: S3Request) -> web.StreamResponse:
             ("Bucket", _bucket(req)),
             ("Key", key),
             ("UploadId", upload_id),
-            ("Initiator", [("ID", ctx.owner_id), ("DisplayName", ctx.user.display_name)]),
+            ctx.owner("Initiator"),
             ctx.owner(),
             ("StorageClass", "STANDARD"),
             ("PartNumberMarker", marker),

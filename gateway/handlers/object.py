@@ -30,7 +30,7 @@ from nearstore.gateway.handlers.common import (
 )
 from nearstore.gateway.request import S3Request, check_key, validate_bucket_name
 from nearstore.gateway.sendfile import send_body
-from nearstore.gateway.xml import Node, child_text, parse
+from nearstore.gateway.xml import Node, child_text, parse, tagging
 from nearstore.metadata.backing import (
     ObjectHandle,
     ObjectInfo,
@@ -330,7 +330,7 @@ async def read_tagging(ctx: Ctx, req: S3Request, *, bucket: bool = False) -> dic
 
 
 def tagging_response(tags: Mapping[str, str]) -> web.Response:
-    return xml_response("Tagging", [("TagSet", [("Tag", [("Key", k), ("Value", v)]) for k, v in tags.items()])])
+    return web.Response(body=tagging(tags), content_type="application/xml")
 
 
 async def put_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
