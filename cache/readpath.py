@@ -45,6 +45,7 @@ from nearstore.cache.peers import Cluster
 from nearstore.cache.store import Chunk, ChunkStore, ChunkWriter, open_if_verified, open_verified
 from nearstore.metadata.backing import (
     Backend,
+    BucketAccess,
     BucketInfo,
     CompletedPart,
     ConditionFailed,
@@ -460,6 +461,15 @@ class CachedBackend:
 
     def bucket_owner(self, bucket: str) -> str:
         return self.inner.bucket_owner(bucket)
+
+    def bucket_access(self, bucket: str) -> BucketAccess:
+        return self.inner.bucket_access(bucket)
+
+    async def put_bucket_access(self, bucket: str, name: str, document: str | None) -> None:
+        await self.inner.put_bucket_access(bucket, name, document)
+
+    async def put_object_acl(self, bucket: str, key: str, acl: str | None) -> None:
+        await self.inner.put_object_acl(bucket, key, acl)
 
     async def get_bucket_tags(self, bucket: str) -> dict[str, str]:
         return await self.inner.get_bucket_tags(bucket)

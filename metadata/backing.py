@@ -100,6 +100,24 @@ class BucketInfo:
 
 
 @dataclass(frozen=True)
+class BucketAccess:
+    """What access to a bucket is decided from (``gateway.access``): its
+    owner and its access documents, each as stored (None: none set)."""
+
+    owner: str = ""  # canonical user id; "" the node's first user
+    acl: str | None = None  # JSON, as gateway.acl records it; None: private
+    policy: str | None = None  # the bucket policy, JSON as the client sent it
+    public_access_block: str | None = None  # JSON of the four flags
+    # Whether the store keeps an ACL per object (the local store does; a
+    # bucket that fronts a backing store does not: its objects are the
+    # bucket owner's).
+    object_acls: bool = True
+
+
+ACCESS_DOCUMENTS = ("acl", "policy", "public_access_block")
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     key: str
     size: int
@@ -119,6 +137,10 @@ class ObjectInfo:
     part_checksums: tuple[str, ...] = ()
     tag_count: int = 0
     storage_class: str = "STANDARD"
+    # The object's ACL as ``gateway.acl`` records it (JSON: owner and grants);
+    # None: owned by the bucket's owner, private (the common case, decided
+    # without reading it).
+    acl: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +152,7 @@ class ObjectMeta:
     user_meta: Mapping[str, str] = field(default_factory=dict)
     tags: Mapping[str, str] = field(default_factory=dict)
     checksum_algorithm: str | None = None  # multipart: declared at create
+    acl: str | None = None  # see ObjectInfo.acl
 
 
 @dataclass(frozen=True)
@@ -323,6 +346,19 @@ class Backend(Protocol):
         before every request, so a store answers from memory or a local
         index read. A store that keeps no owners answers ""; one that knows
         the bucket does not exist raises NoSuchBucket."""
+        ...
+
+    def bucket_access(self, bucket: str) -> BucketAccess:
+        """``bucket_owner`` and the bucket's access documents, under the
+        same rule: from memory or a local index read, never a wait."""
+        ...
+
+    async def put_bucket_access(self, bucket: str, name: str, document: str | None) -> None:
+        """Store one of the bucket's ACCESS_DOCUMENTS (None removes it)."""
+        ...
+
+    async def put_object_acl(self, bucket: str, key: str, acl: str | None) -> None:
+        """Replace the current object's ACL (see ObjectInfo.acl)."""
         ...
 
     async def delete_bucket(self, bucket: str) -> None: ...

@@ -58,6 +58,8 @@ from typing import TypeVar
 from nearstore.gateway import errors
 from nearstore.gateway.checksums import combine_crc, new_checksum
 from nearstore.metadata.backing import (
+    ACCESS_DOCUMENTS,
+    BucketAccess,
     BucketInfo,
     CompletedPart,
     FileSegment,
@@ -133,6 +135,14 @@ CREATE TABLE IF NOT EXISTS completed (
     etag      TEXT NOT NULL,
     at        REAL NOT NULL
 );
+-- Access documents of a bucket (gateway.access), of this store's buckets
+-- and of the buckets this node fronts (which have no row above).
+CREATE TABLE IF NOT EXISTS access (
+    bucket              TEXT PRIMARY KEY,
+    acl                 TEXT,  -- JSON, as gateway.acl records it; NULL: private
+    policy              TEXT,  -- the bucket policy as sent; NULL: none
+    public_access_block TEXT   -- JSON of the four flags; NULL: none
+);
 """
 COMPLETED_KEPT_S = 86400.0
 
@@ -157,6 +167,7 @@ def _meta_to_json(meta: ObjectMeta) -> str:
             "user_meta": dict(meta.user_meta),
             "tags": dict(meta.tags),
             "checksum_algorithm": meta.checksum_algorithm,
+            "acl": meta.acl,
         }
     )
 
@@ -169,6 +180,7 @@ def _meta_from_json(text: str) -> ObjectMeta:
         user_meta=d.get("user_meta") or {},
         tags=d.get("tags") or {},
         checksum_algorithm=d.get("checksum_algorithm"),
+        acl=d.get("acl"),
     )
 
 
@@ -186,6 +198,7 @@ def _info_json(
             "checksum": list(checksum) if checksum else None,
             "parts": list(parts),
             "part_checksums": list(part_checksums),
+            "acl": meta.acl,
         }
     )
 
@@ -205,6 +218,7 @@ def _row_to_info(key: bytes, size: int, etag: str, mtime: float, info: str, tags
         parts=tuple(d.get("parts") or ()),
         part_checksums=tuple(d.get("part_checksums") or ()),
         tag_count=len(json.loads(tags)),
+        acl=d.get("acl"),
     )
 
 
@@ -248,7 +262,7 @@ class LocalStore:
         self._conn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._hot: dict[tuple[str, str], tuple[ObjectInfo, str]] = {}
-        self._hot_owners: dict[str, str] = {}
+        self._hot_access: dict[str, BucketAccess] = {}
         self._generation: mmap.mmap | None = None
         self._hot_generation = b""
 
@@ -470,6 +484,7 @@ class LocalStore:
                 )
                 c.execute("DELETE FROM uploads WHERE bucket = ?", (bucket,))
                 c.execute("DELETE FROM buckets WHERE name = ?", (bucket,))
+                c.execute("DELETE FROM access WHERE bucket = ?", (bucket,))
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
@@ -505,18 +520,66 @@ class LocalStore:
         generation = self._generation[:8] if self._generation is not None else b""
         if generation != self._hot_generation or not generation:
             self._hot.clear()
-            self._hot_owners.clear()
+            self._hot_access.clear()
             self._hot_generation = generation
 
     def bucket_owner(self, bucket: str) -> str:
+        return self.bucket_access(bucket).owner
+
+    def bucket_access(self, bucket: str) -> BucketAccess:
         self._check_memo()
-        owner = self._hot_owners.get(bucket)
-        if owner is None:
+        got = self._hot_access.get(bucket)
+        if got is None:
             owner = self._bucket_row(bucket, self.rconn).owner
-            if len(self._hot_owners) >= self.HOT_ROWS:
-                self._hot_owners.clear()
-            self._hot_owners[bucket] = owner
-        return owner
+            got = self._remember_access(bucket, BucketAccess(owner, *self._access_row(bucket)))
+        return got
+
+    def fronted_access(self, bucket: str, owner: str) -> BucketAccess:
+        """The access of a bucket this node fronts (no row of ours but its
+        documents), owned by ``owner``; its objects keep no ACLs."""
+        self._check_memo()
+        got = self._hot_access.get(bucket)
+        if got is None or got.owner != owner:
+            got = self._remember_access(bucket, BucketAccess(owner, *self._access_row(bucket), object_acls=False))
+        return got
+
+    def _remember_access(self, bucket: str, access: BucketAccess) -> BucketAccess:
+        if len(self._hot_access) >= self.HOT_ROWS:
+            self._hot_access.clear()
+        self._hot_access[bucket] = access
+        return access
+
+    def _access_row(self, bucket: str) -> tuple[str | None, str | None, str | None]:
+        row = self.rconn.execute(
+            "SELECT acl, policy, public_access_block FROM access WHERE bucket = ?", (bucket,)
+        ).fetchone()
+        return (row[0], row[1], row[2]) if row else (None, None, None)
+
+    async def put_bucket_access(self, bucket: str, name: str, document: str | None, *, fronted: bool = False) -> None:
+        """``fronted``: a bucket of another store, which has no row here."""
+        assert name in ACCESS_DOCUMENTS
+
+        def q() -> None:
+            if not fronted:
+                self._bucket_row(bucket)
+            self.conn.execute("INSERT OR IGNORE INTO access (bucket) VALUES (?)", (bucket,))
+            self.conn.execute(f"UPDATE access SET {name} = ? WHERE bucket = ?", (document, bucket))
+
+        await self._db(q)
+
+    async def forget_access(self, bucket: str) -> None:
+        """Drop a fronted bucket's access documents (it was deleted)."""
+        await self._db(lambda: self.conn.execute("DELETE FROM access WHERE bucket = ?", (bucket,)))
+
+    async def put_object_acl(self, bucket: str, key: str, acl: str | None) -> None:
+        def q() -> None:
+            if self.conn.execute(
+                "UPDATE objects SET info = json_set(info, '$.acl', ?) WHERE bucket = ? AND key = ?",
+                (acl, bucket, key.encode()),
+            ).rowcount == 0:
+                self._object_row(bucket, key)  # NoSuchBucket or NoSuchKey
+
+        await self._db(q)
 
     def _hot_row(self, bucket: str, key: str) -> tuple[ObjectInfo, str]:
         self._check_memo()
@@ -1062,7 +1125,8 @@ class LocalStore:
         meta = upload.meta
         stored_headers = {k: v for k, v in meta.headers.items() if k != "x-amz-checksum-type"}
         info_json = _info_json(
-            ObjectMeta(content_type=meta.content_type, headers=stored_headers, user_meta=meta.user_meta),
+            ObjectMeta(content_type=meta.content_type, headers=stored_headers, user_meta=meta.user_meta,
+                       acl=meta.acl),
             checksum,
             [c[1] for c in chosen],
             part_checksums,

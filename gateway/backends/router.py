@@ -14,8 +14,10 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 from nearstore.gateway import errors
+from nearstore.gateway.backends.local import LocalStore
 from nearstore.metadata.backing import (
     Backend,
+    BucketAccess,
     BucketInfo,
     CompletedPart,
     ListPage,
@@ -72,7 +74,7 @@ class Router:
     name = "router"
 
     def __init__(
-        self, local: Backend, mapped: Mapping[str, Backend], wildcard: Backend | None,
+        self, local: LocalStore, mapped: Mapping[str, Backend], wildcard: Backend | None,
         owners: Mapping[str, str] | None = None,
     ) -> None:
         self.local = local
@@ -121,12 +123,33 @@ class Router:
     async def create_bucket(self, bucket: str, region: str = "", owner: str = "") -> None:
         await self.pick(bucket).create_bucket(bucket, region, owner)
 
-    def bucket_owner(self, bucket: str) -> str:
+    def _fronted_owner(self, bucket: str) -> str | None:
+        """Who owns ``bucket`` when a backing store holds it; None when it
+        is the local store's."""
         if bucket in self.mapped:
             return self.owners.get(bucket, "")
         if self.wildcard is not None:
             return self.owners.get("*", "")
-        return self.local.bucket_owner(bucket)
+        return None
+
+    def bucket_owner(self, bucket: str) -> str:
+        return self.bucket_access(bucket).owner
+
+    def bucket_access(self, bucket: str) -> BucketAccess:
+        # A fronted bucket's access documents are this node's, kept in the
+        # local store's index: the backing store's own are its business
+        # (its principals are not ours, and a public grant passed on would
+        # open the backing bucket itself).
+        owner = self._fronted_owner(bucket)
+        if owner is None:
+            return self.local.bucket_access(bucket)
+        return self.local.fronted_access(bucket, owner)
+
+    async def put_bucket_access(self, bucket: str, name: str, document: str | None) -> None:
+        await self.local.put_bucket_access(bucket, name, document, fronted=self._fronted_owner(bucket) is not None)
+
+    async def put_object_acl(self, bucket: str, key: str, acl: str | None) -> None:
+        await self.pick(bucket).put_object_acl(bucket, key, acl)
 
     async def head_bucket(self, bucket: str) -> BucketInfo:
         return await self.pick(bucket).head_bucket(bucket)
@@ -145,6 +168,9 @@ class Router:
 
     async def delete_bucket(self, bucket: str) -> None:
         await self.pick(bucket).delete_bucket(bucket)
+        if self._fronted_owner(bucket) is not None:
+            # A bucket made again under this name starts with none of these.
+            await self.local.forget_access(bucket)
 
     async def head_object(self, bucket: str, key: str) -> ObjectInfo:
         return await self.pick(bucket).head_object(bucket, key)

@@ -49,6 +49,7 @@ from nearstore.gateway.checksums import ALGORITHMS
 from nearstore.gateway.config import UpstreamConfig
 from nearstore.gateway.xml import child_text, document, parse, tagging, tags_of
 from nearstore.metadata.backing import (
+    BucketAccess,
     BucketInfo,
     CompletedPart,
     ListPage,
@@ -357,6 +358,15 @@ class S3Upstream:
 
     def bucket_owner(self, bucket: str) -> str:
         return ""  # the mapping's: the router holds who the config names
+
+    def bucket_access(self, bucket: str) -> BucketAccess:
+        return BucketAccess(object_acls=False)  # the router holds the node's
+
+    async def put_bucket_access(self, bucket: str, name: str, document: str | None) -> None:
+        raise errors.NotImplemented("Access documents of a fronted bucket are kept by the node")
+
+    async def put_object_acl(self, bucket: str, key: str, acl: str | None) -> None:
+        raise errors.NotImplemented("Object ACLs are not kept for a bucket that fronts a backing store")
 
     async def _get_document(self, bucket: str, key: str | None, sub: str) -> bytes:
         """The document of a sub-resource (``?tagging``, ``?cors``)."""
