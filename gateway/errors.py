@@ -163,6 +163,16 @@ class MalformedXML(S3Error):
     )
 
 
+class MalformedACLError(S3Error):
+    status = 400
+    message = "The XML you provided was not well-formed or did not validate against our published schema"
+
+
+class UnresolvableGrantByEmailAddress(S3Error):
+    status = 400
+    message = "The e-mail address you provided does not match any account on record."
+
+
 class MalformedPOSTRequest(S3Error):
     status = 400
     message = "The body of your POST request is not well-formed multipart/form-data."
@@ -194,6 +204,11 @@ class RequestTimeout(S3Error):
 class TooManyParts(S3Error):
     status = 400
     message = "You have attempted to upload more parts than allowed."
+
+
+class MissingSecurityHeader(S3Error):
+    status = 400
+    message = "Your request was missing a required header."
 
 
 class UnexpectedContent(S3Error):
@@ -266,6 +281,11 @@ class NoSuchTagSet(S3Error):
 class NoSuchBucketPolicy(S3Error):
     status = 404
     message = "The bucket policy does not exist"
+
+
+class NoSuchPublicAccessBlockConfiguration(S3Error):
+    status = 404
+    message = "The public access block configuration was not found"
 
 
 class AccessForbidden(S3Error):  # a CORS preflight no rule allows
