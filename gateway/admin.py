@@ -24,7 +24,7 @@ from nearstore.cache.localsock import OpenRead
 from nearstore.cache.metrics import exposition as metrics_exposition
 from nearstore.cache.warm import WarmProgress, warm
 from nearstore.gateway import errors
-from nearstore.gateway.access import authorize
+from nearstore.gateway.access import Op, authorize_owner, decide, requester
 from nearstore.gateway.auth import SignedRequest, authenticate
 from nearstore.gateway.conditions import check_read_conditions
 from nearstore.gateway.config import Config
@@ -95,7 +95,7 @@ async def warm_route(request: web.Request) -> web.StreamResponse:
     q = parse_query(raw_query)
     bucket = q.get("bucket", "")
     validate_bucket_name(bucket)
-    authorize(cfg, request.app[BACKEND_KEY], auth.access_key, bucket)  # a user warms its own buckets
+    authorize_owner(cfg, request.app[BACKEND_KEY], auth, bucket)  # a user warms its own buckets
     prefix = q.get("prefix", "")
     pin = q.get("pin", "").lower() in ("1", "true", "yes")
     target = request.app[CACHE_FOR_KEY](bucket)
@@ -166,6 +166,9 @@ async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
 # --- the short-circuit socket's requests (cache.localsock) ---------------------
 
 
+READ = Op("s3:GetObject", on_object=True, permission="READ")
+
+
 def local_reads(backend: Backend, cfg: Config) -> OpenRead:
     """The local socket's ``open_read``: a presigned GET URL checked and
     opened exactly as the HTTP path would (signature, access, bucket and
@@ -180,12 +183,17 @@ def local_reads(backend: Backend, cfg: Config) -> OpenRead:
             raise errors.InvalidRequest("A local read names one object")
         validate_bucket_name(bucket)
         check_key(key)
-        authorize(cfg, backend, auth.access_key, bucket)
+        user = requester(cfg, auth.access_key, auth.scheme == "anonymous")
+        access = decide(cfg, backend, user, bucket, key, READ)
         conditions = {"If-Match": if_match} if if_match else {}
         range_header = f"bytes={rng[0]}-{rng[1]}" if rng is not None else None
-        handle = await backend.open_object(bucket, key, ReadOptions(range_header=range_header,
-                                                                    conditions=conditions), head=False)
         try:
+            handle = await backend.open_object(bucket, key, ReadOptions(range_header=range_header,
+                                                                        conditions=conditions), head=False)
+        except errors.NoSuchKey as e:
+            raise access.missing(e) from None
+        try:
+            access.check(handle.info)
             check_read_conditions(conditions, handle.info.etag, handle.info.last_modified)
         except BaseException:
             await handle.close()

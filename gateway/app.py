@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from aiohttp import HttpVersion11, http_exceptions, web, web_protocol
 
 from nearstore.gateway import cors, errors
-from nearstore.gateway.access import authorize
+from nearstore.gateway.access import decide_request
 from nearstore.gateway.admin import admin
 from nearstore.gateway.auth import AuthContext, SignedRequest, authenticate
 from nearstore.gateway.config import Config
@@ -33,7 +33,7 @@ from nearstore.gateway.conn import BodyStalled, GuardedHandler
 from nearstore.gateway.cors import Rules
 from nearstore.gateway.handlers.common import Ctx
 from nearstore.gateway.request import S3Request, parse_query, split_target
-from nearstore.gateway.routes import SELF_AUTHORIZED, Handler, resolve
+from nearstore.gateway.routes import SELF_AUTHORIZED, Handler, operation, resolve
 from nearstore.gateway.sendfile import ResponseAborted
 from nearstore.gateway.state import (
     BACKEND_KEY,
@@ -220,9 +220,10 @@ def prepare(request: web.Request, request_id: str) -> Prepared:
         auth = check_signature(cfg, req)
     handler = resolve(req)
     backend = request.app[BACKEND_KEY]
+    access = None
     if req.bucket is not None and handler not in SELF_AUTHORIZED:
-        authorize(cfg, backend, auth.access_key, req.bucket)
-    return Prepared(req, Ctx(backend, cfg, auth, request.app[CORS_KEY]), handler)
+        access = decide_request(cfg, backend, req, auth, operation(handler))
+    return Prepared(req, Ctx(backend, cfg, auth, request.app[CORS_KEY], access), handler)
 
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:

@@ -14,7 +14,7 @@ What the request carries picks the mechanism (AWS "Authenticating Requests"):
     Authorization: AWS AKID:sig             -> "v2"        SigV2, header
     ?AWSAccessKeyId=..&Signature=..         -> "v2-query"  SigV2, presigned URL
     form: x-amz-credential / AWSAccessKeyId -> "post-v4" / "post-v2"
-    none of these                           -> AccessDenied (no anonymous access)
+    none of these                           -> "anonymous" (access decides)
 
 Invariants:
 
@@ -154,7 +154,7 @@ _ONE_MECHANISM = (
 _NEEDS_DATE = "AWS authentication requires a valid Date or x-amz-date header"
 _NOT_SIGNED = "There were headers present in the request which were not signed"
 
-Scheme = Literal["v4", "v4-query", "v2", "v2-query", "post-v4", "post-v2"]
+Scheme = Literal["v4", "v4-query", "v2", "v2-query", "post-v4", "post-v2", "anonymous"]
 
 
 # --- data --------------------------------------------------------------------
@@ -183,6 +183,12 @@ class AuthContext:
     scope: str | None  # v4: e.g. 20130524/us-east-1/s3/aws4_request
 
 
+# A request that carries no signature at all: who it is from is nobody's
+# business here; gateway.access decides what anonymous requests may do.
+ANONYMOUS = AuthContext(access_key="", scheme="anonymous", content_sha256=None, signing_key=None,
+                        seed_signature=None, amz_date=None, scope=None)
+
+
 @dataclass(frozen=True)
 class PolicyCondition:
     """One POST policy condition; ``field`` is lower-case, without ``$``."""
@@ -201,6 +207,9 @@ class PostPolicy:
 
     expiration: datetime
     conditions: tuple[PolicyCondition, ...]
+    # An anonymous form (no signature, no policy): nothing to check it
+    # against; whether anyone may write is the bucket's to say.
+    anonymous: bool = False
 
     @classmethod
     def parse(cls, policy_b64: str) -> PostPolicy:
@@ -219,6 +228,8 @@ class PostPolicy:
         file's size, or None while it is not known yet (call again after the
         file is streamed). Expiration is checked by :func:`authenticate_post`,
         when the request starts."""
+        if self.anonymous:
+            return
         form = _lower_keys(fields)
         for cond in self.conditions:
             if cond.op == "content-length-range":
@@ -473,7 +484,7 @@ def authenticate(
         return _v4_query(req, headers, pairs, params, secrets, clock)
     if v2_query:
         return _v2_query(req, headers, pairs, params, secrets, clock)
-    raise AccessDenied()
+    return ANONYMOUS
 
 
 # --- SigV4 -----------------------------------------------------------------------
@@ -965,7 +976,7 @@ def authenticate_post(
     elif "policy" in form:
         raise _missing_field("AWSAccessKeyId")
     else:
-        raise AccessDenied()
+        return ANONYMOUS, PostPolicy(datetime.max.replace(tzinfo=UTC), (), anonymous=True)
     policy = _parse_policy(form["policy"])
     if clock > policy.expiration:
         raise AccessDenied("Invalid according to Policy: Policy expired.")

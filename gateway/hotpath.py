@@ -53,7 +53,7 @@ from multidict import CIMultiDict
 
 from nearstore.cache.metrics import HANDED_OFF
 from nearstore.gateway import errors
-from nearstore.gateway.access import authorize
+from nearstore.gateway.access import decide, requester
 from nearstore.gateway.app import (
     MAX_HEADER_BYTES,
     SERVER,
@@ -67,7 +67,7 @@ from nearstore.gateway.conn import ConnLimits, GuardedHandler
 from nearstore.gateway.handlers import object as objects
 from nearstore.gateway.handlers.common import Ctx
 from nearstore.gateway.request import S3Request
-from nearstore.gateway.routes import Handler, resolve
+from nearstore.gateway.routes import Handler, operation, resolve
 from nearstore.gateway.sendfile import (
     STALL_TIMEOUT,
     ClientStalled,
@@ -80,6 +80,7 @@ from nearstore.gateway.state import BACKEND_KEY, CONFIG_KEY, INFLIGHT_KEY
 log = logging.getLogger("nearstore")
 
 _HOT: dict[Handler, bool] = {objects.get_object: False, objects.head_object: True}  # handler -> HEAD?
+_READ = operation(objects.get_object)
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 
 
@@ -253,10 +254,18 @@ class HotConnection(asyncio.Protocol):
             is_head = _HOT.get(resolve(req))
         except errors.S3Error:
             return None
-        if is_head is None:
+        if is_head is None or self._has_policy(req.bucket):
             return None
         keep_alive = self._keep_alive and not self._hot.closing
         return req, is_head, keep_alive
+
+    def _has_policy(self, bucket: str | None) -> bool:
+        """A bucket policy's conditions read what only aiohttp's request
+        has (the peer's address, TLS): such buckets' requests go there."""
+        try:
+            return bucket is not None and self._hot.backend.bucket_access(bucket).policy is not None
+        except Exception:
+            return False  # answered below as it would be anyway (NoSuchBucket ...)
 
     async def _serve(self, req: S3Request, is_head: bool, keep_alive: bool) -> None:
         hot = self._hot
@@ -287,8 +296,9 @@ class HotConnection(asyncio.Protocol):
         try:
             auth = check_signature(cfg, req)
             assert req.bucket is not None  # the hot path serves objects only
-            authorize(cfg, self._hot.backend, auth.access_key, req.bucket)
-            reading = await objects.open_read(Ctx(self._hot.backend, cfg, auth), req, head=is_head)
+            user = requester(cfg, auth.access_key, auth.scheme == "anonymous")
+            access = decide(cfg, self._hot.backend, user, req.bucket, req.key, _READ)
+            reading = await objects.open_read(Ctx(self._hot.backend, cfg, auth, access=access), req, head=is_head)
         except Exception as e:
             self._answer_error(e, req, is_head, keep_alive)
             return

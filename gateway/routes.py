@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from nearstore.gateway import errors
+from nearstore.gateway.access import Op
 from nearstore.gateway.handlers import bucket as b
 from nearstore.gateway.handlers import multipart as mp
 from nearstore.gateway.handlers import object as o
@@ -31,7 +32,6 @@ S3_SUBRESOURCES = frozenset(
 )
 
 _NOT_CONFIGURED: dict[str, Handler] = {
-    "policy": b.not_configured(errors.NoSuchBucketPolicy),  # type: ignore[dict-item]
     "lifecycle": b.not_configured(errors.NoSuchLifecycleConfiguration),  # type: ignore[dict-item]
     "encryption": b.not_configured(errors.ServerSideEncryptionConfigurationNotFoundError),  # type: ignore[dict-item]
 }
@@ -44,6 +44,14 @@ _BUCKET: dict[tuple[str, str], Handler] = {
     ("GET", ""): b.list_objects,
     ("GET", "location"): b.get_bucket_location,
     ("GET", "acl"): b.get_bucket_acl,
+    ("PUT", "acl"): b.put_bucket_acl,
+    ("GET", "policy"): b.get_bucket_policy,
+    ("PUT", "policy"): b.put_bucket_policy,
+    ("DELETE", "policy"): b.delete_bucket_policy,
+    ("GET", "policyStatus"): b.get_bucket_policy_status,
+    ("GET", "publicAccessBlock"): b.get_public_access_block,
+    ("PUT", "publicAccessBlock"): b.put_public_access_block,
+    ("DELETE", "publicAccessBlock"): b.delete_public_access_block,
     ("GET", "versioning"): b.get_bucket_versioning,
     ("GET", "cors"): b.get_bucket_cors,
     ("PUT", "cors"): b.put_bucket_cors,
@@ -68,6 +76,7 @@ _OBJECT: dict[tuple[str, str], Handler] = {
     ("PUT", "tagging"): o.put_object_tagging,
     ("DELETE", "tagging"): o.delete_object_tagging,
     ("GET", "acl"): o.get_object_acl,
+    ("PUT", "acl"): o.put_object_acl,
     ("GET", "attributes"): o.get_object_attributes,
     ("POST", "uploads"): mp.create_multipart_upload,
     ("POST", "uploadId"): mp.complete_multipart_upload,
@@ -79,12 +88,66 @@ _OBJECT: dict[tuple[str, str], Handler] = {
     ("HEAD", "partNumber"): o.head_object,
 }
 
+# What each operation needs (gateway.access): its policy action, whether
+# the object's ACL decides, and the ACL permission that grants it.
+_READ, _WRITE = "READ", "WRITE"
+OPERATIONS: dict[Handler, Op] = {
+    b.head_bucket: Op("s3:ListBucket", permission=_READ),
+    b.list_objects: Op("s3:ListBucket", permission=_READ),
+    b.list_objects_v2: Op("s3:ListBucket", permission=_READ),
+    b.list_object_versions: Op("s3:ListBucketVersions", permission=_READ),
+    b.list_multipart_uploads: Op("s3:ListBucketMultipartUploads", permission=_READ),
+    b.delete_bucket: Op("s3:DeleteBucket"),
+    b.get_bucket_location: Op("s3:GetBucketLocation"),
+    b.get_bucket_acl: Op("s3:GetBucketAcl", permission="READ_ACP"),
+    b.put_bucket_acl: Op("s3:PutBucketAcl", permission="WRITE_ACP"),
+    b.get_bucket_policy: Op("s3:GetBucketPolicy"),
+    b.put_bucket_policy: Op("s3:PutBucketPolicy"),
+    b.delete_bucket_policy: Op("s3:DeleteBucketPolicy"),
+    b.get_bucket_policy_status: Op("s3:GetBucketPolicyStatus"),
+    b.get_public_access_block: Op("s3:GetBucketPublicAccessBlock"),
+    b.put_public_access_block: Op("s3:PutBucketPublicAccessBlock"),
+    b.delete_public_access_block: Op("s3:PutBucketPublicAccessBlock"),
+    b.get_bucket_versioning: Op("s3:GetBucketVersioning"),
+    b.get_bucket_cors: Op("s3:GetBucketCORS"),
+    b.put_bucket_cors: Op("s3:PutBucketCORS"),
+    b.delete_bucket_cors: Op("s3:PutBucketCORS"),
+    b.get_bucket_tagging: Op("s3:GetBucketTagging"),
+    b.put_bucket_tagging: Op("s3:PutBucketTagging"),
+    b.delete_bucket_tagging: Op("s3:PutBucketTagging"),
+    _NOT_CONFIGURED["lifecycle"]: Op("s3:GetLifecycleConfiguration"),
+    _NOT_CONFIGURED["encryption"]: Op("s3:GetEncryptionConfiguration"),
+    o.get_object: Op("s3:GetObject", on_object=True, permission=_READ),
+    o.head_object: Op("s3:GetObject", on_object=True, permission=_READ),
+    o.get_object_attributes: Op("s3:GetObjectAttributes", on_object=True, permission=_READ),
+    o.get_object_tagging: Op("s3:GetObjectTagging", on_object=True, permission=_READ),
+    o.put_object_tagging: Op("s3:PutObjectTagging", on_object=True, permission="FULL_CONTROL"),
+    o.delete_object_tagging: Op("s3:DeleteObjectTagging", on_object=True, permission="FULL_CONTROL"),
+    o.get_object_acl: Op("s3:GetObjectAcl", on_object=True, permission="READ_ACP"),
+    o.put_object_acl: Op("s3:PutObjectAcl", on_object=True, permission="WRITE_ACP"),
+    o.put_object: Op("s3:PutObject", permission=_WRITE),
+    o.delete_object: Op("s3:DeleteObject", permission=_WRITE),
+    mp.create_multipart_upload: Op("s3:PutObject", permission=_WRITE),
+    mp.upload_part: Op("s3:PutObject", permission=_WRITE),
+    mp.complete_multipart_upload: Op("s3:PutObject", permission=_WRITE),
+    mp.abort_multipart_upload: Op("s3:AbortMultipartUpload", permission=_WRITE),
+    mp.list_parts: Op("s3:ListMultipartUploadParts", permission=_WRITE),
+    post.post_object: Op("s3:PutObject", permission=_WRITE),
+}
+OWNER_ONLY = Op("s3:Unlisted")
+
+
+def operation(handler: Handler) -> Op:
+    return OPERATIONS.get(handler, OWNER_ONLY)
+
+
 _METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE"})
 
 # Operations on a bucket that decide access themselves (gateway.access):
-# creating one (the name may be free, or another user's), and a browser
-# POST (signed in its form, read by the handler).
-SELF_AUTHORIZED: frozenset[Handler] = frozenset({b.create_bucket, post.post_object})
+# creating one (the name may be free, or another user's), a browser POST
+# (signed in its form, read by the handler), and DeleteObjects (each key
+# on its own).
+SELF_AUTHORIZED: frozenset[Handler] = frozenset({b.create_bucket, post.post_object, b.delete_objects})
 
 
 def _subresource(req: S3Request, table: dict[tuple[str, str], Handler]) -> str:

@@ -7,11 +7,19 @@ import binascii
 
 from aiohttp import web
 
-from nearstore.gateway import cors, errors
-from nearstore.gateway.access import owner_of, recorded
+from nearstore.gateway import acl, cors, errors, policy
+from nearstore.gateway.access import (
+    Op,
+    PublicAccessBlock,
+    block_of,
+    check_new_acl,
+    decide_request,
+    owner_of,
+    recorded,
+)
 from nearstore.gateway.conditions import iso8601
-from nearstore.gateway.handlers.common import Ctx, acl_policy, encode_key, read_body, xml_response
-from nearstore.gateway.handlers.object import read_tagging, tagging_response
+from nearstore.gateway.handlers.common import Ctx, encode_key, read_body, xml_response
+from nearstore.gateway.handlers.object import acl_of_request, read_tagging, tagging_response
 from nearstore.gateway.request import S3Request, check_key, validate_bucket_name
 from nearstore.gateway.xml import Node, child_text, parse
 from nearstore.metadata.backing import ListPage, ObjectInfo
@@ -60,6 +68,7 @@ async def create_bucket(ctx: Ctx, req: S3Request) -> web.StreamResponse:
         taken = None
     if taken is not None and taken != ctx.user.id:
         raise errors.BucketAlreadyExists(BucketName=bucket)
+    asked = acl.from_headers(ctx.config, req.headers, ctx.user.id, ctx.user.id)
     try:
         await ctx.backend.create_bucket(bucket, region, recorded(ctx.config, ctx.user))
     except errors.BucketAlreadyOwnedByYou:
@@ -67,6 +76,9 @@ async def create_bucket(ctx: Ctx, req: S3Request) -> web.StreamResponse:
         # constraint with 200 (legacy); every other region with 409.
         if region or ctx.config.region != "us-east-1":
             raise
+        return web.Response(status=200, headers={"Location": f"/{bucket}"})
+    if asked is not None and acl.recorded(asked, ctx.user.id) is not None:
+        await ctx.backend.put_bucket_access(bucket, "acl", acl.recorded(asked, ctx.user.id))
     return web.Response(status=200, headers={"Location": f"/{bucket}"})
 
 
@@ -96,8 +108,82 @@ async def get_bucket_location(ctx: Ctx, req: S3Request) -> web.StreamResponse:
 
 
 async def get_bucket_acl(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    bucket = _bucket(req)
+    await ctx.backend.head_bucket(bucket)
+    recorded_acl = ctx.backend.bucket_access(bucket).acl
+    return web.Response(body=acl.of(recorded_acl, ctx.decided.owner).render(ctx.config), content_type="application/xml")
+
+
+async def put_bucket_acl(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    bucket = _bucket(req)
+    await ctx.backend.head_bucket(bucket)
+    new = await acl_of_request(ctx, req, ctx.decided.owner)
+    check_new_acl(ctx.backend, bucket, new)
+    await ctx.backend.put_bucket_access(bucket, "acl", acl.recorded(new, ctx.decided.owner))
+    return web.Response(status=200)
+
+
+async def _stored(ctx: Ctx, req: S3Request, name: str, missing: type[errors.S3Error]) -> tuple[str, str]:
+    """(bucket, one of its access documents as stored); ``missing`` where
+    it has none."""
+    bucket = _bucket(req)
+    await ctx.backend.head_bucket(bucket)
+    text: str | None = getattr(ctx.backend.bucket_access(bucket), name)
+    if text is None:
+        raise missing(BucketName=bucket)
+    return bucket, text
+
+
+async def _store(ctx: Ctx, req: S3Request, name: str, document: str | None, status: int) -> web.Response:
+    await ctx.backend.put_bucket_access(_bucket(req), name, document)
+    return web.Response(status=status)
+
+
+async def get_bucket_policy(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    _, text = await _stored(ctx, req, "policy", errors.NoSuchBucketPolicy)
+    return web.Response(body=text.encode(), content_type="application/json")
+
+
+async def put_bucket_policy(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    """PutBucketPolicy: kept as sent once it parses; a public one is refused
+    under BlockPublicPolicy."""
+    bucket = _bucket(req)
+    await ctx.backend.head_bucket(bucket)
+    body = await read_body(ctx, req, limit=policy.MAX_POLICY_BYTES + 1)
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        raise errors.MalformedPolicy("Policies must be valid JSON and the first byte must be '{'") from None
+    parsed = policy.parse_policy(text, bucket)
+    if parsed.public and block_of(ctx.backend, bucket).block_public_policy:
+        raise errors.AccessDenied()
+    return await _store(ctx, req, "policy", text, 204)
+
+
+async def delete_bucket_policy(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     await ctx.backend.head_bucket(_bucket(req))
-    return acl_policy(ctx)
+    return await _store(ctx, req, "policy", None, 204)
+
+
+async def get_bucket_policy_status(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    bucket, text = await _stored(ctx, req, "policy", errors.NoSuchBucketPolicy)
+    return xml_response("PolicyStatus", [("IsPublic", policy.parsed(text, bucket).public)])
+
+
+async def get_public_access_block(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    _, text = await _stored(ctx, req, "public_access_block", errors.NoSuchPublicAccessBlockConfiguration)
+    return web.Response(body=PublicAccessBlock.from_json(text).document(), content_type="application/xml")
+
+
+async def put_public_access_block(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    await ctx.backend.head_bucket(_bucket(req))
+    block = PublicAccessBlock.from_document(await read_body(ctx, req, limit=64 * 1024))
+    return await _store(ctx, req, "public_access_block", block.to_json(), 200)
+
+
+async def delete_public_access_block(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    await ctx.backend.head_bucket(_bucket(req))
+    return await _store(ctx, req, "public_access_block", None, 204)
 
 
 async def get_bucket_versioning(ctx: Ctx, req: S3Request) -> web.StreamResponse:
@@ -142,7 +228,7 @@ def _contents(ctx: Ctx, page: ListPage, enc: str | None, owner: bool) -> list[No
                     ("ChecksumAlgorithm", o.checksum[0]) if o.checksum else None,
                     ("ChecksumType", o.checksum[2]) if o.checksum else None,
                     ("Size", o.size),
-                    ctx.owner() if owner else None,
+                    ctx.object_owner(o) if owner else None,
                     ("StorageClass", o.storage_class),
                 ],
             )
@@ -249,7 +335,7 @@ def _version(ctx: Ctx, o: ObjectInfo, enc: str | None) -> Node:
             ("LastModified", iso8601(o.last_modified)),
             ("ETag", o.etag),
             ("Size", o.size),
-            ctx.owner(),
+            ctx.object_owner(o),
             ("StorageClass", o.storage_class),
         ],
     )
@@ -283,6 +369,9 @@ async def list_object_versions(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     )
 
 
+DELETE = Op("s3:DeleteObject", permission="WRITE")
+
+
 async def delete_objects(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     h = req.headers
     if "Content-MD5" not in h and not any(n.lower().startswith("x-amz-checksum-") for n in h) and (
@@ -307,6 +396,9 @@ async def delete_objects(ctx: Ctx, req: S3Request) -> web.StreamResponse:
             raise errors.MalformedXML()
         try:
             check_key(key)
+            # Each key is decided on its own, as S3 does: a policy may
+            # allow or deny some keys of the bucket and not others.
+            decide_request(ctx.config, ctx.backend, req, ctx.auth, DELETE, key)
             if version not in (None, "null"):
                 raise errors.NoSuchVersion(Key=key, VersionId=version or "")
             await ctx.backend.delete_object(bucket, key)
@@ -361,8 +453,8 @@ async def list_multipart_uploads(ctx: Ctx, req: S3Request) -> web.StreamResponse
                     [
                         ("Key", encode_key(u.key, enc)),
                         ("UploadId", u.upload_id),
-                        ctx.owner("Initiator"),
-                        ctx.owner(),
+                        ctx.bucket_owner("Initiator"),
+                        ctx.bucket_owner(),
                         ("StorageClass", "STANDARD"),
                         ("Initiated", iso8601(u.initiated)),
                         ("ChecksumAlgorithm", u.meta.checksum_algorithm) if u.meta.checksum_algorithm else None,

@@ -9,14 +9,15 @@ from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
 
-from nearstore.gateway import errors
+from nearstore.gateway import acl, errors
+from nearstore.gateway.access import Access, check_new_acl
 from nearstore.gateway.auth import AuthContext
 from nearstore.gateway.config import Config, User
 from nearstore.gateway.cors import Rules
 from nearstore.gateway.payload import Payload
 from nearstore.gateway.request import S3Request
 from nearstore.gateway.xml import Node, document
-from nearstore.metadata.backing import Backend, ObjectMeta
+from nearstore.metadata.backing import Backend, ObjectInfo, ObjectMeta
 
 # Standard headers S3 stores with an object and returns on GET/HEAD.
 STORED_HEADERS = (
@@ -41,17 +42,67 @@ class Ctx:
     auth: AuthContext
     # The node's memo of buckets' CORS rules, told of changes made here.
     cors: Rules | None = None
+    # The request's access decision (gateway.access): set for every request
+    # on a bucket, before its handler runs.
+    access: Access | None = None
 
     @property
     def user(self) -> User:
-        """Who sent the request (its signature named the key)."""
-        return self.config.user_of(self.auth.access_key)
+        """Who signed the request; AccessDenied for an anonymous one (what
+        only a signed requester may do)."""
+        try:
+            return self.config.user_of(self.auth.access_key)
+        except KeyError:
+            raise errors.AccessDenied() from None
+
+    @property
+    def decided(self) -> Access:
+        assert self.access is not None, "a bucket request is decided before its handler runs"
+        return self.access
 
     def owner(self, tag: str = "Owner") -> Node:
-        """The requester as an Owner (or Initiator, Grantee) element: a
-        bucket's only user, so also the owner of what it holds."""
-        user = self.user
-        return (tag, [("ID", user.id), ("DisplayName", user.display_name)])
+        """The requester as an Owner element (ListBuckets)."""
+        return self.person(self.user.id, tag)
+
+    def bucket_owner(self, tag: str = "Owner") -> Node:
+        """The bucket's owner as an Owner (or Initiator) element."""
+        return self.person(self.decided.owner, tag)
+
+    def object_owner(self, info: ObjectInfo) -> Node:
+        """Who owns an object: its writer, as its ACL records it."""
+        owner = self.decided.owner
+        return self.person(owner if info.acl is None else acl.Acl.from_json(info.acl).owner)
+
+    def person(self, user_id: str, tag: str = "Owner") -> Node:
+        name = next((u.display_name for u in self.config.users if u.id == user_id), user_id)
+        return (tag, [("ID", user_id), ("DisplayName", name)])
+
+    @property
+    def requester_id(self) -> str:
+        """The canonical id of who sent the request, as an owner of what it
+        writes (S3's id for anonymous writers)."""
+        return self.decided.requester or acl.ANONYMOUS_ID
+
+    def new_acl(self, req: S3Request, bucket: str) -> str | None:
+        """The ACL a write asks for with ``x-amz-acl`` / ``x-amz-grant-*``,
+        as the store records it (None: private, the bucket owner's). Public
+        ones are refused under BlockPublicAcls; a store that keeps no object
+        ACLs takes only what means "the bucket owner's"."""
+        return self.new_acl_from(req.headers, bucket)
+
+    def new_acl_from(self, headers: Mapping[str, str], bucket: str) -> str | None:
+        owner = self.decided.owner
+        asked = acl.from_headers(self.config, headers, self.requester_id, owner)
+        check_new_acl(self.backend, bucket, asked)
+        if asked is None:
+            asked = acl.private(self.requester_id)
+        text = acl.recorded(asked, owner)
+        if text is not None and not self.backend.bucket_access(bucket).object_acls:
+            if asked.owner != owner or any(g.kind != "CanonicalUser" or g.grantee != owner for g in asked.grants):
+                raise errors.NotImplemented("Object ACLs are not kept for a bucket that fronts a backing store",
+                                            Header="x-amz-acl")
+            return None
+        return text
 
 
 def xml_response(root: str, children: Iterable[Node | None], status: int = 200) -> web.Response:
@@ -148,36 +199,7 @@ def check_unsupported_headers(req: S3Request) -> None:
     for name in ("x-amz-object-lock-mode", "x-amz-object-lock-retain-until-date", "x-amz-object-lock-legal-hold"):
         if name in h:
             raise errors.NotImplemented("Object Lock is not implemented", Header=name)
-    acl = h.get("x-amz-acl")
-    if acl is not None and acl not in ("private", "bucket-owner-full-control"):
-        raise errors.NotImplemented("Only the private canned ACL is implemented", Header="x-amz-acl")
-    for name in ("x-amz-grant-read", "x-amz-grant-write", "x-amz-grant-full-control",
-                 "x-amz-grant-read-acp", "x-amz-grant-write-acp"):
-        if name in h:
-            raise errors.NotImplemented("ACL grants are not implemented", Header=name)
 
 
 def user_meta_headers(meta: Mapping[str, str]) -> dict[str, str]:
     return {f"x-amz-meta-{k}": v for k, v in meta.items()}
-
-
-def acl_policy(ctx: Ctx) -> web.Response:
-    grantee = 'Grantee xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="CanonicalUser"'
-    return xml_response(
-        "AccessControlPolicy",
-        [
-            ctx.owner(),
-            (
-                "AccessControlList",
-                [
-                    (
-                        "Grant",
-                        [
-                            ctx.owner(grantee),
-                            ("Permission", "FULL_CONTROL"),
-                        ],
-                    )
-                ],
-            ),
-        ],
-    )

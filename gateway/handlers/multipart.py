@@ -8,7 +8,6 @@ import dataclasses
 from aiohttp import web
 
 from nearstore.gateway import errors
-from nearstore.gateway.access import authorize
 from nearstore.gateway.checksums import ALGORITHMS
 from nearstore.gateway.conditions import check_copy_source_conditions, iso8601
 from nearstore.gateway.handlers.common import (
@@ -19,7 +18,12 @@ from nearstore.gateway.handlers.common import (
     require_key,
     xml_response,
 )
-from nearstore.gateway.handlers.object import parse_copy_source, with_encoding, write_conditions
+from nearstore.gateway.handlers.object import (
+    copy_source,
+    parse_copy_source,
+    with_encoding,
+    write_conditions,
+)
 from nearstore.gateway.request import S3Request, check_key
 from nearstore.gateway.xml import child_text, parse
 from nearstore.metadata.backing import CompletedPart, ObjectMeta
@@ -76,7 +80,7 @@ async def create_multipart_upload(ctx: Ctx, req: S3Request) -> web.StreamRespons
     elif alg == "CRC64NVME":
         headers["x-amz-checksum-type"] = "FULL_OBJECT"
     encoding = headers.get("content-encoding")
-    meta = ObjectMeta(meta.content_type, headers, meta.user_meta, meta.tags, alg)
+    meta = ObjectMeta(meta.content_type, headers, meta.user_meta, meta.tags, alg, acl=ctx.new_acl(req, _bucket(req)))
     if encoding:
         meta = with_encoding(meta, encoding)
     upload_id = await ctx.backend.create_upload(_bucket(req), key, meta)
@@ -131,8 +135,7 @@ async def upload_part_copy(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     number = _part_number(req)
     src_bucket, src_key = parse_copy_source(req.header("x-amz-copy-source") or "")
     rng = _copy_range(req.header("x-amz-copy-source-range"))
-    authorize(ctx.config, ctx.backend, ctx.auth.access_key, src_bucket)
-    src = await ctx.backend.head_object(src_bucket, src_key)
+    src = await copy_source(ctx, src_bucket, src_key)
     check_copy_source_conditions(req.headers, src.etag, src.last_modified)
     part = await ctx.backend.upload_part_copy(
         _bucket(req), key, _upload_id(req), number, src_bucket, src_key, rng, expected_etag=src.etag
@@ -206,8 +209,8 @@ async def list_parts(ctx: Ctx, req: S3Request) -> web.StreamResponse:
             ("Bucket", _bucket(req)),
             ("Key", key),
             ("UploadId", upload_id),
-            ctx.owner("Initiator"),
-            ctx.owner(),
+            ctx.bucket_owner("Initiator"),
+            ctx.bucket_owner(),
             ("StorageClass", "STANDARD"),
             ("PartNumberMarker", marker),
             ("NextPartNumberMarker", parts[-1].part_number if parts else 0),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -9,8 +10,8 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from nearstore.gateway import errors
-from nearstore.gateway.access import authorize
+from nearstore.gateway import acl, errors
+from nearstore.gateway.access import Access, Op, check_new_acl, decide
 from nearstore.gateway.conditions import (
     check_copy_source_conditions,
     check_read_conditions,
@@ -19,7 +20,6 @@ from nearstore.gateway.conditions import (
 )
 from nearstore.gateway.handlers.common import (
     Ctx,
-    acl_policy,
     meta_from_headers,
     payload,
     read_body,
@@ -156,9 +156,14 @@ async def open_read(ctx: Ctx, req: S3Request, *, head: bool) -> Reading:
     check_version_id(req)
     if req.query.get("partNumber") is not None and req.header("Range") is not None:
         raise errors.InvalidRequest("Cannot specify both Range header and partNumber query parameter")
-    handle = await ctx.backend.open_object(_bucket(req), key, read_options(req), head=head)
+    access = ctx.decided
+    try:
+        handle = await ctx.backend.open_object(_bucket(req), key, read_options(req), head=head)
+    except errors.NoSuchKey as e:
+        raise access.missing(e) from None
     try:
         info = handle.info
+        access.check(info)
         check_read_conditions(req.headers, info.etag, info.last_modified)
         headers = object_headers(info, req)
         served = handle.served
@@ -217,7 +222,7 @@ async def put_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
         return await copy_object(ctx, req)
     key = require_key(req)
     check_key(key)
-    meta = meta_from_headers(req)
+    meta = dataclasses.replace(meta_from_headers(req), acl=ctx.new_acl(req, _bucket(req)))
     body = payload(ctx, req)
     info = await ctx.backend.put_object(_bucket(req), key, body, with_encoding(meta, body.content_encoding),
                                         write_conditions(req))
@@ -235,7 +240,7 @@ def with_encoding(meta: ObjectMeta, content_encoding: str | None) -> ObjectMeta:
         headers["content-encoding"] = content_encoding
     else:
         headers.pop("content-encoding", None)
-    return ObjectMeta(meta.content_type, headers, meta.user_meta, meta.tags, meta.checksum_algorithm)
+    return dataclasses.replace(meta, headers=headers)
 
 
 def parse_copy_source(value: str) -> tuple[str, str]:
@@ -268,8 +273,8 @@ async def copy_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     tag_directive = (req.header("x-amz-tagging-directive") or "COPY").upper()
     if directive not in ("COPY", "REPLACE") or tag_directive not in ("COPY", "REPLACE"):
         raise errors.InvalidArgument("Unknown metadata directive.", ArgumentName="x-amz-metadata-directive")
-    authorize(ctx.config, ctx.backend, ctx.auth.access_key, src_bucket)
-    src = await ctx.backend.head_object(src_bucket, src_key)
+    new_acl = ctx.new_acl(req, _bucket(req))
+    src = await copy_source(ctx, src_bucket, src_key)
     check_copy_source_conditions(req.headers, src.etag, src.last_modified)
     if (
         (src_bucket, src_key) == (_bucket(req), key)
@@ -283,12 +288,17 @@ async def copy_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     new_meta = meta_from_headers(req, with_tags=tag_directive == "REPLACE")
     meta: ObjectMeta | None
     if directive == "REPLACE":
-        meta = new_meta
+        meta = dataclasses.replace(new_meta, acl=new_acl)
     elif tag_directive == "REPLACE":
-        meta = ObjectMeta(src.content_type, src.headers, src.user_meta, new_meta.tags)
+        meta = ObjectMeta(src.content_type, src.headers, src.user_meta, new_meta.tags, acl=new_acl)
     else:
         meta = None
     info = await ctx.backend.copy_object(src_bucket, src_key, _bucket(req), key, meta, expected_etag=src.etag)
+    if meta is None and new_acl is not None:
+        # A copy's ACL is the request's, never the source's (S3): the copy
+        # kept its source's metadata, and is private to the bucket owner
+        # until this sets its own.
+        await ctx.backend.put_object_acl(_bucket(req), key, new_acl)
     return xml_response(
         "CopyObjectResult",
         [
@@ -306,8 +316,31 @@ async def delete_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     return web.Response(status=204)
 
 
+async def copy_source(ctx: Ctx, bucket: str, key: str) -> ObjectInfo:
+    """The source of a copy, once the requester may read it (the source's
+    bucket decides, as for a GetObject of it)."""
+    user = None if ctx.decided.requester is None else ctx.user
+    access = decide(ctx.config, ctx.backend, user, bucket, key, READ_SOURCE)
+    return await checked_head(ctx, bucket, key, access)
+
+
+READ_SOURCE = Op("s3:GetObject", on_object=True, permission="READ")
+
+
+async def checked_head(ctx: Ctx, bucket: str, key: str, access: Access | None = None) -> ObjectInfo:
+    """The object's metadata, once the request may act on the object."""
+    access = access or ctx.decided
+    try:
+        info = await ctx.backend.head_object(bucket, key)
+    except errors.NoSuchKey as e:
+        raise access.missing(e) from None
+    access.check(info)
+    return info
+
+
 async def get_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     check_version_id(req)
+    await checked_head(ctx, _bucket(req), require_key(req))
     return tagging_response(await ctx.backend.get_tags(_bucket(req), require_key(req)))
 
 
@@ -336,12 +369,14 @@ def tagging_response(tags: Mapping[str, str]) -> web.Response:
 async def put_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     check_version_id(req)
     tags = await read_tagging(ctx, req)
+    await checked_head(ctx, _bucket(req), require_key(req))
     await ctx.backend.put_tags(_bucket(req), require_key(req), tags)
     return web.Response(status=200)
 
 
 async def delete_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     check_version_id(req)
+    await checked_head(ctx, _bucket(req), require_key(req))
     await ctx.backend.put_tags(_bucket(req), require_key(req), {})
     return web.Response(status=204)
 
@@ -365,7 +400,7 @@ async def get_object_attributes(ctx: Ctx, req: S3Request) -> web.StreamResponse:
                                          ArgumentValue=name)
     max_parts = _bounded(req, "x-amz-max-parts", 1000)
     marker = _bounded(req, "x-amz-part-number-marker", 0)
-    info = await ctx.backend.head_object(_bucket(req), require_key(req))
+    info = await checked_head(ctx, _bucket(req), require_key(req))
     out: list[Node | None] = []
     if "ETag" in wanted:
         out.append(("ETag", info.etag.strip('"')))
@@ -406,5 +441,35 @@ def _bounded(req: S3Request, header: str, default: int) -> int:
 
 async def get_object_acl(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     check_version_id(req)
-    await ctx.backend.head_object(_bucket(req), require_key(req))
-    return acl_policy(ctx)
+    info = await checked_head(ctx, _bucket(req), require_key(req))
+    return web.Response(body=acl.of(info.acl, ctx.decided.owner).render(ctx.config), content_type="application/xml")
+
+
+async def put_object_acl(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    """PutObjectAcl: a canned ACL, grant headers or a document; the object
+    keeps its owner."""
+    check_version_id(req)
+    bucket, key = _bucket(req), require_key(req)
+    info = await checked_head(ctx, bucket, key)
+    owner = acl.of(info.acl, ctx.decided.owner).owner
+    new = await acl_of_request(ctx, req, owner)
+    check_new_acl(ctx.backend, bucket, new)
+    text = acl.recorded(new, ctx.decided.owner)
+    if text is not None and not ctx.backend.bucket_access(bucket).object_acls:
+        raise errors.NotImplemented("Object ACLs are not kept for a bucket that fronts a backing store")
+    await ctx.backend.put_object_acl(bucket, key, text)
+    return web.Response(status=200)
+
+
+async def acl_of_request(ctx: Ctx, req: S3Request, owner: str) -> acl.Acl:
+    """The ACL a Put*Acl request sets: its headers' or its body's, one of
+    the two (S3: UnexpectedContent for both)."""
+    from_headers = acl.from_headers(ctx.config, req.headers, owner, ctx.decided.owner)
+    body = await read_body(ctx, req, limit=256 * 1024)
+    if from_headers is not None:
+        if body.strip():
+            raise errors.UnexpectedContent("This request does not support content")
+        return from_headers
+    if not body.strip():
+        raise errors.MissingSecurityHeader("Your request was missing a required header", MissingHeaderName="x-amz-acl")
+    return acl.from_document(ctx.config, body, owner)

@@ -10,6 +10,7 @@ are ignored, as S3 does.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -18,7 +19,7 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from nearstore.gateway import errors
-from nearstore.gateway.access import authorize
+from nearstore.gateway.access import Op, decide, requester
 from nearstore.gateway.auth import PostPolicy, authenticate_post
 from nearstore.gateway.handlers.common import (
     MAX_USER_META,
@@ -142,6 +143,9 @@ def _meta(lower: dict[str, str]) -> ObjectMeta:
     return ObjectMeta(content_type=lower.get("content-type"), headers=headers, user_meta=user_meta)
 
 
+WRITE = Op("s3:PutObject", permission="WRITE")
+
+
 async def post_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     assert req.bucket is not None
     bucket = req.bucket
@@ -154,7 +158,8 @@ async def post_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     # and the write alike.
     lower, part = await read_fields(reader)
     auth, policy = authenticate_post(lower, ctx.config.credentials)
-    authorize(ctx.config, ctx.backend, auth.access_key, bucket)
+    user = requester(ctx.config, auth.access_key, auth.scheme == "anonymous")
+    ctx = dataclasses.replace(ctx, auth=auth, access=decide(ctx.config, ctx.backend, user, bucket, None, WRITE))
     if "key" not in lower:
         raise errors.InvalidArgument(
             "Bucket POST must contain a field named 'key'.  If it is specified, please check the order of the fields.",
@@ -166,7 +171,11 @@ async def post_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     check_key(key)
     policy.check(lower, bucket=bucket, content_length=None)
     body = FormFile(part, policy, lower, bucket)
-    info = await ctx.backend.put_object(bucket, key, body, _meta(lower))
+    # The form's "acl" field is the canned ACL, as x-amz-acl is elsewhere.
+    acl_headers = {"x-amz-acl": lower["acl"]} if "acl" in lower else {}
+    acl_headers.update({k: v for k, v in lower.items() if k.startswith("x-amz-grant-")})
+    meta = dataclasses.replace(_meta(lower), acl=ctx.new_acl_from(acl_headers, bucket))
+    info = await ctx.backend.put_object(bucket, key, body, meta)
 
     redirect = lower.get("success_action_redirect") or lower.get("redirect")
     if redirect:

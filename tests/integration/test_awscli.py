@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import rawhttp
+from tests.helpers.rawhttp import key_path
 from tests.helpers.s3util import pattern
 from tests.helpers.servers import S3Server
 
@@ -63,3 +66,33 @@ def test_aws_cli_cp_ls_sync_range(server: S3Server, s3: Any, bucket: str,
 
     aws(server, "s3", "rm", f"s3://{bucket}/synced/", "--recursive")
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="synced/")
+
+
+def test_aws_cli_access_control(server: S3Server, s3: Any, bucket: str, tmp_path: Path) -> None:
+    """ACLs, a bucket policy and the Public Access Block set with the CLI,
+    then read by an anonymous client (no signature, as curl)."""
+    (tmp_path / "f.txt").write_bytes(b"public file\n")
+    aws(server, "s3", "cp", str(tmp_path / "f.txt"), f"s3://{bucket}/pub.txt", "--acl", "public-read")
+    aws(server, "s3", "cp", str(tmp_path / "f.txt"), f"s3://{bucket}/priv.txt")
+    assert rawhttp.send(server, "GET", key_path(bucket, "pub.txt"), {}).body == b"public file\n"
+    assert rawhttp.send(server, "GET", key_path(bucket, "priv.txt"), {}).status == 403
+    grants = json.loads(aws(server, "s3api", "get-object-acl", "--bucket", bucket, "--key", "pub.txt"))["Grants"]
+    assert {"Type": "Group", "URI": "http://acs.amazonaws.com/groups/global/AllUsers"} in [g["Grantee"] for g in grants]
+
+    policy = json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/priv.txt"}]})
+    aws(server, "s3api", "put-bucket-policy", "--bucket", bucket, "--policy", policy)
+    assert json.loads(aws(server, "s3api", "get-bucket-policy", "--bucket", bucket))["Policy"] == policy
+    status = json.loads(aws(server, "s3api", "get-bucket-policy-status", "--bucket", bucket))
+    assert status["PolicyStatus"]["IsPublic"] is True
+    assert rawhttp.send(server, "GET", key_path(bucket, "priv.txt"), {}).status == 200
+
+    aws(server, "s3api", "put-public-access-block", "--bucket", bucket, "--public-access-block-configuration",
+        "BlockPublicAcls=true,IgnorePublicAcls=true,BlockPublicPolicy=true,RestrictPublicBuckets=true")
+    assert rawhttp.send(server, "GET", key_path(bucket, "pub.txt"), {}).status == 403
+    assert rawhttp.send(server, "GET", key_path(bucket, "priv.txt"), {}).status == 403
+    aws(server, "s3api", "delete-public-access-block", "--bucket", bucket)
+    aws(server, "s3api", "delete-bucket-policy", "--bucket", bucket)
+    aws(server, "s3api", "put-object-acl", "--bucket", bucket, "--key", "pub.txt", "--acl", "private")
+    assert rawhttp.send(server, "GET", key_path(bucket, "pub.txt"), {}).status == 403
+    assert s3.get_object(Bucket=bucket, Key="pub.txt")["Body"].read() == b"public file\n"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import datetime
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -1104,3 +1105,43 @@ def test_multipart_with_checksum_algorithm(s3: Any, bucket: str) -> None:
     s3.complete_multipart_upload(Bucket=bucket, Key="mc", UploadId=uid,
                                  MultipartUpload={"Parts": done_parts})
     assert s3.get_object(Bucket=bucket, Key="mc")["Body"].read() == b"".join(parts)
+
+
+def test_access_rules_hold_on_every_kind_of_bucket(server: S3Server, s3: Any, bucket: str) -> None:
+    """Bucket policies, bucket ACLs and the Public Access Block, with an
+    anonymous client, on the local store and through the cache alike (the
+    second anonymous GET a cache hit). The node keeps them: the backing
+    store never sees them."""
+    data = pattern(300_000, seed=77)
+    s3.put_object(Bucket=bucket, Key="pub/a", Body=data)
+    s3.put_object(Bucket=bucket, Key="priv/b", Body=b"private")
+
+    def anon(method: str, path: str) -> rawhttp.Response:
+        return rawhttp.send(server, method, path, {})
+
+    assert anon("GET", key_path(bucket, "pub/a")).status == 403
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Statement": [{
+        "Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+        "Resource": f"arn:aws:s3:::{bucket}/pub/*"}]}))
+    for _ in range(2):
+        resp = anon("GET", key_path(bucket, "pub/a"))
+        assert resp.status == 200 and resp.body == data
+    assert anon("GET", key_path(bucket, "priv/b")).status == 403
+    assert anon("GET", key_path(bucket, "pub/missing")).status == 403  # may not list: not told
+    assert anon("GET", f"/{bucket}?list-type=2").status == 403
+    assert s3.get_bucket_policy_status(Bucket=bucket)["PolicyStatus"]["IsPublic"] is True
+
+    s3.put_bucket_acl(Bucket=bucket, ACL="public-read")
+    listing = anon("GET", f"/{bucket}?list-type=2")
+    assert listing.status == 200 and b"<Key>priv/b</Key>" in listing.body
+    assert anon("GET", key_path(bucket, "pub/missing")).status == 404
+
+    s3.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration={
+        "IgnorePublicAcls": True, "RestrictPublicBuckets": True})
+    assert anon("GET", key_path(bucket, "pub/a")).status == 403
+    assert anon("GET", f"/{bucket}?list-type=2").status == 403
+    s3.delete_public_access_block(Bucket=bucket)
+    s3.delete_bucket_policy(Bucket=bucket)
+    s3.put_bucket_acl(Bucket=bucket, ACL="private")
+    assert anon("GET", key_path(bucket, "pub/a")).status == 403
+    assert s3.get_object(Bucket=bucket, Key="pub/a")["Body"].read() == data

@@ -196,11 +196,16 @@ def test_a_key_no_user_holds_is_nobodys(tmp_path: Path) -> None:
         with pytest.raises(KeyError):
             cfg.user_of(key)
     from nearstore.gateway import access, errors
+    from nearstore.metadata.backing import BucketAccess
 
     class Store:
-        def bucket_owner(self, bucket: str) -> str:
-            return ""  # the first user's
+        def bucket_access(self, bucket: str) -> BucketAccess:
+            return BucketAccess()  # the first user's, private
 
     with pytest.raises(errors.AccessDenied):
-        access.authorize(cfg, Store(), "", "b")  # type: ignore[arg-type]
-    access.authorize(cfg, Store(), "first", "b")  # type: ignore[arg-type]
+        access.requester(cfg, "unknown", anonymous=False)  # a slip that let one through fails closed
+    listing = access.Op("s3:ListBucket", permission="READ")
+    with pytest.raises(errors.AccessDenied):
+        access.decide(cfg, Store(), None, "b", None, listing)  # type: ignore[arg-type]
+    first = access.requester(cfg, "first", anonymous=False)
+    assert access.decide(cfg, Store(), first, "b", None, listing).settled  # type: ignore[arg-type]
