@@ -49,6 +49,7 @@ from nearstore.metadata.backing import (
     BucketInfo,
     CompletedPart,
     ConditionFailed,
+    Deleted,
     FileSegment,
     ListPage,
     ObjectHandle,
@@ -61,6 +62,7 @@ from nearstore.metadata.backing import (
     StoreError,
     UploadBody,
     UploadInfo,
+    VersionPage,
     WriteConditions,
     parse_range,
     read_segments,
@@ -186,9 +188,11 @@ class CachedBackend:
         self, bucket: str, key: str, opts: ReadOptions | None = None, *, head: bool = False
     ) -> ObjectHandle:
         opts = opts or ReadOptions()
-        if opts.part_number is not None:
-            # Part boundaries live with the backing store; these rare reads
-            # go straight there. (Checksums come with the cached metadata.)
+        if opts.part_number is not None or opts.version_id is not None:
+            # Part boundaries live with the backing store, and so do the
+            # versions other than the current one (chunks are the current
+            # version's, by its ETag): these rare reads go straight there.
+            # (Checksums come with the cached metadata.)
             return await self.inner.open_object(bucket, key, opts, head=head)
         for attempt in (1, 2):
             info = await self.head_object(bucket, key)
@@ -419,18 +423,35 @@ class CachedBackend:
 
     async def copy_object(
         self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str, meta: ObjectMeta | None,
-        expected_etag: str | None = None,
+        expected_etag: str | None = None, src_version: str | None = None,
     ) -> ObjectInfo:
         try:
-            return await self.inner.copy_object(src_bucket, src_key, dst_bucket, dst_key, meta, expected_etag)
+            return await self.inner.copy_object(src_bucket, src_key, dst_bucket, dst_key, meta, expected_etag,
+                                                src_version)
         finally:
             await self._invalidate(dst_bucket, dst_key)
 
-    async def delete_object(self, bucket: str, key: str, if_match: str | None = None) -> None:
+    async def delete_object(
+        self, bucket: str, key: str, if_match: str | None = None, version_id: str | None = None
+    ) -> Deleted:
         try:
-            await self.inner.delete_object(bucket, key, if_match)
+            return await self.inner.delete_object(bucket, key, if_match, version_id)
         finally:
             await self._invalidate(bucket, key)
+
+    async def get_bucket_versioning(self, bucket: str) -> str | None:
+        return await self.inner.get_bucket_versioning(bucket)
+
+    async def put_bucket_versioning(self, bucket: str, status: str) -> None:
+        await self.inner.put_bucket_versioning(bucket, status)
+
+    async def list_versions(
+        self, bucket: str, *, prefix: str = "", delimiter: str = "", key_marker: str = "",
+        version_id_marker: str = "", max_keys: int = 1000,
+    ) -> VersionPage:
+        return await self.inner.list_versions(
+            bucket, prefix=prefix, delimiter=delimiter, key_marker=key_marker, version_id_marker=version_id_marker,
+            max_keys=max_keys)
 
     async def complete_upload(
         self, bucket: str, key: str, upload_id: str, parts: Sequence[CompletedPart],
@@ -506,10 +527,10 @@ class CachedBackend:
 
     async def upload_part_copy(
         self, bucket: str, key: str, upload_id: str, part_number: int, src_bucket: str, src_key: str,
-        src_range: tuple[int, int] | None, expected_etag: str | None = None,
+        src_range: tuple[int, int] | None, expected_etag: str | None = None, src_version: str | None = None,
     ) -> PartInfo:
         return await self.inner.upload_part_copy(
-            bucket, key, upload_id, part_number, src_bucket, src_key, src_range, expected_etag
+            bucket, key, upload_id, part_number, src_bucket, src_key, src_range, expected_etag, src_version
         )
 
     async def abort_upload(self, bucket: str, key: str, upload_id: str) -> None:

@@ -10,9 +10,10 @@ chunks only by a node that has already decided.
 
 The order is AWS's: an explicit Deny of the bucket policy refuses; an Allow
 grants (unless RestrictPublicBuckets and the policy is public, for anyone
-but the owner); otherwise the owner may do anything to the bucket, and ACL
-grants decide for everyone else (public grants ignored under
-IgnorePublicAcls); nothing else is allowed. Operations on an object are
+but the owner); otherwise the bucket's ACL decides what it grants (READ:
+list; WRITE: write and delete objects; READ_ACP, WRITE_ACP), for the owner
+too (who always keeps READ_ACP and WRITE_ACP), with public grants ignored
+under IgnorePublicAcls; the rest of the bucket is its owner's alone. Operations on an object are
 decided against the object's ACL once it is open (``Access.check``), before
 its first byte; ``Access.missing`` keeps a key's absence from those who may
 not list the bucket, as S3 does.
@@ -28,10 +29,12 @@ user id, "" for the node's first user (the keys of the environment and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from nearstore.gateway import acl, errors, policy
 from nearstore.gateway.auth import AuthContext
@@ -173,7 +176,7 @@ def request_context(req: S3Request, auth: AuthContext, user: User | None) -> dic
                  "v2": "AWS", "v2-query": "AWS", "post-v2": "AWS"}.get(auth.scheme)
     auth_type = {"v4": "REST-HEADER", "v2": "REST-HEADER", "v4-query": "REST-QUERY-STRING",
                  "v2-query": "REST-QUERY-STRING", "post-v4": "POST", "post-v2": "POST"}.get(auth.scheme)
-    return context(**{
+    ctx = context(**{
         "aws:SourceIp": http.remote if http is not None else None,
         "aws:SecureTransport": ("true" if http.secure else "false") if http is not None else None,
         "aws:UserAgent": h.get("User-Agent"),
@@ -192,7 +195,28 @@ def request_context(req: S3Request, auth: AuthContext, user: User | None) -> dic
         "s3:VersionId": q.get("versionId"),
         "s3:signatureversion": signature,
         "s3:authType": auth_type,
+        "s3:x-amz-metadata-directive": h.get("x-amz-metadata-directive"),
+        **{f"s3:{name}": h.get(name) for name in acl.GRANT_HEADERS},
     })
+    tags = parse_qsl(h.get("x-amz-tagging") or "", keep_blank_values=True)
+    for k, v in tags:
+        ctx[f"s3:requestobjecttag/{k.lower()}"] = [v]
+    if tags:
+        ctx["s3:requestobjecttagkeys"] = [k for k, _ in tags]
+    return ctx
+
+
+# The policy action of an operation on a version named by id (S3's names).
+_OF_A_VERSION = {
+    "s3:GetObject": "s3:GetObjectVersion",
+    "s3:DeleteObject": "s3:DeleteObjectVersion",
+    "s3:GetObjectAcl": "s3:GetObjectVersionAcl",
+    "s3:PutObjectAcl": "s3:PutObjectVersionAcl",
+    "s3:GetObjectTagging": "s3:GetObjectVersionTagging",
+    "s3:PutObjectTagging": "s3:PutObjectVersionTagging",
+    "s3:DeleteObjectTagging": "s3:DeleteObjectVersionTagging",
+    "s3:GetObjectAttributes": "s3:GetObjectVersionAttributes",
+}
 
 
 def decide_request(cfg: Config, backend: Backend, req: S3Request, auth: AuthContext, op: Op,
@@ -201,6 +225,8 @@ def decide_request(cfg: Config, backend: Backend, req: S3Request, auth: AuthCont
     request names several: DeleteObjects)."""
     assert req.bucket is not None
     user = requester(cfg, auth.access_key, auth.scheme == "anonymous")
+    if "versionId" in req.query and op.action in _OF_A_VERSION:
+        op = dataclasses.replace(op, action=_OF_A_VERSION[op.action])
     return decide(cfg, backend, user, req.bucket, key if key is not None else req.key, op,
                   lambda: request_context(req, auth, user))
 
@@ -249,7 +275,11 @@ def decide(
     ignore = block.ignore_public_acls
     if op.on_object:
         return Access(me, owner, False, op.permission, ignore, may_list)
-    if me == owner or (op.permission is not None and bucket_acl.allows(me, op.permission, ignore_public=ignore)):
+    # What an ACL grants, it grants the owner too, who may therefore take it
+    # away (S3: an owner whose ACL lost WRITE cannot write until it puts one
+    # back); what no ACL grants is the owner's alone.
+    if (me == owner and op.permission is None) or (
+            op.permission is not None and bucket_acl.allows(me, op.permission, ignore_public=ignore)):
         return Access(me, owner, True)
     raise errors.AccessDenied()
 

@@ -141,6 +141,10 @@ class ObjectInfo:
     # None: owned by the bucket's owner, private (the common case, decided
     # without reading it).
     acl: str | None = None
+    # The version's id where the bucket has (ever had) versioning, "null"
+    # for the null version; None for a bucket that never had it.
+    version_id: str | None = None
+    delete_marker: bool = False  # a listing's delete marker (ListObjectVersions)
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,7 @@ class ReadOptions:
     # If-Match, If-None-Match, If-Modified-Since, If-Unmodified-Since.
     conditions: Mapping[str, str] = field(default_factory=dict)
     checksum_mode: bool = False
+    version_id: str | None = None  # a version other than the current one
 
 
 @dataclass(frozen=True)
@@ -302,6 +307,33 @@ class PartInfo:
 
 
 @dataclass(frozen=True)
+class Deleted:
+    """What a DeleteObject did: the version it removed or the delete marker
+    it made (``delete_marker``), by id; None for a bucket without versioning."""
+
+    version_id: str | None = None
+    delete_marker: bool = False
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    info: ObjectInfo  # key, version_id, size, etag ...; delete_marker for a marker
+    is_latest: bool
+
+
+@dataclass(frozen=True)
+class VersionPage:
+    entries: Sequence[VersionEntry]
+    common_prefixes: Sequence[str]
+    is_truncated: bool
+    next_key_marker: str | None = None
+    next_version_id_marker: str | None = None
+
+
+VERSIONING_STATES = ("Enabled", "Suspended")
+
+
+@dataclass(frozen=True)
 class CompletedPart:
     part_number: int
     etag: str
@@ -391,15 +423,40 @@ class Backend(Protocol):
         dst_key: str,
         meta: ObjectMeta | None,
         expected_etag: str | None = None,
+        src_version: str | None = None,
     ) -> ObjectInfo:
         """Copy server-side. ``meta`` None keeps the source's metadata
         (directive COPY). ``expected_etag`` pins the source version that the
-        caller's copy-source conditions were evaluated against."""
+        caller's copy-source conditions were evaluated against;
+        ``src_version`` names a version other than the current one."""
         ...
 
-    async def delete_object(self, bucket: str, key: str, if_match: str | None = None) -> None:
-        """Remove the key; with ``if_match``, only while its ETag is that
-        one (PreconditionFailed otherwise, NoSuchKey if there is none)."""
+    async def delete_object(
+        self, bucket: str, key: str, if_match: str | None = None, version_id: str | None = None
+    ) -> Deleted:
+        """Remove the key (in a versioned bucket: make a delete marker), or
+        with ``version_id`` that version for good; with ``if_match``, only
+        while its ETag is that one (PreconditionFailed otherwise, NoSuchKey
+        if there is none)."""
+        ...
+
+    async def get_bucket_versioning(self, bucket: str) -> str | None:
+        """"Enabled", "Suspended", or None for a bucket that never had it."""
+        ...
+
+    async def put_bucket_versioning(self, bucket: str, status: str) -> None: ...
+
+    async def list_versions(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        key_marker: str = "",
+        version_id_marker: str = "",
+        max_keys: int = 1000,
+    ) -> VersionPage:
+        """Every version and delete marker, by key, newest first."""
         ...
 
     async def list_objects(
@@ -434,6 +491,7 @@ class Backend(Protocol):
         src_key: str,
         src_range: tuple[int, int] | None,
         expected_etag: str | None = None,
+        src_version: str | None = None,
     ) -> PartInfo: ...
 
     async def complete_upload(

@@ -38,6 +38,7 @@ import base64
 import binascii
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import itertools
@@ -45,6 +46,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import secrets
 import sqlite3
 import stat
@@ -57,11 +59,14 @@ from typing import TypeVar
 
 from nearstore.gateway import errors
 from nearstore.gateway.checksums import combine_crc, new_checksum
+from nearstore.gateway.conditions import http_date
 from nearstore.metadata.backing import (
     ACCESS_DOCUMENTS,
+    VERSIONING_STATES,
     BucketAccess,
     BucketInfo,
     CompletedPart,
+    Deleted,
     FileSegment,
     ListPage,
     ObjectInfo,
@@ -71,6 +76,8 @@ from nearstore.metadata.backing import (
     Served,
     UploadBody,
     UploadInfo,
+    VersionEntry,
+    VersionPage,
     WriteConditions,
     read_segments,
 )
@@ -90,7 +97,8 @@ CREATE TABLE IF NOT EXISTS buckets (
     region  TEXT NOT NULL DEFAULT '',
     owner   TEXT NOT NULL DEFAULT '',  -- canonical user id; '' the node's first user
     tags    TEXT,                      -- JSON object; NULL: no tag set
-    cors    TEXT                       -- CORSConfiguration document; NULL: none
+    cors    TEXT,                      -- CORSConfiguration document; NULL: none
+    versioning TEXT                    -- 'Enabled' | 'Suspended'; NULL: never enabled
 );
 -- Keys are stored as UTF-8 BLOBs: SQLite compares BLOBs with memcmp, which is
 -- exactly S3's listing order (UTF-8 binary), and makes prefix ranges exact.
@@ -103,8 +111,26 @@ CREATE TABLE IF NOT EXISTS objects (
     mtime   REAL NOT NULL,
     info    TEXT NOT NULL,   -- JSON: content type, headers, meta, checksum, parts
     tags    TEXT NOT NULL DEFAULT '{}',
+    version TEXT NOT NULL DEFAULT 'null',  -- the current version's id
     PRIMARY KEY (bucket, key)
 ) WITHOUT ROWID;
+-- A versioned bucket's other versions and its delete markers (file NULL);
+-- the current version stays in objects, so reads and listings of current
+-- objects never look here. seq orders a key's versions, newest highest.
+CREATE TABLE IF NOT EXISTS versions (
+    bucket  TEXT NOT NULL,
+    key     BLOB NOT NULL,
+    version TEXT NOT NULL,
+    file    TEXT,
+    size    INTEGER NOT NULL,
+    etag    TEXT NOT NULL,
+    mtime   REAL NOT NULL,
+    info    TEXT NOT NULL,
+    tags    TEXT NOT NULL DEFAULT '{}',
+    seq     INTEGER NOT NULL,
+    PRIMARY KEY (bucket, key, version)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS versions_by_age ON versions (bucket, key, seq);
 CREATE TABLE IF NOT EXISTS uploads (
     upload_id TEXT PRIMARY KEY,
     bucket    TEXT NOT NULL,
@@ -315,12 +341,14 @@ class LocalStore:
         conn.executescript(_SCHEMA)
         # Columns added since the first index: an older one gets them (its
         # buckets are the first user's, "", and have no tags).
-        have = {r[1] for r in conn.execute("PRAGMA table_info(buckets)")}
-        for column, kind in (("owner", "TEXT NOT NULL DEFAULT ''"), ("tags", "TEXT"), ("cors", "TEXT")):
-            if column in have:
+        have = {(t, r[1]) for t in ("buckets", "objects") for r in conn.execute(f"PRAGMA table_info({t})")}
+        for table, column, kind in (("buckets", "owner", "TEXT NOT NULL DEFAULT ''"), ("buckets", "tags", "TEXT"),
+                                    ("buckets", "cors", "TEXT"), ("buckets", "versioning", "TEXT"),
+                                    ("objects", "version", "TEXT NOT NULL DEFAULT 'null'")):
+            if (table, column) in have:
                 continue
             try:
-                conn.execute(f"ALTER TABLE buckets ADD COLUMN {column} {kind}")
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             except sqlite3.OperationalError as e:  # another process of the node added it first
                 if "duplicate column" not in str(e):
                     raise
@@ -467,7 +495,8 @@ class LocalStore:
         def q() -> list[str]:
             c = self.conn
             self._bucket_row(bucket)
-            if c.execute("SELECT 1 FROM objects WHERE bucket = ? LIMIT 1", (bucket,)).fetchone():
+            if c.execute("SELECT 1 FROM objects WHERE bucket = ? LIMIT 1", (bucket,)).fetchone() or c.execute(
+                    "SELECT 1 FROM versions WHERE bucket = ? LIMIT 1", (bucket,)).fetchone():
                 raise errors.BucketNotEmpty(BucketName=bucket)
             c.execute("BEGIN IMMEDIATE")
             try:
@@ -500,13 +529,52 @@ class LocalStore:
         self, bucket: str, key: str, conn: sqlite3.Connection | None = None
     ) -> tuple[ObjectInfo, str]:
         row = (conn or self.conn).execute(
-            "SELECT key, size, etag, mtime, info, tags, file FROM objects WHERE bucket = ? AND key = ?",
+            "SELECT o.key, o.size, o.etag, o.mtime, o.info, o.tags, o.file, o.version, b.versioning"
+            " FROM objects o JOIN buckets b ON b.name = o.bucket WHERE o.bucket = ? AND o.key = ?",
             (bucket, key.encode()),
         ).fetchone()
         if row is None:
             self._bucket_row(bucket, conn)
-            raise errors.NoSuchKey(Key=key)
-        return _row_to_info(*row[:6]), row[6]
+            raise self._missing(bucket, key, conn or self.conn)
+        info = _row_to_info(*row[:6])
+        if row[8] is not None:
+            info = dataclasses.replace(info, version_id=row[7])
+        return info, row[6]
+
+    def _missing(self, bucket: str, key: str, conn: sqlite3.Connection) -> errors.S3Error:
+        """NoSuchKey for a key with no current version; where its latest is
+        a delete marker, S3 says so in headers."""
+        row = conn.execute(
+            "SELECT version, file FROM versions WHERE bucket = ? AND key = ? ORDER BY seq DESC LIMIT 1",
+            (bucket, key.encode()),
+        ).fetchone()
+        if row is not None and row[1] is None:
+            return errors.NoSuchKey(Key=key, headers={"x-amz-delete-marker": "true", "x-amz-version-id": row[0]})
+        return errors.NoSuchKey(Key=key)
+
+    def _version_row(self, bucket: str, key: str, version: str, conn: sqlite3.Connection) -> tuple[ObjectInfo, str]:
+        """One version of a key by id, current or not: NoSuchVersion where
+        there is none, MethodNotAllowed for a delete marker (S3's answers)."""
+        _check_version_id(version)
+        try:
+            info, rel = self._object_row(bucket, key, conn)
+        except errors.NoSuchKey:
+            pass
+        else:
+            if (info.version_id or "null") == version:
+                return info, rel
+        row = conn.execute(
+            "SELECT key, size, etag, mtime, info, tags, file FROM versions WHERE bucket = ? AND key = ? AND version = ?",
+            (bucket, key.encode(), version),
+        ).fetchone()
+        if row is None:
+            raise errors.NoSuchVersion(Key=key, VersionId=version)
+        if row[6] is None:
+            raise errors.MethodNotAllowed(
+                "The specified method is not allowed against this resource.", Method="GET", ResourceType="DeleteMarker",
+                headers={"x-amz-delete-marker": "true", "x-amz-version-id": version,
+                         "Last-Modified": http_date(row[3]), "Allow": "DELETE"})
+        return dataclasses.replace(_row_to_info(*row[:6]), version_id=version), row[6]
 
     # Rows read lately, with the object file's full path: a hot key's GET
     # skips the query, the JSON of its metadata and the path join (py-spy:
@@ -602,8 +670,13 @@ class LocalStore:
         costs ~20 us, and a thread hop costs several times that (py-spy:
         executor hand-offs were 40% of a 4 KiB GET). If an overwrite
         unlinks the file between lookup and open, look again."""
+        version = opts.version_id if opts is not None else None
         for _ in range(5):
-            info, path = self._hot_row(bucket, key)
+            if version is not None:
+                info, rel = self._version_row(bucket, key, version, self.rconn)
+                path = str(self.root / rel)
+            else:
+                info, path = self._hot_row(bucket, key)
             if head:
                 return LocalHandle(info, -1)
             try:
@@ -712,34 +785,109 @@ class LocalStore:
         before_commit: Callable[[sqlite3.Connection], None] | None = None,
     ) -> ObjectInfo:
         """Make ``rel`` the current version of (bucket, key). Runs on the db
-        thread. Unlinks the replaced version's file after the commit."""
+        thread. In a versioned bucket the replaced version is kept (moved to
+        the versions table), except a null version replaced by another
+        (versioning suspended); files no version keeps are unlinked after
+        the commit."""
         c = self.conn
         mtime = time.time()
-        old: str | None = None
+        dead: list[str] = []
+        version = "null"
         c.execute("BEGIN IMMEDIATE")
         try:
-            self._bucket_row(bucket)
+            state = self._versioning(bucket)
             row = c.execute(
                 "SELECT file, etag FROM objects WHERE bucket = ? AND key = ?", (bucket, key.encode())
             ).fetchone()
             _check_write_conditions(conditions, row[1] if row else None, key)
-            if row:
-                old = row[0]
+            if state is None:
+                if row:
+                    dead.append(row[0])
+            else:
+                version = _new_version_id() if state == "Enabled" else "null"
+                dead += self._retire_current(bucket, key, state)
             if before_commit is not None:
                 before_commit(c)
             c.execute(
-                "INSERT OR REPLACE INTO objects (bucket, key, file, size, etag, mtime, info, tags)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (bucket, key.encode(), rel, size, etag, mtime, info_json, json.dumps(dict(tags))),
+                "INSERT OR REPLACE INTO objects (bucket, key, file, size, etag, mtime, info, tags, version)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (bucket, key.encode(), rel, size, etag, mtime, info_json, json.dumps(dict(tags)), version),
             )
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             self._unlink(rel)
             raise
-        if old is not None and old != rel:
-            self._unlink(old)
-        return _row_to_info(key.encode(), size, etag, mtime, info_json, json.dumps(dict(tags)))
+        for old in dead:
+            if old != rel:
+                self._unlink(old)
+        info = _row_to_info(key.encode(), size, etag, mtime, info_json, json.dumps(dict(tags)))
+        return dataclasses.replace(info, version_id=version) if state is not None else info
+
+    # --- versions (db thread, inside the caller's transaction) -------------
+
+    def _versioning(self, bucket: str) -> str | None:
+        row = self.conn.execute("SELECT versioning FROM buckets WHERE name = ?", (bucket,)).fetchone()
+        if row is None:
+            raise errors.NoSuchBucket(BucketName=bucket)
+        return None if row[0] is None else str(row[0])
+
+    def _next_seq(self, bucket: str, key: str) -> int:
+        row = self.conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM versions WHERE bucket = ? AND key = ?", (bucket, key.encode())
+        ).fetchone()
+        return int(row[0])
+
+    def _retire_current(self, bucket: str, key: str, state: str) -> list[str]:
+        """Before a new current version (or a delete marker) of a versioned
+        bucket's key: keep the current one among the versions, or, where
+        versioning is suspended, drop the key's null version (current or
+        not) that the new one replaces. Returns the files to unlink."""
+        c, k, dead = self.conn, key.encode(), []
+        if state == "Suspended":
+            for (f,) in c.execute("DELETE FROM versions WHERE bucket = ? AND key = ? AND version = 'null' RETURNING file",
+                                  (bucket, k)).fetchall():
+                if f is not None:
+                    dead.append(f)
+        row = c.execute("DELETE FROM objects WHERE bucket = ? AND key = ? RETURNING file, size, etag, mtime, info, "
+                        "tags, version", (bucket, k)).fetchone()
+        if row is None:
+            return dead
+        if state == "Suspended" and row[6] == "null":
+            return [*dead, row[0]]
+        c.execute("INSERT INTO versions (bucket, key, version, file, size, etag, mtime, info, tags, seq)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (bucket, k, row[6], *row[:6], self._next_seq(bucket, key)))
+        return dead
+
+    def _promote(self, bucket: str, key: str) -> None:
+        """After the current version or the latest marker is deleted for
+        good: the newest remaining version becomes current, unless it is a
+        delete marker (then the key stays deleted)."""
+        c, k = self.conn, key.encode()
+        row = c.execute("SELECT version, file FROM versions WHERE bucket = ? AND key = ? ORDER BY seq DESC LIMIT 1",
+                        (bucket, k)).fetchone()
+        if row is None or row[1] is None:
+            return
+        c.execute("INSERT INTO objects (bucket, key, file, size, etag, mtime, info, tags, version)"
+                  " SELECT bucket, key, file, size, etag, mtime, info, tags, version FROM versions"
+                  " WHERE bucket = ? AND key = ? AND version = ?", (bucket, k, row[0]))
+        c.execute("DELETE FROM versions WHERE bucket = ? AND key = ? AND version = ?", (bucket, k, row[0]))
+
+    def _delete_version(self, bucket: str, key: str, version: str) -> tuple[Deleted, list[str]]:
+        _check_version_id(version)
+        c, k = self.conn, key.encode()
+        row = c.execute("DELETE FROM objects WHERE bucket = ? AND key = ? AND version = ? RETURNING file",
+                        (bucket, k, version)).fetchone()
+        if row is not None:
+            self._promote(bucket, key)
+            return Deleted(version), [row[0]]
+        row = c.execute("DELETE FROM versions WHERE bucket = ? AND key = ? AND version = ? RETURNING file",
+                        (bucket, k, version)).fetchone()
+        if row is None:
+            return Deleted(version), []  # nothing by that id: deleting it again is not an error, as S3
+        if c.execute("SELECT 1 FROM objects WHERE bucket = ? AND key = ?", (bucket, k)).fetchone() is None:
+            self._promote(bucket, key)
+        return Deleted(version, delete_marker=row[0] is None), [row[0]] if row[0] is not None else []
 
     async def put_object(
         self,
@@ -767,8 +915,9 @@ class LocalStore:
         dst_key: str,
         meta: ObjectMeta | None,
         expected_etag: str | None = None,
+        src_version: str | None = None,
     ) -> ObjectInfo:
-        src = await self.open_object(src_bucket, src_key)
+        src = await self.open_object(src_bucket, src_key, ReadOptions(version_id=src_version))
         try:
             if expected_etag is not None and src.info.etag != expected_etag:
                 raise errors.PreconditionFailed(Condition="x-amz-copy-source-if-match")
@@ -783,7 +932,7 @@ class LocalStore:
             meta = ObjectMeta(
                 content_type=info.content_type, headers=info.headers, user_meta=info.user_meta
             )
-            tags = await self.get_tags(src_bucket, src_key)
+            tags = await self.get_tags(src_bucket, src_key, src_version)
         else:
             tags = dict(meta.tags)
         # A copy is a new single-part object: S3 recomputes the ETag as the
@@ -813,28 +962,54 @@ class LocalStore:
                 os.fsync(fd)
         return rel, md5.digest()
 
-    async def delete_object(self, bucket: str, key: str, if_match: str | None = None) -> None:
-        def q() -> str | None:
+    async def delete_object(
+        self, bucket: str, key: str, if_match: str | None = None, version_id: str | None = None
+    ) -> Deleted:
+        def q() -> tuple[Deleted, list[str]]:
             c = self.conn
             c.execute("BEGIN IMMEDIATE")
             try:
-                self._bucket_row(bucket)
+                state = self._versioning(bucket)
                 if if_match is not None:
                     current = c.execute(
                         "SELECT etag FROM objects WHERE bucket = ? AND key = ?", (bucket, key.encode())
                     ).fetchone()
                     _check_write_conditions(WriteConditions(if_match=if_match), current[0] if current else None, key)
-                row = c.execute(
-                    "DELETE FROM objects WHERE bucket = ? AND key = ? RETURNING file",
-                    (bucket, key.encode()),
-                ).fetchone()
+                if version_id is not None:
+                    done = self._delete_version(bucket, key, version_id)
+                elif state is None:
+                    row = c.execute(
+                        "DELETE FROM objects WHERE bucket = ? AND key = ? RETURNING file", (bucket, key.encode())
+                    ).fetchone()
+                    done = Deleted(), [row[0]] if row else []
+                else:
+                    dead = self._retire_current(bucket, key, state)
+                    marker = _new_version_id() if state == "Enabled" else "null"
+                    c.execute("INSERT INTO versions (bucket, key, version, file, size, etag, mtime, info, tags, seq)"
+                              " VALUES (?, ?, ?, NULL, 0, '', ?, ?, '{}', ?)",
+                              (bucket, key.encode(), marker, time.time(), _info_json(ObjectMeta(), None),
+                               self._next_seq(bucket, key)))
+                    done = Deleted(marker, delete_marker=True), dead
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
                 raise
-            if row:
-                self._unlink(row[0])
-            return None
+            return done
+
+        deleted, dead = await self._db(q)
+        for rel in dead:
+            self._unlink(rel)
+        return deleted
+
+    async def get_bucket_versioning(self, bucket: str) -> str | None:
+        return await self._db(self._versioning, bucket)
+
+    async def put_bucket_versioning(self, bucket: str, status: str) -> None:
+        assert status in VERSIONING_STATES
+
+        def q() -> None:
+            if self.conn.execute("UPDATE buckets SET versioning = ? WHERE name = ?", (status, bucket)).rowcount == 0:
+                raise errors.NoSuchBucket(BucketName=bucket)
 
         await self._db(q)
 
@@ -910,12 +1085,97 @@ class LocalStore:
                     return ListPage(objects, prefixes, False, last)
                 lower, inclusive = rows[-1][0], False
 
+    async def list_versions(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        key_marker: str = "",
+        version_id_marker: str = "",
+        max_keys: int = 1000,
+    ) -> VersionPage:
+        return await self._db(self._list_versions, bucket, prefix, delimiter, key_marker, version_id_marker,
+                              max_keys)
+
+    def _key_versions(self, bucket: str, key: bytes) -> list[VersionEntry]:
+        """A key's versions, newest first: the current one, then the rest."""
+        c = self.conn
+        out: list[VersionEntry] = []
+        for current, row in [(True, r) for r in c.execute(
+                "SELECT key, size, etag, mtime, info, tags, version, 0 FROM objects WHERE bucket = ? AND key = ?",
+                (bucket, key))] + [(False, r) for r in c.execute(
+                "SELECT key, size, etag, mtime, info, tags, version, file IS NULL FROM versions"
+                " WHERE bucket = ? AND key = ? ORDER BY seq DESC", (bucket, key))]:
+            info = dataclasses.replace(_row_to_info(*row[:6]), version_id=row[6], delete_marker=bool(row[7]))
+            out.append(VersionEntry(info, is_latest=current or not out))
+        return out
+
+    def _list_versions(self, bucket: str, prefix: str, delimiter: str, key_marker: str, version_id_marker: str,
+                       max_keys: int) -> VersionPage:
+        """Keys in order (from either table), each key's versions newest
+        first; the page ends after ``max_keys`` entries and common
+        prefixes, and starts after (key_marker, version_id_marker)."""
+        c = self.conn
+        self._bucket_row(bucket)
+        entries: list[VersionEntry] = []
+        prefixes: list[str] = []
+        upper = _key_upper_bound(prefix.encode())
+        lower = max(prefix.encode(), key_marker.encode())
+        bound = " AND key < ?" if upper is not None else ""
+        args: tuple[object, ...] = (bucket, lower) + ((upper,) if upper is not None else ())
+
+        last: tuple[str, str | None] = ("", None)  # the last key (or common prefix) and version listed
+        while True:
+            keys = [r[0] for r in c.execute(
+                f"SELECT key FROM objects WHERE bucket = ? AND key >= ?{bound}"
+                f" UNION SELECT key FROM versions WHERE bucket = ? AND key >= ?{bound} ORDER BY key LIMIT 1000",
+                args * 2)]
+            if not keys:
+                return VersionPage(entries, prefixes, False)
+            for raw in keys:
+                key = raw.decode()
+                if key == key_marker and not version_id_marker:
+                    continue  # the marker's key was listed whole
+                if delimiter:
+                    idx = key.find(delimiter, len(prefix))
+                    if idx >= 0:
+                        cp = key[: idx + len(delimiter)]
+                        # A common prefix at or before the marker was listed
+                        # on an earlier page.
+                        if cp > key_marker:
+                            if len(entries) + len(prefixes) >= max_keys:
+                                return VersionPage(entries, prefixes, True, *last)
+                            prefixes.append(cp)
+                            last = (cp, None)
+                        nxt = _key_upper_bound(cp.encode())
+                        if nxt is None:
+                            return VersionPage(entries, prefixes, False)
+                        lower = nxt
+                        break
+                versions = self._key_versions(bucket, raw)
+                if key == key_marker:
+                    ids = [v.info.version_id for v in versions]
+                    versions = versions[ids.index(version_id_marker) + 1:] if version_id_marker in ids else []
+                for v in versions:
+                    if len(entries) + len(prefixes) >= max_keys:
+                        return VersionPage(entries, prefixes, True, *last)
+                    entries.append(v)
+                    last = (key, v.info.version_id)
+            else:
+                lower = keys[-1] + b"\x00"
+            args = (bucket, lower) + ((upper,) if upper is not None else ())
+
     # --- tagging ------------------------------------------------------------
 
-    async def get_tags(self, bucket: str, key: str) -> dict[str, str]:
+    async def get_tags(self, bucket: str, key: str, version_id: str | None = None) -> dict[str, str]:
         def q() -> dict[str, str]:
             row = self.conn.execute(
                 "SELECT tags FROM objects WHERE bucket = ? AND key = ?", (bucket, key.encode())
+            ).fetchone() if version_id is None else self.conn.execute(
+                "SELECT tags FROM objects WHERE bucket = ? AND key = ? AND version = ?"
+                " UNION ALL SELECT tags FROM versions WHERE bucket = ? AND key = ? AND version = ?",
+                (bucket, key.encode(), version_id) * 2,
             ).fetchone()
             if row is None:
                 self._bucket_row(bucket)
@@ -1014,9 +1274,10 @@ class LocalStore:
         src_key: str,
         src_range: tuple[int, int] | None,
         expected_etag: str | None = None,
+        src_version: str | None = None,
     ) -> PartInfo:
         upload = await self._db(self._upload_row, bucket, key, upload_id)
-        src = await self.open_object(src_bucket, src_key)
+        src = await self.open_object(src_bucket, src_key, ReadOptions(version_id=src_version))
         loop = asyncio.get_running_loop()
         try:
             if expected_etag is not None and src.info.etag != expected_etag:
@@ -1269,6 +1530,21 @@ class LocalStore:
             return ups, len(rows) > max_uploads
 
         return await self._db(q)
+
+
+def _new_version_id() -> str:
+    """A version id: 32 URL-safe characters, unique (S3's are opaque too)."""
+    return secrets.token_urlsafe(24)
+
+
+_VERSION_ID = re.compile(r"[A-Za-z0-9_-]{32}")
+
+
+def _check_version_id(version: str) -> None:
+    """One this store could have made, or "null": S3 answers InvalidArgument
+    for any other (an unknown well-formed one is NoSuchVersion)."""
+    if version != "null" and not _VERSION_ID.fullmatch(version):
+        raise errors.InvalidArgument("Invalid version id specified", ArgumentName="versionId", ArgumentValue=version)
 
 
 def _check_write_conditions(cond: WriteConditions, current_etag: str | None, key: str) -> None:

@@ -20,6 +20,7 @@ from nearstore.metadata.backing import (
     BucketAccess,
     BucketInfo,
     CompletedPart,
+    Deleted,
     ListPage,
     ObjectHandle,
     ObjectInfo,
@@ -28,6 +29,7 @@ from nearstore.metadata.backing import (
     ReadOptions,
     UploadBody,
     UploadInfo,
+    VersionPage,
     WriteConditions,
 )
 
@@ -35,10 +37,11 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
-async def _copy_source(src: Backend, bucket: str, key: str, expected_etag: str | None) -> AsyncIterator[ObjectHandle]:
+async def _copy_source(src: Backend, bucket: str, key: str, expected_etag: str | None,
+                       version: str | None) -> AsyncIterator[ObjectHandle]:
     """The source of a copy between two stores, open and pinned to the
     version the caller's copy-source conditions were evaluated against."""
-    handle = await src.open_object(bucket, key)
+    handle = await src.open_object(bucket, key, ReadOptions(version_id=version))
     try:
         if expected_etag is not None and handle.info.etag != expected_etag:
             raise errors.PreconditionFailed(Condition="x-amz-copy-source-if-match")
@@ -187,20 +190,36 @@ class Router:
 
     async def copy_object(
         self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str, meta: ObjectMeta | None,
-        expected_etag: str | None = None,
+        expected_etag: str | None = None, src_version: str | None = None,
     ) -> ObjectInfo:
         src, dst = self.pick(src_bucket), self.pick(dst_bucket)
         if src is dst:
-            return await src.copy_object(src_bucket, src_key, dst_bucket, dst_key, meta, expected_etag)
-        async with _copy_source(src, src_bucket, src_key, expected_etag) as handle:
+            return await src.copy_object(src_bucket, src_key, dst_bucket, dst_key, meta, expected_etag, src_version)
+        async with _copy_source(src, src_bucket, src_key, expected_etag, src_version) as handle:
             info = handle.info
             if meta is None:
                 meta = ObjectMeta(info.content_type, info.headers, info.user_meta,
                                   await src.get_tags(src_bucket, src_key))
             return await dst.put_object(dst_bucket, dst_key, _Stream(handle, 0, info.size), meta)
 
-    async def delete_object(self, bucket: str, key: str, if_match: str | None = None) -> None:
-        await self.pick(bucket).delete_object(bucket, key, if_match)
+    async def delete_object(
+        self, bucket: str, key: str, if_match: str | None = None, version_id: str | None = None
+    ) -> Deleted:
+        return await self.pick(bucket).delete_object(bucket, key, if_match, version_id)
+
+    async def get_bucket_versioning(self, bucket: str) -> str | None:
+        return await self.pick(bucket).get_bucket_versioning(bucket)
+
+    async def put_bucket_versioning(self, bucket: str, status: str) -> None:
+        await self.pick(bucket).put_bucket_versioning(bucket, status)
+
+    async def list_versions(
+        self, bucket: str, *, prefix: str = "", delimiter: str = "", key_marker: str = "",
+        version_id_marker: str = "", max_keys: int = 1000,
+    ) -> VersionPage:
+        return await self.pick(bucket).list_versions(
+            bucket, prefix=prefix, delimiter=delimiter, key_marker=key_marker, version_id_marker=version_id_marker,
+            max_keys=max_keys)
 
     async def list_objects(
         self, bucket: str, *, prefix: str = "", delimiter: str = "", start_after: str = "", max_keys: int = 1000
@@ -225,14 +244,14 @@ class Router:
 
     async def upload_part_copy(
         self, bucket: str, key: str, upload_id: str, part_number: int, src_bucket: str, src_key: str,
-        src_range: tuple[int, int] | None, expected_etag: str | None = None,
+        src_range: tuple[int, int] | None, expected_etag: str | None = None, src_version: str | None = None,
     ) -> PartInfo:
         src, dst = self.pick(src_bucket), self.pick(bucket)
         if src is dst:
             return await dst.upload_part_copy(
-                bucket, key, upload_id, part_number, src_bucket, src_key, src_range, expected_etag
+                bucket, key, upload_id, part_number, src_bucket, src_key, src_range, expected_etag, src_version
             )
-        async with _copy_source(src, src_bucket, src_key, expected_etag) as handle:
+        async with _copy_source(src, src_bucket, src_key, expected_etag, src_version) as handle:
             size = handle.info.size
             start, end = src_range if src_range else (0, size - 1)
             if end >= size or start > end:

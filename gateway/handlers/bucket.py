@@ -22,7 +22,7 @@ from nearstore.gateway.handlers.common import Ctx, encode_key, read_body, xml_re
 from nearstore.gateway.handlers.object import acl_of_request, read_tagging, tagging_response
 from nearstore.gateway.request import S3Request, check_key, validate_bucket_name
 from nearstore.gateway.xml import Node, child_text, parse
-from nearstore.metadata.backing import ListPage, ObjectInfo
+from nearstore.metadata.backing import VERSIONING_STATES, ListPage, VersionEntry
 
 MAX_KEYS = 1000
 
@@ -187,8 +187,19 @@ async def delete_public_access_block(ctx: Ctx, req: S3Request) -> web.StreamResp
 
 
 async def get_bucket_versioning(ctx: Ctx, req: S3Request) -> web.StreamResponse:
-    await ctx.backend.head_bucket(_bucket(req))
-    return xml_response("VersioningConfiguration", [])
+    status = await ctx.backend.get_bucket_versioning(_bucket(req))
+    return xml_response("VersioningConfiguration", [("Status", status) if status else None])
+
+
+async def put_bucket_versioning(ctx: Ctx, req: S3Request) -> web.StreamResponse:
+    root = parse(await read_body(ctx, req, limit=64 * 1024))
+    status = (child_text(root, "Status") or "").strip()
+    if root.tag != "VersioningConfiguration" or status not in VERSIONING_STATES:
+        raise errors.MalformedXML()
+    if (child_text(root, "MfaDelete") or "Disabled").strip() == "Enabled":
+        raise errors.NotImplemented("MFA delete is not implemented", Header="x-amz-mfa")
+    await ctx.backend.put_bucket_versioning(_bucket(req), status)
+    return web.Response(status=200)
 
 
 def _max_keys(req: S3Request, name: str = "max-keys") -> int:
@@ -325,51 +336,57 @@ async def list_objects_v2(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     )
 
 
-def _version(ctx: Ctx, o: ObjectInfo, enc: str | None) -> Node:
-    return (
-        "Version",
-        [
-            ("Key", encode_key(o.key, enc)),
-            ("VersionId", "null"),
-            ("IsLatest", True),
-            ("LastModified", iso8601(o.last_modified)),
-            ("ETag", o.etag),
-            ("Size", o.size),
-            ctx.object_owner(o),
-            ("StorageClass", o.storage_class),
-        ],
-    )
+def _version(ctx: Ctx, v: VersionEntry, enc: str | None) -> Node:
+    o = v.info
+    head: list[Node | None] = [
+        ("Key", encode_key(o.key, enc)),
+        ("VersionId", o.version_id or "null"),
+        ("IsLatest", v.is_latest),
+        ("LastModified", iso8601(o.last_modified)),
+    ]
+    if o.delete_marker:
+        return "DeleteMarker", [*head, ctx.object_owner(o)]
+    return "Version", [*head, ("ETag", o.etag), ("Size", o.size), ctx.object_owner(o),
+                       ("StorageClass", o.storage_class)]
 
 
 async def list_object_versions(ctx: Ctx, req: S3Request) -> web.StreamResponse:
-    """An unversioned bucket: every object is its one version, "null"."""
+    """Every version and delete marker, by key and newest first (a bucket
+    that never had versioning: each object its one version, "null")."""
     q = req.query
     enc = _encoding(req)
     max_keys = _max_keys(req)
     prefix, delimiter, marker = q.get("prefix", ""), q.get("delimiter", ""), q.get("key-marker", "")
-    page = await ctx.backend.list_objects(
-        _bucket(req), prefix=prefix, delimiter=delimiter, start_after=marker, max_keys=max(max_keys, 1)
-    )
+    version_marker = q.get("version-id-marker", "")
+    if version_marker and not marker:
+        raise errors.InvalidArgument("A version-id marker cannot be specified without a key marker.",
+                                     ArgumentName="version-id-marker", ArgumentValue=version_marker)
+    page = await ctx.backend.list_versions(_bucket(req), prefix=prefix, delimiter=delimiter, key_marker=marker,
+                                           version_id_marker=version_marker, max_keys=max(max_keys, 1))
+    entries, prefixes = (page.entries, page.common_prefixes) if max_keys else ((), ())
     return xml_response(
         "ListVersionsResult",
         [
             ("Name", _bucket(req)),
             ("Prefix", encode_key(prefix, enc)),
             ("KeyMarker", encode_key(marker, enc)),
-            ("VersionIdMarker", q.get("version-id-marker", "")),
+            ("VersionIdMarker", version_marker),
             ("MaxKeys", max_keys),
             ("Delimiter", encode_key(delimiter, enc)) if delimiter else None,
-            ("IsTruncated", page.is_truncated),
-            ("NextKeyMarker", encode_key(page.next_marker, enc)) if page.is_truncated and page.next_marker else None,
-            ("NextVersionIdMarker", "null") if page.is_truncated else None,
+            ("IsTruncated", page.is_truncated and bool(max_keys)),
+            ("NextKeyMarker", encode_key(page.next_key_marker, enc))
+            if page.is_truncated and page.next_key_marker else None,
+            ("NextVersionIdMarker", page.next_version_id_marker)
+            if page.is_truncated and page.next_version_id_marker else None,
             ("EncodingType", enc) if enc else None,
-            *[_version(ctx, o, enc) for o in page.objects],
-            *_prefixes(page, enc),
+            *[_version(ctx, v, enc) for v in entries],
+            *[("CommonPrefixes", [("Prefix", encode_key(p, enc))]) for p in prefixes],
         ],
     )
 
 
 DELETE = Op("s3:DeleteObject", permission="WRITE")
+DELETE_VERSION = Op("s3:DeleteObjectVersion", permission="WRITE")
 
 
 async def delete_objects(ctx: Ctx, req: S3Request) -> web.StreamResponse:
@@ -398,15 +415,21 @@ async def delete_objects(ctx: Ctx, req: S3Request) -> web.StreamResponse:
             check_key(key)
             # Each key is decided on its own, as S3 does: a policy may
             # allow or deny some keys of the bucket and not others.
-            decide_request(ctx.config, ctx.backend, req, ctx.auth, DELETE, key)
-            if version not in (None, "null"):
-                raise errors.NoSuchVersion(Key=key, VersionId=version or "")
-            await ctx.backend.delete_object(bucket, key)
+            decide_request(ctx.config, ctx.backend, req, ctx.auth, DELETE_VERSION if version else DELETE, key)
+            if version == "":
+                raise errors.InvalidArgument("Version id cannot be the empty string", ArgumentName="versionId")
+            done = await ctx.backend.delete_object(bucket, key, version_id=version)
         except errors.S3Error as e:
-            results.append(("Error", [("Key", key), ("Code", e.code), ("Message", e.text)]))
+            results.append(("Error", [("Key", key), ("VersionId", version) if version else None, ("Code", e.code),
+                                      ("Message", e.text)]))
             continue
         if not quiet:
-            results.append(("Deleted", [("Key", key), ("VersionId", version) if version else None]))
+            results.append(("Deleted", [
+                ("Key", key),
+                ("VersionId", version) if version else None,
+                ("DeleteMarker", True) if done.delete_marker else None,
+                ("DeleteMarkerVersionId", done.version_id) if done.delete_marker and done.version_id else None,
+            ]))
     return xml_response("DeleteResult", results)
 
 

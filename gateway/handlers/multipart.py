@@ -21,6 +21,7 @@ from nearstore.gateway.handlers.common import (
 from nearstore.gateway.handlers.object import (
     copy_source,
     parse_copy_source,
+    version_header,
     with_encoding,
     write_conditions,
 )
@@ -133,14 +134,18 @@ def _copy_range(value: str | None) -> tuple[int, int] | None:
 async def upload_part_copy(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     key = require_key(req)
     number = _part_number(req)
-    src_bucket, src_key = parse_copy_source(req.header("x-amz-copy-source") or "")
+    src_bucket, src_key, src_version = parse_copy_source(req.header("x-amz-copy-source") or "")
     rng = _copy_range(req.header("x-amz-copy-source-range"))
-    src = await copy_source(ctx, src_bucket, src_key)
+    src = await copy_source(ctx, src_bucket, src_key, src_version)
     check_copy_source_conditions(req.headers, src.etag, src.last_modified)
     part = await ctx.backend.upload_part_copy(
-        _bucket(req), key, _upload_id(req), number, src_bucket, src_key, rng, expected_etag=src.etag
+        _bucket(req), key, _upload_id(req), number, src_bucket, src_key, rng, expected_etag=src.etag,
+        src_version=src_version,
     )
-    return xml_response("CopyPartResult", [("LastModified", iso8601(part.last_modified)), ("ETag", part.etag)])
+    resp = xml_response("CopyPartResult", [("LastModified", iso8601(part.last_modified)), ("ETag", part.etag)])
+    if src.version_id is not None:
+        resp.headers["x-amz-copy-source-version-id"] = src.version_id
+    return resp
 
 
 async def complete_multipart_upload(ctx: Ctx, req: S3Request) -> web.StreamResponse:
@@ -181,6 +186,7 @@ async def complete_multipart_upload(ctx: Ctx, req: S3Request) -> web.StreamRespo
             ("ChecksumType", info.checksum[2]) if info.checksum else None,
         ],
     )
+    resp.headers.update(version_header(info))
     return resp
 
 

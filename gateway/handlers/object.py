@@ -58,11 +58,20 @@ def _bucket(req: S3Request) -> str:
     return req.bucket
 
 
-def check_version_id(req: S3Request) -> None:
-    """Buckets are unversioned: the only version id is "null"."""
+def version_of(req: S3Request) -> str | None:
+    """The ``versionId`` a request names (None: the current version)."""
     v = req.query.get("versionId")
-    if v is not None and v != "null":
-        raise errors.InvalidArgument("Invalid version id specified", ArgumentName="versionId", ArgumentValue=v)
+    if v == "":
+        raise errors.InvalidArgument("Version id cannot be the empty string", ArgumentName="versionId",
+                                     ArgumentValue=v)
+    return v
+
+
+def current_only(req: S3Request, info: ObjectInfo, what: str) -> None:
+    """What is kept for the current version only: NotImplemented for another."""
+    v = version_of(req)
+    if v is not None and v != (info.version_id or "null"):
+        raise errors.NotImplemented(f"{what} of a noncurrent version is not implemented", ArgumentName="versionId")
 
 
 def object_headers(info: ObjectInfo, req: S3Request) -> dict[str, str]:
@@ -75,6 +84,8 @@ def object_headers(info: ObjectInfo, req: S3Request) -> dict[str, str]:
     for name, value in info.headers.items():
         h[name.title() if not name.startswith("x-amz-") else name] = value
     h.update(user_meta_headers(info.user_meta))
+    if info.version_id is not None:
+        h["x-amz-version-id"] = info.version_id
     if info.tag_count:
         h["x-amz-tagging-count"] = str(info.tag_count)
     if info.storage_class != "STANDARD":
@@ -132,6 +143,7 @@ def read_options(req: S3Request) -> ReadOptions:
         part_number=int(part) if part is not None and part.isdigit() else None,
         conditions={n: h[n] for n in ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since") if n in h},
         checksum_mode=(h.get("x-amz-checksum-mode") or "").upper() == "ENABLED",
+        version_id=version_of(req),
     )
 
 
@@ -153,7 +165,6 @@ async def open_read(ctx: Ctx, req: S3Request, *, head: bool) -> Reading:
     """GetObject and HeadObject up to the first byte: version, part and
     range, conditions, the response headers."""
     key = require_key(req)
-    check_version_id(req)
     if req.query.get("partNumber") is not None and req.header("Range") is not None:
         raise errors.InvalidRequest("Cannot specify both Range header and partNumber query parameter")
     access = ctx.decided
@@ -226,11 +237,15 @@ async def put_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     body = payload(ctx, req)
     info = await ctx.backend.put_object(_bucket(req), key, body, with_encoding(meta, body.content_encoding),
                                         write_conditions(req))
-    headers = {"ETag": info.etag}
+    headers = {"ETag": info.etag, **version_header(info)}
     if body.checksum:
         headers[f"x-amz-checksum-{body.checksum[0].lower()}"] = body.checksum[1]
         headers["x-amz-checksum-type"] = "FULL_OBJECT"
     return web.Response(status=200, headers=headers)
+
+
+def version_header(info: ObjectInfo) -> dict[str, str]:
+    return {"x-amz-version-id": info.version_id} if info.version_id is not None else {}
 
 
 def with_encoding(meta: ObjectMeta, content_encoding: str | None) -> ObjectMeta:
@@ -243,13 +258,15 @@ def with_encoding(meta: ObjectMeta, content_encoding: str | None) -> ObjectMeta:
     return dataclasses.replace(meta, headers=headers)
 
 
-def parse_copy_source(value: str) -> tuple[str, str]:
+def parse_copy_source(value: str) -> tuple[str, str, str | None]:
     """x-amz-copy-source: "bucket/key" or "/bucket/key", URL-encoded,
-    optionally "?versionId=..."."""
+    optionally "?versionId=...": (bucket, key, version or None)."""
     src, _, query = value.partition("?")
+    version = None
     if query:
-        name, _, version = query.partition("=")
-        if name != "versionId" or unquote(version) != "null":
+        name, _, raw_version = query.partition("=")
+        version = unquote(raw_version)
+        if name != "versionId" or not version:
             raise errors.InvalidArgument("Invalid version id specified", ArgumentName="x-amz-copy-source")
     src = unquote(src)
     if src.startswith("/"):
@@ -262,19 +279,19 @@ def parse_copy_source(value: str) -> tuple[str, str]:
         )
     validate_bucket_name(bucket)
     check_key(key)
-    return bucket, key
+    return bucket, key, version
 
 
 async def copy_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     key = require_key(req)
     check_key(key)
-    src_bucket, src_key = parse_copy_source(req.header("x-amz-copy-source") or "")
+    src_bucket, src_key, src_version = parse_copy_source(req.header("x-amz-copy-source") or "")
     directive = (req.header("x-amz-metadata-directive") or "COPY").upper()
     tag_directive = (req.header("x-amz-tagging-directive") or "COPY").upper()
     if directive not in ("COPY", "REPLACE") or tag_directive not in ("COPY", "REPLACE"):
         raise errors.InvalidArgument("Unknown metadata directive.", ArgumentName="x-amz-metadata-directive")
     new_acl = ctx.new_acl(req, _bucket(req))
-    src = await copy_source(ctx, src_bucket, src_key)
+    src = await copy_source(ctx, src_bucket, src_key, src_version)
     check_copy_source_conditions(req.headers, src.etag, src.last_modified)
     if (
         (src_bucket, src_key) == (_bucket(req), key)
@@ -293,13 +310,14 @@ async def copy_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
         meta = ObjectMeta(src.content_type, src.headers, src.user_meta, new_meta.tags, acl=new_acl)
     else:
         meta = None
-    info = await ctx.backend.copy_object(src_bucket, src_key, _bucket(req), key, meta, expected_etag=src.etag)
+    info = await ctx.backend.copy_object(src_bucket, src_key, _bucket(req), key, meta, expected_etag=src.etag,
+                                         src_version=src_version)
     if meta is None and new_acl is not None:
         # A copy's ACL is the request's, never the source's (S3): the copy
         # kept its source's metadata, and is private to the bucket owner
         # until this sets its own.
         await ctx.backend.put_object_acl(_bucket(req), key, new_acl)
-    return xml_response(
+    resp = xml_response(
         "CopyObjectResult",
         [
             ("LastModified", iso8601(info.last_modified)),
@@ -307,31 +325,45 @@ async def copy_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
             (f"Checksum{info.checksum[0]}", info.checksum[1]) if info.checksum else None,
         ],
     )
+    resp.headers.update(version_header(info))
+    if src.version_id is not None:
+        resp.headers["x-amz-copy-source-version-id"] = src.version_id
+    return resp
 
 
 async def delete_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     key = require_key(req)
-    check_version_id(req)
-    await ctx.backend.delete_object(_bucket(req), key, req.header("If-Match"))
-    return web.Response(status=204)
+    done = await ctx.backend.delete_object(_bucket(req), key, req.header("If-Match"), version_of(req))
+    headers = {"x-amz-version-id": done.version_id} if done.version_id is not None else {}
+    if done.delete_marker:
+        headers["x-amz-delete-marker"] = "true"
+    return web.Response(status=204, headers=headers)
 
 
-async def copy_source(ctx: Ctx, bucket: str, key: str) -> ObjectInfo:
+async def copy_source(ctx: Ctx, bucket: str, key: str, version: str | None = None) -> ObjectInfo:
     """The source of a copy, once the requester may read it (the source's
     bucket decides, as for a GetObject of it)."""
     user = None if ctx.decided.requester is None else ctx.user
-    access = decide(ctx.config, ctx.backend, user, bucket, key, READ_SOURCE)
-    return await checked_head(ctx, bucket, key, access)
+    access = decide(ctx.config, ctx.backend, user, bucket, key, READ_SOURCE if version is None else READ_VERSION)
+    return await checked_head(ctx, bucket, key, access, version)
 
 
 READ_SOURCE = Op("s3:GetObject", on_object=True, permission="READ")
+READ_VERSION = Op("s3:GetObjectVersion", on_object=True, permission="READ")
 
 
-async def checked_head(ctx: Ctx, bucket: str, key: str, access: Access | None = None) -> ObjectInfo:
-    """The object's metadata, once the request may act on the object."""
+async def checked_head(ctx: Ctx, bucket: str, key: str, access: Access | None = None,
+                       version: str | None = None) -> ObjectInfo:
+    """The object's metadata (of ``version``: another than the current
+    one), once the request may act on the object."""
     access = access or ctx.decided
     try:
-        info = await ctx.backend.head_object(bucket, key)
+        if version is None:
+            info = await ctx.backend.head_object(bucket, key)
+        else:
+            handle = await ctx.backend.open_object(bucket, key, ReadOptions(version_id=version), head=True)
+            info = handle.info
+            await handle.close()
     except errors.NoSuchKey as e:
         raise access.missing(e) from None
     access.check(info)
@@ -339,8 +371,7 @@ async def checked_head(ctx: Ctx, bucket: str, key: str, access: Access | None = 
 
 
 async def get_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
-    check_version_id(req)
-    await checked_head(ctx, _bucket(req), require_key(req))
+    current_only(req, await checked_head(ctx, _bucket(req), require_key(req)), "Tagging")
     return tagging_response(await ctx.backend.get_tags(_bucket(req), require_key(req)))
 
 
@@ -367,16 +398,14 @@ def tagging_response(tags: Mapping[str, str]) -> web.Response:
 
 
 async def put_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
-    check_version_id(req)
     tags = await read_tagging(ctx, req)
-    await checked_head(ctx, _bucket(req), require_key(req))
+    current_only(req, await checked_head(ctx, _bucket(req), require_key(req)), "Tagging")
     await ctx.backend.put_tags(_bucket(req), require_key(req), tags)
     return web.Response(status=200)
 
 
 async def delete_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
-    check_version_id(req)
-    await checked_head(ctx, _bucket(req), require_key(req))
+    current_only(req, await checked_head(ctx, _bucket(req), require_key(req)), "Tagging")
     await ctx.backend.put_tags(_bucket(req), require_key(req), {})
     return web.Response(status=204)
 
@@ -389,7 +418,6 @@ async def get_object_attributes(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     object's metadata (no body is read). Parts are listed for a multipart
     object whose part sizes the store knows (the local store; a backing
     store's HEAD does not tell them)."""
-    check_version_id(req)
     wanted = [a.strip() for a in (req.header("x-amz-object-attributes") or "").split(",") if a.strip()]
     if not wanted:
         raise errors.InvalidArgument("The x-amz-object-attributes header specifying the attributes to be "
@@ -400,7 +428,7 @@ async def get_object_attributes(ctx: Ctx, req: S3Request) -> web.StreamResponse:
                                          ArgumentValue=name)
     max_parts = _bounded(req, "x-amz-max-parts", 1000)
     marker = _bounded(req, "x-amz-part-number-marker", 0)
-    info = await checked_head(ctx, _bucket(req), require_key(req))
+    info = await checked_head(ctx, _bucket(req), require_key(req), version=version_of(req))
     out: list[Node | None] = []
     if "ETag" in wanted:
         out.append(("ETag", info.etag.strip('"')))
@@ -427,6 +455,7 @@ async def get_object_attributes(ctx: Ctx, req: S3Request) -> web.StreamResponse:
         out.append(("ObjectSize", info.size))
     resp = xml_response("GetObjectAttributesResponse", out)
     resp.headers["Last-Modified"] = http_date(info.last_modified)
+    resp.headers.update(version_header(info))
     return resp
 
 
@@ -440,17 +469,16 @@ def _bounded(req: S3Request, header: str, default: int) -> int:
 
 
 async def get_object_acl(ctx: Ctx, req: S3Request) -> web.StreamResponse:
-    check_version_id(req)
-    info = await checked_head(ctx, _bucket(req), require_key(req))
+    info = await checked_head(ctx, _bucket(req), require_key(req), version=version_of(req))
     return web.Response(body=acl.of(info.acl, ctx.decided.owner).render(ctx.config), content_type="application/xml")
 
 
 async def put_object_acl(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     """PutObjectAcl: a canned ACL, grant headers or a document; the object
     keeps its owner."""
-    check_version_id(req)
     bucket, key = _bucket(req), require_key(req)
     info = await checked_head(ctx, bucket, key)
+    current_only(req, info, "PutObjectAcl")
     owner = acl.of(info.acl, ctx.decided.owner).owner
     new = await acl_of_request(ctx, req, owner)
     check_new_acl(ctx.backend, bucket, new)

@@ -28,6 +28,7 @@ from nearstore.gateway.handlers.common import (
     check_unsupported_headers,
     xml_response,
 )
+from nearstore.gateway.handlers.object import version_header
 from nearstore.gateway.request import S3Request, check_key
 from nearstore.metadata.backing import ObjectMeta
 
@@ -186,7 +187,7 @@ async def post_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
             return web.Response(status=303, headers={"Location": location, "ETag": info.etag})
     status = lower.get("success_action_status", "204")
     location = f"/{bucket}/{key}"
-    headers = {"ETag": info.etag, "Location": location}
+    headers = {"ETag": info.etag, "Location": location, **version_header(info)}
     if status == "201":
         resp = xml_response(
             "PostResponse",

@@ -399,3 +399,38 @@ def test_delete_objects_decides_each_key_as_its_own_delete(node: S3Server, bucke
     assert [(e["Key"], e["Code"]) for e in result["Errors"]] == [("obj", "AccessDenied")]
     left = {o["Key"] for o in vision.list_objects_v2(Bucket=bucket)["Contents"]}
     assert left == {"obj", "protected/a"}
+
+
+def test_an_acl_binds_its_owner_too(node: S3Server, bucket: str) -> None:
+    """As S3: an ACL with no grants leaves the owner its ACL rights and its
+    objects' own ACLs, not the bucket's READ and WRITE."""
+    vision = as_user(node, VISION)
+    vision.put_bucket_acl(Bucket=bucket, AccessControlPolicy={"Owner": {"ID": VISION_ID}, "Grants": []})
+    assert vision.get_bucket_acl(Bucket=bucket)["Grants"] == []
+    assert vision.get_object(Bucket=bucket, Key="obj")["Body"].read() == b"vision's bytes"  # the object's ACL
+    denied(lambda: vision.put_object(Bucket=bucket, Key="new", Body=b"x"))
+    denied(lambda: vision.list_objects_v2(Bucket=bucket))
+    vision.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": []})  # the owner's alone, ACL or not
+    vision.put_bucket_acl(Bucket=bucket, ACL="private")
+    vision.put_object(Bucket=bucket, Key="new", Body=b"x")
+
+
+def test_a_policy_can_require_what_writers_send(node: S3Server, bucket: str) -> None:
+    """The common cross-tenant pattern: others may write only objects that
+    hand the bucket's owner full control, and only with a tag."""
+    vision, audio = as_user(node, VISION), as_user(node, AUDIO)
+    vision.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Statement": [
+        {"Effect": "Allow", "Principal": {"AWS": "audio"}, "Action": "s3:PutObject",
+         "Resource": f"arn:aws:s3:::{bucket}/drop/*"},
+        {"Effect": "Deny", "Principal": {"AWS": "audio"}, "Action": "s3:PutObject",
+         "Resource": f"arn:aws:s3:::{bucket}/*",
+         "Condition": {"StringNotEquals": {"s3:x-amz-acl": "bucket-owner-full-control"}}},
+        {"Effect": "Deny", "Principal": {"AWS": "audio"}, "Action": "s3:PutObject",
+         "Resource": f"arn:aws:s3:::{bucket}/*", "Condition": {"Null": {"s3:RequestObjectTag/team": "true"}}},
+    ]}))
+    denied(lambda: audio.put_object(Bucket=bucket, Key="drop/a", Body=b"x", Tagging="team=audio"))
+    denied(lambda: audio.put_object(Bucket=bucket, Key="drop/a", Body=b"x", ACL="bucket-owner-full-control"))
+    denied(lambda: audio.put_object(Bucket=bucket, Key="elsewhere", Body=b"x", ACL="bucket-owner-full-control",
+                                    Tagging="team=audio"))
+    audio.put_object(Bucket=bucket, Key="drop/a", Body=b"dropped", ACL="bucket-owner-full-control", Tagging="team=audio")
+    assert vision.get_object(Bucket=bucket, Key="drop/a")["Body"].read() == b"dropped"

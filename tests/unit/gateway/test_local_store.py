@@ -293,3 +293,46 @@ async def test_buckets_keep_their_owner_and_an_old_index_is_the_first_users(tmp_
         assert s.bucket_owner("theirs") == "b" * 64
     finally:
         await s.close()
+
+
+async def test_versions_page_by_key_and_version_as_one_whole_listing(store: LocalStore, tmp_path: Path) -> None:
+    """ListObjectVersions in pages of any size, with and without a
+    delimiter, is the whole listing cut into pieces; and the files of
+    versions removed for good are gone."""
+    await store.put_bucket_versioning("bkt", "Enabled")
+    rng = random.Random(5)
+    keys = ["a/x", "a/y", "b", "c/d/e", "c/f", "d"]
+    for _ in range(25):
+        key = rng.choice(keys)
+        if rng.random() < 0.25:
+            await store.delete_object("bkt", key)
+        else:
+            await store.put_object("bkt", key, Body(os.urandom(8)), ObjectMeta())
+    for prefix, delimiter in (("", ""), ("", "/"), ("c/", "/"), ("a", "")):
+        whole = await store.list_versions("bkt", prefix=prefix, delimiter=delimiter)
+        assert not whole.is_truncated
+        for size in (1, 2, 3, 7):
+            entries, prefixes, key_marker, version_marker = [], [], "", ""
+            for _ in range(200):
+                page = await store.list_versions("bkt", prefix=prefix, delimiter=delimiter, key_marker=key_marker,
+                                                 version_id_marker=version_marker, max_keys=size)
+                assert len(page.entries) + len(page.common_prefixes) <= size
+                entries += page.entries
+                prefixes += page.common_prefixes
+                if not page.is_truncated:
+                    break
+                key_marker, version_marker = page.next_key_marker or "", page.next_version_id_marker or ""
+            assert [(e.info.key, e.info.version_id, e.is_latest) for e in entries] == [
+                (e.info.key, e.info.version_id, e.is_latest) for e in whole.entries], (prefix, delimiter, size)
+            assert prefixes == list(whole.common_prefixes)
+    # Each key's versions newest first, exactly one latest per key.
+    whole = await store.list_versions("bkt")
+    for key in keys:
+        mine = [e for e in whole.entries if e.info.key == key]
+        assert sum(e.is_latest for e in mine) == (1 if mine else 0) and (not mine or mine[0].is_latest)
+    # Every version removed for good: no file is left behind.
+    for e in whole.entries:
+        await store.delete_object("bkt", e.info.key, version_id=e.info.version_id)
+    assert (await store.list_versions("bkt")).entries == []
+    assert files_under(tmp_path / "data" / "objects") == []
+    await store.delete_bucket("bkt")
