@@ -490,7 +490,10 @@ class CachedBackend:
         await self.inner.put_bucket_access(bucket, name, document)
 
     async def put_object_acl(self, bucket: str, key: str, acl: str | None) -> None:
-        await self.inner.put_object_acl(bucket, key, acl)
+        try:
+            await self.inner.put_object_acl(bucket, key, acl)
+        finally:
+            await self._invalidate(bucket, key)
 
     async def get_bucket_tags(self, bucket: str) -> dict[str, str]:
         return await self.inner.get_bucket_tags(bucket)

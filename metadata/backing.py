@@ -108,10 +108,6 @@ class BucketAccess:
     acl: str | None = None  # JSON, as gateway.acl records it; None: private
     policy: str | None = None  # the bucket policy, JSON as the client sent it
     public_access_block: str | None = None  # JSON of the four flags
-    # Whether the store keeps an ACL per object (the local store does; a
-    # bucket that fronts a backing store does not: its objects are the
-    # bucket owner's).
-    object_acls: bool = True
 
 
 ACCESS_DOCUMENTS = ("acl", "policy", "public_access_block")

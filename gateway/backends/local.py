@@ -604,11 +604,11 @@ class LocalStore:
 
     def fronted_access(self, bucket: str, owner: str) -> BucketAccess:
         """The access of a bucket this node fronts (no row of ours but its
-        documents), owned by ``owner``; its objects keep no ACLs."""
+        documents), owned by ``owner``."""
         self._check_memo()
         got = self._hot_access.get(bucket)
         if got is None or got.owner != owner:
-            got = self._remember_access(bucket, BucketAccess(owner, *self._access_row(bucket), object_acls=False))
+            got = self._remember_access(bucket, BucketAccess(owner, *self._access_row(bucket)))
         return got
 
     def _remember_access(self, bucket: str, access: BucketAccess) -> BucketAccess:

@@ -79,6 +79,13 @@ STREAM_PIECE = 1024 * 1024
 STORED = ("content-encoding", "content-disposition", "cache-control", "content-language", "expires",
           "x-amz-website-redirect-location")
 
+# An object's ACL (gateway.acl's JSON) rides with the object in the backing
+# store, as user metadata under this name: every node reads it with the
+# metadata it fetches anyway, it goes when the object is replaced (a new
+# object starts private), and no client can set it (never forwarded from a
+# request's own metadata, never shown in one's answers).
+ACL_META = "nearstore-acl"
+
 _ERROR_CLASSES: dict[tuple[str, int], type[errors.S3Error]] = {}
 
 
@@ -369,13 +376,17 @@ class S3Upstream:
         return ""  # the mapping's: the router holds who the config names
 
     def bucket_access(self, bucket: str) -> BucketAccess:
-        return BucketAccess(object_acls=False)  # the router holds the node's
+        return BucketAccess()  # the router holds the node's
 
     async def put_bucket_access(self, bucket: str, name: str, document: str | None) -> None:
         raise errors.NotImplemented("Access documents of a fronted bucket are kept by the node")
 
     async def put_object_acl(self, bucket: str, key: str, acl: str | None) -> None:
-        raise errors.NotImplemented("Object ACLs are not kept for a bucket that fronts a backing store")
+        """A copy of the object onto itself with the new ACL in its metadata
+        (its other metadata and tags kept), pinned to the version read."""
+        info = await self.head_object(bucket, key)
+        meta = ObjectMeta(info.content_type, info.headers, info.user_meta, acl=acl)
+        await self.copy_object(bucket, key, bucket, key, meta, expected_etag=info.etag, keep_tags=True)
 
     async def _get_document(self, bucket: str, key: str | None, sub: str) -> bytes:
         """The document of a sub-resource (``?tagging``, ``?cors``)."""
@@ -438,11 +449,13 @@ class S3Upstream:
             last_modified=email.utils.parsedate_to_datetime(lm).timestamp() if lm else 0.0,
             content_type=h.get("Content-Type", "binary/octet-stream"),
             headers={n: h[n] for n in STORED if n in h},
-            user_meta={k.lower()[len("x-amz-meta-"):]: v for k, v in h.items() if k.lower().startswith("x-amz-meta-")},
+            user_meta={k.lower()[len("x-amz-meta-"):]: v for k, v in h.items()
+                       if k.lower().startswith("x-amz-meta-") and k.lower() != f"x-amz-meta-{ACL_META}"},
             checksum=checksum,
             tag_count=int(h.get("x-amz-tagging-count", "0") or 0),
             storage_class=h.get("x-amz-storage-class", "STANDARD"),
             version_id=h.get("x-amz-version-id"),
+            acl=h.get(f"x-amz-meta-{ACL_META}"),
         )
 
     async def head_object(self, bucket: str, key: str) -> ObjectInfo:
@@ -570,7 +583,9 @@ class S3Upstream:
         if meta.content_type:
             h["Content-Type"] = meta.content_type
         h.update(meta.headers)
-        h.update({f"x-amz-meta-{k}": v for k, v in meta.user_meta.items()})
+        h.update({f"x-amz-meta-{k}": v for k, v in meta.user_meta.items() if k.lower() != ACL_META})
+        if meta.acl is not None:
+            h[f"x-amz-meta-{ACL_META}"] = meta.acl
         if meta.tags:
             h["x-amz-tagging"] = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in meta.tags.items())
         return h
@@ -609,14 +624,22 @@ class S3Upstream:
 
     async def copy_object(
         self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str, meta: ObjectMeta | None,
-        expected_etag: str | None = None, src_version: str | None = None,
+        expected_etag: str | None = None, src_version: str | None = None, *, keep_tags: bool = False,
     ) -> ObjectInfo:
         headers = {"x-amz-copy-source": self._copy_source(src_bucket, src_key, src_version)}
         if expected_etag:
             headers["x-amz-copy-source-if-match"] = expected_etag
+        if meta is None:
+            # The source's metadata, but never its ACL: a copy's ACL is its
+            # request's (the caller sets one), as S3 has it.
+            handle = await self.open_object(src_bucket, src_key, ReadOptions(version_id=src_version), head=True)
+            await handle.close()
+            if handle.info.acl is not None:
+                meta = ObjectMeta(handle.info.content_type, handle.info.headers, handle.info.user_meta)
+                keep_tags = True
         if meta is not None:
             headers["x-amz-metadata-directive"] = "REPLACE"
-            headers["x-amz-tagging-directive"] = "REPLACE"
+            headers["x-amz-tagging-directive"] = "COPY" if keep_tags else "REPLACE"
             headers.update(self._meta_headers(meta))
         r = await self._request("PUT", dst_bucket, dst_key, headers=headers)
         root = parse(await r.body())

@@ -86,8 +86,7 @@ class Ctx:
     def new_acl(self, req: S3Request, bucket: str) -> str | None:
         """The ACL a write asks for with ``x-amz-acl`` / ``x-amz-grant-*``,
         as the store records it (None: private, the bucket owner's). Public
-        ones are refused under BlockPublicAcls; a store that keeps no object
-        ACLs takes only what means "the bucket owner's"."""
+        ones are refused under BlockPublicAcls."""
         return self.new_acl_from(req.headers, bucket)
 
     def new_acl_from(self, headers: Mapping[str, str], bucket: str) -> str | None:
@@ -96,13 +95,7 @@ class Ctx:
         check_new_acl(self.backend, bucket, asked)
         if asked is None:
             asked = acl.private(self.requester_id)
-        text = acl.recorded(asked, owner)
-        if text is not None and not self.backend.bucket_access(bucket).object_acls:
-            if asked.owner != owner or any(g.kind != "CanonicalUser" or g.grantee != owner for g in asked.grants):
-                raise errors.NotImplemented("Object ACLs are not kept for a bucket that fronts a backing store",
-                                            Header="x-amz-acl")
-            return None
-        return text
+        return acl.recorded(asked, owner)
 
 
 def xml_response(root: str, children: Iterable[Node | None], status: int = 200) -> web.Response:

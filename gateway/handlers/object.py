@@ -482,10 +482,7 @@ async def put_object_acl(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     owner = acl.of(info.acl, ctx.decided.owner).owner
     new = await acl_of_request(ctx, req, owner)
     check_new_acl(ctx.backend, bucket, new)
-    text = acl.recorded(new, ctx.decided.owner)
-    if text is not None and not ctx.backend.bucket_access(bucket).object_acls:
-        raise errors.NotImplemented("Object ACLs are not kept for a bucket that fronts a backing store")
-    await ctx.backend.put_object_acl(bucket, key, text)
+    await ctx.backend.put_object_acl(bucket, key, acl.recorded(new, ctx.decided.owner))
     return web.Response(status=200)
 
 

@@ -369,12 +369,26 @@ def test_access_through_the_cache_cache_hits_included(cache_node: S3Server) -> N
     vision.put_bucket_acl(Bucket="shared", ACL="authenticated-read")
     assert {o["Key"] for o in audio.list_objects_v2(Bucket="shared")["Contents"]} >= {"pub/x", "priv/y"}
     assert grants(vision.get_bucket_acl(Bucket="shared")) == {(VISION_ID, "FULL_CONTROL"), (AUTHENTICATED, "READ")}
-    # Objects of a fronted bucket are the bucket owner's: no per-object ACLs.
-    with pytest.raises(ClientError) as e:
-        vision.put_object_acl(Bucket="shared", Key="pub/x", ACL="public-read")
-    assert code(e) == ("NotImplemented", 501)
-    vision.put_object(Bucket="shared", Key="owned", Body=b"x", ACL="bucket-owner-full-control")
-    assert grants(vision.get_object_acl(Bucket="shared", Key="owned")) == {(VISION_ID, "FULL_CONTROL")}
+    # Object ACLs ride with the objects in the backing store (every node
+    # reads them with the metadata), hidden from clients, never forged.
+    vision.put_object_acl(Bucket="shared", Key="priv/y", ACL="public-read")
+    for _ in range(2):
+        resp = anonymous(node, "GET", "shared", "priv/y")
+        assert resp.status == 200 and resp.body == data
+    assert grants(vision.get_object_acl(Bucket="shared", Key="priv/y")) == {(VISION_ID, "FULL_CONTROL"),
+                                                                          (ALL_USERS, "READ")}
+    assert vision.head_object(Bucket="shared", Key="priv/y")["Metadata"] == {}
+    vision.copy_object(Bucket="shared", Key="priv/copy", CopySource={"Bucket": "shared", "Key": "priv/y"})
+    assert anonymous(node, "GET", "shared", "priv/copy").status == 403  # a copy's ACL is its own
+    vision.put_object_acl(Bucket="shared", Key="priv/y", ACL="private")
+    assert anonymous(node, "GET", "shared", "priv/y").status == 403
+    forged = json.dumps(["x", [["Group", ALL_USERS, "READ"]]])
+    vision.put_object(Bucket="shared", Key="forged", Body=b"x", Metadata={"nearstore-acl": forged})
+    assert anonymous(node, "GET", "shared", "forged").status == 403
+    vision.put_object(Bucket="shared", Key="owned", Body=b"x", ACL="authenticated-read")
+    assert audio.get_object(Bucket="shared", Key="owned")["Body"].read() == b"x"
+    assert grants(vision.get_object_acl(Bucket="shared", Key="owned")) == {(VISION_ID, "FULL_CONTROL"),
+                                                                         (AUTHENTICATED, "READ")}
 
     vision.delete_bucket_policy(Bucket="shared")
     vision.put_bucket_acl(Bucket="shared", ACL="private")

@@ -1145,3 +1145,16 @@ def test_access_rules_hold_on_every_kind_of_bucket(server: S3Server, s3: Any, bu
     s3.put_bucket_acl(Bucket=bucket, ACL="private")
     assert anon("GET", key_path(bucket, "pub/a")).status == 403
     assert s3.get_object(Bucket=bucket, Key="pub/a")["Body"].read() == data
+
+    # Object ACLs: kept with the object, in the backing store where there is one.
+    s3.put_object_acl(Bucket=bucket, Key="priv/b", ACL="public-read")
+    assert anon("GET", key_path(bucket, "priv/b")).body == b"private"
+    s3.put_object(Bucket=bucket, Key="pub/c", Body=b"public", ACL="public-read",
+                  Metadata={"kept": "yes"}, ContentType="text/plain")
+    resp = anon("GET", key_path(bucket, "pub/c"))
+    assert resp.body == b"public" and resp.header("x-amz-meta-kept") == "yes"
+    assert resp.header("Content-Type") == "text/plain"
+    assert not [h for h in resp.headers if h.lower() == "x-amz-meta-nearstore-acl"]
+    s3.put_object_acl(Bucket=bucket, Key="priv/b", ACL="private")
+    assert anon("GET", key_path(bucket, "priv/b")).status == 403
+    assert s3.get_object(Bucket=bucket, Key="priv/b")["Body"].read() == b"private"
