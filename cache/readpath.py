@@ -462,9 +462,11 @@ class CachedBackend:
         finally:
             await self._invalidate(bucket, key)
 
-    async def put_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
+    async def put_tags(
+        self, bucket: str, key: str, tags: Mapping[str, str], version_id: str | None = None
+    ) -> None:
         try:
-            await self.inner.put_tags(bucket, key, tags)
+            await self.inner.put_tags(bucket, key, tags, version_id)
         finally:
             await self._invalidate(bucket, key)
 
@@ -489,9 +491,9 @@ class CachedBackend:
     async def put_bucket_access(self, bucket: str, name: str, document: str | None) -> None:
         await self.inner.put_bucket_access(bucket, name, document)
 
-    async def put_object_acl(self, bucket: str, key: str, acl: str | None) -> None:
+    async def put_object_acl(self, bucket: str, key: str, acl: str | None, version_id: str | None = None) -> None:
         try:
-            await self.inner.put_object_acl(bucket, key, acl)
+            await self.inner.put_object_acl(bucket, key, acl, version_id)
         finally:
             await self._invalidate(bucket, key)
 
@@ -517,8 +519,8 @@ class CachedBackend:
             bucket, prefix=prefix, delimiter=delimiter, start_after=start_after, max_keys=max_keys
         )
 
-    async def get_tags(self, bucket: str, key: str) -> dict[str, str]:
-        return await self.inner.get_tags(bucket, key)
+    async def get_tags(self, bucket: str, key: str, version_id: str | None = None) -> dict[str, str]:
+        return await self.inner.get_tags(bucket, key, version_id)
 
     async def create_upload(self, bucket: str, key: str, meta: ObjectMeta) -> str:
         return await self.inner.create_upload(bucket, key, meta)

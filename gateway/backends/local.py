@@ -639,15 +639,8 @@ class LocalStore:
         """Drop a fronted bucket's access documents (it was deleted)."""
         await self._db(lambda: self.conn.execute("DELETE FROM access WHERE bucket = ?", (bucket,)))
 
-    async def put_object_acl(self, bucket: str, key: str, acl: str | None) -> None:
-        def q() -> None:
-            if self.conn.execute(
-                "UPDATE objects SET info = json_set(info, '$.acl', ?) WHERE bucket = ? AND key = ?",
-                (acl, bucket, key.encode()),
-            ).rowcount == 0:
-                self._object_row(bucket, key)  # NoSuchBucket or NoSuchKey
-
-        await self._db(q)
+    async def put_object_acl(self, bucket: str, key: str, acl: str | None, version_id: str | None = None) -> None:
+        await self._db(self._update_object, bucket, key, version_id, "info = json_set(info, '$.acl', ?)", (acl,))
 
     def _hot_row(self, bucket: str, key: str) -> tuple[ObjectInfo, str]:
         self._check_memo()
@@ -1170,6 +1163,8 @@ class LocalStore:
 
     async def get_tags(self, bucket: str, key: str, version_id: str | None = None) -> dict[str, str]:
         def q() -> dict[str, str]:
+            if version_id is not None:
+                self._version_row(bucket, key, version_id, self.conn)  # NoSuchVersion, MethodNotAllowed
             row = self.conn.execute(
                 "SELECT tags FROM objects WHERE bucket = ? AND key = ?", (bucket, key.encode())
             ).fetchone() if version_id is None else self.conn.execute(
@@ -1184,17 +1179,25 @@ class LocalStore:
 
         return await self._db(q)
 
-    async def put_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
-        def q() -> None:
-            cur = self.conn.execute(
-                "UPDATE objects SET tags = ? WHERE bucket = ? AND key = ?",
-                (json.dumps(dict(tags)), bucket, key.encode()),
-            )
-            if cur.rowcount == 0:
-                self._bucket_row(bucket)
-                raise errors.NoSuchKey(Key=key)
+    async def put_tags(
+        self, bucket: str, key: str, tags: Mapping[str, str], version_id: str | None = None
+    ) -> None:
+        await self._db(self._update_object, bucket, key, version_id, "tags = ?", (json.dumps(dict(tags)),))
 
-        await self._db(q)
+    def _update_object(self, bucket: str, key: str, version: str | None, assignment: str,
+                       values: tuple[object, ...]) -> None:
+        """Change a column of the current version, or of the one named (a
+        delete marker has nothing to change: MethodNotAllowed, as S3)."""
+        c, k = self.conn, key.encode()
+        if version is None:
+            if c.execute(f"UPDATE objects SET {assignment} WHERE bucket = ? AND key = ?", (*values, bucket, k)
+                         ).rowcount == 0:
+                self._object_row(bucket, key)  # NoSuchBucket or NoSuchKey
+            return
+        self._version_row(bucket, key, version, c)  # NoSuchVersion, MethodNotAllowed
+        for table in ("objects", "versions"):
+            c.execute(f"UPDATE {table} SET {assignment} WHERE bucket = ? AND key = ? AND version = ?",
+                      (*values, bucket, k, version))
 
     # --- multipart ----------------------------------------------------------
 

@@ -151,8 +151,8 @@ class Router:
     async def put_bucket_access(self, bucket: str, name: str, document: str | None) -> None:
         await self.local.put_bucket_access(bucket, name, document, fronted=self._fronted_owner(bucket) is not None)
 
-    async def put_object_acl(self, bucket: str, key: str, acl: str | None) -> None:
-        await self.pick(bucket).put_object_acl(bucket, key, acl)
+    async def put_object_acl(self, bucket: str, key: str, acl: str | None, version_id: str | None = None) -> None:
+        await self.pick(bucket).put_object_acl(bucket, key, acl, version_id)
 
     async def head_bucket(self, bucket: str) -> BucketInfo:
         return await self.pick(bucket).head_bucket(bucket)
@@ -199,7 +199,7 @@ class Router:
             info = handle.info
             if meta is None:
                 meta = ObjectMeta(info.content_type, info.headers, info.user_meta,
-                                  await src.get_tags(src_bucket, src_key))
+                                  await src.get_tags(src_bucket, src_key, src_version))
             return await dst.put_object(dst_bucket, dst_key, _Stream(handle, 0, info.size), meta)
 
     async def delete_object(
@@ -228,11 +228,13 @@ class Router:
             bucket, prefix=prefix, delimiter=delimiter, start_after=start_after, max_keys=max_keys
         )
 
-    async def get_tags(self, bucket: str, key: str) -> dict[str, str]:
-        return await self.pick(bucket).get_tags(bucket, key)
+    async def get_tags(self, bucket: str, key: str, version_id: str | None = None) -> dict[str, str]:
+        return await self.pick(bucket).get_tags(bucket, key, version_id)
 
-    async def put_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
-        await self.pick(bucket).put_tags(bucket, key, tags)
+    async def put_tags(
+        self, bucket: str, key: str, tags: Mapping[str, str], version_id: str | None = None
+    ) -> None:
+        await self.pick(bucket).put_tags(bucket, key, tags, version_id)
 
     async def create_upload(self, bucket: str, key: str, meta: ObjectMeta) -> str:
         return await self.pick(bucket).create_upload(bucket, key, meta)

@@ -381,23 +381,33 @@ class S3Upstream:
     async def put_bucket_access(self, bucket: str, name: str, document: str | None) -> None:
         raise errors.NotImplemented("Access documents of a fronted bucket are kept by the node")
 
-    async def put_object_acl(self, bucket: str, key: str, acl: str | None) -> None:
+    async def put_object_acl(self, bucket: str, key: str, acl: str | None, version_id: str | None = None) -> None:
         """A copy of the object onto itself with the new ACL in its metadata
         (its other metadata and tags kept), pinned to the version read."""
+        if version_id is not None:
+            # The ACL is the version's metadata, which only a new version changes.
+            raise errors.NotImplemented("The ACL of a named version of an object in a fronted bucket cannot change",
+                                        ArgumentName="versionId")
         info = await self.head_object(bucket, key)
         meta = ObjectMeta(info.content_type, info.headers, info.user_meta, acl=acl)
         await self.copy_object(bucket, key, bucket, key, meta, expected_etag=info.etag, keep_tags=True)
 
-    async def _get_document(self, bucket: str, key: str | None, sub: str) -> bytes:
-        """The document of a sub-resource (``?tagging``, ``?cors``)."""
-        return await (await self._request("GET", bucket, key, {sub: ""})).body()
+    @staticmethod
+    def _sub(sub: str, version_id: str | None) -> dict[str, str | None]:
+        return {sub: "", **({"versionId": version_id} if version_id is not None else {})}
 
-    async def _put_document(self, bucket: str, key: str | None, sub: str, body: bytes | None) -> None:
+    async def _get_document(self, bucket: str, key: str | None, sub: str, version_id: str | None = None) -> bytes:
+        """The document of a sub-resource (``?tagging``, ``?cors``)."""
+        return await (await self._request("GET", bucket, key, self._sub(sub, version_id))).body()
+
+    async def _put_document(self, bucket: str, key: str | None, sub: str, body: bytes | None,
+                            version_id: str | None = None) -> None:
         """Replace a sub-resource's document; None deletes it."""
+        params = self._sub(sub, version_id)
         if body is None:
-            (await self._request("DELETE", bucket, key, {sub: ""}, ok=(204, 200))).release()
+            (await self._request("DELETE", bucket, key, params, ok=(204, 200))).release()
             return
-        (await self._request("PUT", bucket, key, {sub: ""}, {"Content-MD5": _b64md5(body)}, body)).release()
+        (await self._request("PUT", bucket, key, params, {"Content-MD5": _b64md5(body)}, body)).release()
 
     async def get_bucket_tags(self, bucket: str) -> dict[str, str]:
         return tags_of(parse(await self._get_document(bucket, None, "tagging")))
@@ -733,11 +743,13 @@ class S3Upstream:
 
     # --- tagging ------------------------------------------------------------
 
-    async def get_tags(self, bucket: str, key: str) -> dict[str, str]:
-        return tags_of(parse(await self._get_document(bucket, key, "tagging")))
+    async def get_tags(self, bucket: str, key: str, version_id: str | None = None) -> dict[str, str]:
+        return tags_of(parse(await self._get_document(bucket, key, "tagging", version_id)))
 
-    async def put_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
-        await self._put_document(bucket, key, "tagging", tagging(tags) if tags else None)
+    async def put_tags(
+        self, bucket: str, key: str, tags: Mapping[str, str], version_id: str | None = None
+    ) -> None:
+        await self._put_document(bucket, key, "tagging", tagging(tags) if tags else None, version_id)
 
     # --- multipart ----------------------------------------------------------
 

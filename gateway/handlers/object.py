@@ -67,11 +67,6 @@ def version_of(req: S3Request) -> str | None:
     return v
 
 
-def current_only(req: S3Request, info: ObjectInfo, what: str) -> None:
-    """What is kept for the current version only: NotImplemented for another."""
-    v = version_of(req)
-    if v is not None and v != (info.version_id or "null"):
-        raise errors.NotImplemented(f"{what} of a noncurrent version is not implemented", ArgumentName="versionId")
 
 
 def object_headers(info: ObjectInfo, req: S3Request) -> dict[str, str]:
@@ -371,8 +366,11 @@ async def checked_head(ctx: Ctx, bucket: str, key: str, access: Access | None = 
 
 
 async def get_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
-    current_only(req, await checked_head(ctx, _bucket(req), require_key(req)), "Tagging")
-    return tagging_response(await ctx.backend.get_tags(_bucket(req), require_key(req)))
+    bucket, key, version = _bucket(req), require_key(req), version_of(req)
+    info = await checked_head(ctx, bucket, key, version=version)
+    resp = tagging_response(await ctx.backend.get_tags(bucket, key, version))
+    resp.headers.update(version_header(info))
+    return resp
 
 
 async def read_tagging(ctx: Ctx, req: S3Request, *, bucket: bool = False) -> dict[str, str]:
@@ -399,15 +397,18 @@ def tagging_response(tags: Mapping[str, str]) -> web.Response:
 
 async def put_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     tags = await read_tagging(ctx, req)
-    current_only(req, await checked_head(ctx, _bucket(req), require_key(req)), "Tagging")
-    await ctx.backend.put_tags(_bucket(req), require_key(req), tags)
-    return web.Response(status=200)
+    return await _set_tags(ctx, req, tags, 200)
+
+
+async def _set_tags(ctx: Ctx, req: S3Request, tags: Mapping[str, str], status: int) -> web.Response:
+    bucket, key, version = _bucket(req), require_key(req), version_of(req)
+    info = await checked_head(ctx, bucket, key, version=version)
+    await ctx.backend.put_tags(bucket, key, tags, version)
+    return web.Response(status=status, headers=version_header(info))
 
 
 async def delete_object_tagging(ctx: Ctx, req: S3Request) -> web.StreamResponse:
-    current_only(req, await checked_head(ctx, _bucket(req), require_key(req)), "Tagging")
-    await ctx.backend.put_tags(_bucket(req), require_key(req), {})
-    return web.Response(status=204)
+    return await _set_tags(ctx, req, {}, 204)
 
 
 ATTRIBUTES = ("ETag", "Checksum", "ObjectParts", "StorageClass", "ObjectSize")
@@ -476,14 +477,13 @@ async def get_object_acl(ctx: Ctx, req: S3Request) -> web.StreamResponse:
 async def put_object_acl(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     """PutObjectAcl: a canned ACL, grant headers or a document; the object
     keeps its owner."""
-    bucket, key = _bucket(req), require_key(req)
-    info = await checked_head(ctx, bucket, key)
-    current_only(req, info, "PutObjectAcl")
+    bucket, key, version = _bucket(req), require_key(req), version_of(req)
+    info = await checked_head(ctx, bucket, key, version=version)
     owner = acl.of(info.acl, ctx.decided.owner).owner
     new = await acl_of_request(ctx, req, owner)
     check_new_acl(ctx.backend, bucket, new)
-    await ctx.backend.put_object_acl(bucket, key, acl.recorded(new, ctx.decided.owner))
-    return web.Response(status=200)
+    await ctx.backend.put_object_acl(bucket, key, acl.recorded(new, ctx.decided.owner), version)
+    return web.Response(status=200, headers=version_header(info))
 
 
 async def acl_of_request(ctx: Ctx, req: S3Request, owner: str) -> acl.Acl:

@@ -159,13 +159,31 @@ def test_list_object_versions_pages_prefixes_and_delete_objects(s3: Any, bucket:
     s3.delete_bucket(Bucket=bucket)
 
 
-def test_version_reads_are_decided_and_anonymous_sees_none(server: S3Server, s3: Any, bucket: str) -> None:
+def test_each_version_has_its_own_tags_and_acl(server: S3Server, s3: Any, bucket: str) -> None:
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-    v1 = s3.put_object(Bucket=bucket, Key="k", Body=b"old")["VersionId"]
-    s3.put_object(Bucket=bucket, Key="k", Body=b"new")
+    v1 = s3.put_object(Bucket=bucket, Key="k", Body=b"old", Tagging="gen=1")["VersionId"]
+    v2 = s3.put_object(Bucket=bucket, Key="k", Body=b"new", Tagging="gen=2")["VersionId"]
     resp = rawhttp.send(server, "GET", key_path(bucket, "k") + f"?versionId={v1}", {})
-    assert resp.status == 403
+    assert resp.status == 403  # anonymous: nothing public yet
     assert rawhttp.send(server, "GET", f"/{bucket}?versions", {}).status == 403
+
+    assert s3.get_object_tagging(Bucket=bucket, Key="k", VersionId=v1)["TagSet"] == [{"Key": "gen", "Value": "1"}]
+    s3.put_object_tagging(Bucket=bucket, Key="k", VersionId=v1, Tagging={"TagSet": [{"Key": "old", "Value": "y"}]})
+    assert s3.get_object_tagging(Bucket=bucket, Key="k", VersionId=v1)["TagSet"] == [{"Key": "old", "Value": "y"}]
+    assert s3.get_object_tagging(Bucket=bucket, Key="k")["TagSet"] == [{"Key": "gen", "Value": "2"}]
+    s3.delete_object_tagging(Bucket=bucket, Key="k", VersionId=v2)
+    assert s3.get_object_tagging(Bucket=bucket, Key="k")["TagSet"] == []
+
+    s3.put_object_acl(Bucket=bucket, Key="k", VersionId=v1, ACL="public-read")
+    resp = rawhttp.send(server, "GET", key_path(bucket, "k") + f"?versionId={v1}", {})
+    assert resp.status == 200 and resp.body == b"old"
+    assert rawhttp.send(server, "GET", key_path(bucket, "k"), {}).status == 403  # the current one is still private
+    assert len(s3.get_object_acl(Bucket=bucket, Key="k", VersionId=v1)["Grants"]) == 2
+    assert len(s3.get_object_acl(Bucket=bucket, Key="k")["Grants"]) == 1
+    marker = s3.delete_object(Bucket=bucket, Key="k")["VersionId"]
+    with pytest.raises(ClientError) as e:
+        s3.get_object_tagging(Bucket=bucket, Key="k", VersionId=marker)
+    assert code(e) == ("MethodNotAllowed", 405)
 
 
 def scenario(s3: Any, bucket: str) -> list[tuple[str, Any]]:
@@ -210,6 +228,9 @@ def scenario(s3: Any, bucket: str) -> list[tuple[str, Any]]:
     see("get again", lambda: s3.get_object(Bucket=bucket, Key="k"))
     see("drop v2", lambda: s3.delete_object(Bucket=bucket, Key="k", VersionId=ids[2]))
     see("get after drop", lambda: s3.get_object(Bucket=bucket, Key="k"))
+    s3.put_object_tagging(Bucket=bucket, Key="k", VersionId=ids[0], Tagging={"TagSet": [{"Key": "v", "Value": "0"}]})
+    out.append(("tags v0", s3.get_object_tagging(Bucket=bucket, Key="k", VersionId=ids[0])["TagSet"]))
+    out.append(("tags current", s3.get_object_tagging(Bucket=bucket, Key="k")["TagSet"]))
     see("copy v0", lambda: s3.copy_object(Bucket=bucket, Key="c", CopySource={"Bucket": bucket, "Key": "k",
                                                                               "VersionId": ids[0]}))
     see("get copy", lambda: s3.get_object(Bucket=bucket, Key="c"))
