@@ -130,7 +130,8 @@ class Cluster:
             resp = await self.session.get(URL(node.address.rstrip("/") + path, encoded=True),
                                           headers={AUTH_HEADER: sign(self.secret, "GET", path)})
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
-            self.membership.mark(node.id, ok=False, error=str(e))
+            self.membership.mark(node.id, ok=False, error=str(e),
+                                 slow=isinstance(e, TimeoutError))
             raise PeerFailed(f"{node.id}: {e}") from e
         want, got = end - start, 0
         try:

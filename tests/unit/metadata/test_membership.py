@@ -107,3 +107,23 @@ async def test_members_from_dns() -> None:
     ids = {n.id for n in m.base.nodes}
     assert "127.0.0.1:9999" in ids and "192.0.2.7:9999" not in ids
     assert m.current is not None and m.current.owner("k").id in ids
+
+
+def test_a_slow_peer_is_down_only_once_silent_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timed-out probes mean a loaded peer (or a loaded prober): down only
+    after SILENT_TO_DOWN seconds of them; refused ones, two in a row."""
+    now = [1000.0]
+    monkeypatch.setattr(membership.time, "time", lambda: now[0])
+    m = cluster()
+    for _ in range(4):
+        m.mark("n1", ok=False, error="timeout", slow=True)
+        now[0] += 1.0
+    assert m.down == []  # four seconds late: loaded, not dead
+    m.mark("n1", ok=True)  # and it answered after all
+    for _ in range(6):
+        m.mark("n1", ok=False, error="timeout", slow=True)
+        now[0] += 1.0
+    assert m.down == ["n1"]  # silent past the limit
+    m.mark("n2", ok=False, error="refused")
+    m.mark("n2", ok=False, error="refused")
+    assert m.down == ["n1", "n2"]  # a refused connection is a dead process
