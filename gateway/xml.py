@@ -76,11 +76,12 @@ def tags_of(root: ET.Element) -> dict[str, str]:
 MAX_XML_BODY = 1024 * 1024  # DeleteObjects with 1000 long keys fits well below
 
 
-def parse(body: bytes) -> ET.Element:
-    """Parse an untrusted request body; any problem is MalformedXML."""
+def parse(body: bytes, limit: int = MAX_XML_BODY) -> ET.Element:
+    """Parse an untrusted body (a request's, or a backing store's answer
+    with a larger ``limit``); any problem is MalformedXML."""
     if not body.strip():
         raise errors.MalformedXML()
-    if len(body) > MAX_XML_BODY:
+    if len(body) > limit:
         raise errors.MalformedXML()
     try:
         root = SafeET.fromstring(body, forbid_dtd=True)

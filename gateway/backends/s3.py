@@ -45,11 +45,11 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from nearstore.gateway import errors
+from nearstore.gateway import errors, xml
 from nearstore.gateway.auth import derive_signing_key, uri_encode
 from nearstore.gateway.checksums import ALGORITHMS
 from nearstore.gateway.config import UpstreamConfig
-from nearstore.gateway.xml import child_text, document, parse, tagging, tags_of
+from nearstore.gateway.xml import child_text, document, tagging, tags_of
 from nearstore.metadata.backing import (
     VERSIONING_STATES,
     BucketAccess,
@@ -108,6 +108,27 @@ AUTH_CODES = frozenset({"SignatureDoesNotMatch", "InvalidAccessKeyId", "Authoriz
                         "InvalidToken", "ExpiredToken", "MissingSecurityHeader", "RequestTimeTooSkewed",
                         "InvalidSecurity"})
 
+# A backing store's XML answer may be larger than a client's body may: a page
+# of 1,000 keys of up to 1 KiB each is ~1.3 MB. Bounded all the same.
+UPSTREAM_XML = 16 * 1024 * 1024
+
+
+def parse(body: bytes) -> ET.Element:
+    """A backing store's XML answer, parsed as safely as a client's."""
+    return xml.parse(body, limit=UPSTREAM_XML)
+
+
+# The fields of a backing store's error that reach the client: what S3
+# documents for the errors a client can cause. Anything else (a signature
+# mismatch's StringToSign and CanonicalRequest, the node's access key id,
+# host ids) is the node's business, never the client's.
+_ERROR_FIELDS = frozenset({
+    "BucketName", "Key", "UploadId", "PartNumber", "VersionId", "ArgumentName", "ArgumentValue", "Condition",
+    "Method", "ResourceType", "MaxSizeAllowed", "MinSizeAllowed", "ProposedSize", "ActualObjectSize",
+    "RangeRequested", "PartNumberRequested", "ActualPartCount", "ETag", "LocationConstraint",
+    "StorageClassRequested", "Size", "ServerTime", "RequestTime", "MaxAllowedSkewMilliseconds", "Header",
+})
+
 _STATUS_CODES = {
     400: "BadRequest", 403: "AccessDenied", 404: "NoSuchKey", 405: "MethodNotAllowed",
     409: "OperationAborted", 411: "MissingContentLength", 412: "PreconditionFailed",
@@ -122,7 +143,17 @@ class _Response:
     resp: aiohttp.ClientResponse
 
     async def body(self) -> bytes:
-        return await self.resp.read()
+        """A document answer (XML), read whole up to UPSTREAM_XML bytes:
+        beyond that the store is answering nonsense (MalformedXML)."""
+        out = bytearray()
+        try:
+            async for piece in self.resp.content.iter_any():
+                out += piece
+                if len(out) > UPSTREAM_XML:
+                    raise errors.MalformedXML()
+        finally:
+            self.resp.release()
+        return bytes(out)
 
     def release(self) -> None:
         self.resp.release()
@@ -306,7 +337,7 @@ class S3Upstream:
                 code = child_text(root, "Code")
                 message = child_text(root, "Message")
                 for el in root:
-                    if el.tag not in ("Code", "Message", "RequestId", "HostId", "Resource") and el.text:
+                    if el.tag in _ERROR_FIELDS and el.text:
                         fields[el.tag] = el.text
             except errors.S3Error:
                 pass
