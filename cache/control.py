@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -38,10 +39,25 @@ OWNER_SOCKET = "owner.sock"
 
 def run_dir(data_dir: str) -> Path:
     """A short private directory for the node's sockets (a Unix socket path
-    may not exceed 107 bytes, so not under an arbitrarily deep data dir)."""
+    may not exceed 107 bytes, so not under an arbitrarily deep data dir),
+    made if need be. In a shared /tmp another user could make it first and
+    then move the owner's sockets away: it must be a real directory (not a
+    link), this user's, and writable by no one else, or the node refuses to
+    start (PermissionError, saying which path); one that others could only
+    read is closed to them."""
     digest = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:16]
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(base) / f"nearstore-{digest}"
+    path = Path(base) / f"nearstore-{digest}"
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022 and st.st_mode & 0o077:
+        os.chmod(path, 0o700)  # ours, and nobody else could write into it: close it (an older node's 0755)
+    elif not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PermissionError(
+            f"{path}: the node's socket directory must be a directory of this user's alone (mode 0700), and it is "
+            "not (another user may have made it): remove it, or set XDG_RUNTIME_DIR to a private directory")
+    return path
 
 
 class Control:
@@ -59,7 +75,6 @@ class Control:
         self._connectors: dict[str, aiohttp.UnixConnector] = {}
 
     async def start(self) -> None:
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.dir / self.name
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
