@@ -299,10 +299,17 @@ def _canonical_uri(raw_path: str) -> str:
     return quote(unquote_to_bytes(raw_path or "/"), safe="/")
 
 
+def form_unquote(raw: str) -> str:
+    """A query name or value as S3 reads it: '+' is a space (SDKs send %20
+    for a space and %2B for a plus anyway). The router reads the query the
+    same way (``request.parse_query``), so what is signed is what acts."""
+    return unquote(raw.replace("+", " "))
+
+
 def _canonical_part(raw: str) -> str:
     if _CANONICAL_PART.fullmatch(raw):
         return raw
-    return quote(unquote_to_bytes(raw), safe="")
+    return quote(unquote_to_bytes(raw.replace("+", "%20")), safe="")
 
 
 def _query_pairs(raw_query: str) -> list[tuple[str, str | None]]:
@@ -317,11 +324,11 @@ def _query_pairs(raw_query: str) -> list[tuple[str, str | None]]:
 
 
 def _query_params(pairs: list[tuple[str, str | None]]) -> dict[str, str]:
-    """Decoded names to decoded values, the first occurrence winning. '+'
-    stays '+': the SDKs encode a space as %20 and a plus as %2B."""
+    """Decoded names to decoded values (``form_unquote``), the first
+    occurrence winning."""
     params: dict[str, str] = {}
     for key, value in pairs:
-        params.setdefault(unquote(key), unquote(value or ""))
+        params.setdefault(form_unquote(key), form_unquote(value or ""))
     return params
 
 
@@ -801,10 +808,14 @@ def _v2_resource(
         # A bucket-level request, path style: botocore sends "/bucket" and
         # signs its authPath "/bucket/".
         path += "/"
+    # By their decoded names, as the router reads them: "?%75ploads" is
+    # ?uploads to the router, so it is signed as ?uploads (or not at all,
+    # and the signature does not match).
+    decoded = [(form_unquote(key), value) for key, value in pairs]
     subresources = [
-        (key, key if value is None else f"{key}={unquote(value)}")
-        for key, value in pairs
-        if key in V2_SUBRESOURCES
+        (name, name if value is None else f"{name}={form_unquote(value)}")
+        for name, value in decoded
+        if name in V2_SUBRESOURCES
     ]
     if not subresources:
         return path
@@ -920,15 +931,20 @@ def _v2_query(
             Expires=_iso(datetime.fromtimestamp(expires, UTC)),
             ServerTime=_iso(now),
         )
+    if expires - now.timestamp() > MAX_PRESIGNED_EXPIRES:
+        # SigV4's bound (a week) for SigV2 too: a leaked URL that works
+        # for years is a key that cannot be revoked but by rotating it.
+        raise AccessDenied("Expires must be less than a week (604800 seconds) from now",
+                           Expires=_iso(datetime.fromtimestamp(expires, UTC)), ServerTime=_iso(now))
     # botocore's HmacV1QueryAuth signs the request's x-amz-*, Content-Type
     # and Content-MD5 headers, then moves them into the query string, so the
     # URL alone must verify: the query stands in for headers not sent (a
     # header that is sent wins).
     query_headers: dict[str, list[str]] = {}
     for key, value in pairs:
-        name = unquote(key).lower()
+        name = form_unquote(key).lower()
         if name.startswith("x-amz-") or name in ("content-type", "content-md5"):
-            query_headers.setdefault(name, []).append(unquote(value or ""))
+            query_headers.setdefault(name, []).append(form_unquote(value or ""))
     merged = {**query_headers, **headers}
     content_md5 = _first(merged, "content-md5") or ""
     content_type = _first(merged, "content-type") or ""
