@@ -14,6 +14,13 @@ answers; otherwise None, and callers read over HTTP. Each request carries
 the object's presigned URL, so it is authorised exactly like a GET.
 Set NEARSTORE_LOCAL_READS=0 to turn the short-circuit off.
 
+The socket's path comes from an unauthenticated HTTP answer, and every
+request on it carries a presigned URL: before the first one, the process
+listening on it must run as a user this client trusts (``SO_PEERCRED``):
+its own user or root, and those listed in NEARSTORE_LOCAL_UIDS (comma
+separated, for a node that runs as a service user). Any other socket is
+not used (reads go over HTTP).
+
 ``LocalNode.map`` maps an object (or a range) instead of copying it: the
 chunk files' pages are mapped, copy-on-write, at consecutive addresses of
 one region, so a load costs what ``mmap`` of a local file costs (see
@@ -65,6 +72,26 @@ def pread_all(fd: int, view: memoryview, offset: int) -> None:
         if n <= 0:
             raise LocalUnavailable("a chunk file ended early")
         got += n
+
+
+def trusted_uids() -> set[int]:
+    """The users whose sockets this client hands presigned URLs to."""
+    extra = os.environ.get("NEARSTORE_LOCAL_UIDS", "")
+    return {os.getuid(), 0} | {int(u) for u in extra.split(",") if u.strip().isdigit()}
+
+
+def check_peer(sock: socket.socket, trusted: set[int]) -> None:
+    """PermissionError unless the process at the other end of a connected
+    Unix socket runs as one of ``trusted`` (where the OS says: Linux)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return
+    import struct
+
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))
+    if uid not in trusted:
+        raise PermissionError(f"the socket's server runs as uid {uid}, which this client does not trust "
+                              "(NEARSTORE_LOCAL_UIDS)")
 
 
 class LocalNode:
@@ -142,6 +169,7 @@ class LocalNode:
         sock.settimeout(60)
         try:
             sock.connect(self.path)
+            check_peer(sock, trusted_uids())
         except OSError:
             sock.close()
             raise

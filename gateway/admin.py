@@ -29,6 +29,7 @@ from nearstore.gateway.auth import SignedRequest, authenticate
 from nearstore.gateway.conditions import check_read_conditions
 from nearstore.gateway.config import Config
 from nearstore.gateway.request import check_key, parse_query, split_target, validate_bucket_name
+from nearstore.gateway.routes import S3_SUBRESOURCES
 from nearstore.gateway.sendfile import send_body
 from nearstore.gateway.state import (
     BACKEND_KEY,
@@ -181,6 +182,14 @@ def local_reads(backend: Backend, cfg: Config) -> OpenRead:
         bucket, key, _ = split_target(parts.path, parts.netloc, cfg.domain)
         if not bucket or not key:
             raise errors.InvalidRequest("A local read names one object")
+        query = parse_query(parts.query)
+        # A GetObject URL and nothing else: a presigned GetObjectTagging (or
+        # any sub-resource) is signed GET too, but is not a read of the
+        # bytes; a part is read over HTTP.
+        other = sorted(n for n in query if n in S3_SUBRESOURCES and n != "versionId")
+        if other:
+            raise errors.InvalidRequest(f"A local read is a GetObject; this URL asks for {', '.join(other)}")
+        version = query.get("versionId")
         validate_bucket_name(bucket)
         check_key(key)
         user = requester(cfg, auth.access_key, auth.scheme == "anonymous")
@@ -189,7 +198,8 @@ def local_reads(backend: Backend, cfg: Config) -> OpenRead:
         range_header = f"bytes={rng[0]}-{rng[1]}" if rng is not None else None
         try:
             handle = await backend.open_object(bucket, key, ReadOptions(range_header=range_header,
-                                                                        conditions=conditions), head=False)
+                                                                        conditions=conditions, version_id=version),
+                                               head=False)
         except errors.NoSuchKey as e:
             raise access.missing(e) from None
         try:

@@ -276,3 +276,45 @@ def test_a_pass_through_bucket_is_read_over_http_without_asking_again(
     finally:
         node.stop()
         os.rmdir(sock_dir)
+
+
+def test_only_a_getobject_url_reads_and_its_version_is_honoured(node: tuple[Any, LocalNode, str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Security review: any GET-signed URL (a presigned GetObjectTagging)
+    handed out the object's bytes, and partNumber / versionId were ignored."""
+    s3, local, bucket = node
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    old = s3.put_object(Bucket=bucket, Key="k", Body=b"old bytes")["VersionId"]
+    s3.put_object(Bucket=bucket, Key="k", Body=b"new bytes")
+    urls = {
+        "tagging": s3.generate_presigned_url("get_object_tagging", Params={"Bucket": bucket, "Key": "k"}),
+        "part": s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "k", "PartNumber": 1}),
+    }
+    for name, url in urls.items():
+        monkeypatch.setattr(local, "_url", lambda b, k, u=url: u)
+        with pytest.raises(ClientError) as e:
+            local.read_into(bucket, "k")
+        assert e.value.response["Error"]["Code"] == "InvalidRequest", name
+    versioned = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "k", "VersionId": old})
+    monkeypatch.setattr(local, "_url", lambda b, k: versioned)
+    assert bytes(local.read_into(bucket, "k")[0]) == b"old bytes"
+
+
+def test_a_socket_served_by_an_untrusted_user_is_not_used(nearstore_server: S3Server,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Security review: the socket's path comes from an unauthenticated
+    answer; the client checks who serves it (SO_PEERCRED) before handing
+    it presigned URLs."""
+    s3 = connect(nearstore_server.url, access_key=nearstore_server.access_key,
+                 secret_key=nearstore_server.secret_key)
+    LocalNode.forget(s3)
+    monkeypatch.setattr("nearstore.clients.local.trusted_uids", lambda: {os.getuid() + 4242})
+    try:
+        assert LocalNode.discover(s3) is None
+    finally:
+        LocalNode.forget(s3)
+    monkeypatch.undo()
+    try:
+        assert LocalNode.discover(s3) is not None  # its own user's: used
+    finally:
+        LocalNode.forget(s3)
