@@ -9,9 +9,11 @@ sees correct bytes or a clean error, never a failed read because a peer
 died.
 
 Peers trust each other through the shared cluster secret: every peer
-request carries ``x-nearstore-peer: <unix time>.<HMAC-SHA256(secret, time
-\\n method \\n path?query)>``, valid for five minutes. Without it nothing is
-readable (403). Writes through any node invalidate the object's metadata
+request carries ``x-nearstore-peer: <unix time>.<nonce>.<HMAC-SHA256(secret,
+time \\n nonce \\n target node id \\n method \\n path?query)>``, valid for
+a minute, on the node it names, once: a captured request replays neither
+against another node nor against the same one (``Nonces``). Without it
+nothing is readable (403). Peers' clocks must agree within that minute. Writes through any node invalidate the object's metadata
 on every peer before the client is answered.
 
 The server side is here too (``check``, ``serve_chunk``,
@@ -32,6 +34,7 @@ import hashlib
 import hmac
 import logging
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -69,28 +72,59 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUTH_HEADER = "x-nearstore-peer"
-MAX_SKEW = 300.0
+MAX_SKEW = 60.0
 INVALIDATE_TIMEOUT_S = 5.0
 
 
-def sign(secret: str, method: str, path_query: str, now: float | None = None) -> str:
-    ts = str(int(time.time() if now is None else now))
-    mac = hmac.new(secret.encode(), f"{ts}\n{method}\n{path_query}".encode(), hashlib.sha256).hexdigest()
-    return f"{ts}.{mac}"
+def _mac(secret: str, ts: str, nonce: str, target: str, method: str, path_query: str) -> str:
+    text = f"{ts}\n{nonce}\n{target}\n{method}\n{path_query}"
+    return hmac.new(secret.encode(), text.encode(), hashlib.sha256).hexdigest()
 
 
-def verify(secret: str, method: str, path_query: str, header: str | None, now: float | None = None) -> bool:
-    if not secret or not header or "." not in header:
+def sign(secret: str, method: str, path_query: str, target: str, now: float | None = None) -> str:
+    """The header for a request to the node ``target`` (its id)."""
+    ts, nonce = str(int(time.time() if now is None else now)), secrets.token_hex(12)
+    return f"{ts}.{nonce}.{_mac(secret, ts, nonce, target, method, path_query)}"
+
+
+class Nonces:
+    """The nonces of peer requests accepted within the last MAX_SKEW
+    seconds (a request older than that is refused anyway), in 10-second
+    bins: a second use of one is a replay."""
+
+    BIN_S = 10
+
+    def __init__(self) -> None:
+        self._bins: dict[int, set[str]] = {}
+
+    def fresh(self, nonce: str, now: float) -> bool:
+        current = int(now) // self.BIN_S
+        for b in [b for b in self._bins if b < current - int(MAX_SKEW) // self.BIN_S - 2]:
+            del self._bins[b]
+        if any(nonce in seen for seen in self._bins.values()):
+            return False
+        self._bins.setdefault(current, set()).add(nonce)
+        return True
+
+
+def verify(secret: str, method: str, path_query: str, header: str | None, me: str, nonces: Nonces,
+           now: float | None = None) -> bool:
+    """Whether a peer request addressed to node ``me`` is authentic and
+    fresh (and, if so, its nonce is spent)."""
+    if not secret or not header:
         return False
-    ts, _, mac = header.partition(".")
+    ts, _, rest = header.partition(".")
+    nonce, _, mac = rest.partition(".")
     try:
         when = int(ts)
     except ValueError:
         return False
-    if abs((time.time() if now is None else now) - when) > MAX_SKEW:
+    now = time.time() if now is None else now
+    if abs(now - when) > MAX_SKEW or not 16 <= len(nonce) <= 64:
         return False
-    expected = sign(secret, method, path_query, when).partition(".")[2]
-    return hmac.compare_digest(expected, mac)
+    if not hmac.compare_digest(_mac(secret, ts, nonce, me, method, path_query), mac):
+        return False
+    return nonces.fresh(nonce, now)
 
 
 @dataclass
@@ -128,7 +162,7 @@ class Cluster:
             # encoded=True: the request line carries exactly the signed text
             # (yarl would otherwise turn %2F in a key back into "/").
             resp = await self.session.get(URL(node.address.rstrip("/") + path, encoded=True),
-                                          headers={AUTH_HEADER: sign(self.secret, "GET", path)})
+                                          headers={AUTH_HEADER: sign(self.secret, "GET", path, node.id)})
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
             self.membership.mark(node.id, ok=False, error=str(e),
                                  slow=isinstance(e, TimeoutError))
@@ -165,7 +199,7 @@ class Cluster:
             try:
                 async with self.session.post(
                     URL(node.address.rstrip("/") + path, encoded=True),
-                    headers={AUTH_HEADER: sign(self.secret, "POST", path)},
+                    headers={AUTH_HEADER: sign(self.secret, "POST", path, node.id)},
                     # Read-after-write on other nodes waits on this; a busy
                     # peer may take a while.
                     timeout=aiohttp.ClientTimeout(total=INVALIDATE_TIMEOUT_S if up else 1.0),
@@ -201,9 +235,9 @@ class ChunkFileHandle:
 # --- the server side ----------------------------------------------------------
 
 
-def check(secret: str, method: str, path_query: str, header: str | None) -> None:
+def check(secret: str, method: str, path_query: str, header: str | None, me: str, nonces: Nonces) -> None:
     """A peer request's signature, or PeerDenied."""
-    if not verify(secret, method, path_query, header):
+    if not verify(secret, method, path_query, header, me, nonces):
         raise PeerDenied("Peer authentication failed")
 
 

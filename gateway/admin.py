@@ -38,6 +38,7 @@ from nearstore.gateway.state import (
     HEALTH_KEY,
     LOCALSOCK_KEY,
     MEMBERSHIP_KEY,
+    PEER_NONCES_KEY,
 )
 from nearstore.metadata.backing import Backend, ObjectHandle, ObjectInfo, ReadOptions
 
@@ -145,7 +146,8 @@ async def warm_route(request: web.Request) -> web.StreamResponse:
 async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
     """The cache peers' API (``cache.peers``); 403 without the secret."""
     raw = request.raw_path
-    peers.check(request.app[CONFIG_KEY].cluster_secret, request.method, raw, request.headers.get(peers.AUTH_HEADER))
+    peers.check(request.app[CONFIG_KEY].cluster_secret, request.method, raw, request.headers.get(peers.AUTH_HEADER),
+                request.app[MEMBERSHIP_KEY].self_id, request.app[PEER_NONCES_KEY])
     q = parse_query(raw.partition("?")[2])
     bucket = q.get("bucket", "")
     cache = request.app[CACHE_FOR_KEY](bucket)

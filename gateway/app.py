@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from aiohttp import HttpVersion11, http_exceptions, web, web_protocol
 
+from nearstore.cache.peers import Nonces
 from nearstore.gateway import cors, errors
 from nearstore.gateway.access import decide_request
 from nearstore.gateway.admin import admin
@@ -43,6 +44,7 @@ from nearstore.gateway.state import (
     HEALTH_KEY,
     INFLIGHT_KEY,
     MEMBERSHIP_KEY,
+    PEER_NONCES_KEY,
     CacheFor,
     Health,
     InFlight,
@@ -313,6 +315,7 @@ def build_app(cfg: Config, backend: Backend, membership: Membership, cache_for: 
     app[CONFIG_KEY] = cfg
     app[INFLIGHT_KEY] = InFlight()
     app[MEMBERSHIP_KEY] = membership
+    app[PEER_NONCES_KEY] = Nonces()
     app[BACKEND_KEY] = backend
     app[CORS_KEY] = Rules(backend)
     app[CACHE_FOR_KEY] = cache_for

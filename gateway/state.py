@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from nearstore.cache.peers import Nonces
 from nearstore.cache.readpath import CachedBackend
 from nearstore.gateway.config import Config
 from nearstore.gateway.cors import Rules
@@ -55,6 +56,8 @@ class Health:
 
 CONFIG_KEY = web.AppKey("config", Config)
 MEMBERSHIP_KEY = web.AppKey("membership", Membership)
+# Peer requests' nonces seen lately (cache.peers): each is accepted once.
+PEER_NONCES_KEY = web.AppKey("peer_nonces", Nonces)
 BACKEND_KEY = web.AppKey("backend", Backend)
 CORS_KEY = web.AppKey("cors", Rules)
 CACHE_FOR_KEY: web.AppKey[CacheFor] = web.AppKey("cache_for")

@@ -129,6 +129,26 @@ def test_peer_api_needs_the_secret(cluster: Cluster) -> None:
     ring = json.loads(urllib.request.urlopen(
         f"http://127.0.0.1:{cluster.ports[1]}/_nearstore/ring", timeout=5).read())
     assert len(ring["nodes"]) == 3
+    # Security review: a signature names its node and is good once, so a
+    # captured peer request replays neither elsewhere nor again.
+    from nearstore.cache.peers import AUTH_HEADER, sign
+
+    path = "/_nearstore/peer/invalidate?bucket=b&key=k"
+    header = sign(KEYS["NEARSTORE_CLUSTER_SECRET"], "POST", path, f"127.0.0.1:{cluster.ports[0]}")
+
+    def send(port: int) -> int:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"", method="POST",
+                                     headers={AUTH_HEADER: header})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as e:
+            e.close()
+            return e.code
+
+    assert send(cluster.ports[1]) == 403  # addressed to another node
+    assert send(cluster.ports[0]) == 204
+    assert send(cluster.ports[0]) == 403  # replayed
 
 
 @pytest.mark.timeout(60)
@@ -221,7 +241,8 @@ def test_a_peer_cannot_cut_a_chunk_to_a_wrong_size(cluster: Cluster) -> None:
                                     "index": 0, "start": 0, "end": 100})
     path = f"/_nearstore/peer/chunk?{query}"
     req = urllib.request.Request(f"http://127.0.0.1:{owner}{path}",
-                                 headers={AUTH_HEADER: sign(KEYS["NEARSTORE_CLUSTER_SECRET"], "GET", path)})
+                                 headers={AUTH_HEADER: sign(KEYS["NEARSTORE_CLUSTER_SECRET"], "GET", path,
+                                                            f"127.0.0.1:{owner}")})
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.read() == data[:100]
     files = list((cluster.tmp / f"d{owner}" / "cache" / "chunks").rglob(f"{cid}.*"))
@@ -232,7 +253,8 @@ def test_a_peer_cannot_cut_a_chunk_to_a_wrong_size(cluster: Cluster) -> None:
     query = query.replace(urllib.parse.quote(etag), urllib.parse.quote('"0123"'))
     path = f"/_nearstore/peer/chunk?{query}"
     req = urllib.request.Request(f"http://127.0.0.1:{owner}{path}",
-                                 headers={AUTH_HEADER: sign(KEYS["NEARSTORE_CLUSTER_SECRET"], "GET", path)})
+                                 headers={AUTH_HEADER: sign(KEYS["NEARSTORE_CLUSTER_SECRET"], "GET", path,
+                                                            f"127.0.0.1:{owner}")})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 412

@@ -1,5 +1,7 @@
-"""The workers' socket directory in a shared /tmp (security review): a
-directory another user made, or opened to others, or a link, is refused."""
+"""Security review findings on the node itself: the workers' socket
+directory in a shared /tmp (a directory another user made, or opened to
+others, or a link, is refused), and peer signatures (bound to their node,
+good once)."""
 
 from __future__ import annotations
 
@@ -44,3 +46,22 @@ def test_a_directory_someone_else_could_use_is_refused(runtime: Path, tmp_path: 
         os.chown(path, 65534, 65534)
         with pytest.raises(PermissionError):
             run_dir("/data/b")
+
+
+def test_peer_signatures_name_their_node_and_are_good_once() -> None:
+    from nearstore.cache.peers import MAX_SKEW, Nonces, sign, verify
+
+    now = 1_000_000.0
+    header = sign("s3cret", "GET", "/_nearstore/peer/chunk?x=1", "10.0.0.2:9000", now=now)
+    nonces = Nonces()
+    assert not verify("s3cret", "GET", "/_nearstore/peer/chunk?x=1", header, "10.0.0.3:9000", nonces, now=now)
+    assert not verify("other", "GET", "/_nearstore/peer/chunk?x=1", header, "10.0.0.2:9000", nonces, now=now)
+    assert not verify("s3cret", "GET", "/_nearstore/peer/chunk?x=2", header, "10.0.0.2:9000", nonces, now=now)
+    assert verify("s3cret", "GET", "/_nearstore/peer/chunk?x=1", header, "10.0.0.2:9000", nonces, now=now)
+    assert not verify("s3cret", "GET", "/_nearstore/peer/chunk?x=1", header, "10.0.0.2:9000", nonces, now=now + 1)
+    late = sign("s3cret", "GET", "/p", "n", now=now)
+    assert not verify("s3cret", "GET", "/p", late, "n", Nonces(), now=now + MAX_SKEW + 1)
+    # Nonces are forgotten only once their requests would be refused as old.
+    for t in range(0, 600, 5):
+        assert verify("s3cret", "GET", "/p", sign("s3cret", "GET", "/p", "n", now=now + t), "n", nonces, now=now + t)
+    assert len(nonces._bins) <= MAX_SKEW // Nonces.BIN_S + 4
