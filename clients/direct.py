@@ -130,8 +130,20 @@ class ClusterView:
 
     # -- the ring and the layouts
     def fetch(self, bucket: str) -> dict[str, Any]:
+        """The ring and the bucket's layout, asked with the client's own
+        signature (a node answers its control plane to signed users, or to
+        its own machine)."""
         url = f"{self.endpoint}/_nearstore/ring?bucket={quote(bucket, safe='')}"
-        with urllib.request.urlopen(url, timeout=RING_TIMEOUT, context=self._ssl) as resp:
+        headers: dict[str, str] = {}
+        if self._credentials is not None:
+            from botocore.auth import S3SigV4Auth
+            from botocore.awsrequest import AWSRequest
+
+            signed = AWSRequest(method="GET", url=url, headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+            S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self._region or "us-east-1").add_auth(signed)
+            headers = dict(signed.headers.items())
+        req = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(req, timeout=RING_TIMEOUT, context=self._ssl) as resp:
             doc: dict[str, Any] = json.loads(resp.read())
         return doc
 

@@ -11,6 +11,7 @@ here looks at backend types.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 from urllib.parse import urlsplit
@@ -27,7 +28,7 @@ from nearstore.gateway import errors
 from nearstore.gateway.access import Op, authorize_owner, decide, requester
 from nearstore.gateway.auth import SignedRequest, authenticate
 from nearstore.gateway.conditions import check_read_conditions
-from nearstore.gateway.config import Config
+from nearstore.gateway.config import Config, is_loopback
 from nearstore.gateway.request import check_key, parse_query, split_target, validate_bucket_name
 from nearstore.gateway.routes import S3_SUBRESOURCES
 from nearstore.gateway.sendfile import send_body
@@ -48,6 +49,7 @@ async def admin(request: web.Request, path: str) -> web.StreamResponse:
         return web.json_response({**request.app[HEALTH_KEY].describe(), "pid": os.getpid(),
                                   "local_socket": request.app.get(LOCALSOCK_KEY)})
     if path == "/_nearstore/metrics" and request.method in ("GET", "HEAD"):
+        control_plane(request, operator=True)
         body, content_type = metrics_exposition()
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = content_type
@@ -55,10 +57,33 @@ async def admin(request: web.Request, path: str) -> web.StreamResponse:
     if path.startswith("/_nearstore/peer/"):
         return await peer_route(request, path)
     if path == "/_nearstore/ring" and request.method in ("GET", "HEAD"):
+        control_plane(request, operator=False)
         return ring_route(request)
     if path == "/_nearstore/warm" and request.method == "POST":
         return await warm_route(request)
     raise errors.NoSuchKey("No such administrative route", Key=path)
+def control_plane(request: web.Request, *, operator: bool) -> None:
+    """The control plane apart from the data plane: a control route answers
+    a request from this machine (``[server] control_from_loopback``), or one
+    signed like any S3 request, by an operator where ``operator``, by any
+    user otherwise. AccessDenied for the rest, anonymous included. Health
+    stays open: probes are unsigned."""
+    cfg = request.app[CONFIG_KEY]
+    if cfg.control_from_loopback and is_loopback(request.remote or ""):
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        # What a metrics scraper can send: the operator's token, metrics only.
+        if operator and cfg.metrics_token and hmac.compare_digest(token.strip().encode(), cfg.metrics_token.encode()):
+            return
+        raise errors.AccessDenied()
+    raw_path, _, raw_query = request.raw_path.partition("?")
+    auth = authenticate(SignedRequest(request.method, raw_path, raw_query, request.headers), cfg.credentials)
+    user = requester(cfg, auth.access_key, auth.scheme == "anonymous")
+    if user is None or (operator and not cfg.is_operator(user)):
+        raise errors.AccessDenied()
+
+
 def ring_route(request: web.Request) -> web.Response:
     """GET /_nearstore/ring[?bucket=B]: the ring and each peer's health;
     with ``bucket=B`` also how B's objects are cut into chunks::
@@ -70,11 +95,11 @@ def ring_route(request: web.Request) -> web.Response:
     chunk's id (metadata.identity.chunk_id) and owner, and to ask the owner for
     it itself, saving the hop through a peer (clients/direct.py).
 
-    Unauthenticated, like health and metrics: it tells the topology and the
-    cache's configuration (which buckets are cached, the backing store's
-    name, which is its endpoint URL, and the chunk size), never credentials
-    or data; it does no I/O, so answering it for any name costs nothing.
-    Every object byte still needs a signed S3 request."""
+    For this machine or a signed user (``control_plane``): it tells the
+    topology and the cache's configuration (which buckets are cached, the
+    backing store's name, which is its endpoint URL, and the chunk size),
+    never credentials or data; it does no I/O. Every object byte still needs
+    a signed S3 request."""
     doc = request.app[MEMBERSHIP_KEY].describe()
     query = parse_query(request.raw_path.partition("?")[2])
     if "bucket" in query:

@@ -184,6 +184,11 @@ class Config:
     tls_key: str | None = None
     fsync: bool = True
     hot_path: bool = True
+    # The control plane (metrics, ring): requests from this machine, or
+    # signed by a user (the ring) or by an operator (metrics).
+    control_from_loopback: bool = True
+    operators: list[str] = field(default_factory=list)  # [[users]] names; empty: the first user
+    metrics_token: str = ""  # a bearer token for metrics scrapers (Prometheus)
     # Seconds the server waits for in-flight requests on SIGTERM.
     shutdown_timeout: float = 30.0
     using_dev_keys: bool = False
@@ -233,6 +238,10 @@ class Config:
             return self.first_user
         return self.key_users[access_key]
 
+    def is_operator(self, user: User) -> bool:
+        """May read the control plane's metrics from anywhere."""
+        return user.id in {self.user_named(n).id for n in self.operators or [""]}
+
     def user_named(self, name: str) -> User:
         """The user called ``name`` ("" is the first)."""
         if not name:
@@ -253,9 +262,11 @@ def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        addr = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False  # a name, or a wildcard written otherwise: assume reachable
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 
@@ -366,6 +377,13 @@ def _urls(value: object) -> list[str]:
     return [x.strip().rstrip("/") for x in items if x.strip()]
 
 
+def _names(value: object) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise ValueError("a list of names")
+    return [x.strip() for x in items if x.strip()]
+
+
 _INT, _SECONDS, _BOOL, _SIZE = "integer", "seconds", "boolean", "size"
 
 SETTINGS: tuple[Setting, ...] = (
@@ -395,6 +413,15 @@ SETTINGS: tuple[Setting, ...] = (
             "request body.", "NEARSTORE_BODY_TIMEOUT", type_name=_SECONDS),
     Setting("server", "shutdown_timeout", "shutdown_timeout", _seconds, "Seconds in-flight requests get to "
             "finish on SIGTERM.", "NEARSTORE_SHUTDOWN_TIMEOUT", type_name=_SECONDS),
+    Setting("server", "control_from_loopback", "control_from_loopback", _boolean, "Answer the control routes "
+            "(`/_nearstore/metrics`, `/_nearstore/ring`) to requests from this machine unsigned; from elsewhere they "
+            "must be signed (the ring by any user, metrics by an operator).", "NEARSTORE_CONTROL_FROM_LOOPBACK",
+            type_name=_BOOL),
+    Setting("server", "operators", "operators", _names, "The [[users]] who may read the metrics from elsewhere "
+            "(default: the first user; env: comma-separated).", "NEARSTORE_OPERATORS", type_name="list of names"),
+    Setting("server", "metrics_token", "metrics_token", _text, "A bearer token that may read "
+            "`/_nearstore/metrics` from elsewhere (`Authorization: Bearer ...`, what Prometheus sends); empty: none.",
+            "NEARSTORE_METRICS_TOKEN", secret=True),
     Setting("tls", "cert", "tls_cert", _optional_text, "PEM certificate: serve HTTPS (with [tls] key).",
             "NEARSTORE_TLS_CERT", "--tls-cert"),
     Setting("tls", "key", "tls_key", _optional_text, "PEM private key of [tls] cert.", "NEARSTORE_TLS_KEY", "--tls-key"),
@@ -606,6 +633,8 @@ def load(
         )
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("TLS needs both a certificate and a key")
+    for name in cfg.operators:
+        cfg.user_named(name)  # ConfigError for a name no user has
     return cfg
 
 

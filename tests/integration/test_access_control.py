@@ -448,3 +448,53 @@ def test_a_policy_can_require_what_writers_send(node: S3Server, bucket: str) -> 
                                     Tagging="team=audio"))
     audio.put_object(Bucket=bucket, Key="drop/a", Body=b"dropped", ACL="bucket-owner-full-control", Tagging="team=audio")
     assert vision.get_object(Bucket=bucket, Key="drop/a")["Body"].read() == b"dropped"
+
+
+@pytest.fixture(scope="module")
+def apart_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A node whose control plane does not trust its own machine: as a
+    request from another host sees it."""
+    config = ("[server]\ncontrol_from_loopback = false\noperators = [\"audio\"]\nmetrics_token = \"scrape-me\"\n"
+              + USERS)
+    server = start_server("nearstore", tmp_path_factory.mktemp("apart"), config_text=config)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_the_control_plane_answers_signed_users_and_operators(apart_node: S3Server) -> None:
+    """Issue 16, planes apart: metrics for operators, the ring for any
+    user, health for every probe; anonymous requests get nothing."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    def get(path: str, who: tuple[str, str] | None) -> int:
+        url = f"{apart_node.url}{path}"
+        headers: dict[str, str] = {}
+        if who is not None:
+            req = AWSRequest(method="GET", url=url, headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+            S3SigV4Auth(Credentials(*who), "s3", apart_node.region).add_auth(req)
+            headers = dict(req.headers.items())
+        return rawhttp.send(apart_node, "GET", path, headers).status
+
+    assert get("/_nearstore/health", None) == 200
+    assert get("/_nearstore/metrics", None) == 403
+    assert get("/_nearstore/ring", None) == 403
+    assert get("/_nearstore/metrics", VISION) == 403  # a user, not an operator
+    assert get("/_nearstore/metrics", AUDIO) == 200
+    assert get("/_nearstore/ring?bucket=x", VISION) == 200
+    bad = (VISION[0], "not the secret")
+    assert get("/_nearstore/ring", bad) == 403
+    # A scraper's bearer token: metrics, nothing else.
+    for token, path, status in (("scrape-me", "/_nearstore/metrics", 200), ("wrong", "/_nearstore/metrics", 403),
+                                ("scrape-me", "/_nearstore/ring", 403)):
+        assert rawhttp.send(apart_node, "GET", path, {"Authorization": f"Bearer {token}"}).status == status
+
+
+def test_a_direct_client_signs_its_ring_request(apart_node: S3Server) -> None:
+    from nearstore.clients.direct import ClusterView
+
+    view = ClusterView(as_user(apart_node, VISION))
+    assert view.fetch("anything")["bucket"] == {"name": "anything", "cached": False}
