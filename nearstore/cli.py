@@ -129,7 +129,7 @@ def _warm(args: argparse.Namespace) -> int:
 def _cluster(args: argparse.Namespace) -> int:
     from nearstore.localcluster import run
 
-    return run(args.nodes, args.port, args.dir, args.backing, args.cache_size)
+    return run(args.nodes, args.port, args.dir, args.backing, args.cache_size, args.restart)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--dir", default="./nearstore-cluster", help="where the nodes keep their data")
     c.add_argument("--backing", help="an S3 endpoint to front instead of a local backing node (on PORT+100)")
     c.add_argument("--cache-size", default="4GiB")
+    c.add_argument("--restart", action="store_true",
+                   help="restart a node that dies (without it: reported, and SIGHUP restarts the dead ones)")
     c.set_defaults(func=_cluster)
     sub.add_parser("bench", help="throughput benchmarks (nearstore bench --help)")
     args = parser.parse_args(argv)

@@ -38,7 +38,7 @@ def _base_port() -> int:
     raise RuntimeError("no free port range")
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
 def test_local_cluster_serves_through_every_node(tmp_path: Path) -> None:
     base = _base_port()
     ports = [base, base + 1]
@@ -66,6 +66,28 @@ def test_local_cluster_serves_through_every_node(tmp_path: Path) -> None:
         clients[1].put_object(Bucket="local-cluster", Key="k", Body=data)
         for c in clients:
             assert c.get_object(Bucket="local-cluster", Key="k")["Body"].read() == data
+
+        # kill -9 one node: the others keep serving, the death is reported,
+        # and SIGHUP brings it back (issue 16: trying failover is possible).
+        import json
+
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/_nearstore/health", timeout=5).read())
+        os.kill(health["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while b"died" not in (tmp_path / "cluster.log").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the cluster stopped when one node died"
+        assert b"port %d died" % ports[1] in (tmp_path / "cluster.log").read_bytes()
+        for _ in range(3):
+            assert clients[0].get_object(Bucket="local-cluster", Key="k")["Body"].read() == data
+        proc.send_signal(signal.SIGHUP)
+        deadline, back = time.monotonic() + 30, False
+        while not back and time.monotonic() < deadline:
+            try:
+                back = clients[1].get_object(Bucket="local-cluster", Key="k")["Body"].read() == data
+            except Exception:
+                time.sleep(0.3)
+        assert back, "the dead node did not come back on SIGHUP"
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, (tmp_path / "cluster.log").read_text()[-3000:]
