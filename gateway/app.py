@@ -333,7 +333,18 @@ def _xml_handle_error(
     exc: BaseException | None = None,
     message: str | None = None,
 ) -> web.StreamResponse:
-    resp = _orig_handle_error(self, request, status, exc, message)
+    if 400 <= status < 500 and isinstance(exc, http_exceptions.HttpProcessingError):
+        # A garbled request is the client's problem, not the server's: one
+        # line (the parser's first line of complaint, never the request's
+        # headers, which may hold credentials), not a traceback.
+        reason = str(getattr(exc, "message", "") or exc).strip().splitlines()
+        log.info("bad request from %s: %s %s", request.remote, status, reason[0][:200] if reason else type(exc).__name__)
+        if request.writer.output_size > 0:
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        resp: web.StreamResponse = web.Response(status=status, text=message or "", content_type="text/plain")
+        resp.force_close()
+    else:
+        resp = _orig_handle_error(self, request, status, exc, message)
     err: errors.S3Error
     if isinstance(exc, http_exceptions.LineTooLong):
         err = errors.RequestHeaderSectionTooLarge(MaxSizeAllowed=str(MAX_HEADER_BYTES))

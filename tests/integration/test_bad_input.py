@@ -388,3 +388,27 @@ def test_a_request_without_length_or_framing_has_an_empty_body(nearstore_server:
     server.client().head_bucket(Bucket=bucket)
     status, body = bare("PUT", rawhttp.presign(server, "PUT", key_path(bucket, "obj")))
     assert status == 411 and b"<Code>MissingContentLength</Code>" in body
+
+
+def test_a_garbled_request_logs_one_line_not_a_traceback(nearstore_server: S3Server) -> None:
+    """Issue 16: the parser's complaint, once per request, and never the
+    request's headers (they may carry credentials)."""
+    import os
+    import socket
+
+    since = os.path.getsize(nearstore_server.log_path)
+    payloads = [
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\nAuthorization: AWS secret-ish:sig\r\n\r\n",
+        b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ]
+    for payload in payloads:
+        with socket.create_connection((nearstore_server.host, nearstore_server.port), timeout=5) as s:
+            s.sendall(payload)
+            assert s.recv(64).startswith(b"HTTP/1.")
+    deadline = time.monotonic() + 5
+    while nearstore_server.log_text(since).count("bad request from") < len(payloads) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logged = nearstore_server.log_text(since)
+    assert logged.count("bad request from") == len(payloads), logged
+    assert "Traceback" not in logged and "secret-ish" not in logged
