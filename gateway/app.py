@@ -45,9 +45,11 @@ from nearstore.gateway.state import (
     INFLIGHT_KEY,
     MEMBERSHIP_KEY,
     PEER_NONCES_KEY,
+    UPLOADS_KEY,
     CacheFor,
     Health,
     InFlight,
+    Uploads,
 )
 from nearstore.gateway.xml import XML_DECL, escape
 from nearstore.metadata.backing import Backend
@@ -275,7 +277,18 @@ async def _front(request: web.Request) -> web.StreamResponse:
         if prepared is None:
             prepared = prepare(request, request_id)
         request[BUCKET_KEY] = prepared.req.bucket
-        resp = await prepared.handler(prepared.ctx, prepared.req)
+        if request.body_exists and request.method in ("PUT", "POST"):
+            uploads = request.app[UPLOADS_KEY]
+            if not uploads.try_enter():
+                refused = error_response(errors.SlowDown(), request_id, raw_path, head)
+                refused.force_close()  # its body is never read
+                return refused
+            try:
+                resp = await prepared.handler(prepared.ctx, prepared.req)
+            finally:
+                uploads.leave()
+        else:
+            resp = await prepared.handler(prepared.ctx, prepared.req)
     except ResponseAborted as e:
         log.warning("request %s aborted mid-response: %s", request_id, e.__cause__ or e)
         return e.response
@@ -314,6 +327,7 @@ def build_app(cfg: Config, backend: Backend, membership: Membership, cache_for: 
     app = web.Application(handler_args=cfg.limits.handler_args())
     app[CONFIG_KEY] = cfg
     app[INFLIGHT_KEY] = InFlight()
+    app[UPLOADS_KEY] = Uploads(cfg.max_uploads)
     app[MEMBERSHIP_KEY] = membership
     app[PEER_NONCES_KEY] = Nonces()
     app[BACKEND_KEY] = backend

@@ -189,6 +189,7 @@ class Config:
     control_from_loopback: bool = True
     operators: list[str] = field(default_factory=list)  # [[users]] names; empty: the first user
     metrics_token: str = ""  # a bearer token for metrics scrapers (Prometheus)
+    max_uploads: int = 512  # requests with a body in flight at once; beyond: 503 SlowDown
     # Seconds the server waits for in-flight requests on SIGTERM.
     shutdown_timeout: float = 30.0
     using_dev_keys: bool = False
@@ -419,6 +420,9 @@ SETTINGS: tuple[Setting, ...] = (
             type_name=_BOOL),
     Setting("server", "operators", "operators", _names, "The [[users]] who may read the metrics from elsewhere "
             "(default: the first user; env: comma-separated).", "NEARSTORE_OPERATORS", type_name="list of names"),
+    Setting("server", "max_uploads", "max_uploads", _integer(1, 1_000_000), "Requests with a body (PUT, POST) "
+            "received at once; beyond, 503 SlowDown with Retry-After before the body is read.",
+            "NEARSTORE_MAX_UPLOADS", type_name=_INT),
     Setting("server", "metrics_token", "metrics_token", _text, "A bearer token that may read "
             "`/_nearstore/metrics` from elsewhere (`Authorization: Bearer ...`, what Prometheus sends); empty: none.",
             "NEARSTORE_METRICS_TOKEN", secret=True),

@@ -38,6 +38,24 @@ class InFlight:
             self.idle.set()
 
 
+class Uploads:
+    """Requests with a body being received: at most ``limit`` at once (each
+    holds buffers and a temporary file); beyond it a request is answered
+    SlowDown before its body is read."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.count = limit, 0
+
+    def try_enter(self) -> bool:
+        if self.count >= self.limit:
+            return False
+        self.count += 1
+        return True
+
+    def leave(self) -> None:
+        self.count -= 1
+
+
 class Health:
     """What is wrong with the node, by part (the chunk cache, each backing
     store); ``/_nearstore/health`` says "degraded", with the reasons, while
@@ -56,6 +74,7 @@ class Health:
 
 CONFIG_KEY = web.AppKey("config", Config)
 MEMBERSHIP_KEY = web.AppKey("membership", Membership)
+UPLOADS_KEY = web.AppKey("uploads", Uploads)
 # Peer requests' nonces seen lately (cache.peers): each is accepted once.
 PEER_NONCES_KEY = web.AppKey("peer_nonces", Nonces)
 BACKEND_KEY = web.AppKey("backend", Backend)

@@ -196,3 +196,40 @@ def test_memory_stays_flat_for_large_put_and_get(fresh_server: Any, tmp_path: An
     hwm = server.proc_status("VmHWM")
     assert hwm < 150 * MiB, f"server peak RSS {hwm / MiB:.0f} MiB (baseline {baseline / MiB:.0f})"
     src.unlink()
+
+
+def test_uploads_beyond_the_cap_are_told_to_slow_down(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 16: at most [server] max_uploads bodies are received at once;
+    the next upload gets 503 SlowDown with Retry-After before its body is
+    read, and the node takes uploads again as soon as one ends."""
+    import socket
+
+    from tests.helpers.servers import start_server
+
+    server = start_server("nearstore", tmp_path_factory.mktemp("capped"), config_text="[server]\nmax_uploads = 2\n")
+    try:
+        s3 = server.client()
+        s3.create_bucket(Bucket="capped")
+        path = rawhttp.presign(server, "PUT", key_path("capped", "slow"))
+        holders = []
+        for _ in range(2):  # two slow uploads: headers and a first byte, then nothing
+            s = socket.create_connection((server.host, server.port), timeout=10)
+            s.sendall(f"PUT {path} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nContent-Length: 1000\r\n\r\nx"
+                      .encode())
+            holders.append(s)
+        deadline, refused = time.monotonic() + 10, None
+        while refused is None and time.monotonic() < deadline:
+            resp = rawhttp.send(server, "PUT", path, {}, b"small")
+            if resp.status == 503:
+                refused = resp
+        assert refused is not None, "the third upload was not refused"
+        assert b"<Code>SlowDown</Code>" in refused.body and refused.header("Retry-After") == "1"
+        for s in holders:
+            s.close()
+        deadline, accepted = time.monotonic() + 10, False
+        while not accepted and time.monotonic() < deadline:
+            accepted = rawhttp.send(server, "PUT", path, {}, b"small").status == 200
+        assert accepted
+        assert s3.get_object(Bucket="capped", Key="slow")["Body"].read() == b"small"
+    finally:
+        server.stop()
