@@ -34,6 +34,9 @@ LOCAL_BYTES = Counter("nearstore_local_read_bytes",
 HANDED_OFF = Counter("nearstore_connections_handed_off",
                      "Connections the hot path handed to aiohttp, at their first request it does not serve",
                      registry=REGISTRY)
+REFUSED_CONNECTIONS = Counter("nearstore_connections_refused",
+                              "Connections answered SlowDown and closed: [server] max_connections were open",
+                              registry=REGISTRY)
 EVICTIONS = Counter("nearstore_cache_evictions", "Chunks evicted", registry=REGISTRY)
 CHECKSUM_FAILURES = Counter("nearstore_cache_checksum_failures", "Chunks that failed verification", registry=REGISTRY)
 FILL_ERRORS = Counter("nearstore_cache_fill_errors", "Fills that failed (served from backing instead)", registry=REGISTRY)

@@ -190,6 +190,7 @@ class Config:
     operators: list[str] = field(default_factory=list)  # [[users]] names; empty: the first user
     metrics_token: str = ""  # a bearer token for metrics scrapers (Prometheus)
     max_uploads: int = 512  # requests with a body in flight at once; beyond: 503 SlowDown
+    max_connections: int = 4096  # open client connections per process; beyond: 503 SlowDown, closed
     # Seconds the server waits for in-flight requests on SIGTERM.
     shutdown_timeout: float = 30.0
     using_dev_keys: bool = False
@@ -255,7 +256,7 @@ class Config:
     @property
     def limits(self) -> ConnLimits:
         return ConnLimits(head_timeout=self.head_timeout, idle_timeout=self.idle_timeout,
-                          body_timeout=self.body_timeout)
+                          body_timeout=self.body_timeout, max_connections=self.max_connections)
 
 
 def is_loopback(host: str) -> bool:
@@ -423,6 +424,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "max_uploads", "max_uploads", _integer(1, 1_000_000), "Requests with a body (PUT, POST) "
             "received at once; beyond, 503 SlowDown with Retry-After before the body is read.",
             "NEARSTORE_MAX_UPLOADS", type_name=_INT),
+    Setting("server", "max_connections", "max_connections", _integer(1, 1_000_000), "Client connections open "
+            "at once (per process); a connection beyond it is answered 503 SlowDown with Retry-After and closed.",
+            "NEARSTORE_MAX_CONNECTIONS", type_name=_INT),
     Setting("server", "metrics_token", "metrics_token", _text, "A bearer token that may read "
             "`/_nearstore/metrics` from elsewhere (`Authorization: Bearer ...`, what Prometheus sends); empty: none.",
             "NEARSTORE_METRICS_TOKEN", secret=True),

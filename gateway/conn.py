@@ -37,6 +37,7 @@ tests of this module fail if it goes) and responses finished
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ class ConnLimits:
     max_line_bytes: int = 16 * 1024
     max_field_bytes: int = 8 * 1024
     max_headers: int = 100
+    max_connections: int = 4096
 
     def handler_args(self) -> dict[str, Any]:
         """aiohttp's own parser bounds, below the head's total."""
@@ -86,9 +88,12 @@ def _head_too_large(limits: ConnLimits) -> bytes:
 class GuardedHandler(web_protocol.RequestHandler):
     """aiohttp's connection handler with the limits of the module docstring."""
 
-    def __init__(self, manager: web.Server, *, limits: ConnLimits, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, limits: ConnLimits, on_made: Callable[[object], None] | None = None,
+                 on_close: Callable[[], None] | None = None, **kwargs: Any) -> None:
         super().__init__(manager, **{**kwargs, **limits.handler_args()})
         self._limits = limits
+        # The connection count's (gateway.hotpath.listen).
+        self._on_made, self._on_close = on_made, on_close
         self._watch: asyncio.TimerHandle | None = None
         self._rx_at = 0.0
         self._head_since: float | None = None  # first byte of an incomplete head
@@ -108,6 +113,8 @@ class GuardedHandler(web_protocol.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._on_made is not None:
+            self._on_made(self)
         now = self._loop.time()
         self._rx_at = self._idle_since = now
         # A new connection owes its first head within the head timeout.
@@ -119,6 +126,9 @@ class GuardedHandler(web_protocol.RequestHandler):
             self._watch.cancel()
             self._watch = None
         self._body = None
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:

@@ -45,13 +45,13 @@ import ssl
 import time
 from collections.abc import Callable
 from email.utils import formatdate
-from typing import Any, cast
+from typing import cast
 
 import httptools
 from aiohttp import web
 from multidict import CIMultiDict
 
-from nearstore.cache.metrics import HANDED_OFF
+from nearstore.cache.metrics import HANDED_OFF, REFUSED_CONNECTIONS
 from nearstore.gateway import errors
 from nearstore.gateway.access import decide, requester
 from nearstore.gateway.app import (
@@ -87,7 +87,10 @@ _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 class HotPath:
     """What the connections of one listener share, and their shutdown."""
 
-    def __init__(self, app: web.Application, limits: ConnLimits, fallback: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, app: web.Application, limits: ConnLimits, fallback: Callable[[], asyncio.Protocol],
+                 made: Callable[[object], None] = lambda p: None, closed: Callable[[], None] = lambda: None) -> None:
+        # A connection of this listener's begins / ends (its count).
+        self.made, self.closed = made, closed
         self.cfg = app[CONFIG_KEY]
         self.backend = app[BACKEND_KEY]
         self.inflight = app[INFLIGHT_KEY]
@@ -147,11 +150,14 @@ class HotConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._hot.connections.add(self)
+        self._hot.made(self)
         self._since = self._loop.time()
         self._timer = self._loop.call_at(self._since + self._hot.limits.head_timeout, self._check)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._hot.connections.discard(self)
+        if not self._handed_off:
+            self._hot.closed()
         self._transport = None
         if self._timer is not None:
             self._timer.cancel()
@@ -454,6 +460,27 @@ class _Sink:
         return os.dup(fd)
 
 
+_TOO_MANY_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+_TOO_MANY = (
+    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nRetry-After: 1\r\n"
+    f"Server: {SERVER}\r\nConnection: close\r\nContent-Length: {len(_TOO_MANY_BODY)}\r\n\r\n"
+).encode() + _TOO_MANY_BODY
+
+
+class _TooMany(asyncio.Protocol):
+    """A connection beyond [server] max_connections: told to slow down and
+    closed, before a byte of its request is read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t = cast(asyncio.Transport, transport)
+        t.write(_TOO_MANY)
+        t.close()
+        REFUSED_CONNECTIONS.inc()
+
+
 async def listen(
     runner: web.AppRunner,
     host: str,
@@ -473,13 +500,42 @@ async def listen(
     assert manager is not None, "runner.setup() first"
     loop = asyncio.get_running_loop()
 
-    def fallback() -> GuardedHandler:
-        return GuardedHandler(manager, loop=loop, limits=limits, access_log=None)
+    # Open client connections: those whose connection_made has run, until
+    # their connection_lost (a hot-path connection handed to aiohttp is
+    # the same connection), and those whose protocol is made but not yet
+    # told (the loop accepts a burst of connections, making each one's
+    # protocol, before it calls the first connection_made; a TLS handshake
+    # that fails never calls it: forgotten after the handshake's timeout).
+    live = [0]
+    pending: dict[object, float] = {}
 
-    hot = HotPath(runner.app, limits, fallback) if hot_path else None
-    factory: Callable[[], Any] = hot if hot is not None else fallback
+    def made(protocol: object) -> None:
+        pending.pop(protocol, None)
+        live[0] += 1
+
+    def closed() -> None:
+        live[0] -= 1
+
+    def fallback(fresh: bool = False) -> GuardedHandler:
+        return GuardedHandler(manager, loop=loop, limits=limits, access_log=None,
+                              on_made=made if fresh else None, on_close=closed)
+
+    hot = HotPath(runner.app, limits, fallback, made, closed) if hot_path else None
+
+    def admit() -> asyncio.Protocol:
+        """A new connection's protocol: SlowDown and close beyond the cap."""
+        now = loop.time()
+        if pending and live[0] + len(pending) >= limits.max_connections:
+            for p in [p for p, t in pending.items() if now - t > limits.head_timeout + 1.0]:
+                del pending[p]
+        if live[0] + len(pending) >= limits.max_connections:
+            return _TooMany()
+        protocol: asyncio.Protocol = hot() if hot is not None else fallback(fresh=True)
+        pending[protocol] = now
+        return protocol
+
     server = await loop.create_server(
-        factory, host, port, ssl=ssl_context, backlog=1024, reuse_address=True, reuse_port=reuse_port or None,
+        admit, host, port, ssl=ssl_context, backlog=1024, reuse_address=True, reuse_port=reuse_port or None,
         # The handler (and so the head timeout) starts after the TLS
         # handshake: a handshake gets no longer than a head.
         ssl_handshake_timeout=limits.head_timeout if ssl_context is not None else None,

@@ -233,3 +233,30 @@ def test_uploads_beyond_the_cap_are_told_to_slow_down(tmp_path_factory: pytest.T
         assert s3.get_object(Bucket="capped", Key="slow")["Body"].read() == b"small"
     finally:
         server.stop()
+
+
+def test_connections_beyond_the_cap_are_told_to_slow_down(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 16: at most [server] max_connections are open; the next one is
+    answered 503 SlowDown with Retry-After and closed, and the node accepts
+    again as soon as one closes."""
+    import socket
+
+    from tests.helpers.servers import start_server
+
+    server = start_server("nearstore", tmp_path_factory.mktemp("conncap"), config_text="[server]\nmax_connections = 3\n")
+    try:
+        held = [socket.create_connection((server.host, server.port), timeout=10) for _ in range(3)]
+        with socket.create_connection((server.host, server.port), timeout=10) as extra:
+            answer = b""
+            while chunk := extra.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in answer and b"<Code>SlowDown</Code>" in answer
+        held.pop().close()
+        deadline, served = time.monotonic() + 10, False
+        while not served and time.monotonic() < deadline:
+            served = rawhttp.send(server, "GET", "/_nearstore/health", {}).status == 200
+        assert served
+        for s in held:
+            s.close()
+    finally:
+        server.stop()
