@@ -168,14 +168,19 @@ def authorize_owner(cfg: Config, backend: Backend, auth: AuthContext, bucket: st
         raise errors.AccessDenied()
 
 
+# s3:signatureversion and s3:authType of each way of signing.
+_SCHEMES = {
+    "v4": ("AWS4-HMAC-SHA256", "REST-HEADER"), "v4-query": ("AWS4-HMAC-SHA256", "REST-QUERY-STRING"),
+    "post-v4": ("AWS4-HMAC-SHA256", "POST"), "v2": ("AWS", "REST-HEADER"), "v2-query": ("AWS", "REST-QUERY-STRING"),
+    "post-v2": ("AWS", "POST"),
+}
+
+
 def request_context(req: S3Request, auth: AuthContext, user: User | None) -> dict[str, list[str]]:
     """The condition keys a request supplies to a bucket policy."""
     h, q = req.headers, req.query
     http = req.http
-    signature = {"v4": "AWS4-HMAC-SHA256", "v4-query": "AWS4-HMAC-SHA256", "post-v4": "AWS4-HMAC-SHA256",
-                 "v2": "AWS", "v2-query": "AWS", "post-v2": "AWS"}.get(auth.scheme)
-    auth_type = {"v4": "REST-HEADER", "v2": "REST-HEADER", "v4-query": "REST-QUERY-STRING",
-                 "v2-query": "REST-QUERY-STRING", "post-v4": "POST", "post-v2": "POST"}.get(auth.scheme)
+    signature, auth_type = _SCHEMES.get(auth.scheme, (None, None))
     ctx = context(**{
         "aws:SourceIp": http.remote if http is not None else None,
         "aws:SecureTransport": ("true" if http.secure else "false") if http is not None else None,

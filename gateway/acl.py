@@ -99,16 +99,17 @@ class Acl:
 
     def render(self, cfg: Config) -> bytes:
         """The AccessControlPolicy document GetBucketAcl / GetObjectAcl answer."""
-        names = {u.id: u.display_name for u in cfg.users}
+        def name(user_id: str) -> str:
+            user = cfg.user_by_id(user_id)
+            return user.display_name if user is not None else user_id
 
         def grantee(g: Grant) -> Node:
             if g.kind == "Group":
                 return (f'Grantee {_XSI} xsi:type="Group"', [("URI", g.grantee)])
-            return (f'Grantee {_XSI} xsi:type="CanonicalUser"',
-                    [("ID", g.grantee), ("DisplayName", names.get(g.grantee, g.grantee))])
+            return (f'Grantee {_XSI} xsi:type="CanonicalUser"', [("ID", g.grantee), ("DisplayName", name(g.grantee))])
 
         return document("AccessControlPolicy", [
-            ("Owner", [("ID", self.owner), ("DisplayName", names.get(self.owner, self.owner))]),
+            ("Owner", [("ID", self.owner), ("DisplayName", name(self.owner))]),
             ("AccessControlList", [("Grant", [grantee(g), ("Permission", g.permission)]) for g in self.grants]),
         ])
 
@@ -154,7 +155,7 @@ def _grantee(cfg: Config, kind: str, value: str, argument: str) -> tuple[str, st
         if value not in GROUPS:
             raise errors.InvalidArgument("Invalid group uri", ArgumentName=argument, ArgumentValue=value)
         return "Group", value
-    if value not in {u.id for u in cfg.users} and value != ANONYMOUS_ID:
+    if cfg.user_by_id(value) is None and value != ANONYMOUS_ID:
         raise errors.InvalidArgument("Invalid id", ArgumentName=argument, ArgumentValue=value)
     return "CanonicalUser", value
 

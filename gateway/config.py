@@ -222,6 +222,8 @@ class Config:
     # access key of ``credentials`` to its user.
     users: list[User] = field(default_factory=list)
     key_users: dict[str, User] = field(default_factory=dict)
+    # users by canonical id, made once per list of users (see user_by_id)
+    _by_id: tuple[int, int, dict[str, User]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def first_user(self) -> User:
@@ -239,6 +241,14 @@ class Config:
                 raise KeyError(access_key)
             return self.first_user
         return self.key_users[access_key]
+
+    def user_by_id(self, user_id: str) -> User | None:
+        """The user with this canonical id (Owner fields, grants), if any."""
+        users = self.users or [self.first_user]
+        memo = self._by_id
+        if memo is None or memo[0] != id(users) or memo[1] != len(users):
+            memo = self._by_id = (id(users), len(users), {u.id: u for u in users})
+        return memo[2].get(user_id)
 
     def is_operator(self, user: User) -> bool:
         """May read the control plane's metrics from anywhere."""

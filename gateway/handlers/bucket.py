@@ -77,8 +77,9 @@ async def create_bucket(ctx: Ctx, req: S3Request) -> web.StreamResponse:
         if region or ctx.config.region != "us-east-1":
             raise
         return web.Response(status=200, headers={"Location": f"/{bucket}"})
-    if asked is not None and acl.recorded(asked, ctx.user.id) is not None:
-        await ctx.backend.put_bucket_access(bucket, "acl", acl.recorded(asked, ctx.user.id))
+    recorded_acl = acl.recorded(asked, ctx.user.id)
+    if recorded_acl is not None:
+        await ctx.backend.put_bucket_access(bucket, "acl", recorded_acl)
     return web.Response(status=200, headers={"Location": f"/{bucket}"})
 
 

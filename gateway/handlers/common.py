@@ -74,8 +74,8 @@ class Ctx:
         return self.person(owner if info.acl is None else acl.Acl.from_json(info.acl).owner)
 
     def person(self, user_id: str, tag: str = "Owner") -> Node:
-        name = next((u.display_name for u in self.config.users if u.id == user_id), user_id)
-        return (tag, [("ID", user_id), ("DisplayName", name)])
+        user = self.config.user_by_id(user_id)
+        return (tag, [("ID", user_id), ("DisplayName", user.display_name if user is not None else user_id)])
 
     @property
     def requester_id(self) -> str:
@@ -83,13 +83,10 @@ class Ctx:
         writes (S3's id for anonymous writers)."""
         return self.decided.requester or acl.ANONYMOUS_ID
 
-    def new_acl(self, req: S3Request, bucket: str) -> str | None:
+    def new_acl(self, headers: Mapping[str, str], bucket: str) -> str | None:
         """The ACL a write asks for with ``x-amz-acl`` / ``x-amz-grant-*``,
         as the store records it (None: private, the bucket owner's). Public
         ones are refused under BlockPublicAcls."""
-        return self.new_acl_from(req.headers, bucket)
-
-    def new_acl_from(self, headers: Mapping[str, str], bucket: str) -> str | None:
         owner = self.decided.owner
         asked = acl.from_headers(self.config, headers, self.requester_id, owner)
         check_new_acl(self.backend, bucket, asked)

@@ -81,7 +81,7 @@ async def create_multipart_upload(ctx: Ctx, req: S3Request) -> web.StreamRespons
     elif alg == "CRC64NVME":
         headers["x-amz-checksum-type"] = "FULL_OBJECT"
     encoding = headers.get("content-encoding")
-    meta = ObjectMeta(meta.content_type, headers, meta.user_meta, meta.tags, alg, acl=ctx.new_acl(req, _bucket(req)))
+    meta = ObjectMeta(meta.content_type, headers, meta.user_meta, meta.tags, alg, acl=ctx.new_acl(req.headers, _bucket(req)))
     if encoding:
         meta = with_encoding(meta, encoding)
     upload_id = await ctx.backend.create_upload(_bucket(req), key, meta)

@@ -228,7 +228,7 @@ async def put_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
         return await copy_object(ctx, req)
     key = require_key(req)
     check_key(key)
-    meta = dataclasses.replace(meta_from_headers(req), acl=ctx.new_acl(req, _bucket(req)))
+    meta = dataclasses.replace(meta_from_headers(req), acl=ctx.new_acl(req.headers, _bucket(req)))
     body = payload(ctx, req)
     info = await ctx.backend.put_object(_bucket(req), key, body, with_encoding(meta, body.content_encoding),
                                         write_conditions(req))
@@ -285,7 +285,7 @@ async def copy_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     tag_directive = (req.header("x-amz-tagging-directive") or "COPY").upper()
     if directive not in ("COPY", "REPLACE") or tag_directive not in ("COPY", "REPLACE"):
         raise errors.InvalidArgument("Unknown metadata directive.", ArgumentName="x-amz-metadata-directive")
-    new_acl = ctx.new_acl(req, _bucket(req))
+    new_acl = ctx.new_acl(req.headers, _bucket(req))
     src = await copy_source(ctx, src_bucket, src_key, src_version)
     check_copy_source_conditions(req.headers, src.etag, src.last_modified)
     if (

@@ -175,7 +175,7 @@ async def post_object(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     # The form's "acl" field is the canned ACL, as x-amz-acl is elsewhere.
     acl_headers = {"x-amz-acl": lower["acl"]} if "acl" in lower else {}
     acl_headers.update({k: v for k, v in lower.items() if k.startswith("x-amz-grant-")})
-    meta = dataclasses.replace(_meta(lower), acl=ctx.new_acl_from(acl_headers, bucket))
+    meta = dataclasses.replace(_meta(lower), acl=ctx.new_acl(acl_headers, bucket))
     info = await ctx.backend.put_object(bucket, key, body, meta)
 
     redirect = lower.get("success_action_redirect") or lower.get("redirect")
