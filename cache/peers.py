@@ -13,7 +13,21 @@ request carries ``x-nearstore-peer: <unix time>.<nonce>.<HMAC-SHA256(secret,
 time \\n nonce \\n target node id \\n method \\n path?query)>``, valid for
 a minute, on the node it names, once: a captured request replays neither
 against another node nor against the same one (``Nonces``). Without it
-nothing is readable (403). Peers' clocks must agree within that minute. Writes through any node invalidate the object's metadata
+nothing is readable (403). Peers' clocks must agree within that minute.
+The secret itself never travels.
+
+Answers are authenticated too. Over TLS (``PeerLink``: the peer's
+certificate checked against the cluster's CA, and with mutual TLS the
+asker's as well) the channel does it. Over plain HTTP, a chunk's answer
+carries ``x-nearstore-peer-sum: <XXH3-64 of the bytes sent>.<HMAC(secret,
+the request's nonce, the owner's id, start, end, that hash)>``: the asker
+holds the bytes until they hash to a sum only the owner could have signed
+for this very request, so a byte changed on the wire (or an answer replayed
+from another request) is never passed on; the reader then serves the chunk
+from the backing store. Holding a chunk costs what the read-ahead of
+remote chunks costs already (``REMOTE_AHEAD`` in cache.readpath); the
+owner's hash is free for a whole chunk (its file name's checksum, just
+verified) and one pass over the pages for part of one. Writes through any node invalidate the object's metadata
 on every peer before the client is answered.
 
 The server side is here too (``check``, ``serve_chunk``,
@@ -42,6 +56,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 import aiohttp
+import xxhash
 from yarl import URL
 
 from nearstore.cache.errors import (
@@ -55,7 +70,7 @@ from nearstore.cache.errors import (
     PeerFailed,
     StaleVersion,
 )
-from nearstore.cache.store import open_verified
+from nearstore.cache.store import open_verified, range_digest
 from nearstore.metadata.backing import (
     FileSegment,
     ObjectInfo,
@@ -72,6 +87,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUTH_HEADER = "x-nearstore-peer"
+SUM_HEADER = "x-nearstore-peer-sum"
 MAX_SKEW = 60.0
 INVALIDATE_TIMEOUT_S = 5.0
 
@@ -85,6 +101,30 @@ def sign(secret: str, method: str, path_query: str, target: str, now: float | No
     """The header for a request to the node ``target`` (its id)."""
     ts, nonce = str(int(time.time() if now is None else now)), secrets.token_hex(12)
     return f"{ts}.{nonce}.{_mac(secret, ts, nonce, target, method, path_query)}"
+
+
+def nonce_of(header: str) -> str:
+    """The nonce of a request's ``AUTH_HEADER``."""
+    return header.split(".")[1] if header.count(".") == 2 else ""
+
+
+def answer_sum(secret: str, nonce: str, owner: str, start: int, end: int, digest: str) -> str:
+    """The ``SUM_HEADER`` of a chunk answer: the bytes' hash, signed for
+    the request (its nonce) the owner answers."""
+    text = f"answer\n{nonce}\n{owner}\n{start}\n{end}\n{digest}"
+    return f"{digest}.{hmac.new(secret.encode(), text.encode(), hashlib.sha256).hexdigest()}"
+
+
+def check_answer(secret: str, nonce: str, owner: str, start: int, end: int, header: str | None,
+                 data: list[bytes]) -> bool:
+    """Whether the bytes of a chunk answer are those its owner signed for."""
+    if not header or "." not in header:
+        return False
+    hasher = xxhash.xxh3_64()
+    for piece in data:
+        hasher.update(piece)
+    expected = answer_sum(secret, nonce, owner, start, end, hasher.hexdigest())
+    return hmac.compare_digest(expected, header)
 
 
 class Nonces:
@@ -140,7 +180,7 @@ class Cluster:
         return self.membership.self_id
 
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(
+        self.session = self.membership.link.session(
             timeout=aiohttp.ClientTimeout(total=None, connect=1.0, sock_read=self.read_timeout),
             read_bufsize=4 * 1024 * 1024,
         )
@@ -154,15 +194,18 @@ class Cluster:
     ) -> AsyncIterator[bytes]:
         """Exactly bytes start..end (exclusive) of a chunk from its owner, or
         PeerFailed (before the first byte or mid-stream: the caller serves
-        the rest itself)."""
+        the rest itself). Over plain HTTP the bytes come in one piece, once
+        they match the owner's signed sum."""
         assert self.session is not None
         query = urlencode({"bucket": bucket, "key": key, "etag": etag, "index": index, "start": start, "end": end})
         path = f"/_nearstore/peer/chunk?{query}"
+        auth = sign(self.secret, "GET", path, node.id)
+        held: list[bytes] | None = None if self.membership.link.ssl is not None else []
         try:
             # encoded=True: the request line carries exactly the signed text
             # (yarl would otherwise turn %2F in a key back into "/").
             resp = await self.session.get(URL(node.address.rstrip("/") + path, encoded=True),
-                                          headers={AUTH_HEADER: sign(self.secret, "GET", path, node.id)})
+                                          headers={AUTH_HEADER: auth}, server_hostname=self.membership.link.hostname)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
             self.membership.mark(node.id, ok=False, error=str(e),
                                  slow=isinstance(e, TimeoutError))
@@ -174,9 +217,18 @@ class Cluster:
             async for piece in resp.content.iter_any():
                 piece = piece[: want - got]
                 got += len(piece)
-                yield piece
+                if held is None:
+                    yield piece
+                else:
+                    held.append(piece)
             if got < want:
                 raise PeerFailed(f"{node.id}: chunk {index} ended short ({got} of {want} bytes)")
+            if held is not None:
+                if not check_answer(self.secret, nonce_of(auth), node.id, start, end,
+                                    resp.headers.get(SUM_HEADER), held):
+                    raise PeerFailed(f"{node.id}: chunk {index}: the answer's bytes are not what the owner signed")
+                for piece in held:
+                    yield piece
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
             raise PeerFailed(f"{node.id}: chunk {index}: {e}") from e
         finally:
@@ -199,7 +251,7 @@ class Cluster:
             try:
                 async with self.session.post(
                     URL(node.address.rstrip("/") + path, encoded=True),
-                    headers={AUTH_HEADER: sign(self.secret, "POST", path, node.id)},
+                    headers={AUTH_HEADER: sign(self.secret, "POST", path, node.id)}, server_hostname=self.membership.link.hostname,
                     # Read-after-write on other nodes waits on this; a busy
                     # peer may take a while.
                     timeout=aiohttp.ClientTimeout(total=INVALIDATE_TIMEOUT_S if up else 1.0),
@@ -218,9 +270,18 @@ class ChunkFileHandle:
 
     served: Served | None = None
 
-    def __init__(self, fd: int, start: int, end: int) -> None:
+    def __init__(self, fd: int, start: int, end: int, checksum: str = "", size: int = -1) -> None:
         self.fd, self.start, self.end = fd, start, end
+        self.checksum, self.size = checksum, size  # the whole chunk's
         self.info = ObjectInfo(key="", size=end - start, etag="", last_modified=0.0)
+
+    async def digest(self) -> str:
+        """XXH3-64 of the bytes served: the chunk's own (verified) checksum
+        for all of it, else hashed from the pages."""
+        if self.start == 0 and self.end == self.size and self.checksum:
+            return self.checksum
+        return await asyncio.get_running_loop().run_in_executor(None, range_digest, self.fd, self.start,
+                                                                self.end)
 
     async def segments(self, start: int, length: int) -> AsyncIterator[FileSegment | bytes]:
         yield FileSegment(self.fd, start, length)
@@ -290,4 +351,4 @@ async def serve_chunk(cache: CachedBackend | None, bucket: str, query: Mapping[s
     except (ChunkCorrupt, ChunkMissing):
         cache.store.discard(chunk)  # the asker tries again: refilled then
         raise
-    return ChunkFileHandle(fd, start, end)
+    return ChunkFileHandle(fd, start, end, chunk.checksum, chunk.size)

@@ -364,6 +364,16 @@ def open_if_verified(path: Path | str, checksum: str, size: int, memo_s: float) 
     return None
 
 
+def range_digest(fd: int, start: int, end: int) -> str:
+    """XXH3-64 (hex) of bytes start..end of an open chunk file (blocking),
+    hashed through mmap: the peer API's answer for part of a chunk."""
+    if end <= start:
+        return xxhash.xxh3_64(b"").hexdigest()
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, end - base, prot=mmap.PROT_READ, offset=base) as m, memoryview(m) as view:
+        return xxhash.xxh3_64(view[start - base:]).hexdigest()
+
+
 def open_verified(path: Path | str, checksum: str | None, size: int, memo_s: float = 0.0) -> int:
     """Open a chunk file and verify its checksum (blocking). Returns an open
     descriptor positioned nowhere in particular (use pread/sendfile with

@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from nearstore.cache import peers
-from nearstore.cache.errors import NotCached
+from nearstore.cache.errors import NotCached, PeerDenied
 from nearstore.cache.localsock import OpenRead
 from nearstore.cache.metrics import exposition as metrics_exposition
 from nearstore.cache.warm import WarmProgress, warm
@@ -170,8 +170,10 @@ async def warm_route(request: web.Request) -> web.StreamResponse:
 
 async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
     """The cache peers' API (``cache.peers``); 403 without the secret."""
-    raw = request.raw_path
-    peers.check(request.app[CONFIG_KEY].cluster_secret, request.method, raw, request.headers.get(peers.AUTH_HEADER),
+    raw, cfg = request.raw_path, request.app[CONFIG_KEY]
+    if cfg.cluster_mtls and not (request.transport and request.transport.get_extra_info("peercert")):
+        raise PeerDenied("The peer API needs a client certificate ([cluster] mtls)")
+    peers.check(cfg.cluster_secret, request.method, raw, request.headers.get(peers.AUTH_HEADER),
                 request.app[MEMBERSHIP_KEY].self_id, request.app[PEER_NONCES_KEY])
     q = parse_query(raw.partition("?")[2])
     bucket = q.get("bucket", "")
@@ -185,6 +187,9 @@ async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
     try:
         resp = web.StreamResponse(status=200)
         resp.content_length = handle.end - handle.start
+        resp.headers[peers.SUM_HEADER] = peers.answer_sum(
+            cfg.cluster_secret, peers.nonce_of(request.headers.get(peers.AUTH_HEADER, "")),
+            request.app[MEMBERSHIP_KEY].self_id, handle.start, handle.end, await handle.digest())
         await send_body(request, resp, handle, handle.start, handle.end - handle.start)
         return resp
     finally:

@@ -206,6 +206,15 @@ class Config:
     node_id: str = ""
     cluster_secret: str = ""
     cluster_dns: str = ""  # members = this name's addresses (headless Service)
+    # Peers over TLS (https peer URLs, or DNS discovery on a node serving
+    # HTTPS): the CA their certificates are checked against, the name they
+    # must carry when addressed by IP, and this node's client certificate
+    # for mutual TLS (cluster_mtls: peer routes demand one).
+    cluster_ca: str = ""
+    cluster_tls_name: str = ""
+    cluster_cert: str = ""
+    cluster_key: str = ""
+    cluster_mtls: bool = False
     # Unix socket for short-circuit reads by clients on this machine
     # (cache/localsock.py); "" means <data_dir>/nearstore.sock, "off" none.
     local_socket: str = ""
@@ -469,7 +478,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cluster", "secret", "cluster_secret", _text, "Shared secret the peers sign their requests with.",
             "NEARSTORE_CLUSTER_SECRET", secret=True),
     Setting("cluster", "dns", "cluster_dns", _text, "Members are this DNS name's addresses (a headless "
-            "Service).", "NEARSTORE_CLUSTER_DNS"),
+            "Service); reached over https when this node serves HTTPS ([tls]).", "NEARSTORE_CLUSTER_DNS"),
+    Setting("cluster", "ca", "cluster_ca", _text, "PEM CA bundle the peers' HTTPS certificates are checked "
+            "against (empty: the system's). With [cluster] mtls, also the CA of the peers' client certificates.",
+            "NEARSTORE_CLUSTER_CA"),
+    Setting("cluster", "tls_name", "cluster_tls_name", _text, "Name the peers' certificates must carry "
+            "(empty: the host of each peer's URL; with [cluster] dns, that DNS name).", "NEARSTORE_CLUSTER_TLS_NAME"),
+    Setting("cluster", "cert", "cluster_cert", _text, "PEM client certificate this node presents to its peers "
+            "(mutual TLS; with [cluster] key).", "NEARSTORE_CLUSTER_CERT"),
+    Setting("cluster", "key", "cluster_key", _text, "PEM private key of [cluster] cert.", "NEARSTORE_CLUSTER_KEY"),
+    Setting("cluster", "mtls", "cluster_mtls", _boolean, "Mutual TLS between peers: the peer API answers "
+            "only requests over TLS with a client certificate from [cluster] ca (S3 clients need none).",
+            "NEARSTORE_CLUSTER_MTLS", type_name=_BOOL),
 )
 _BY_KEY = {(s.section, s.key): s for s in SETTINGS}
 TABLES = sorted({s.section for s in SETTINGS})
@@ -651,9 +671,24 @@ def load(
         )
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("TLS needs both a certificate and a key")
+    _check_cluster_tls(cfg)
     for name in cfg.operators:
         cfg.user_named(name)  # ConfigError for a name no user has
     return cfg
+
+
+def _check_cluster_tls(cfg: Config) -> None:
+    """Peers reach each other at the address clients use: a node serving
+    HTTPS has https peers (an http:// peer URL would fail, or worse, reach
+    something else in clear), and mutual TLS needs all of its parts."""
+    plain = [u for u in cfg.cluster_peers if not u.startswith("https://")]
+    if cfg.tls_cert and plain:
+        raise ConfigError(f"this node serves HTTPS ([tls]); its [cluster] peers must be https:// URLs, not {plain}")
+    if bool(cfg.cluster_cert) != bool(cfg.cluster_key):
+        raise ConfigError("[cluster] cert and key go together (this node's client certificate)")
+    if cfg.cluster_mtls and not (cfg.tls_cert and cfg.cluster_ca and cfg.cluster_cert):
+        raise ConfigError("[cluster] mtls needs [tls] cert and key (peers talk HTTPS), [cluster] ca (who may "
+                          "connect) and [cluster] cert and key (what this node presents)")
 
 
 def _user(entry: Mapping[str, Any], where: _Where) -> tuple[User, dict[str, str]]:

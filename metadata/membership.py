@@ -26,14 +26,22 @@ ring, so that a node can drop the chunks a returning peer owns again.
 Or, for clusters, the members are the addresses a DNS name resolves to (a
 Kubernetes headless Service), re-resolved every few seconds: a new pod
 joins the ring, a deleted one leaves it (only its keys move).
+
+How a node reaches its peers is a ``PeerLink``: plain HTTP, or TLS with the
+CA the peers' certificates are checked against, the name they must carry
+(members found by DNS are addresses, and a certificate names the Service,
+not a pod's IP), and optionally this node's client certificate. Members
+found by DNS are reached over https when the link is TLS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +57,29 @@ PROBE_TIMEOUT = 1.0
 FAILURES_TO_DOWN = 2
 SILENT_TO_DOWN = 5.0  # seconds of timed-out probes before a slow peer is down
 NEVER_HEARD_GRACE = 30.0
+
+
+@dataclass(frozen=True)
+class PeerLink:
+    """TLS to the peers, or None of it (plain HTTP)."""
+
+    ssl: ssl.SSLContext | None = None
+    server_name: str | None = None  # the name peers' certificates carry; None: each URL's host
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl is not None else "http"
+
+    def session(self, **kw: object) -> aiohttp.ClientSession:
+        """A client session for peer requests (``kw``: its other settings)."""
+        connector = aiohttp.TCPConnector(ssl=self.ssl if self.ssl is not None else True)
+        return aiohttp.ClientSession(connector=connector, **kw)  # type: ignore[arg-type]
+
+    @property
+    def hostname(self) -> str | None:
+        """A request's ``server_hostname``: the certificate name to check
+        (None: the URL's host)."""
+        return self.server_name if self.ssl is not None else None
 
 
 @dataclass
@@ -72,11 +103,12 @@ class Membership:
     # Called after every new ring (with it): e.g. the cache dropping chunks
     # that are no longer this node's.
     on_change: list[Callable[[Ring], None]] = field(default_factory=list)
+    link: PeerLink = field(default_factory=PeerLink)
 
     @classmethod
-    def static(cls, self_id: str, nodes: Sequence[Node]) -> Membership:
+    def static(cls, self_id: str, nodes: Sequence[Node], link: PeerLink | None = None) -> Membership:
         ring = Ring.build(nodes)
-        m = cls(self_id=self_id, base=ring)
+        m = cls(self_id=self_id, base=ring, link=link or PeerLink())
         m.peers = {n.id: PeerState(n) for n in ring.nodes if n.id != self_id}
         m.current = ring
         return m
@@ -100,9 +132,12 @@ class Membership:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+                # socket.getaddrinfo in a thread, as asyncio's loop does (and
+                # uvloop's does not: it would bypass a resolver the tests fake).
+                infos = await loop.run_in_executor(None, functools.partial(
+                    socket.getaddrinfo, name, port, type=socket.SOCK_STREAM))
                 addrs = sorted({str(i[4][0]) for i in infos})
-                nodes = [Node(_host_port(a, port), f"http://{_host_port(a, port)}") for a in addrs]
+                nodes = [Node(_host_port(a, port), f"{self.link.scheme}://{_host_port(a, port)}") for a in addrs]
                 if nodes and self.set_nodes(nodes):
                     log.warning("members from DNS %s: %s", name, [n.id for n in nodes])
             except OSError as e:
@@ -171,7 +206,7 @@ class Membership:
         try:
             async with session.get(
                 p.node.address.rstrip("/") + "/_nearstore/health",
-                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT),
+                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT), server_hostname=self.link.hostname,
             ) as r:
                 await r.read()
                 ok = r.status == 200
@@ -200,7 +235,7 @@ def _host_port(addr: str, port: int) -> str:
 
 
 async def start_health_checks(m: Membership) -> tuple[asyncio.Task[None], aiohttp.ClientSession]:
-    session = aiohttp.ClientSession()
+    session = m.link.session()
     return asyncio.ensure_future(m.run_health_checks(session)), session
 
 

@@ -44,7 +44,12 @@ from nearstore.gateway.config import Config, ConfigError
 from nearstore.gateway.hotpath import listen
 from nearstore.gateway.state import HEALTH_KEY, INFLIGHT_KEY, LOCALSOCK_KEY, Health
 from nearstore.metadata.backing import Backend
-from nearstore.metadata.membership import Membership, start_health_checks, stop_health_checks
+from nearstore.metadata.membership import (
+    Membership,
+    PeerLink,
+    start_health_checks,
+    stop_health_checks,
+)
 from nearstore.metadata.ring import Node, Ring
 
 log = logging.getLogger("nearstore")
@@ -93,18 +98,32 @@ class Stores:
         return target if isinstance(target, CachedBackend) else None
 
 
+def peer_link(cfg: Config) -> PeerLink:
+    """How this node reaches its peers: TLS when they serve HTTPS (https
+    peer URLs, or DNS discovery on a node that serves HTTPS itself)."""
+    if not (cfg.tls_cert or any(u.startswith("https://") for u in cfg.cluster_peers)):
+        return PeerLink()
+    ctx = ssl.create_default_context(cafile=cfg.cluster_ca or None)
+    if cfg.cluster_cert:
+        ctx.load_cert_chain(cfg.cluster_cert, cfg.cluster_key)
+    # Members found by DNS are IP addresses; their certificates name the
+    # Service (the DNS name), as a pod's certificate usually does.
+    return PeerLink(ctx, cfg.cluster_tls_name or cfg.cluster_dns or None)
+
+
 def make_membership(cfg: Config) -> Membership:
     """The cluster as configured, or a ring of this node alone."""
+    link = peer_link(cfg)
     if cfg.cluster_dns:
         # Members come from DNS once running (_membership_ctx); start alone.
-        return Membership.static(cfg.node_id, [Node(cfg.node_id, f"http://{cfg.node_id}")])
+        return Membership.static(cfg.node_id, [Node(cfg.node_id, f"{link.scheme}://{cfg.node_id}")], link)
     if not cfg.cluster_peers:
         me = f"{cfg.host}:{cfg.port}"
-        return Membership.static(me, [Node(me, f"http://{me}")])
+        return Membership.static(me, [Node(me, f"{link.scheme}://{me}")], link)
     nodes = [Node(urlsplit(url).netloc, url) for url in cfg.cluster_peers]
     if cfg.node_id not in {n.id for n in nodes}:
         raise ConfigError(f"[cluster] node_id {cfg.node_id!r} is not among the peers {[n.id for n in nodes]}")
-    return Membership.static(cfg.node_id, nodes)
+    return Membership.static(cfg.node_id, nodes, link)
 
 
 def build_node(cfg: Config, stores: Stores | None = None) -> web.Application:
@@ -232,6 +251,12 @@ def ssl_context(cfg: Config) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    if cfg.cluster_mtls:
+        # Asked, not demanded: S3 clients present none; peers must (the
+        # peer API refuses a request without one), and a certificate that
+        # does not chain to the cluster's CA fails the handshake.
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cfg.cluster_ca)
     return ctx
 
 

@@ -3,6 +3,7 @@ clusters): wait for a URL to answer, and a moto server of their own."""
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 import time
@@ -16,14 +17,16 @@ from tests.helpers.servers import free_port
 BIN = Path(sys.executable).parent
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    """Until ``url`` answers; fails at once if ``proc`` exits meanwhile."""
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20,
+               context: ssl.SSLContext | None = None) -> None:
+    """Until ``url`` answers (https: checked with ``context``); fails at
+    once if ``proc`` exits meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"exited with {proc.returncode}")
         try:
-            urllib.request.urlopen(url, timeout=1).read()
+            urllib.request.urlopen(url, timeout=1, context=context).read()
             return
         except OSError:
             time.sleep(0.1)

@@ -209,3 +209,18 @@ def test_a_key_no_user_holds_is_nobodys(tmp_path: Path) -> None:
         access.decide(cfg, Store(), None, "b", None, listing)  # type: ignore[arg-type]
     first = access.requester(cfg, "first", anonymous=False)
     assert access.decide(cfg, Store(), first, "b", None, listing).settled  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # A node serving HTTPS is reached at that port over TLS: an http:// peer
+    # would fail, or reach something else in clear.
+    ('[tls]\ncert = "c.pem"\nkey = "k.pem"\n[cluster]\nsecret = "s"\nnode_id = "a:1"\n'
+     'peers = ["http://a:1", "https://b:1"]\n', r"peers must be https:// URLs, not \['http://a:1'\]"),
+    ('[cluster]\ncert = "c.pem"\n', "cert and key go together"),
+    ('[tls]\ncert = "c.pem"\nkey = "k.pem"\n[cluster]\nmtls = true\ncert = "c.pem"\nkey = "k.pem"\n',
+     r"mtls needs .*\[cluster\] ca"),
+    ('[cluster]\nmtls = true\nca = "ca.pem"\ncert = "c.pem"\nkey = "k.pem"\n', r"mtls needs \[tls\] cert"),
+])
+def test_peer_tls_settings_that_cannot_work_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(_file(tmp_path, text), env={})
