@@ -190,7 +190,7 @@ async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
         resp.headers[peers.SUM_HEADER] = peers.answer_sum(
             cfg.cluster_secret, peers.nonce_of(request.headers.get(peers.AUTH_HEADER, "")),
             request.app[MEMBERSHIP_KEY].self_id, handle.start, handle.end, await handle.digest())
-        await send_body(request, resp, handle, handle.start, handle.end - handle.start)
+        await send_body(request, resp, handle, handle.start, handle.end - handle.start, cfg.send_timeout)
         return resp
     finally:
         await handle.close()

@@ -224,6 +224,7 @@ class Config:
     head_timeout: float = 10.0
     idle_timeout: float = 60.0
     body_timeout: float = 30.0
+    send_timeout: float = 60.0  # a client that reads nothing of a response for this long is dropped
     # NEARSTORE_* variables no setting reads (a typo?), said at start-up.
     warnings: list[str] = field(default_factory=list)
     # The tenants, the first one holding ``credentials``' keys of its own
@@ -275,7 +276,8 @@ class Config:
     @property
     def limits(self) -> ConnLimits:
         return ConnLimits(head_timeout=self.head_timeout, idle_timeout=self.idle_timeout,
-                          body_timeout=self.body_timeout, max_connections=self.max_connections)
+                          body_timeout=self.body_timeout, send_timeout=self.send_timeout,
+                          max_connections=self.max_connections)
 
 
 def is_loopback(host: str) -> bool:
@@ -432,6 +434,9 @@ SETTINGS: tuple[Setting, ...] = (
             "NEARSTORE_IDLE_TIMEOUT", type_name=_SECONDS),
     Setting("server", "body_timeout", "body_timeout", _seconds, "Seconds allowed between two bytes of a "
             "request body.", "NEARSTORE_BODY_TIMEOUT", type_name=_SECONDS),
+    Setting("server", "send_timeout", "send_timeout", _seconds, "Seconds a client may read nothing of a response "
+            "before it is dropped (a stalled reader holds a file, a socket and perhaps a backing stream).",
+            "NEARSTORE_SEND_TIMEOUT", type_name=_SECONDS),
     Setting("server", "shutdown_timeout", "shutdown_timeout", _seconds, "Seconds in-flight requests get to "
             "finish on SIGTERM.", "NEARSTORE_SHUTDOWN_TIMEOUT", type_name=_SECONDS),
     Setting("server", "control_from_loopback", "control_from_loopback", _boolean, "Answer the control routes "

@@ -24,6 +24,10 @@ every connection is bounded in bytes and in time:
   does, and the connection closes; an upload cut short this way never
   becomes visible. A client held back by flow control (the node not
   reading) is not stalled.
+- **Send stall timeout** (``send_timeout``, 60 s): while a response is
+  sent, at most this long without the client taking a byte; then the
+  connection is dropped (``gateway.sendfile``: the sinks time their writes,
+  sendfile's poll and the final flush). S3 drops slow readers alike.
 
 One timer per connection, moved only when the phase changes; a request
 costs a counter and a clock read, nothing more.
@@ -49,6 +53,7 @@ class ConnLimits:
     head_timeout: float = 10.0
     idle_timeout: float = 60.0
     body_timeout: float = 30.0
+    send_timeout: float = 60.0
     max_head_bytes: int = 32 * 1024
     max_line_bytes: int = 16 * 1024
     max_field_bytes: int = 8 * 1024

@@ -30,8 +30,7 @@ wait in the buffer (at most a head's worth is read ahead).
 Limits are ``gateway.conn``'s (``ConnLimits``): a head is complete within
 ``head_timeout`` of its first byte (of the connection's opening for the
 first one), an idle connection is closed after ``idle_timeout``, and a
-client that stops reading a response is dropped after
-``sendfile.STALL_TIMEOUT``.
+client that stops reading a response is dropped after ``send_timeout``.
 """
 
 from __future__ import annotations
@@ -69,7 +68,6 @@ from nearstore.gateway.handlers.common import Ctx
 from nearstore.gateway.request import S3Request
 from nearstore.gateway.routes import Handler, operation, resolve
 from nearstore.gateway.sendfile import (
-    STALL_TIMEOUT,
     ClientStalled,
     send,
     wait_written,
@@ -368,10 +366,10 @@ class HotConnection(asyncio.Protocol):
             return
         self._drained = self._loop.create_future()
         try:
-            async with asyncio.timeout(STALL_TIMEOUT):
+            async with asyncio.timeout(self._hot.limits.send_timeout):
                 await self._drained
         except TimeoutError:
-            raise ClientStalled(f"client did not read for {STALL_TIMEOUT:.0f} s") from None
+            raise ClientStalled(f"client did not read for {self._hot.limits.send_timeout:g} s") from None
         if self._transport is None:
             raise ConnectionResetError("client went away")
 
@@ -430,6 +428,7 @@ class _Sink:
     def __init__(self, conn: HotConnection, head: bytes) -> None:
         self._conn = conn
         self._head: bytes | None = head
+        self.stall_s = conn._hot.limits.send_timeout
 
     @property
     def started(self) -> bool:
@@ -450,7 +449,7 @@ class _Sink:
     async def wait_flushed(self) -> None:
         if self._head is not None:
             self._conn._write(self._take_head())
-        await wait_written(self._conn._transport)
+        await wait_written(self._conn._transport, self.stall_s)
 
     async def socket_fd(self) -> int | None:
         fd = zero_copy_fd(self._conn._transport)

@@ -33,7 +33,8 @@ from aiohttp import web
 from nearstore.metadata.backing import ObjectHandle
 
 # A client that reads nothing for this long is dropped (S3 uses a similar
-# idle timeout on slow readers).
+# idle timeout on slow readers): the default of [server] send_timeout, which
+# each sink carries as ``stall_s``.
 STALL_TIMEOUT = 60.0
 MAX_SENDFILE = 8 * 1024 * 1024
 COPY_PIECE = 1024 * 1024
@@ -54,7 +55,8 @@ class ResponseAborted(Exception):
         self.response = response
 
 
-def _sendfile_blocking(out_fd: int, in_fd: int, offset: int, count: int, stop: threading.Event) -> None:
+def _sendfile_blocking(out_fd: int, in_fd: int, offset: int, count: int, stop: threading.Event,
+                       stall_s: float = STALL_TIMEOUT) -> None:
     poller = select.poll()
     poller.register(out_fd, select.POLLOUT)
     while count > 0:
@@ -63,8 +65,8 @@ def _sendfile_blocking(out_fd: int, in_fd: int, offset: int, count: int, stop: t
         try:
             n = os.sendfile(out_fd, in_fd, offset, min(count, MAX_SENDFILE))
         except BlockingIOError:
-            if not poller.poll(STALL_TIMEOUT * 1000):
-                raise ClientStalled(f"client did not read for {STALL_TIMEOUT:.0f} s") from None
+            if not poller.poll(stall_s * 1000):
+                raise ClientStalled(f"client did not read for {stall_s:g} s") from None
             continue
         except InterruptedError:
             continue
@@ -91,7 +93,10 @@ def zero_copy_fd(transport: asyncio.BaseTransport | None) -> int | None:
 class Sink(Protocol):
     """Where a body goes: an aiohttp response (``ResponseSink``) or the hot
     path's connection (``gateway.hotpath``). The status line and headers
-    are the sink's own; the first ``write`` may carry them with it."""
+    are the sink's own; the first ``write`` may carry them with it.
+    ``stall_s``: how long a write may wait for the client to read."""
+
+    stall_s: float
 
     async def write(self, data: bytes) -> None: ...
 
@@ -109,12 +114,12 @@ class Sink(Protocol):
         the duplicate keeps pointing at this one and fails with EPIPE."""
 
 
-async def wait_written(transport: asyncio.WriteTransport | None) -> None:
+async def wait_written(transport: asyncio.WriteTransport | None, stall_s: float = STALL_TIMEOUT) -> None:
     """Wait until ``transport``'s write buffer is empty."""
     if transport is None:
         raise ConnectionResetError("client went away")
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + STALL_TIMEOUT
+    deadline = loop.time() + stall_s
     while transport.get_write_buffer_size() > 0:
         if transport.is_closing():
             raise ConnectionResetError("client went away")
@@ -126,12 +131,19 @@ async def wait_written(transport: asyncio.WriteTransport | None) -> None:
 class ResponseSink:
     """An aiohttp response, prepared by ``send_body``."""
 
-    def __init__(self, request: web.Request, resp: web.StreamResponse) -> None:
+    def __init__(self, request: web.Request, resp: web.StreamResponse, stall_s: float = STALL_TIMEOUT) -> None:
         self._request = request
         self._resp = resp
+        self.stall_s = stall_s
 
     async def write(self, data: bytes) -> None:
-        await self._resp.write(data)
+        # aiohttp's drain waits for a reader for ever: a client that stops
+        # reading would hold this stream (and its source) open.
+        try:
+            async with asyncio.timeout(self.stall_s):
+                await self._resp.write(data)
+        except TimeoutError:
+            raise ClientStalled(f"client did not read for {self.stall_s:g} s") from None
 
     async def write_eof(self) -> None:
         await self._resp.write_eof()
@@ -140,8 +152,12 @@ class ResponseSink:
         request = self._request
         if request.transport is None:
             raise ConnectionResetError("client went away")
-        await request.writer.drain()
-        await wait_written(request.transport)
+        try:
+            async with asyncio.timeout(self.stall_s):
+                await request.writer.drain()
+        except TimeoutError:
+            raise ClientStalled(f"client did not read for {self.stall_s:g} s") from None
+        await wait_written(request.transport, self.stall_s)
 
     async def socket_fd(self) -> int | None:
         request = self._request
@@ -161,13 +177,14 @@ async def send_body(
     handle: ObjectHandle,
     start: int,
     length: int,
+    stall_s: float = STALL_TIMEOUT,
 ) -> None:
     """Send ``length`` bytes of ``handle`` from ``start`` as the body of a
     prepared response, then finish the response. A failure once the
     response has started closes the connection and raises ResponseAborted."""
     await resp.prepare(request)
     try:
-        await send(ResponseSink(request, resp), handle, start, length)
+        await send(ResponseSink(request, resp, stall_s), handle, start, length)
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise
     except Exception as e:
@@ -222,7 +239,8 @@ async def send(sink: Sink, handle: ObjectHandle, start: int, length: int) -> Non
                 await sink.write(seg)
                 await sink.wait_flushed()
                 continue
-            await loop.run_in_executor(None, _sendfile_blocking, out_fd, seg.fd, seg.offset, seg.length, stop)
+            await loop.run_in_executor(None, _sendfile_blocking, out_fd, seg.fd, seg.offset, seg.length, stop,
+                                       sink.stall_s)
     except BaseException:
         stop.set()
         raise

@@ -210,7 +210,8 @@ async def _read_object(ctx: Ctx, req: S3Request, *, head: bool) -> web.StreamRes
             await resp.prepare(req.body())
             await resp.write_eof()
             return resp
-        await send_body(req.body(), resp, reading.handle, reading.start, reading.length)
+        await send_body(req.body(), resp, reading.handle, reading.start, reading.length,
+                        ctx.config.send_timeout)
         return resp
     finally:
         await reading.handle.close()

@@ -98,7 +98,7 @@ def test_post_part_headers_are_bounded(
 
 # -- 2. connection limits ------------------------------------------------------------
 
-HEAD_TIMEOUT, IDLE_TIMEOUT, BODY_TIMEOUT = 2.0, 3.0, 2.0
+HEAD_TIMEOUT, IDLE_TIMEOUT, BODY_TIMEOUT, SEND_TIMEOUT = 2.0, 3.0, 2.0, 2.0
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     srv = start_server(
         "nearstore", tmp_path_factory.mktemp("limited"),
         config_text=(f"[server]\nhead_timeout = {HEAD_TIMEOUT}\nidle_timeout = {IDLE_TIMEOUT}\n"
-                     f"body_timeout = {BODY_TIMEOUT}\n"))
+                     f"body_timeout = {BODY_TIMEOUT}\nsend_timeout = {SEND_TIMEOUT}\n"))
     try:
         yield srv
     finally:
@@ -177,6 +177,52 @@ def test_a_thousand_half_sent_heads_are_bounded_and_closed(limited: S3Server) ->
     # The node still serves.
     resp = rawhttp.send(limited, "GET", "/_nearstore/health", {}, b"")
     assert resp.status == 200
+
+
+@pytest.mark.timeout(90)
+def test_readers_that_stop_reading_are_dropped_while_others_are_served(limited: S3Server) -> None:
+    """Two clients ask for 48 MiB and read nothing (one on the hot path, one
+    through aiohttp: an Origin header sends it there); both are dropped
+    after the send timeout, long before their bodies could have fitted in
+    the socket buffers, and other clients are served meanwhile."""
+    s3 = limited.client()
+    bucket = f"stall-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    size = 48 * 1024 * 1024
+    s3.put_object(Bucket=bucket, Key="big", Body=os.urandom(size))
+    socks = []
+    for extra in ({}, {"Origin": "https://example.com"}):
+        headers = rawhttp.sign_headers(limited, "GET", key_path(bucket, "big"), headers=extra)
+        s = _connect(limited)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(f"GET {key_path(bucket, 'big')} HTTP/1.1\r\n".encode()
+                  + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n")
+        socks.append(s)
+    try:
+        t0 = time.monotonic()
+        for i in range(5):  # the node serves others while those two stall
+            s3.put_object(Bucket=bucket, Key=f"k{i}", Body=b"x" * 1000)
+            assert s3.get_object(Bucket=bucket, Key=f"k{i}")["Body"].read() == b"x" * 1000
+        # Stalled: nothing read for longer than the send timeout. Then
+        # drain what the kernel holds, to find the node's close.
+        time.sleep(max(0.0, t0 + SEND_TIMEOUT + 1.5 - time.monotonic()))
+        received, closed = [0, 0], [False, False]
+        deadline = time.monotonic() + 15
+        for i, s in enumerate(socks):
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                while data := s.recv(1 << 20):
+                    received[i] += len(data)
+                closed[i] = True
+            except ConnectionResetError:
+                closed[i] = True
+            except TimeoutError:
+                pass
+        assert closed == [True, True], (closed, received)
+        assert all(r < size for r in received), received
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.mark.timeout(60)
