@@ -1,5 +1,9 @@
-"""A fault-injecting HTTP/1.1 proxy of the tests' own, for nearstore -> proxy
--> upstream (moto, SeaweedFS).
+"""A fault-injecting HTTP/1.1 proxy, for nearstore -> proxy -> upstream
+(moto, SeaweedFS) and between the nodes of a cluster.
+
+The tests use it (tests/helpers/faultproxy.py re-exports it) and so does
+``nearstore bench faults``, which puts one in front of the backing store and
+one in front of each node's peer API.
 
 It runs an asyncio loop in a daemon thread, listens on a free 127.0.0.1
 port and forwards each request to the target, parsing just enough HTTP
@@ -15,8 +19,17 @@ requests (``times``; None: until cleared)::
     proxy.truncate_response(after=1 << 20, method="GET") # FIN after 1 MiB, short body
     proxy.reset_request(after=1 << 20, method="PUT")     # RST while uploading
     proxy.drop(times=1)                            # RST before any answer
+    proxy.stall_response(after=0, seconds=5)       # hold every answer 5 s (clear() ends it)
+    proxy.watch(after=64 << 10, on_fire=kill)      # call kill() 64 KiB into a body, go on
     proxy.down(); proxy.up()                       # refuse connections / accept again
+    proxy.partition(); proxy.heal()                # blackhole every byte / let them flow
     proxy.clear()                                  # pass-through again, log kept
+
+A partition accepts connections (the kernel would complete the handshake on
+loopback anyway) and then carries nothing either way, in-flight bodies
+included, until healed: the other side sees silence and its read timeout,
+not a refused connection. That is a dropped link, as opposed to ``down()``,
+a closed port.
 
 Every request is logged as an :class:`Event` (method, path, query, the access
 key it was signed with, selected headers, what the proxy did, the status it
@@ -32,7 +45,7 @@ import re
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,17 +62,20 @@ KEPT_HEADERS = ("range", "if-match", "if-none-match", "content-length", "transfe
 
 @dataclass
 class Rule:
-    action: str  # "error" | "delay" | "reset_response" | "truncate_response" | "reset_request" | "drop"
+    # "error" | "delay" | "reset_response" | "truncate_response" | "reset_request" | "drop"
+    # | "stall_response" | "watch"
+    action: str
     times: int | None = 1
     method: str | None = None
     path: str | None = None  # regular expression searched in the path
     query: str | None = None  # regular expression searched in the query string
     after: int = 0  # body bytes forwarded before the fault
-    seconds: float = 0.0  # delay
+    seconds: float = 0.0  # delay; stall_response (until clear() at the latest)
     status: int = 503
     code: str = "SlowDown"
     # Called (in a worker thread) just before the fault takes effect; a test
-    # may change the upstream there (overwrite the object mid-GET ...).
+    # may change the upstream there (overwrite the object mid-GET ...), a
+    # benchmark kill a node while its request is held (delay, watch).
     on_fire: Callable[[], Any] | None = None
     fired: int = 0
 
@@ -129,6 +145,8 @@ class FaultProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self.connections = 0
+        self._partitioned = False
+        self._generation = 0  # bumped by clear(): ends stalls in progress
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -220,10 +238,44 @@ class FaultProxy:
         """Read the request head, then RST without an answer."""
         return self.add(Rule("drop", times=times, **match))
 
+    def stall_response(self, after: int, seconds: float, times: int | None = None,
+                       **match: Any) -> Rule:
+        """Forward the response head and ``after`` body bytes, then nothing
+        for ``seconds`` (or until `clear`), then the rest: a store that
+        hangs mid-answer."""
+        return self.add(Rule("stall_response", times=times, after=after, seconds=seconds,
+                             **match))
+
+    def watch(self, after: int, on_fire: Callable[[], Any], times: int | None = 1,
+              **match: Any) -> Rule:
+        """Call ``on_fire`` once ``after`` response body bytes have passed,
+        and keep forwarding: something else (a kill) breaks the stream."""
+        return self.add(Rule("watch", times=times, after=after, on_fire=on_fire, **match))
+
     def clear(self) -> None:
-        """Pass-through: no rules (the log is kept)."""
+        """Pass-through: no rules, stalls in progress released (the log is kept)."""
         with self._lock:
             self._rules.clear()
+            self._generation += 1
+
+    def partition(self) -> None:
+        """Carry nothing, either way, until `heal`: a dropped link."""
+        self._partitioned = True
+
+    def heal(self) -> None:
+        self._partitioned = False
+
+    async def _gate(self) -> None:
+        """Hold while partitioned (polling: a partition lasts seconds)."""
+        while self._partitioned:
+            await asyncio.sleep(0.05)
+
+    async def _stall(self, seconds: float) -> None:
+        generation = self._generation
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while loop.time() < until and generation == self._generation:
+            await asyncio.sleep(min(0.05, max(0.0, until - loop.time())))
 
     def down(self) -> None:
         """Upstream down: stop listening (connections are refused) and reset
@@ -237,6 +289,7 @@ class FaultProxy:
     def reset(self) -> None:
         """Back to a listening pass-through proxy with an empty log."""
         self.clear()
+        self.heal()
         self.up()
         with self._lock:
             self._events.clear()
@@ -266,7 +319,7 @@ class FaultProxy:
     async def _serve(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         self._writers.add(cwriter)
         self.connections += 1
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
@@ -292,12 +345,13 @@ class FaultProxy:
             self._writers.discard(cwriter)
             if not cwriter.transport.is_closing():
                 cwriter.transport.abort()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
     async def _exchange(
         self, head: bytes, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter,
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None,
     ) -> tuple[bool, tuple[asyncio.StreamReader, asyncio.StreamWriter] | None]:
+        await self._gate()
         lines = head.decode("latin-1").split("\r\n")
         method, target, _version = [*lines[0].split(" ", 2), "", ""][:3]
         headers: dict[str, str] = {}
@@ -327,7 +381,7 @@ class FaultProxy:
                 # The client waits for 100 before sending: answer without it.
                 body_done = False
             else:
-                await _copy_body(creader, None, headers, method, request=True)
+                await _copy_body(creader, None, headers, method, request=True, gate=self._gate)
                 body_done = True
             await self._fire(rule)
             payload = _error_xml(rule.code, rule.status, path)
@@ -341,6 +395,7 @@ class FaultProxy:
             ev.status, ev.complete = rule.status, True
             return body_done and not req_close, upstream
         if rule is not None and rule.action == "delay":
+            await self._fire(rule)
             await asyncio.sleep(rule.seconds)
 
         if upstream is None:
@@ -386,6 +441,7 @@ class FaultProxy:
             ev.error = f"request reset after {ev.request_bytes} bytes"
             _rst(uwriter)
             _rst(cwriter)
+            raise _Abort
 
         ev.request_bytes = 0
 
@@ -393,14 +449,16 @@ class FaultProxy:
             ev.request_bytes += n
 
         await _copy_body(creader, uwriter, headers, method, request=True, limit=limit,
-                         on_limit=on_limit if limit is not None else None, counter=count)
+                         on_limit=on_limit if limit is not None else None, counter=count,
+                         gate=self._gate)
 
     async def _forward_response(self, ureader: asyncio.StreamReader,
                                 cwriter: asyncio.StreamWriter, method: str, rule: Rule | None,
                                 ev: Event, pump: asyncio.Future[None]) -> bool:
         while True:
-            head_task = asyncio.ensure_future(ureader.readuntil(b"\r\n\r\n"))
-            done, _ = await asyncio.wait({head_task, pump}, return_when=asyncio.FIRST_COMPLETED)
+            head_task: asyncio.Future[bytes] = asyncio.ensure_future(ureader.readuntil(b"\r\n\r\n"))
+            waiting: list[asyncio.Future[Any]] = [head_task, pump]
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if head_task not in done:
                 # The request pump finished first (normally: body sent; or a
                 # reset_request fault fired): now wait for the head alone.
@@ -421,6 +479,7 @@ class FaultProxy:
                 if ":" in line:
                     name, value = line.split(":", 1)
                     rheaders[name.strip().lower()] = value.strip()
+            await self._gate()
             cwriter.write(rhead)
             await cwriter.drain()
             if 100 <= status < 200 and status != 101:
@@ -429,11 +488,20 @@ class FaultProxy:
             break
 
         action = rule.action if rule is not None else None
-        limit = rule.after if action in ("reset_response", "truncate_response") else None
+        limit = None
+        if rule is not None and action in ("reset_response", "truncate_response",
+                                           "stall_response", "watch"):
+            limit = rule.after
 
         async def on_limit() -> None:
             assert rule is not None
             await self._fire(rule)
+            if action == "stall_response":
+                ev.error = f"response stalled after {ev.response_bytes} body bytes"
+                await self._stall(rule.seconds)
+                return
+            if action == "watch":
+                return
             if action == "reset_response":
                 ev.error = f"response reset after {ev.response_bytes} body bytes"
                 _rst(cwriter)
@@ -453,7 +521,7 @@ class FaultProxy:
         else:
             keep = await _copy_body(ureader, cwriter, rheaders, method, request=False,
                                     limit=limit, on_limit=on_limit if limit is not None else None,
-                                    counter=count)
+                                    counter=count, gate=self._gate)
         ev.complete = True
         return keep and rheaders.get("connection", "").lower() != "close"
 
@@ -461,32 +529,36 @@ class FaultProxy:
 async def _copy_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None,
                      headers: dict[str, str], method: str, *, request: bool,
                      limit: int | None = None, on_limit: Callable[[], Any] | None = None,
-                     counter: Callable[[int], None] | None = None) -> bool:
+                     counter: Callable[[int], None] | None = None,
+                     gate: Callable[[], Awaitable[None]] | None = None) -> bool:
     """Copy one message body from ``reader`` to ``writer`` (None: discard).
     Returns False when the body ends with the connection (no framing).
-    After ``limit`` bytes, ``on_limit`` is awaited (it raises or breaks the
-    connection) and the copy stops."""
+    After ``limit`` bytes, ``on_limit`` is awaited: it raises `_Abort` (the
+    fault broke the exchange) or returns, and the copy goes on. ``gate`` is
+    awaited before every write (a partition holds it)."""
     sent = 0
 
-    async def put(data: bytes) -> None:
+    async def write(data: bytes) -> None:
         nonlocal sent
-        if limit is not None and sent + len(data) >= limit:
-            head = data[: limit - sent]
-            if head and writer is not None:
-                writer.write(head)
-                await writer.drain()
-            sent += len(head)
-            if counter:
-                counter(len(head))
-            assert on_limit is not None
-            await on_limit()
-            raise _Abort
-        if writer is not None:
+        if gate is not None:
+            await gate()
+        if data and writer is not None:
             writer.write(data)
             await writer.drain()
         sent += len(data)
         if counter:
             counter(len(data))
+
+    async def put(data: bytes) -> None:
+        nonlocal limit
+        if limit is not None and sent + len(data) >= limit:
+            head, data = data[: limit - sent], data[limit - sent :]
+            await write(head)
+            limit = None  # fires once
+            assert on_limit is not None
+            await on_limit()
+        if data:
+            await write(data)
 
     if "chunked" in headers.get("transfer-encoding", "").lower():
         while True:
