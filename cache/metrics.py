@@ -26,6 +26,8 @@ BYTES_FROM_PEERS = Counter(
 BYTES_FROM_BACKING = Counter("nearstore_bytes_from_backing", "Bytes read from the backing store", registry=REGISTRY)
 FILLS_IN_FLIGHT = Gauge("nearstore_fills_in_flight", "Chunk fills in progress", registry=REGISTRY,
                         multiprocess_mode="livesum")
+FILLS_ABANDONED = Counter("nearstore_fills_abandoned", "Fills stopped because no reader waited for them any more",
+                          registry=REGISTRY)
 LOCAL_READS = Counter("nearstore_local_reads", "Short-circuit reads answered on the Unix socket",
                       registry=REGISTRY)
 LOCAL_BYTES = Counter("nearstore_local_read_bytes",

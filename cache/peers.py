@@ -339,7 +339,7 @@ async def serve_chunk(cache: CachedBackend | None, bucket: str, query: Mapping[s
         # owner's. The asker serves it itself.
         raise NotOwner(f"{bucket}/{key} chunk {index}")
     try:
-        chunk = await cache.chunk(bucket, info, index)
+        chunk = await cache.fetch_chunk(bucket, info, index)
     except ObjectChanged:
         raise StaleVersion(f"{bucket}/{key} changed") from None
     if not 0 <= start <= end <= chunk.size:

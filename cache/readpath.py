@@ -23,6 +23,15 @@ A cached GET, top-down (each step a function here, in this order):
      never notices.
    Chunks ahead of the one being sent are filled in parallel (bounded).
 
+Fills are bounded node-wide too: at most ``max_fills`` stream from the
+backing store at once (the others queue, FIFO), and a fill nobody waits for
+any more (every reader that asked for it has closed: a client gone, a read
+ahead never reached) is cancelled unless it is nearly done
+(``KEEP_FILL_AT``): a thousand readers that go away do not leave a thousand
+fills behind them. Who waits is counted per chunk (``hold``/``let_go``);
+callers that await a chunk use ``fetch_chunk``, which holds it meanwhile
+and never cancels a fill another reader shares.
+
 Writes go through to the backing store and invalidate the metadata entry
 here, in the other worker processes and on every peer; chunks of the old
 version are unreachable (their id has the old ETag) and age out.
@@ -83,6 +92,7 @@ class FillProgress:
     def __init__(self) -> None:
         self.path: Path | None = None
         self.written = 0
+        self.total = 0  # the chunk's length, once the fill knows it
         self._event = asyncio.Event()
 
     def advance(self, n: int) -> None:
@@ -113,6 +123,7 @@ class CachedBackend:
         prefetch: int = 4,
         verify: bool = True,
         reverify_s: float = 0.0,
+        max_fills: int = 64,
     ) -> None:
         self.inner = inner
         self.name = inner.name
@@ -126,6 +137,8 @@ class CachedBackend:
         self._fills: dict[str, asyncio.Future[Chunk]] = {}
         self._fill_tasks: set[asyncio.Task[Chunk]] = set()
         self.progress: dict[str, FillProgress] = {}
+        self._holders: dict[str, int] = {}  # chunk id -> readers waiting for its fill
+        self._fill_slots = asyncio.Semaphore(max_fills)
         # Multi-process node (see cache.control): None when alone.
         self.control: Control | None = None
         # Cache peers (cache.peers): None for a node alone.
@@ -150,7 +163,7 @@ class CachedBackend:
 
     async def _fill_for_worker(self, req: dict[str, object]) -> int:
         info = ObjectInfo(key=str(req["key"]), size=int(str(req["size"])), etag=str(req["etag"]), last_modified=0.0)
-        chunk = await self.chunk(str(req["bucket"]), info, int(str(req["index"])))
+        chunk = await self.fetch_chunk(str(req["bucket"]), info, int(str(req["index"])))
         return chunk.size
 
     async def _flush_touches(self) -> None:
@@ -261,8 +274,12 @@ class CachedBackend:
         self._fill_tasks.add(task)
 
         def done(t: asyncio.Task[Chunk]) -> None:
-            self._fills.pop(cid, None)
-            self.progress.pop(cid, None)
+            # (An abandoned fill was forgotten already; a new one may be
+            # under the same id.)
+            if self._fills.get(cid) is t:
+                del self._fills[cid]
+            if self.progress.get(cid) is progress:
+                del self.progress[cid]
             progress.advance(0)  # wake readers: the fill is over
             self._fill_tasks.discard(t)
             if not t.cancelled():
@@ -270,6 +287,47 @@ class CachedBackend:
 
         task.add_done_callback(done)
         return task
+
+    # A fill nobody waits for is kept if this much of its chunk is written:
+    # the rest costs less than the next reader's fill from the start.
+    KEEP_FILL_AT = 0.75
+
+    def hold(self, cid: str) -> None:
+        """A reader waits for chunk ``cid`` (cached or filling)."""
+        self._holders[cid] = self._holders.get(cid, 0) + 1
+
+    def let_go(self, cid: str) -> None:
+        """A reader no longer waits for chunk ``cid``: the last one to go
+        cancels its fill, unless the fill is nearly done."""
+        n = self._holders.get(cid, 0) - 1
+        if n > 0:
+            self._holders[cid] = n
+            return
+        self._holders.pop(cid, None)
+        task = self._fills.get(cid)
+        progress = self.progress.get(cid)
+        if task is None or task.done() or self.follower or progress is None:
+            return
+        if progress.total and progress.written >= self.KEEP_FILL_AT * progress.total:
+            return
+        # Forgotten at once: a reader that comes next starts a fill of its
+        # own rather than find this one cancelled.
+        self._fills.pop(cid, None)
+        self.progress.pop(cid, None)
+        task.cancel()
+        metrics.FILLS_ABANDONED.inc()
+
+    async def fetch_chunk(self, bucket: str, info: ObjectInfo, index: int) -> Chunk:
+        """The chunk, awaited: held meanwhile, and shielded, so a caller
+        cancelled (a peer that hung up, a warm stopped) never cancels a
+        fill another reader shares; the last one to go stops it."""
+        cid = self._chunk_id(bucket, info, index)
+        fut = self.chunk(bucket, info, index)
+        self.hold(cid)
+        try:
+            return await asyncio.shield(fut)
+        finally:
+            self.let_go(cid)
 
     def _follower_chunk(self, cid: str, bucket: str, info: ObjectInfo, index: int) -> asyncio.Future[Chunk]:
         pending = self._fills.get(cid)
@@ -301,6 +359,13 @@ class CachedBackend:
         self, cid: str, bucket: str, info: ObjectInfo, index: int, progress: FillProgress | None = None
     ) -> Chunk:
         start, length = self.chunk_span(info, index)
+        if progress is not None:
+            progress.total = length
+        async with self._fill_slots:
+            return await self._fill_now(cid, bucket, info, index, start, length, progress)
+
+    async def _fill_now(self, cid: str, bucket: str, info: ObjectInfo, index: int, start: int, length: int,
+                        progress: FillProgress | None) -> Chunk:
         loop = asyncio.get_running_loop()
         began = time.monotonic()
         metrics.FILLS_IN_FLIGHT.inc()
@@ -590,10 +655,17 @@ class CachedHandle:
                                                                  index, lo, hi)])
 
     def _want(self, index: int) -> asyncio.Future[Chunk]:
+        """The chunk's fill (or the cached chunk), held by this read until
+        sent (``_done_with``) or the read closes."""
         fut = self._ahead.get(index)
         if fut is None:
             fut = self._ahead[index] = self.cb.chunk(self.bucket, self.info, index)
+            self.cb.hold(self.cb._chunk_id(self.bucket, self.info, index))
         return fut
+
+    def _done_with(self, index: int) -> None:
+        if self._ahead.pop(index, None) is not None:
+            self.cb.let_go(self.cb._chunk_id(self.bucket, self.info, index))
 
     def _remote(self, index: int) -> Node | None:
         return self.cb.owner(self.bucket, self.info, index)
@@ -621,7 +693,7 @@ class CachedHandle:
             # before the response starts, the client gets it as it is.
             raise
         except Exception:  # a cache fault: the read will serve it directly
-            self._ahead.pop(index, None)
+            self._done_with(index)
 
     async def _stream_filling(
         self, index: int, progress: FillProgress, lo: int, hi: int
@@ -718,7 +790,7 @@ class CachedHandle:
             try:
                 async for seg in self._stream_filling(index, progress, lo, hi):
                     yield seg
-                self._ahead.pop(index, None)
+                self._done_with(index)
                 return
             except FileNotFoundError:
                 pass  # renamed into place meanwhile: read it as a cached chunk
@@ -732,7 +804,7 @@ class CachedHandle:
             yield FileSegment(fd, lo, hi - lo)
         finally:
             os.close(fd)
-        self._ahead.pop(index, None)
+        self._done_with(index)
 
     async def _instead_of_peer(self, owner: Node, index: int, lo: int, hi: int, error: BaseException) -> bytes:
         """Bytes lo..hi of a chunk whose owner failed, straight from the
@@ -758,7 +830,7 @@ class CachedHandle:
                 log.warning("cache fill failed for %s chunk %d (%s); serving from the backing store",
                             self.key, index, e)
                 metrics.FILL_ERRORS.inc()
-                self._ahead.pop(index, None)
+                self._done_with(index)
                 return None
             try:
                 _, length = self.cb.chunk_span(self.info, index)
@@ -780,7 +852,7 @@ class CachedHandle:
                 log.error("chunk %s failed verification (%s); dropped, refilling", chunk.id, e)
                 metrics.CHECKSUM_FAILURES.inc()
                 self.cb.store.discard(chunk)
-                self._ahead.pop(index, None)
+                self._done_with(index)
             except OSError as e:
                 log.warning("cannot open chunk %s (%s); serving from the backing store", chunk.id, e)
                 return None
@@ -792,10 +864,11 @@ class CachedHandle:
         return read_segments(self.segments(start, length))
 
     async def close(self) -> None:
-        # Fills started for this read keep running: they benefit the next
-        # reader and are bounded by the prefetch window. Chunks read ahead
+        # Fills this read waited for are let go: one nobody else waits for
+        # stops unless nearly done (CachedBackend.let_go). Chunks read ahead
         # from peers are this stream's alone: dropped.
-        self._ahead.clear()
+        for index in list(self._ahead):
+            self._done_with(index)
         for task in self._remote_ahead.values():
             task.cancel()
         await asyncio.gather(*self._remote_ahead.values(), return_exceptions=True)

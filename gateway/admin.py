@@ -144,7 +144,7 @@ async def warm_route(request: web.Request) -> web.StreamResponse:
         info = infos.get(key)
         if info is None:
             info = infos[key] = await target.head_object(bucket, key)
-        chunk = await target.chunk(bucket, info, index)
+        chunk = await target.fetch_chunk(bucket, info, index)
         if pin and not target.store.pin(chunk.id):
             not_pinned += 1
         return chunk.size

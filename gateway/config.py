@@ -90,6 +90,11 @@ class CacheConfig:
     policy: str = "sieve"  # by hit ratio on training-like traces: bench/eviction.py
     meta_ttl: float = 5.0
     prefetch: int = 4
+    # Fills streaming from the backing store at once, node-wide (per
+    # process that fills): each holds an upstream connection and up to
+    # 1 MiB of write-behind; 64 x 16 MiB chunks keep any one backing store
+    # busy, and more only queue inside its connection pool.
+    max_fills: int = 64
     # Verify each chunk's checksum before every send. Turning it off exists
     # to measure what it costs (bench/RESULTS.md); it gives up the promise
     # that a flipped bit is never served.
@@ -471,6 +476,9 @@ SETTINGS: tuple[Setting, ...] = (
             "trusted without asking the backing store.", "NEARSTORE_META_TTL", type_name=_SECONDS),
     Setting("cache", "prefetch", "cache.prefetch", _integer(1, 1024), "Chunks filled ahead of the one being "
             "sent.", "NEARSTORE_PREFETCH", type_name=_INT),
+    Setting("cache", "max_fills", "cache.max_fills", _integer(1, 100_000), "Chunk fills from the backing store "
+            "in flight at once on the node; more wait their turn. A fill no reader waits for any more stops "
+            "unless three quarters done.", "NEARSTORE_MAX_FILLS", type_name=_INT),
     Setting("cache", "verify", "cache.verify", _boolean, "Check each chunk's checksum before it is sent "
             "(off only to measure what it costs).", "NEARSTORE_CACHE_VERIFY", type_name=_BOOL),
     Setting("cache", "reverify_s", "cache.reverify_s", _number(0, 86400), "A chunk hashed this recently, its "

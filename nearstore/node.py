@@ -78,7 +78,7 @@ class Stores:
                 return up
             cache = CachedBackend(up, self.chunks, chunk_size=cfg.cache.chunk_size, meta_ttl=cfg.cache.meta_ttl,
                                   prefetch=cfg.cache.prefetch, verify=cfg.cache.verify,
-                                  reverify_s=cfg.cache.reverify_s)
+                                  reverify_s=cfg.cache.reverify_s, max_fills=cfg.cache.max_fills)
             self.caches.append(cache)
             return cache
 
