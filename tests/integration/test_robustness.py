@@ -260,3 +260,61 @@ def test_connections_beyond_the_cap_are_told_to_slow_down(tmp_path_factory: pyte
             s.close()
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_thousand_slow_uploads_keep_memory_bounded(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 16: 1,000 uploads at once, each trickling its body (16 rounds
+    of 16 KiB, far apart): the node receives them all, stores each exactly,
+    keeps serving others meanwhile, and its memory stays bounded (a buffer
+    per upload, not the body)."""
+    import selectors
+    import socket
+
+    from tests.helpers.servers import start_server
+
+    n, rounds, piece = 1000, 16, 16 * 1024
+    server = start_server("nearstore", tmp_path_factory.mktemp("slow-uploads"),
+                          config_text="[server]\nmax_uploads = 1100\nmax_connections = 1200\nbody_timeout = 60\n")
+    try:
+        s3 = server.client()
+        s3.create_bucket(Bucket="slow")
+        baseline = server.proc_status("VmRSS")
+        socks: list[socket.socket] = []
+        for i in range(n):
+            path = rawhttp.presign(server, "PUT", key_path("slow", f"k{i}"))
+            s = socket.create_connection((server.host, server.port), timeout=30)
+            s.sendall(f"PUT {path} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
+                      f"Content-Length: {rounds * piece}\r\n\r\n".encode())
+            socks.append(s)
+        for r in range(rounds):
+            for i, s in enumerate(socks):
+                s.sendall(pattern(piece, seed=i * rounds + r))
+            # Between rounds the node holds 1,000 half-received bodies, and
+            # still answers others.
+            assert s3.head_bucket(Bucket="slow")["ResponseMetadata"]["HTTPStatusCode"] == 200
+        sel = selectors.DefaultSelector()
+        replies: dict[int, bytes] = {}
+        for i, s in enumerate(socks):
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ, i)
+        deadline = time.monotonic() + 120
+        while len(replies) < n and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=1):
+                data = key.fileobj.recv(4096)  # type: ignore[union-attr]
+                replies[key.data] = replies.get(key.data, b"") + data
+                if b"\r\n\r\n" in replies[key.data] or not data:
+                    sel.unregister(key.fileobj)
+        sel.close()
+        statuses = sorted({r.split(b" ", 2)[1] for r in replies.values() if r})
+        assert len(replies) == n and statuses == [b"200"], (len(replies), statuses)
+        hwm = server.proc_status("VmHWM")
+        # Measured +46 MiB; whole bodies held would be +250 MiB.
+        assert hwm < baseline + 128 * MiB, f"peak RSS {hwm / MiB:.0f} MiB (baseline {baseline / MiB:.0f})"
+        for i in (0, 499, 999):
+            body = s3.get_object(Bucket="slow", Key=f"k{i}")["Body"].read()
+            assert body == b"".join(pattern(piece, seed=i * rounds + r) for r in range(rounds))
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
