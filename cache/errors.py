@@ -35,6 +35,12 @@ class PeerFailed(CacheError):
     """A peer could not serve a chunk; the caller serves it itself."""
 
 
+class PeerTampered(CacheError):
+    """A peer's answer did not hash to the sum its owner signed, found at
+    its end, after its bytes went on: the response they went into must
+    fail (never complete), not be finished from elsewhere."""
+
+
 class PeerDenied(CacheError):
     """A peer request without a valid cluster-secret signature."""
 

@@ -20,12 +20,16 @@ Answers are authenticated too. Over TLS (``PeerLink``: the peer's
 certificate checked against the cluster's CA, and with mutual TLS the
 asker's as well) the channel does it. Over plain HTTP, a chunk's answer
 carries ``x-nearstore-peer-sum: <XXH3-64 of the bytes sent>.<HMAC(secret,
-the request's nonce, the owner's id, start, end, that hash)>``: the asker
-holds the bytes until they hash to a sum only the owner could have signed
-for this very request, so a byte changed on the wire (or an answer replayed
-from another request) is never passed on; the reader then serves the chunk
-from the backing store. Holding a chunk costs what the read-ahead of
-remote chunks costs already (``REMOTE_AHEAD`` in cache.readpath); the
+the request's nonce, the owner's id, start, end, that hash)>``, a sum only
+the owner could have signed for this very request. The asker hashes the
+bytes as they stream through and checks the sum at the end: a byte changed
+on the wire, or an answer replayed from another request, raises
+``PeerTampered`` there, and the client's response fails rather than
+completes (chunks read ahead, held whole anyway, are checked before a byte
+goes on, and served from the backing store instead). Rejected: holding
+every chunk until it is checked; measured on the cluster bench, remote
+reads fell from 0.78 to 0.60 GB/s and their first byte came 20 ms late
+instead of 3 ms (a 16 MiB chunk received before a byte is sent). The
 owner's hash is free for a whole chunk (its file name's checksum, just
 verified) and one pass over the pages for part of one. Writes through any node invalidate the object's metadata
 on every peer before the client is answered.
@@ -68,6 +72,7 @@ from nearstore.cache.errors import (
     ObjectChanged,
     PeerDenied,
     PeerFailed,
+    PeerTampered,
     StaleVersion,
 )
 from nearstore.cache.store import open_verified, range_digest
@@ -116,15 +121,12 @@ def answer_sum(secret: str, nonce: str, owner: str, start: int, end: int, digest
 
 
 def check_answer(secret: str, nonce: str, owner: str, start: int, end: int, header: str | None,
-                 data: list[bytes]) -> bool:
-    """Whether the bytes of a chunk answer are those its owner signed for."""
-    if not header or "." not in header:
+                 digest: str) -> bool:
+    """Whether the bytes of a chunk answer, hashed to ``digest``, are those
+    its owner signed for."""
+    if not header:
         return False
-    hasher = xxhash.xxh3_64()
-    for piece in data:
-        hasher.update(piece)
-    expected = answer_sum(secret, nonce, owner, start, end, hasher.hexdigest())
-    return hmac.compare_digest(expected, header)
+    return hmac.compare_digest(answer_sum(secret, nonce, owner, start, end, digest), header)
 
 
 class Nonces:
@@ -194,13 +196,13 @@ class Cluster:
     ) -> AsyncIterator[bytes]:
         """Exactly bytes start..end (exclusive) of a chunk from its owner, or
         PeerFailed (before the first byte or mid-stream: the caller serves
-        the rest itself). Over plain HTTP the bytes come in one piece, once
-        they match the owner's signed sum."""
+        the rest itself). Over plain HTTP, PeerTampered after the last byte
+        if the bytes were not those the owner signed for."""
         assert self.session is not None
         query = urlencode({"bucket": bucket, "key": key, "etag": etag, "index": index, "start": start, "end": end})
         path = f"/_nearstore/peer/chunk?{query}"
         auth = sign(self.secret, "GET", path, node.id)
-        held: list[bytes] | None = None if self.membership.link.ssl is not None else []
+        hasher = None if self.membership.link.ssl is not None else xxhash.xxh3_64()
         try:
             # encoded=True: the request line carries exactly the signed text
             # (yarl would otherwise turn %2F in a key back into "/").
@@ -214,21 +216,21 @@ class Cluster:
         try:
             if resp.status != 200:
                 raise PeerFailed(f"{node.id}: HTTP {resp.status}")
+            if hasher is not None and not resp.headers.get(SUM_HEADER):
+                raise PeerFailed(f"{node.id}: chunk {index}: an answer without the owner's signed sum")
             async for piece in resp.content.iter_any():
                 piece = piece[: want - got]
                 got += len(piece)
-                if held is None:
-                    yield piece
-                else:
-                    held.append(piece)
+                if hasher is not None:
+                    hasher.update(piece)
+                yield piece
             if got < want:
                 raise PeerFailed(f"{node.id}: chunk {index} ended short ({got} of {want} bytes)")
-            if held is not None:
-                if not check_answer(self.secret, nonce_of(auth), node.id, start, end,
-                                    resp.headers.get(SUM_HEADER), held):
-                    raise PeerFailed(f"{node.id}: chunk {index}: the answer's bytes are not what the owner signed")
-                for piece in held:
-                    yield piece
+            if hasher is not None and not check_answer(self.secret, nonce_of(auth), node.id, start, end,
+                                                       resp.headers.get(SUM_HEADER), hasher.hexdigest()):
+                log.error("peer %s: chunk %d of %s: the bytes are not what the owner signed (changed on the "
+                          "way?); failing the read", node.id, index, key)
+                raise PeerTampered(f"{node.id}: chunk {index}: the answer's bytes are not what the owner signed")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # noqa: UP041
             raise PeerFailed(f"{node.id}: chunk {index}: {e}") from e
         finally:

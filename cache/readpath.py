@@ -49,7 +49,13 @@ from pathlib import Path
 
 from nearstore.cache import metrics
 from nearstore.cache.control import Control
-from nearstore.cache.errors import ChunkCorrupt, ChunkMissing, ObjectChanged, PeerFailed
+from nearstore.cache.errors import (
+    ChunkCorrupt,
+    ChunkMissing,
+    ObjectChanged,
+    PeerFailed,
+    PeerTampered,
+)
 from nearstore.cache.peers import Cluster
 from nearstore.cache.store import Chunk, ChunkStore, ChunkWriter, open_if_verified, open_verified
 from nearstore.metadata.backing import (
@@ -650,9 +656,14 @@ class CachedHandle:
             self._remote_ahead[ahead] = asyncio.ensure_future(self._fetch_remote(owner, ahead, lo, hi))
 
     async def _fetch_remote(self, owner: Node, index: int, lo: int, hi: int) -> bytes:
+        """A chunk read ahead from its owner, whole: checked before a byte
+        of it goes on, so a tampered one is a failed peer like any other."""
         assert self.cb.cluster is not None
-        return b"".join([p async for p in self.cb.cluster.fetch(owner, self.bucket, self.key, self.info.etag,
-                                                                 index, lo, hi)])
+        try:
+            return b"".join([p async for p in self.cb.cluster.fetch(owner, self.bucket, self.key, self.info.etag,
+                                                                     index, lo, hi)])
+        except PeerTampered as e:
+            raise PeerFailed(str(e)) from e
 
     def _want(self, index: int) -> asyncio.Future[Chunk]:
         """The chunk's fill (or the cached chunk), held by this read until

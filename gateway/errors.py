@@ -442,6 +442,8 @@ _TABLE: list[tuple[_Kinds, Callable[[BaseException], S3Error]]] = [
         "Chunk failed verification; ask again", headers={"Retry-After": "0"})),
     (cache_errors.PeerFailed, lambda e: ServiceUnavailable("A cache peer failed; ask again",
                                                            headers={"Retry-After": "0"})),
+    (cache_errors.PeerTampered, lambda e: ServiceUnavailable("A cache peer failed; ask again",
+                                                             headers={"Retry-After": "0"})),
     (cache_errors.PeerDenied, lambda e: AccessDenied("Peer authentication failed")),
     (cache_errors.NotCached, lambda e: InvalidRequest(str(e))),
     (cache_errors.BadRequest, lambda e: InvalidRequest(str(e))),

@@ -1,14 +1,18 @@
 """Peer answers are authenticated (security review): over plain HTTP a
-chunk's bytes reach the reader only when they hash to a sum the owner
-signed for that very request. A byte changed on the wire, a missing sum,
-or an answer replayed from another request is a failed peer (the reader
-then serves the chunk from the backing store), never bytes passed on."""
+chunk's bytes must hash to a sum the owner signed for that very request.
+A byte changed on the wire, or an answer replayed from another request, is
+found at the answer's end (PeerTampered: the response those bytes went
+into fails, never completes); an answer without a sum fails before its
+first byte; a chunk read ahead (held whole) is checked before a byte goes
+on and is a failed peer like any other."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import xxhash
@@ -16,7 +20,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from nearstore.cache import peers
-from nearstore.cache.errors import PeerFailed
+from nearstore.cache.errors import PeerFailed, PeerTampered
+from nearstore.cache.readpath import CachedHandle
+from nearstore.metadata.backing import ObjectInfo
 from nearstore.metadata.membership import Membership
 from nearstore.metadata.ring import Node
 
@@ -46,31 +52,50 @@ def honest(request: web.Request, body: bytes) -> tuple[bytes, str]:
     return body, peers.answer_sum(SECRET, nonce, "owner", start, end, xxhash.xxh3_64(body).hexdigest())
 
 
-async def fetch_all(answer: Callable[[web.Request, bytes], tuple[bytes, str | None]],
-                    start: int = 0, end: int = len(DATA)) -> list[bytes]:
+Answer = Callable[[web.Request, bytes], tuple[bytes, str | None]]
+
+
+@contextlib.asynccontextmanager
+async def owner_cluster(answer: Answer) -> AsyncIterator[tuple[peers.Cluster, Node]]:
     server = TestServer(owner_app(answer), host="127.0.0.1")
     await server.start_server()
     owner = Node("owner", str(server.make_url("")))
     cluster = peers.Cluster(Membership.static("me", [Node("me", "http://127.0.0.1:1"), owner]), SECRET)
     await cluster.start()
-    got: list[bytes] = []
     try:
-        async for piece in cluster.fetch(owner, "b", "k", "etag", 0, start, end):
-            got.append(piece)
-        return got
+        yield cluster, owner
     finally:
         await cluster.close()
         await server.close()
 
 
+async def fetch_all(answer: Answer, start: int = 0, end: int = len(DATA),
+                    got: list[bytes] | None = None) -> list[bytes]:
+    got = [] if got is None else got
+    async with owner_cluster(answer) as (cluster, owner):
+        async for piece in cluster.fetch(owner, "b", "k", "etag", 0, start, end):
+            got.append(piece)
+    return got
+
+
+async def read_ahead(answer: Answer) -> bytes:
+    """A chunk read ahead by a cached read (CachedHandle._fetch_remote)."""
+    async with owner_cluster(answer) as (cluster, owner):
+        cb = SimpleNamespace(cluster=cluster)
+        handle = CachedHandle(cb, "b", "k", ObjectInfo(key="k", size=len(DATA), etag="etag",  # type: ignore[arg-type]
+                                                       last_modified=0.0))
+        return await handle._fetch_remote(owner, 0, 0, len(DATA))
+
+
 async def test_an_honest_answer_is_passed_on() -> None:
     assert b"".join(await fetch_all(honest)) == DATA
     assert b"".join(await fetch_all(honest, 1000, 5000)) == DATA[1000:5000]
+    assert await read_ahead(honest) == DATA
 
 
-@pytest.mark.parametrize("fault", ["flipped byte", "no sum", "sum of the flipped bytes unsigned",
+@pytest.mark.parametrize("fault", ["flipped byte", "sum of the flipped bytes unsigned",
                                    "other request's sum", "other owner's sum"])
-async def test_a_tampered_answer_yields_nothing(fault: str) -> None:
+async def test_a_tampered_answer_fails_at_its_end(fault: str) -> None:
     def tampered(request: web.Request, body: bytes) -> tuple[bytes, str | None]:
         good_body, good_sum = honest(request, body)
         bad = bytearray(good_body)
@@ -79,8 +104,6 @@ async def test_a_tampered_answer_yields_nothing(fault: str) -> None:
         start, end = int(request.query["start"]), int(request.query["end"])
         if fault == "flipped byte":
             return bytes(bad), good_sum
-        if fault == "no sum":
-            return good_body, None
         if fault == "sum of the flipped bytes unsigned":
             return bytes(bad), f"{digest}.{good_sum.partition('.')[2]}"
         if fault == "other request's sum":  # a recorded answer to another request
@@ -90,9 +113,16 @@ async def test_a_tampered_answer_yields_nothing(fault: str) -> None:
         return good_body, peers.answer_sum(SECRET, nonce, "another", start, end,
                                            xxhash.xxh3_64(good_body).hexdigest())
 
-    got: list[bytes] = []
+    with pytest.raises(PeerTampered, match="not what the owner signed"):
+        await fetch_all(tampered)
     with pytest.raises(PeerFailed, match="not what the owner signed"):
-        got = await fetch_all(tampered)
+        await read_ahead(tampered)
+
+
+async def test_an_answer_without_a_sum_fails_before_its_first_byte() -> None:
+    got: list[bytes] = []
+    with pytest.raises(PeerFailed, match="without the owner's signed sum"):
+        await fetch_all(lambda request, body: (body, None), got=got)
     assert got == []
 
 
