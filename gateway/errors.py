@@ -24,6 +24,7 @@ keyword arguments and appear as elements of the ``<Error>`` body, as S3 does.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Mapping
 
 from nearstore.cache import errors as cache_errors
@@ -374,6 +375,16 @@ class ServiceUnavailable(S3Error):
     message = "Please reduce your request rate."
 
 
+class InsufficientStorage(S3Error):
+    """The node's disk is full (ENOSPC, EDQUOT, SQLite's SQLITE_FULL): S3
+    has no such error, since AWS never fills up; 507 is HTTP's name for it,
+    as MinIO answers. Clients do not retry it at once, which would not help:
+    the upload is refused whole and nothing of it is kept."""
+
+    status = 507
+    message = "The node's storage is full; the object was not stored."
+
+
 class SlowDown(S3Error):
     status = 503
     message = "Please reduce your request rate."
@@ -458,11 +469,20 @@ def _invalid_range(e: BaseException) -> InvalidRange:
     return InvalidRange(ActualObjectSize=str(e.size))
 
 
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    # sqlite3.OperationalError, without importing sqlite3 here.
+    return type(exc).__name__ == "OperationalError" and "disk is full" in str(exc)
+
+
 def to_s3(exc: BaseException) -> S3Error | None:
     """The S3 error a client gets for ``exc``; None where it has none (a
     bug: the caller answers InternalError and logs it)."""
     if isinstance(exc, S3Error):
         return exc
+    if _disk_full(exc) or (exc.__cause__ is not None and _disk_full(exc.__cause__)):
+        return InsufficientStorage()
     for kinds, make in _TABLE:
         if isinstance(exc, kinds):
             return make(exc)

@@ -336,3 +336,39 @@ async def test_versions_page_by_key_and_version_as_one_whole_listing(store: Loca
     assert (await store.list_versions("bkt")).entries == []
     assert files_under(tmp_path / "data" / "objects") == []
     await store.delete_bucket("bkt")
+
+
+@pytest.mark.parametrize("where", ["body", "fsync"])
+async def test_a_full_disk_refuses_the_upload_whole(store: LocalStore, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """ENOSPC while receiving a body or syncing it: the client is told 507
+    InsufficientStorage (not a 500, not a traceback), the previous version
+    stays, and the partial file is gone (it would hold the space)."""
+    import errno as errno_mod
+
+    from nearstore.gateway.backends import local
+
+    await store.put_object("bkt", "k", Body(b"old"), ObjectMeta())
+    store.fsync = where == "fsync"
+
+    def full(*args: object) -> None:
+        raise OSError(errno_mod.ENOSPC, "No space left on device")
+
+    if where == "body":
+        monkeypatch.setattr(local, "_write_all", full)
+    else:
+        monkeypatch.setattr(local.os, "fsync", full)
+    with pytest.raises(OSError) as caught:
+        await store.put_object("bkt", "k", Body(os.urandom(300000)), ObjectMeta())
+    monkeypatch.undo()
+    err = errors.to_s3(caught.value)
+    assert isinstance(err, errors.InsufficientStorage) and err.status == 507
+    assert await read_all(store, "k") == b"old"
+    assert files_under(tmp_path / "data" / "tmp") == []
+
+
+def test_sqlite_full_is_insufficient_storage_too() -> None:
+    import sqlite3
+
+    assert isinstance(errors.to_s3(sqlite3.OperationalError("database or disk is full")), errors.InsufficientStorage)
+    assert errors.to_s3(sqlite3.OperationalError("no such table: x")) is None  # a bug stays a bug (500, logged)
