@@ -29,6 +29,10 @@ the HTTP path would have sent with sendfile, so the corruption checks are
 the same; files are never rewritten in place (a new chunk or object is a
 new file), so a reader holding a descriptor sees one version. The
 socket is served by the node's owner process only.
+
+Its clients are bounded in time as HTTP clients are: a connection idle for
+``idle_s`` is closed, and one that stops taking replies for ``stall_s``
+(the node's ``send_timeout``) is dropped, with the object it was reading.
 """
 
 from __future__ import annotations
@@ -65,10 +69,12 @@ Describe = Callable[[BaseException], "tuple[int, str, str] | None"]
 
 
 class LocalSocketServer:
-    def __init__(self, path: str, open_read: OpenRead, describe: Describe) -> None:
+    def __init__(self, path: str, open_read: OpenRead, describe: Describe, *, idle_s: float = 60.0,
+                 stall_s: float = 60.0) -> None:
         self.path = path
         self.open_read = open_read
         self.describe = describe
+        self.idle_s, self.stall_s = idle_s, stall_s
         self.sock: socket.socket | None = None
         self.task: asyncio.Task[None] | None = None
         self.conns: set[asyncio.Task[None]] = set()
@@ -134,7 +140,11 @@ class LocalSocketServer:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                msg = await loop.sock_recv(conn, MAX_REQUEST)
+                try:
+                    async with asyncio.timeout(self.idle_s):
+                        msg = await loop.sock_recv(conn, MAX_REQUEST)
+                except TimeoutError:
+                    return  # idle
                 if not msg:
                     return
                 try:
@@ -146,9 +156,9 @@ class LocalSocketServer:
                     if answer is None:
                         raise
                     status, code, message = answer
-                    await _send(conn, {"status": status, "code": code, "message": message})
+                    await _send(conn, {"status": status, "code": code, "message": message}, stall_s=self.stall_s)
         except (ConnectionError, BrokenPipeError):
-            return  # the client went away mid-reply
+            return  # the client went away mid-reply (or stopped taking it: _send_raw)
         except Exception:
             log.exception("local socket request failed")
         finally:
@@ -182,31 +192,33 @@ class LocalSocketServer:
             else:
                 start, status = rng[0], 206
                 length = min(rng[1], info.size - 1) - start + 1
+            stall = self.stall_s
             await _send(conn, {"status": status, "size": info.size, "etag": info.etag,
-                               "start": start, "length": length})
+                               "start": start, "length": length}, stall_s=stall)
             pos = 0
             async for seg in handle.segments(start, length):
                 if isinstance(seg, FileSegment):
-                    await _send(conn, {"fd": [pos, seg.length, seg.offset]}, seg.fd)
+                    await _send(conn, {"fd": [pos, seg.length, seg.offset]}, seg.fd, stall_s=stall)
                     pos += seg.length
                 else:
-                    await _send(conn, {"data": [pos, len(seg)]})
+                    await _send(conn, {"data": [pos, len(seg)]}, stall_s=stall)
                     view = memoryview(seg)
                     for i in range(0, len(view), DATA_PIECE):
-                        await _send_raw(conn, view[i : i + DATA_PIECE])
+                        await _send_raw(conn, view[i : i + DATA_PIECE], stall_s=stall)
                     pos += len(seg)
             if pos != length:
                 raise ConnectionError(f"{info.key}: sent {pos} of {length} bytes")
-            await _send(conn, {"end": True})
+            await _send(conn, {"end": True}, stall_s=stall)
             metrics.LOCAL_READS.inc()
             metrics.LOCAL_BYTES.inc(length)
         finally:
             await handle.close()
 
 
-async def _send(conn: socket.socket, obj: dict[str, Any], fd: int | None = None) -> None:
+async def _send(conn: socket.socket, obj: dict[str, Any], fd: int | None = None, *,
+                stall_s: float = 60.0) -> None:
     data = json.dumps(obj, separators=(",", ":")).encode()
-    await _send_raw(conn, data, fd)
+    await _send_raw(conn, data, fd, stall_s=stall_s)
 
 
 def _wake(ready: asyncio.Future[None]) -> None:
@@ -214,7 +226,10 @@ def _wake(ready: asyncio.Future[None]) -> None:
         ready.set_result(None)
 
 
-async def _send_raw(conn: socket.socket, data: bytes | memoryview, fd: int | None = None) -> None:
+async def _send_raw(conn: socket.socket, data: bytes | memoryview, fd: int | None = None, *,
+                    stall_s: float = 60.0) -> None:
+    """One message (with a descriptor); ConnectionError if the client takes
+    nothing for ``stall_s``."""
     loop = asyncio.get_running_loop()
     while True:
         try:
@@ -227,6 +242,9 @@ async def _send_raw(conn: socket.socket, data: bytes | memoryview, fd: int | Non
             ready: asyncio.Future[None] = loop.create_future()
             loop.add_writer(conn.fileno(), _wake, ready)
             try:
-                await ready
+                async with asyncio.timeout(stall_s):
+                    await ready
+            except TimeoutError:
+                raise ConnectionError(f"local client took nothing for {stall_s:g} s") from None
             finally:
                 loop.remove_writer(conn.fileno())

@@ -194,7 +194,7 @@ def build_node(cfg: Config, stores: Stores | None = None) -> web.Application:
         server = None
         if not cfg.worker and cfg.local_socket != "off":
             server = LocalSocketServer(cfg.local_socket, local_reads(stores.front, cfg),
-                                       describe)
+                                       describe, idle_s=cfg.idle_timeout, stall_s=cfg.send_timeout)
             if not await server.start():
                 server = None
         if server is not None:
