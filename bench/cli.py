@@ -185,6 +185,15 @@ def main(argv: list[str]) -> int:
         from nearstore.bench.models import main as models_main
 
         return models_main(argv[1:])
+    # Robustness, not throughput: nearstore bench faults|soak ...
+    if argv[:1] == ["faults"]:  # each fault under load, every byte checked (bench/faults.py)
+        from nearstore.bench.faults import main as faults_main
+
+        return faults_main(argv[1:])
+    if argv[:1] == ["soak"]:  # mixed load for N minutes, memory watched (bench/soak.py)
+        from nearstore.bench.soak import main as soak_main
+
+        return soak_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.list:
         for s in SCENARIOS.values():
