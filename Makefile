@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint venv clean bench bench-quick cluster config-doc
+.PHONY: run test lint venv clean bench bench-quick cluster config-doc fuzz
 
 # torch first and pinned: 2.13.0 resolves to the local CPU wheel, so the
 # extras after it (torch, and s3torchconnector which needs it) find it
@@ -30,6 +30,16 @@ lint: venv
 
 test: lint
 	$(BIN)/pytest -q
+
+# Coverage-guided fuzzing of the request front door (tests/fuzz/front_door.py,
+# atheris) for SECONDS seconds: the corpus grows in build/fuzz/corpus across
+# runs, each crash is written as build/fuzz/crash-<sha1> (replay one with
+# `$(BIN)/python -m tests.fuzz build/fuzz/crash-<sha1>`).
+SECONDS ?= 600
+fuzz: venv
+	mkdir -p build/fuzz/corpus
+	$(BIN)/python -m tests.fuzz -max_total_time=$(SECONDS) -timeout=30 -print_final_stats=1 \
+		-artifact_prefix=build/fuzz/ build/fuzz/corpus
 
 bench-quick: venv
 	$(BIN)/nearstore bench --quick
