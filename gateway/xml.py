@@ -85,7 +85,10 @@ def parse(body: bytes, limit: int = MAX_XML_BODY) -> ET.Element:
         raise errors.MalformedXML()
     try:
         root = SafeET.fromstring(body, forbid_dtd=True)
-    except (ET.ParseError, DefusedXmlException, ValueError):
+    except (ET.ParseError, DefusedXmlException, ValueError, LookupError):
+        # LookupError: the declaration names an encoding expat does not
+        # know, which it asks Python's codec registry for: an unknown name,
+        # or a binary codec ("base64", "rot13").
         raise errors.MalformedXML() from None
     for el in root.iter():
         if isinstance(el.tag, str) and "}" in el.tag:
