@@ -20,7 +20,6 @@ requests (``times``; None: until cleared)::
     proxy.reset_request(after=1 << 20, method="PUT")     # RST while uploading
     proxy.drop(times=1)                            # RST before any answer
     proxy.stall_response(after=0, seconds=5)       # hold every answer 5 s (clear() ends it)
-    proxy.watch(after=64 << 10, on_fire=kill)      # call kill() 64 KiB into a body, go on
     proxy.down(); proxy.up()                       # refuse connections / accept again
     proxy.partition(); proxy.heal()                # blackhole every byte / let them flow
     proxy.clear()                                  # pass-through again, log kept
@@ -63,7 +62,7 @@ KEPT_HEADERS = ("range", "if-match", "if-none-match", "content-length", "transfe
 @dataclass
 class Rule:
     # "error" | "delay" | "reset_response" | "truncate_response" | "reset_request" | "drop"
-    # | "stall_response" | "watch"
+    # | "stall_response"
     action: str
     times: int | None = 1
     method: str | None = None
@@ -75,7 +74,7 @@ class Rule:
     code: str = "SlowDown"
     # Called (in a worker thread) just before the fault takes effect; a test
     # may change the upstream there (overwrite the object mid-GET ...), a
-    # benchmark kill a node while its request is held (delay, watch).
+    # benchmark kill a node while its request is held (delay) or mid-body.
     on_fire: Callable[[], Any] | None = None
     fired: int = 0
 
@@ -217,7 +216,8 @@ class FaultProxy:
         return self.add(Rule("error", times=times, status=status, code=code, **match))
 
     def delay(self, seconds: float, times: int | None = None, **match: Any) -> Rule:
-        """Forward the request ``seconds`` late (the answer comes that much later)."""
+        """Forward the request ``seconds`` late (the answer comes that much
+        later), or when `clear` is called, if sooner."""
         return self.add(Rule("delay", times=times, seconds=seconds, **match))
 
     def reset_response(self, after: int, times: int | None = 1, **match: Any) -> Rule:
@@ -245,12 +245,6 @@ class FaultProxy:
         hangs mid-answer."""
         return self.add(Rule("stall_response", times=times, after=after, seconds=seconds,
                              **match))
-
-    def watch(self, after: int, on_fire: Callable[[], Any], times: int | None = 1,
-              **match: Any) -> Rule:
-        """Call ``on_fire`` once ``after`` response body bytes have passed,
-        and keep forwarding: something else (a kill) breaks the stream."""
-        return self.add(Rule("watch", times=times, after=after, on_fire=on_fire, **match))
 
     def clear(self) -> None:
         """Pass-through: no rules, stalls in progress released (the log is kept)."""
@@ -396,7 +390,7 @@ class FaultProxy:
             return body_done and not req_close, upstream
         if rule is not None and rule.action == "delay":
             await self._fire(rule)
-            await asyncio.sleep(rule.seconds)
+            await self._stall(rule.seconds)  # clear() ends it early
 
         if upstream is None:
             try:
@@ -490,7 +484,7 @@ class FaultProxy:
         action = rule.action if rule is not None else None
         limit = None
         if rule is not None and action in ("reset_response", "truncate_response",
-                                           "stall_response", "watch"):
+                                           "stall_response"):
             limit = rule.after
 
         async def on_limit() -> None:
@@ -499,8 +493,6 @@ class FaultProxy:
             if action == "stall_response":
                 ev.error = f"response stalled after {ev.response_bytes} body bytes"
                 await self._stall(rule.seconds)
-                return
-            if action == "watch":
                 return
             if action == "reset_response":
                 ev.error = f"response reset after {ev.response_bytes} body bytes"
