@@ -24,7 +24,7 @@ with atheris.instrument_imports(include=["nearstore"]):
 
 
 def main() -> None:
-    node = front_door.FuzzNode()
+    node = front_door.FuzzNode(reset_every=front_door.RESET_EVERY)
     args = list(sys.argv)
     for a in args[1:]:
         if not a.startswith("-") and not os.path.exists(a):

@@ -149,9 +149,12 @@ class _ErrorLog(logging.Handler):
 
 class FuzzNode:
     """A node over a LocalStore in a temporary directory, on one event loop
-    (uvloop, as ``nearstore serve``), answering on 127.0.0.1."""
+    (uvloop, as ``nearstore serve``), answering on 127.0.0.1. With
+    ``reset_every`` (the fuzzer's), a fresh data directory after that many
+    inputs; a test's node keeps what it was given."""
 
-    def __init__(self) -> None:
+    def __init__(self, reset_every: int = 0) -> None:
+        self.reset_every = reset_every
         self.loop = uvloop.new_event_loop()
         self.errors = _ErrorLog()
         self.loop.set_exception_handler(self._loop_error)
@@ -278,7 +281,7 @@ class FuzzNode:
     def serve(self, wire: bytes, *, one: bool, head: bool) -> list[Response]:
         """One input, against the oracle."""
         self.served += 1
-        if self.served % RESET_EVERY == 0:
+        if self.reset_every and self.served % self.reset_every == 0:
             self.reset()
         self.errors.records.clear()
         self._loop_errors.clear()
