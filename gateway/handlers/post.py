@@ -127,7 +127,12 @@ async def read_fields(reader: MultipartReader) -> tuple[dict[str, str], BodyPart
 async def _read_field(part: BodyPartReader, budget: int) -> str:
     out = bytearray()
     while True:
-        data = await part.read_chunk(8192)
+        try:
+            data = await part.read_chunk(8192)
+        except ValueError:
+            # aiohttp's reader: the field does not end where its part's
+            # Content-Length (or the boundary) says it does.
+            raise errors.MalformedPOSTRequest() from None
         if not data:
             break
         out += data

@@ -424,17 +424,18 @@ def check_response(resp: Response, head: bool, *, internal_error_ok: bool = Fals
 # --- inputs ------------------------------------------------------------------------
 
 
-def one_input(node: FuzzNode, data: bytes) -> None:
+def one_input(node: FuzzNode, data: bytes) -> list[Response]:
     """What the fuzzer calls: the first byte chooses raw or fix-up (module
-    docstring), the rest is the request."""
+    docstring), the rest is the request. The node's responses (for a
+    regression test; the fuzzer ignores them), judged by the oracle."""
     if not data:
-        return
+        return []
     flags, wire = data[0], data[1:]
     if flags & FIXUP and _parse(wire) is not None:
         fixed = fixup(wire)
-        node.serve(fixed, one=True, head=fixed.startswith(b"HEAD "))
-    else:  # raw, or a head the fix-up cannot read: sent as it is
-        node.serve(wire, one=False, head=wire.startswith(b"HEAD "))
+        return node.serve(fixed, one=True, head=fixed.startswith(b"HEAD "))
+    # raw, or a head the fix-up cannot read: sent as it is
+    return node.serve(wire, one=False, head=wire.startswith(b"HEAD "))
 
 
 def signed(method: str, target: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
