@@ -161,6 +161,7 @@ def _load(ctx: Context, mix: dict[str, float], put_sizes: tuple[int, int]) -> Th
                 if kind == "range" and v.size > 1:
                     a = rng.randrange(v.size)
                     span = (a, min(v.size - 1, a + rng.randrange(1, 2 * MiB)))
+                op.detail = v.key
                 get_checked(s3, v.key, [v.body()], op, span)
             elif kind in ("put", "multipart"):
                 seq += 1
@@ -168,6 +169,7 @@ def _load(ctx: Context, mix: dict[str, float], put_sizes: tuple[int, int]) -> Th
                 size = (rng.randint(*put_sizes) if kind == "put"
                         else MULTIPART_PART + rng.randint(1, MiB))
                 v = Version(key, next(_seeds), size)
+                op.detail = key
                 acked = put_checked(s3, v, op, None if kind == "put" else MULTIPART_PART)
                 ctx.wrote(v, acked)
                 if acked:
@@ -228,7 +230,8 @@ class _NodeDown(Fault):
     hold_s = 1.0
 
     def heal(self, ctx: Context) -> None:
-        ctx.node.start()
+        if not ctx.node.alive():
+            ctx.node.start()
 
     def expected(self, ctx: Context, op: Op) -> bool:
         """A request to the node that went down, from then until it served
@@ -340,9 +343,18 @@ class KillPeerMidStream(_NodeDown):
 
     def inject(self, ctx: Context) -> None:
         killed, kill = _killer(ctx)
-        ctx.cluster.relays[ctx.victim].truncate_response(
-            after=64 * KiB, method="GET", path="/_nearstore/peer/chunk", on_fire=kill)
-        wait_until(killed.is_set, 30, f"node {ctx.victim} streaming a chunk to a peer")
+        relay = ctx.cluster.relays[ctx.victim]
+        relay.clear_log()
+        relay.truncate_response(after=64 * KiB, method="GET", path="/_nearstore/peer/chunk",
+                                on_fire=kill)
+        try:
+            wait_until(killed.is_set, 30, f"node {ctx.victim} streaming a chunk to a peer")
+        except TimeoutError:
+            seen = Counter(f"{e.method} {e.path} -> {e.status} ({e.response_bytes} B)"
+                           for e in relay.events() if "/peer/" in e.path)
+            ctx.notes.append(f"peer requests to node {ctx.victim} meanwhile: "
+                             f"{dict(seen.most_common(5)) or 'none'}")
+            raise
         ctx.node.kill()
         cut = [e for e in ctx.cluster.relays[ctx.victim].events()
                if e.action == "truncate_response"]
@@ -387,6 +399,10 @@ class SigtermDrain(_NodeDown):
             ctx.node.kill()
         for t in self.threads:
             t.join(30)
+        finished = [op for op in ctx.rec.ops() if op.kind.startswith("drain")]
+        ctx.notes.append("in flight at SIGTERM: " + ", ".join(
+            f"{op.kind[6:].upper()} {'completed' if op.ok else f'FAILED ({op.error})'}"
+            for op in finished))
 
     def _slow_get(self, ctx: Context, url: str, slot: int) -> None:
         op = Op("drain-get", ctx.victim, -1, time.monotonic())
@@ -562,8 +578,10 @@ class LocalDiskFull(Fault):
     name = "local-disk-full"
     help = "the local store's disk full (a node on the embedded store, its tmpfs filled up)"
     mix = {"get": 0.35, "put": 0.45, "own": 0.2}
-    put_sizes = (4 * KiB, 512 * KiB)
-    SIZE = 48 * MiB
+    # Room for what the load writes in a row (a few thousand small PUTs):
+    # the disk fills when the fault fills it, not before.
+    put_sizes = (4 * KiB, 96 * KiB)
+    SIZE = 256 * MiB
 
     def unavailable(self, cluster: Cluster) -> str | None:
         return Tmpfs.unavailable()
@@ -809,6 +827,9 @@ class Row:
     max_latency_s: float = 0.0
     error_kinds: dict[str, int] = field(default_factory=dict)
     unexpected_kinds: dict[str, int] = field(default_factory=dict)
+    # A few failed requests as "kind@nodeN +t0..t1 s: error (key)", times
+    # from the fault's start: what explains an error count.
+    error_samples: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped: str = ""
     harness_errors: list[str] = field(default_factory=list)
@@ -830,11 +851,16 @@ def summarize(ctx: Context, f: Fault, ops: list[Op]) -> Row:
     row.unexpected_kinds = dict(Counter(f"{op.kind}@node{op.node}: {op.error}" for op in odd
                                         if op.error).most_common(6))
     row.recover_s = recovery(ops, ctx.t_heal, _targets(ctx))
+    row.error_samples = [f"{op.kind}@node{op.node} {op.t0 - ctx.t_fault:+.1f}..{op.t1 - ctx.t_fault:+.1f} s: "
+                         f"{op.error} ({op.detail})" for op in (odd + failed)[:SAMPLES]]
     row.max_latency_s = max((op.seconds for op in ops), default=0.0)
     for op in ops:
         if op.corrupt and op.detail:
             row.notes.append(f"CORRUPT: {op.detail}")
     return row
+
+
+SAMPLES = 20
 
 
 def recovery(ops: list[Op], t_heal: float, targets: set[int]) -> float:
@@ -900,11 +926,15 @@ def run_fault(cluster: Cluster, f: Fault, opts: Options, warm: list[Version]) ->
     load.start()
     for t in extras:
         t.start()
+    broke: list[str] = []
     try:
         time.sleep(opts.seconds)
         ctx.t_fault = time.monotonic()  # faults that wait for their moment set it again
-        f.inject(ctx)
-        time.sleep(f.hold_s)
+        try:
+            f.inject(ctx)
+            time.sleep(f.hold_s)
+        except Exception as exc:  # the row still shows what the clients saw
+            broke.append(f"inject: {exc!r}")
         ctx.t_heal = time.monotonic()
         f.heal(ctx)
         _wait_served(ctx, load)
@@ -914,7 +944,7 @@ def run_fault(cluster: Cluster, f: Fault, opts: Options, warm: list[Version]) ->
             t.stop()
     f.finish(ctx)
     row = summarize(ctx, f, ctx.rec.ops())
-    row.harness_errors = [*load.failures, *(x for t in extras for x in t.failures)]
+    row.harness_errors = [*broke, *load.failures, *(x for t in extras for x in t.failures)]
     verify(ctx, row)
     after = getattr(f, "after_verify", None)
     if after is not None:
@@ -973,6 +1003,8 @@ def render(rows: list[Row]) -> str:
         extra = list(r.notes)
         if r.unexpected_kinds:
             extra.append("unexpected: " + _kinds(r.unexpected_kinds, 6))
+        if 0 < r.errors <= 3:
+            extra.append("failed: " + "; ".join(r.error_samples[: r.errors]))
         if r.unacked_landed:
             extra.append(f"{r.unacked_landed} unacknowledged writes landed (whole and exact)")
         if r.max_latency_s:
