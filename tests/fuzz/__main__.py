@@ -38,14 +38,25 @@ def main() -> None:
         made = front_door.write_seeds(dirs[0], node.upload_id)
         print(f"front door: {made} fresh seeds in {dirs[0]}; node on 127.0.0.1:{node.port}", file=sys.stderr)
 
+    seen: set[str] = set()
+
     def test_one_input(data: bytes) -> None:
-        front_door.one_input(node, data)
+        try:
+            front_door.one_input(node, data)
+        finally:
+            # Findings already reported are counted, not stopped at: each
+            # said when first met, all of them every 20,000 inputs and at a
+            # crash (libFuzzer's own exit at the end runs no Python).
+            for what in front_door.KNOWN.keys() - seen:
+                seen.add(what)
+                print(f"front door: known finding met: {what}", file=sys.stderr, flush=True)
+            if node.served % 20_000 == 0:
+                known()
 
     def known() -> None:
         for what, n in front_door.KNOWN.items():
             print(f"front door: known finding, {n} inputs: {what}", file=sys.stderr, flush=True)
 
-    # libFuzzer ends the process itself (exit()), past any finally here.
     atexit.register(known)
     atheris.Setup(args, test_one_input)
     atheris.Fuzz()

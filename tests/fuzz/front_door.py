@@ -43,7 +43,8 @@ crash is written as ``crash-<sha1>`` (libFuzzer's artifact); replay one
 with ``.venv/bin/python -m tests.fuzz build/fuzz/crash-<sha1>``, and make
 it a regression test in ``tests/fuzz/test_front_door.py`` (``one_input``
 on a ``FuzzNode``). Findings already reported and left are counted, not
-stopped at (``KNOWN_EXCEPTIONS``; the count is printed at the end);
+stopped at (``KNOWN_EXCEPTIONS``; each is named when first met, and the
+counts printed every 20,000 inputs);
 ``NEARSTORE_FUZZ_STRICT=1`` stops at them too.
 
 The seed corpus is made at start from real botocore-signed requests
