@@ -27,7 +27,8 @@ Fills are bounded node-wide too: at most ``max_fills`` stream from the
 backing store at once (the others queue, FIFO), and a fill nobody waits for
 any more (every reader that asked for it has closed: a client gone, a read
 ahead never reached) is cancelled unless it is nearly done
-(``KEEP_FILL_AT``): a thousand readers that go away do not leave a thousand
+(``KEEP_FILL_AT``) or some reader was served from it (a range read gets its
+bytes before its chunk is whole; the chunk is still wanted): a thousand readers that go away do not leave a thousand
 fills behind them. Who waits is counted per chunk (``hold``/``let_go``);
 callers that await a chunk use ``fetch_chunk``, which holds it meanwhile
 and never cancels a fill another reader shares.
@@ -144,6 +145,7 @@ class CachedBackend:
         self._fill_tasks: set[asyncio.Task[Chunk]] = set()
         self.progress: dict[str, FillProgress] = {}
         self._holders: dict[str, int] = {}  # chunk id -> readers waiting for its fill
+        self._served: set[str] = set()  # fills in flight some reader was served from: kept
         self._fill_slots = asyncio.Semaphore(max_fills)
         # Multi-process node (see cache.control): None when alone.
         self.control: Control | None = None
@@ -284,6 +286,7 @@ class CachedBackend:
             # under the same id.)
             if self._fills.get(cid) is t:
                 del self._fills[cid]
+                self._served.discard(cid)
             if self.progress.get(cid) is progress:
                 del self.progress[cid]
             progress.advance(0)  # wake readers: the fill is over
@@ -302,9 +305,13 @@ class CachedBackend:
         """A reader waits for chunk ``cid`` (cached or filling)."""
         self._holders[cid] = self._holders.get(cid, 0) + 1
 
-    def let_go(self, cid: str) -> None:
+    def let_go(self, cid: str, served: bool = False) -> None:
         """A reader no longer waits for chunk ``cid``: the last one to go
-        cancels its fill, unless the fill is nearly done."""
+        cancels its fill, unless the fill is nearly done or a reader was
+        served from it (``served``: then it was wanted, and the next reader
+        of that range will want it cached)."""
+        if served and cid in self._fills:
+            self._served.add(cid)
         n = self._holders.get(cid, 0) - 1
         if n > 0:
             self._holders[cid] = n
@@ -312,7 +319,7 @@ class CachedBackend:
         self._holders.pop(cid, None)
         task = self._fills.get(cid)
         progress = self.progress.get(cid)
-        if task is None or task.done() or self.follower or progress is None:
+        if task is None or task.done() or self.follower or progress is None or cid in self._served:
             return
         if progress.total and progress.written >= self.KEEP_FILL_AT * progress.total:
             return
@@ -674,9 +681,11 @@ class CachedHandle:
             self.cb.hold(self.cb._chunk_id(self.bucket, self.info, index))
         return fut
 
-    def _done_with(self, index: int) -> None:
+    def _done_with(self, index: int, served: bool = False) -> None:
+        """This read no longer waits for the chunk: it sent its bytes
+        (``served``), or will not (closed first, or a cache fault)."""
         if self._ahead.pop(index, None) is not None:
-            self.cb.let_go(self.cb._chunk_id(self.bucket, self.info, index))
+            self.cb.let_go(self.cb._chunk_id(self.bucket, self.info, index), served=served)
 
     def _remote(self, index: int) -> Node | None:
         return self.cb.owner(self.bucket, self.info, index)
@@ -801,7 +810,7 @@ class CachedHandle:
             try:
                 async for seg in self._stream_filling(index, progress, lo, hi):
                     yield seg
-                self._done_with(index)
+                self._done_with(index, served=True)
                 return
             except FileNotFoundError:
                 pass  # renamed into place meanwhile: read it as a cached chunk
@@ -815,7 +824,7 @@ class CachedHandle:
             yield FileSegment(fd, lo, hi - lo)
         finally:
             os.close(fd)
-        self._done_with(index)
+        self._done_with(index, served=True)
 
     async def _instead_of_peer(self, owner: Node, index: int, lo: int, hi: int, error: BaseException) -> bytes:
         """Bytes lo..hi of a chunk whose owner failed, straight from the

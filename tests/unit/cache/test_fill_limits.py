@@ -34,6 +34,7 @@ class Paced:
         self.most_open = 0
         self.sent = 0
         self.free = asyncio.Event()
+        self.last: asyncio.Event | None = None  # set: the last piece waits for it
         self._tick = asyncio.Condition()
 
     def __getattr__(self, name: str) -> Any:
@@ -59,6 +60,8 @@ class Paced:
                 try:
                     data = b"".join([p async for p in handle.read_range(start, length)])
                     for i in range(0, len(data), PIECE):
+                        if paced.last is not None and i + PIECE >= len(data):
+                            await paced.last.wait()
                         if not paced.free.is_set():
                             async with paced._tick:
                                 await paced._tick.wait()
@@ -160,6 +163,8 @@ async def test_a_fill_another_reader_waits_for_goes_on(env: tuple[CachedBackend,
     paced.free.set()
     await paced.step()
     assert await staying == data
+    # (Its bytes came from the growing file: the chunk lands a moment later.)
+    await until(lambda: not cb._fills, "the fill finished")
     assert cb.store.used == CS
 
 
@@ -178,3 +183,39 @@ async def test_a_nearly_done_fill_is_finished(env: tuple[CachedBackend, Paced]) 
     await paced.step()
     await until(lambda: not cb._fills, "the fill finished")
     assert cb.store.lookup(cid) is not None
+
+
+async def test_a_fill_a_reader_was_served_from_is_finished(tmp_path: Path) -> None:
+    """A one-byte range read gets its byte from the growing file and
+    closes before its chunk is whole: the chunk is still cached."""
+    big = 4 * 1024 * 1024  # over the fill's 1 MiB write-behind: bytes show before the end
+    local = LocalStore(tmp_path / "data", fsync=False)
+    store = ChunkStore(tmp_path / "cache", capacity=4 * big)
+    store.load()
+    paced = Paced(local)
+    cb = CachedBackend(paced, store, chunk_size=big, meta_ttl=60)  # type: ignore[arg-type]
+    cb.KEEP_FILL_AT = 2.0  # never "nearly done": only having served a reader keeps it
+    await cb.start()
+    try:
+        await local.create_bucket("b")
+        data = os.urandom(big)
+        await local.put_object("b", "ranged", Body(data), ObjectMeta())
+        paced.last = asyncio.Event()  # every piece flows but the last
+        paced.free.set()
+        h = await cb.open_object("b", "ranged", ReadOptions(range_header="bytes=0-0"))
+        cid = cb._chunk_id("b", h.info, 0)
+        assert await read_some(h, 0, 1) == data[:1]
+        await h.close()
+        assert cid in cb._fills and paced.open_now == 1  # kept, still streaming
+        paced.last.set()
+        await until(lambda: not cb._fills, "the fill finished")
+        assert cb.store.lookup(cid) is not None
+    finally:
+        paced.free.set()
+        if paced.last is not None:
+            paced.last.set()
+        await cb.close()
+
+
+async def read_some(h: ObjectHandle, start: int, length: int) -> bytes:
+    return b"".join([p async for p in h.read_range(start, length)])
