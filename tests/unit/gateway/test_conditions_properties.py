@@ -48,7 +48,7 @@ pytestmark = [pytest.mark.filterwarnings(f"ignore::{w.__module__}.{w.__qualname_
 _EXAMPLES = int(os.environ.get("NEARSTORE_FUZZ_EXAMPLES", "0"))
 _SETTINGS: dict[str, Any] = {"derandomize": not _EXAMPLES, "deadline": None,
                              "suppress_health_check": [HealthCheck.too_slow]}
-MANY = settings(max_examples=_EXAMPLES or 500, **_SETTINGS)
+MANY = settings(max_examples=_EXAMPLES or 300, **_SETTINGS)
 BOUNDED = settings(max_examples=_EXAMPLES or 100, **_SETTINGS)
 
 # --- the model ---------------------------------------------------------------------------

@@ -206,7 +206,7 @@ def as_tree(el: ElementTree.Element) -> Tree:
     return (el.tag, [as_tree(k) for k in kids]) if kids else (el.tag, el.text or "")
 
 
-@MANY
+@settings(max_examples=_EXAMPLES or 150, **_SETTINGS)
 @given(data=st.data(), tree=trees)
 def test_any_rendering_of_a_tree_parses_to_that_tree(data: st.DataObject, tree: Tree) -> None:
     """Namespaces (S3's, none, a prefix, another) are all stripped; CDATA,
@@ -974,7 +974,7 @@ _KNOWN_VALUE_ERROR = {"ListObjectsV2", "ListObjectVersions", "ListParts"}
     pytest.param(n, marks=pytest.mark.xfail(raises=ValueError, strict=False, reason="reported: int() of a "
                                             "store's Size/PartNumber")) if n in _KNOWN_VALUE_ERROR else n
     for n in UPSTREAM_CALLS])
-@STORE
+@settings(max_examples=_EXAMPLES or 40, **_SETTINGS)  # x 13 entry points
 @given(data=st.data())
 def test_any_answer_from_a_store_reads_or_is_an_s3_error(run: Callable[[Any], Any], name: str, data: st.DataObject) -> None:
     """Whatever a store answers (bytes, a mutated document) the node reads
