@@ -266,6 +266,7 @@ class Summary:
     minutes: float
     clients: int
     requests: int = 0
+    done: dict[str, int] = field(default_factory=dict)  # requests that succeeded, by kind
     errors: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)
     p50_ms: float = math.nan
@@ -291,6 +292,7 @@ def render_summary(s: Summary) -> str:
         f"soak: {s.minutes:g} min, {s.clients} clients, {s.requests} requests, "
         f"{s.errors} errors ({s.errors / max(1, s.requests):.3%}), p50 {s.p50_ms:.1f} ms, "
         f"p99 {s.p99_ms:.1f} ms",
+        "succeeded: " + ", ".join(f"{k} {n}" for k, n in s.done.items()),
         f"corrupt bytes {s.corrupt_bytes}, lost writes {s.lost_writes} (of {s.acked_keys} keys "
         f"whose last write was acknowledged), stale reads {s.stale_reads}, list mismatches "
         f"{s.list_mismatches}",
@@ -350,6 +352,7 @@ def run(cluster: Cluster, minutes: float, clients: int, interval_s: float, seed:
     summary.rss_start_mib = [r / MiB for r in rss0]
     all_lat: list[float] = []
     kinds: Counter[str] = Counter()
+    done: Counter[str] = Counter()
     print(f"soak: {clients} clients on {len(cluster.nodes)} nodes for {minutes:g} min; a line "
           f"every {interval_s:g} s", file=out, flush=True)
     load.start()
@@ -366,6 +369,7 @@ def run(cluster: Cluster, minutes: float, clients: int, interval_s: float, seed:
             print(interval_line(iv), file=out, flush=True)
             all_lat += [op.seconds * 1000 for op in ops]
             kinds.update(op.error for op in ops if op.error)
+            done.update(op.kind for op in ops if op.ok)
             summary.requests += len(ops)
             summary.errors += iv.errors
             summary.corrupt_bytes += sum(op.corrupt for op in ops)
@@ -378,6 +382,8 @@ def run(cluster: Cluster, minutes: float, clients: int, interval_s: float, seed:
     summary.errors += sum(1 for op in rest if op.error)
     summary.corrupt_bytes += sum(op.corrupt for op in rest)
     kinds.update(op.error for op in rest if op.error)
+    done.update(op.kind for op in rest if op.ok)
+    summary.done = dict(done.most_common())
     all_lat += [op.seconds * 1000 for op in rest]
     end_rss = cluster.rss()
     summary.rss_end_mib = [r / MiB for r in end_rss]
