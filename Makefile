@@ -38,8 +38,8 @@ test: lint
 SECONDS ?= 600
 fuzz: venv
 	mkdir -p build/fuzz/corpus
-	$(BIN)/python -m tests.fuzz -max_total_time=$(SECONDS) -timeout=30 -print_final_stats=1 \
-		-artifact_prefix=build/fuzz/ build/fuzz/corpus
+	NEARSTORE_FUZZ_DATA=build/fuzz/node $(BIN)/python -m tests.fuzz -max_total_time=$(SECONDS) -timeout=30 \
+		-print_final_stats=1 -artifact_prefix=build/fuzz/ build/fuzz/corpus
 
 bench-quick: venv
 	$(BIN)/nearstore bench --quick

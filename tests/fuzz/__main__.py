@@ -24,7 +24,10 @@ with atheris.instrument_imports(include=["nearstore"]):
 
 
 def main() -> None:
-    node = front_door.FuzzNode(reset_every=front_door.RESET_EVERY)
+    # The node's store: NEARSTORE_FUZZ_DATA (emptied first; `make fuzz`
+    # names build/fuzz/node), else a temporary directory, left behind when
+    # libFuzzer exits.
+    node = front_door.FuzzNode(reset_every=front_door.RESET_EVERY, data_dir=os.environ.get("NEARSTORE_FUZZ_DATA"))
     args = list(sys.argv)
     for a in args[1:]:
         if not a.startswith("-") and not os.path.exists(a):

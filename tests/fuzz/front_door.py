@@ -152,10 +152,13 @@ class FuzzNode:
     """A node over a LocalStore in a temporary directory, on one event loop
     (uvloop, as ``nearstore serve``), answering on 127.0.0.1. With
     ``reset_every`` (the fuzzer's), a fresh data directory after that many
-    inputs; a test's node keeps what it was given."""
+    inputs; a test's node keeps what it was given. ``data_dir``: where its
+    store lives, emptied at start (the fuzzer's: libFuzzer ends the process
+    with exit(), past any clean-up, so the next run clears it instead)."""
 
-    def __init__(self, reset_every: int = 0) -> None:
+    def __init__(self, reset_every: int = 0, data_dir: str | None = None) -> None:
         self.reset_every = reset_every
+        self._given_dir = data_dir
         self.loop = uvloop.new_event_loop()
         self.errors = _ErrorLog()
         self.loop.set_exception_handler(self._loop_error)
@@ -192,7 +195,12 @@ class FuzzNode:
         )
 
     async def _start(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="nearstore-fuzz-")
+        if self._given_dir:
+            shutil.rmtree(self._given_dir, ignore_errors=True)
+            os.makedirs(self._given_dir)
+            self._dir = self._given_dir
+        else:
+            self._dir = tempfile.mkdtemp(prefix="nearstore-fuzz-")
         cfg = self.config()
         stores = Stores(cfg)
         self.store = stores.local  # the node's backend (no [[buckets]]: the local store alone)

@@ -46,7 +46,7 @@ def test_the_front_door_survives_a_bounded_fuzzing_run(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "tests.fuzz", "-max_total_time=20", "-seed=1", "-timeout=10",
            "-print_final_stats=1", f"-artifact_prefix={artifacts}/", str(corpus)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "NEARSTORE_FUZZ_DATA": str(tmp_path / "node")})
     report = "\n".join(line for line in done.stderr.splitlines() if not line.startswith("INFO: Instrumenting"))
     crashes = list(artifacts.iterdir())
     assert done.returncode == 0 and not crashes, f"{crashes}\n{report[-6000:]}"
