@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from email.utils import formatdate
 from pathlib import Path
 
@@ -110,6 +111,18 @@ def test_a_non_utf8_byte_in_a_sigv2_signed_header(node: FuzzNode, strict: None) 
     date = formatdate(usegmt=True).encode()
     one_input(node, RAW + b"GET /fuzz/obj HTTP/1.1\r\nHost: x\r\nDate: " + date + b"\r\nContent-Type: \xff\r\n"
               b"Authorization: AWS FUZZACCESSKEY0000001:x\r\n\r\n")
+
+
+@pytest.mark.xfail(raises=Crash, strict=True, reason="reported: gateway/auth.py _verify_v4 encodes the "
+                   "canonical request as strict UTF-8; a signed header's non-UTF-8 byte raises")
+def test_a_non_utf8_byte_in_a_sigv4_signed_header(node: FuzzNode, strict: None) -> None:
+    """The same on SigV4's path (auth.py:605), whatever the signature: any
+    client can make any node answer 500 and log a traceback."""
+    when = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ").encode()
+    one_input(node, RAW + b"GET /fuzz/obj HTTP/1.1\r\nHost: x\r\nx-amz-date: " + when + b"\r\nx-amz-meta-a: \xff\r\n"
+              b"x-amz-content-sha256: UNSIGNED-PAYLOAD\r\nAuthorization: AWS4-HMAC-SHA256 Credential=FUZZACCESSKEY0000001/"
+              + when[:8] + b"/us-east-1/s3/aws4_request, SignedHeaders=host;x-amz-content-sha256;x-amz-date;"
+              b"x-amz-meta-a, Signature=" + b"0" * 64 + b"\r\n\r\n")
 
 
 @pytest.mark.xfail(raises=Crash, strict=True, reason="reported: gateway/app.py error_body encodes as strict "
