@@ -51,7 +51,7 @@ from nearstore.gateway.state import (
     InFlight,
     Uploads,
 )
-from nearstore.gateway.xml import XML_DECL, escape
+from nearstore.gateway.xml import XML_DECL, escape_echo
 from nearstore.metadata.backing import Backend
 from nearstore.metadata.membership import Membership
 
@@ -79,11 +79,12 @@ def new_request_id() -> str:
 
 
 def error_body(err: errors.S3Error, request_id: str, resource: str | None) -> bytes:
-    parts = [XML_DECL, "<Error>", f"<Code>{err.code}</Code>", f"<Message>{escape(err.text)}</Message>"]
+    # Messages and fields echo the request (keys, headers): escape_echo.
+    parts = [XML_DECL, "<Error>", f"<Code>{err.code}</Code>", f"<Message>{escape_echo(err.text)}</Message>"]
     for name, value in err.fields.items():
-        parts.append(f"<{name}>{escape(str(value))}</{name}>")
+        parts.append(f"<{name}>{escape_echo(str(value))}</{name}>")
     if resource is not None and "Resource" not in err.fields:
-        parts.append(f"<Resource>{escape(resource)}</Resource>")
+        parts.append(f"<Resource>{escape_echo(resource)}</Resource>")
     parts.append(f"<RequestId>{request_id}</RequestId><HostId>{request_id}</HostId></Error>")
     return "".join(parts).encode()
 
@@ -147,9 +148,11 @@ class Prepared:
     handler: Handler
 
 
-PREPARED_KEY = "nearstore.prepared"
-REQUEST_ID_KEY = "nearstore.request_id"
-BUCKET_KEY = "nearstore.bucket"  # the S3 request's bucket, for its CORS headers
+# Typed keys: aiohttp 3.14 warns of every string key on a request
+# (NotAppKeyWarning), once per request under the tests' warnings-as-errors.
+PREPARED_KEY = web.RequestKey("nearstore.prepared", Prepared)
+REQUEST_ID_KEY = web.RequestKey("nearstore.request_id", str)
+BUCKET_KEY: web.RequestKey[str | None] = web.RequestKey("nearstore.bucket")  # the request's bucket, for CORS
 
 
 async def _stamp(request: web.BaseRequest, resp: web.StreamResponse) -> None:
@@ -246,7 +249,12 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
             # The body never comes: the connection cannot be reused.
             resp.force_close()
             return resp
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    try:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    except ConnectionError:  # the client went away after its head: end quietly (see _front)
+        gone = web.Response(status=400)
+        gone.force_close()
+        return gone
     request.writer.output_size = 0
     return None
 
@@ -298,11 +306,27 @@ async def _front(request: web.Request) -> web.StreamResponse:
         resp = error_response(errors.RequestTimeout(), request_id, raw_path, head)
         resp.force_close()
         return resp
-    except (ConnectionResetError, asyncio.CancelledError):
+    except asyncio.CancelledError:
         raise
+    except ConnectionError as e:
+        if not _client_gone(request):
+            return error_response(as_s3_error(e, request_id, request.method, raw_path), request_id, raw_path, head)
+        # The client went away (reset, or closed its side and we closed
+        # ours): nobody to answer. aiohttp logs an exception escaping a
+        # handler at ERROR with a traceback; a response whose write fails
+        # on the closed connection ends the request quietly instead.
+        log.info("request %s %s %s: the client went away (%s)", request_id, request.method, raw_path, e)
+        gone = web.Response(status=400)
+        gone.force_close()
+        return gone
     except Exception as e:
         return error_response(as_s3_error(e, request_id, request.method, raw_path), request_id, raw_path, head)
     return resp
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def _preflight(request: web.Request) -> web.StreamResponse:

@@ -373,9 +373,16 @@ def _with_fields(error: S3Error, fields: dict[str, str]) -> S3Error:
     return error
 
 
+def _raw(text: str) -> bytes:
+    """Request text back to the bytes the client sent: the servers decode
+    what is not UTF-8 with surrogateescape (a header byte 0xff), and a
+    strict encode of that raised, answering any client 500."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _hex_bytes(s: str) -> str:
     # S3's StringToSignBytes / CanonicalRequestBytes: space-separated hex.
-    return " ".join(f"{b:02x}" for b in s.encode("utf-8"))
+    return " ".join(f"{b:02x}" for b in _raw(s))
 
 
 # --- time ------------------------------------------------------------------------
@@ -602,12 +609,12 @@ def _verify_v4(
             ALGORITHM,
             amz_date,
             credential.scope,
-            hashlib.sha256(canonical_request.encode("utf-8")).hexdigest(),
+            hashlib.sha256(_raw(canonical_request)).hexdigest(),
         )
     )
     key = derive_signing_key(secret, credential.date, credential.region, credential.service)
-    expected = hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected.encode(), signature.encode("utf-8")):
+    expected = hmac.new(key, _raw(string_to_sign), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), _raw(signature)):
         raise SignatureDoesNotMatch(
             AWSAccessKeyId=access_key,
             StringToSign=string_to_sign,
@@ -838,7 +845,7 @@ def _v2_string_to_sign(
 
 
 def _v2_digest(secret: str, string_to_sign: str) -> bytes:
-    digest = hmac.new(secret.encode("utf-8"), string_to_sign.encode("utf-8"), hashlib.sha1)
+    digest = hmac.new(secret.encode("utf-8"), _raw(string_to_sign), hashlib.sha1)
     return base64.b64encode(digest.digest())
 
 
@@ -848,9 +855,9 @@ def _verify_v2(
     """Check a V2 signature; ``alternative`` is a second string to sign
     that a client may equally have used (a bucket path with or without its
     trailing slash)."""
-    ok = hmac.compare_digest(_v2_digest(secret, string_to_sign), signature.encode("utf-8"))
+    ok = hmac.compare_digest(_v2_digest(secret, string_to_sign), _raw(signature))
     if not ok and alternative is not None:
-        ok = hmac.compare_digest(_v2_digest(secret, alternative), signature.encode("utf-8"))
+        ok = hmac.compare_digest(_v2_digest(secret, alternative), _raw(signature))
     if not ok:
         raise SignatureDoesNotMatch(
             AWSAccessKeyId=access_key,
@@ -1033,8 +1040,8 @@ def _post_v4(form: dict[str, str], secrets: Mapping[str, str]) -> AuthContext:
     policy_b64 = form["policy"]
     signature = form["x-amz-signature"]
     key = derive_signing_key(secret, credential.date, credential.region, credential.service)
-    expected = hmac.new(key, policy_b64.encode("utf-8"), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected.encode(), signature.encode("utf-8")):
+    expected = hmac.new(key, _raw(policy_b64), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), _raw(signature)):
         raise SignatureDoesNotMatch(
             AWSAccessKeyId=credential.access_key,
             StringToSign=policy_b64,

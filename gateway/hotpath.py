@@ -388,6 +388,12 @@ class HotConnection(asyncio.Protocol):
         """aiohttp takes the connection, and the bytes of the request so far."""
         transport = self._transport
         assert transport is not None
+        if transport.is_closing():
+            # The client closed while a hot request was served; what it sent
+            # after has nobody to answer (aiohttp's handler, started on a
+            # closing transport, failed an assertion, logged).
+            transport.close()
+            return
         self._handed_off = True
         HANDED_OFF.inc()
         self._hot.connections.discard(self)

@@ -12,6 +12,7 @@ clients that omit or vary the S3 namespace are all understood.
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 
@@ -32,6 +33,19 @@ _ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;",
 
 def escape(text: str) -> str:
     return text.translate(_ESCAPES)
+
+
+# What XML 1.0 cannot carry at all, escaped or not: C0 controls but tab,
+# newline and return, and the lone surrogates a non-UTF-8 request byte
+# decodes to (surrogateescape).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def escape_echo(text: str) -> str:
+    """Text echoed from a request into an error body: escaped, and what
+    XML 1.0 cannot carry replaced with U+FFFD, so that the error parses
+    (a key ``%01`` made a NoSuchKey no client could read)."""
+    return _NOT_XML.sub("\ufffd", text).translate(_ESCAPES)
 
 
 def _render(node: Node, out: list[str]) -> None:

@@ -727,7 +727,7 @@ class S3Upstream:
         entries = [
             VersionEntry(ObjectInfo(
                 key=self._strip(dec(child_text(v, "Key"))),
-                size=int(child_text(v, "Size") or 0),
+                size=_count(v, "Size"),
                 etag=child_text(v, "ETag") or "",
                 last_modified=_parse_iso(child_text(v, "LastModified") or ""),
                 storage_class=child_text(v, "StorageClass") or "STANDARD",
@@ -760,7 +760,7 @@ class S3Upstream:
         objects = [
             ObjectInfo(
                 key=self._strip(dec(child_text(c, "Key"))),
-                size=int(child_text(c, "Size") or 0),
+                size=_count(c, "Size"),
                 etag=child_text(c, "ETag") or "",
                 last_modified=_parse_iso(child_text(c, "LastModified") or ""),
                 storage_class=child_text(c, "StorageClass") or "STANDARD",
@@ -878,8 +878,8 @@ class S3Upstream:
         alg = child_text(root, "ChecksumAlgorithm")
         parts = [
             PartInfo(
-                int(child_text(p, "PartNumber") or 0),
-                int(child_text(p, "Size") or 0),
+                _count(p, "PartNumber"),
+                _count(p, "Size"),
                 child_text(p, "ETag") or "",
                 _parse_iso(child_text(p, "LastModified") or ""),
                 child_text(p, f"Checksum{alg}") if alg else None,
@@ -1056,6 +1056,16 @@ def _b64md5(data: bytes) -> str:
     import base64
 
     return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _count(el: ET.Element, name: str) -> int:
+    """A whole, non-negative number in a store's answer (a size, a part
+    number); anything else is the store answering nonsense, told as its
+    other malformed answers are (MalformedXML), not a ValueError (500)."""
+    text = (child_text(el, name) or "0").strip()
+    if not text.isascii() or not text.isdigit():
+        raise errors.MalformedXML()
+    return int(text)
 
 
 def _parse_iso(value: str) -> float:

@@ -21,7 +21,7 @@ from nearstore.gateway.conditions import iso8601
 from nearstore.gateway.handlers.common import Ctx, encode_key, read_body, xml_response
 from nearstore.gateway.handlers.object import acl_of_request, read_tagging, tagging_response
 from nearstore.gateway.request import S3Request, check_key, validate_bucket_name
-from nearstore.gateway.xml import Node, child_text, parse
+from nearstore.gateway.xml import S3_NS, XML_DECL, Node, child_text, escape, parse
 from nearstore.metadata.backing import VERSIONING_STATES, ListPage, VersionEntry
 
 MAX_KEYS = 1000
@@ -98,14 +98,12 @@ async def delete_bucket(ctx: Ctx, req: S3Request) -> web.StreamResponse:
 
 async def get_bucket_location(ctx: Ctx, req: S3Request) -> web.StreamResponse:
     info = await ctx.backend.head_bucket(_bucket(req))
-    # us-east-1 buckets answer an empty LocationConstraint (S3 legacy).
-    return xml_response("LocationConstraint", []) if info.region in ("", "us-east-1") else web.Response(
-        body=(
-            '<?xml version="1.0" encoding="UTF-8"?>\n'
-            f'<LocationConstraint xmlns="http://s3.amazonaws.com/doc/2006-03-01/">{info.region}</LocationConstraint>'
-        ).encode(),
-        content_type="application/xml",
-    )
+    # us-east-1 buckets answer an empty LocationConstraint (S3 legacy). The
+    # region is the creator's text: escaped like any other (it was not).
+    if info.region in ("", "us-east-1"):
+        return xml_response("LocationConstraint", [])
+    body = f'{XML_DECL}<LocationConstraint xmlns="{S3_NS}">{escape(info.region)}</LocationConstraint>'
+    return web.Response(body=body.encode(), content_type="application/xml")
 
 
 async def get_bucket_acl(ctx: Ctx, req: S3Request) -> web.StreamResponse:

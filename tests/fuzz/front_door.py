@@ -120,7 +120,7 @@ _NOT_XML = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # form headers (a POST upload), and its advice to key requests' storage
 # with web.RequestKey (gateway/app.py uses strings). A test that runs a
 # FuzzNode under pytest's filterwarnings=error ignores these too.
-WARNINGS = (BadContentDispositionHeader, BadContentDispositionParam, web.NotAppKeyWarning)
+WARNINGS = (BadContentDispositionHeader, BadContentDispositionParam)
 
 
 class Crash(AssertionError):
@@ -317,14 +317,11 @@ class FuzzNode:
 # frame of the node's code, else the innermost of all): counted, so that a
 # long run explores past them. NEARSTORE_FUZZ_STRICT=1 counts none of them
 # (to reproduce or minimize one).
-KNOWN_EXCEPTIONS = {
-    (UnicodeEncodeError, "gateway/auth.py"): "a header's non-UTF-8 bytes reach a signature's .encode('utf-8')",
-    (UnicodeEncodeError, "gateway/app.py"): "a header's non-UTF-8 bytes echoed into an error body's .encode()",
-    # Anywhere: a response (or 100 Continue) written to a connection the
-    # client closed escapes the handler, and aiohttp logs it as an error.
-    (ConnectionResetError, ""): "a write to a connection the client closed logged at ERROR with a traceback",
-    (AssertionError, "aiohttp/web_protocol.py"): "the hot path hands aiohttp a connection already closing",
-}
+# Findings reported and not fixed yet, counted rather than stopping the
+# fuzzer: (exception type, file the innermost frame of ours is in) -> what.
+# Empty: the nine found so far are fixed, each with its regression test in
+# test_front_door.py.
+KNOWN_EXCEPTIONS: dict[tuple[type[BaseException], str], str] = {}
 STRICT = os.environ.get("NEARSTORE_FUZZ_STRICT") == "1"
 
 

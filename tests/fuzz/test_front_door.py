@@ -2,12 +2,11 @@
 bounded run of it, and every crash it or the XML properties found, each
 minimized to the input that shows it.
 
-Fixed ones are plain regression tests. Those reported and left (outside
-this work's remit: gateway/auth.py, gateway/app.py, gateway/hotpath.py)
-are xfails, strict where the input fails every time: each fails today
-exactly as found, and its fix turns it into a failure that says to drop
-the mark. The fuzz target counts these instead of stopping on
-them (``front_door.KNOWN_EXCEPTIONS``); each is run here with that off.
+All are fixed: each test here failed on the code it was found in. The
+last three race the client's EOF against the node's write, so on the old
+code they failed on most runs, not every one. A finding reported but not
+yet fixed would be listed in ``front_door.KNOWN_EXCEPTIONS`` (counted, not
+stopping the fuzzer) and held here by an xfail.
 
 A longer run: ``make fuzz SECONDS=600`` (README, "Fuzzing").
 """
@@ -25,16 +24,12 @@ from pathlib import Path
 import pytest
 
 from tests.fuzz import front_door
-from tests.fuzz.front_door import WARNINGS, Crash, FuzzNode, one_input, signed
+from tests.fuzz.front_door import WARNINGS, FuzzNode, one_input, signed
 
 pytestmark = [pytest.mark.filterwarnings(f"ignore::{w.__module__}.{w.__qualname__}") for w in WARNINGS]
 
 ROOT = Path(__file__).resolve().parents[2]
 RAW, FIXUP = b"\x00", bytes([front_door.FIXUP])
-# The last three findings race the client's EOF against the node's write:
-# they fail as found on most runs, not on every run (a loaded machine), so
-# their xfails do not insist.
-RACY = False
 
 
 def test_the_front_door_survives_a_bounded_fuzzing_run(tmp_path: Path) -> None:
@@ -104,8 +99,6 @@ def test_the_seeds_pass_the_oracle(strict: None) -> None:
         own.close()
 
 
-@pytest.mark.xfail(raises=Crash, strict=True, reason="reported: gateway/auth.py _v2_digest encodes the SigV2 "
-                   "string to sign as strict UTF-8; a header's non-UTF-8 byte (surrogate-escaped) raises")
 def test_a_non_utf8_byte_in_a_sigv2_signed_header(node: FuzzNode, strict: None) -> None:
     """InternalError (500) and a traceback; S3 answers SignatureDoesNotMatch."""
     date = formatdate(usegmt=True).encode()
@@ -113,8 +106,6 @@ def test_a_non_utf8_byte_in_a_sigv2_signed_header(node: FuzzNode, strict: None) 
               b"Authorization: AWS FUZZACCESSKEY0000001:x\r\n\r\n")
 
 
-@pytest.mark.xfail(raises=Crash, strict=True, reason="reported: gateway/auth.py _verify_v4 encodes the "
-                   "canonical request as strict UTF-8; a signed header's non-UTF-8 byte raises")
 def test_a_non_utf8_byte_in_a_sigv4_signed_header(node: FuzzNode, strict: None) -> None:
     """The same on SigV4's path (auth.py:605), whatever the signature: any
     client can make any node answer 500 and log a traceback."""
@@ -125,8 +116,6 @@ def test_a_non_utf8_byte_in_a_sigv4_signed_header(node: FuzzNode, strict: None) 
               b"x-amz-meta-a, Signature=" + b"0" * 64 + b"\r\n\r\n")
 
 
-@pytest.mark.xfail(raises=Crash, strict=True, reason="reported: gateway/app.py error_body encodes as strict "
-                   "UTF-8; an error field echoing a header's non-UTF-8 byte raises while rendering the error")
 def test_a_non_utf8_byte_echoed_into_an_error(node: FuzzNode, strict: None) -> None:
     """InvalidArgument ("Unsupported Authorization Type") carries the header
     as ArgumentValue: a 500 instead (aiohttp's, or a closed connection on
@@ -134,8 +123,6 @@ def test_a_non_utf8_byte_echoed_into_an_error(node: FuzzNode, strict: None) -> N
     one_input(node, RAW + b"GET /fuzz/obj HTTP/1.1\r\nHost: x\r\nAuthorization: A\xff\r\n\r\n")
 
 
-@pytest.mark.xfail(raises=Crash, strict=True, reason="reported: gateway/xml.py escape (error bodies, "
-                   "listings) writes C0 control characters, which XML 1.0 cannot carry even escaped")
 def test_a_control_character_in_a_key_echoed_into_an_error(node: FuzzNode, strict: None) -> None:
     """NoSuchKey for key "\\x01" answers ``<Key>\\x01</Key>``: no XML parser
     reads that error (S3 offers encoding-type=url for listings for this
@@ -144,8 +131,6 @@ def test_a_control_character_in_a_key_echoed_into_an_error(node: FuzzNode, stric
               b"Authorization: AWS4-HMAC-SHA256 x\r\n\r\n")
 
 
-@pytest.mark.xfail(raises=Crash, strict=RACY, reason="reported: gateway/app.py _front re-raises "
-                   "ConnectionResetError, which aiohttp logs at ERROR with a traceback")
 def test_a_get_whose_client_half_closed(node: FuzzNode, strict: None) -> None:
     """A signed GET on aiohttp's path (an Origin keeps it off the hot path),
     the client's side shut after it: the node closes on the EOF, the
@@ -154,14 +139,10 @@ def test_a_get_whose_client_half_closed(node: FuzzNode, strict: None) -> None:
     one_input(node, RAW + signed("GET", "/fuzz/obj", b"", {"Origin": "https://a.example.com"}))
 
 
-@pytest.mark.xfail(raises=Crash, strict=RACY, reason="reported: gateway/app.py expect_continue writes "
-                   "100 Continue to a closing transport; the error escapes to aiohttp, logged at ERROR")
 def test_an_expect_continue_whose_client_half_closed(node: FuzzNode, strict: None) -> None:
     one_input(node, RAW + signed("PUT", "/fuzz/k", b"x" * 100, {"Expect": "100-continue"})[:-100])
 
 
-@pytest.mark.xfail(raises=Crash, strict=RACY, reason="reported: gateway/hotpath.py hands a connection that "
-                   "is already closing to aiohttp, whose handler task then fails an assertion (logged)")
 def test_pipelined_hot_requests_then_garbage_then_eof(node: FuzzNode, strict: None) -> None:
     """Two hot GETs and a line aiohttp must answer, then EOF: the hot path
     serves the first while the EOF closes the transport, then hands the

@@ -639,8 +639,6 @@ def test_create_bucket_configuration_sets_exactly_its_region(node: FuzzNode, dat
         _ok(node, "DELETE", f"/{bucket}")
 
 
-@pytest.mark.xfail(raises=Crash, strict=True, reason="reported: GetBucketLocation writes the region unescaped "
-                   "(gateway/handlers/bucket.py get_bucket_location), and any LocationConstraint is accepted")
 def test_a_location_constraint_with_markup_comes_back_as_well_formed_xml(node: FuzzNode) -> None:
     """Found by test_create_bucket_configuration_sets_exactly_its_region
     with any text: "&lt;x" is stored as "<x" and GetBucketLocation answers
@@ -964,16 +962,12 @@ UPSTREAM_CALLS: dict[str, tuple[Callable[[S3Upstream], Any], bytes]] = {
     "an error": (lambda up: up.get_tags("b", "k"),
                  b"<Error><Code>NoSuchKey</Code><Message>m</Message><Key>k</Key></Error>"),
 }
-# A listing's Size or PartNumber that is not an integer: int() raises
-# ValueError out of gateway/backends/s3.py (reported, not fixed here;
-# test_a_stores_non_integer_size_is_an_s3_error holds it).
-_KNOWN_VALUE_ERROR = {"ListObjectsV2", "ListObjectVersions", "ListParts"}
+# Listings with a Size or PartNumber: int() of a store's text raised
+# ValueError (a 500) until test_a_stores_non_integer_size_is_an_s3_error.
+_NUMBERED = {"ListObjectsV2", "ListObjectVersions", "ListParts"}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(raises=ValueError, strict=False, reason="reported: int() of a "
-                                            "store's Size/PartNumber")) if n in _KNOWN_VALUE_ERROR else n
-    for n in UPSTREAM_CALLS])
+@pytest.mark.parametrize("name", list(UPSTREAM_CALLS))
 @settings(max_examples=_EXAMPLES or 40, **_SETTINGS)  # x 13 entry points
 @given(data=st.data())
 def test_any_answer_from_a_store_reads_or_is_an_s3_error(run: Callable[[Any], Any], name: str, data: st.DataObject) -> None:
@@ -989,9 +983,7 @@ def test_any_answer_from_a_store_reads_or_is_an_s3_error(run: Callable[[Any], An
         pass
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True, reason="reported: gateway/backends/s3.py int(child_text(c, "
-                   "'Size')) and int(child_text(p, 'PartNumber')) on a store's answer")
-@pytest.mark.parametrize("name", sorted(_KNOWN_VALUE_ERROR))
+@pytest.mark.parametrize("name", sorted(_NUMBERED))
 def test_a_stores_non_integer_size_is_an_s3_error(run: Callable[[Any], Any], name: str) -> None:
     """Minimized from test_any_answer_from_a_store_reads_or_is_an_s3_error:
     a listing whose Size (or a part's PartNumber) is not an integer."""
