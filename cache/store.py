@@ -181,6 +181,7 @@ class ChunkStore:
             self.pinned_bytes -= c.size
         self.used -= c.size
         self.policy.remove(cid)
+        _verified.pop(self.path(c), None)
         with contextlib.suppress(OSError):
             os.unlink(self.path(c))
 
@@ -202,6 +203,7 @@ class ChunkStore:
         if c.id in self.index:
             self.drop(c.id)
         else:
+            _verified.pop(self.path(c), None)
             with contextlib.suppress(OSError):
                 os.unlink(self.path(c))
 
@@ -320,8 +322,16 @@ _IOV_MAX = 1024
 # replaced) costs ~0.8 ms per 16 MiB chunk on every read, most of a warm
 # short-circuit read's time; trusting a hash forever leaves silent rot to
 # the next restart.
+#
+# Bounded twice: an entry goes with its chunk (``drop``, ``discard``), and
+# the memo is emptied past _VERIFIED_MAX entries (~455 bytes each: 30 MiB),
+# which only worker processes reach (they hold no index and hear of no
+# eviction) or a cache of more than 65,536 chunks (1 TiB of 16 MiB chunks),
+# where the cost is one more hash per chunk. Measured by the soak (bench/
+# RESULTS.md): before entries left with their chunks, the memo grew with
+# churn toward 2^20 entries (430 MiB).
 _verified: dict[str, tuple[int, int, int, int, str, float]] = {}
-_VERIFIED_MAX = 1 << 20
+_VERIFIED_MAX = 1 << 16
 
 
 def _ident(st: os.stat_result) -> tuple[int, int, int, int]:

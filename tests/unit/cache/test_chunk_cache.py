@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from nearstore.cache.readpath import CachedBackend, CachedHandle, ObjectChanged
 from nearstore.cache.store import ChunkStore
@@ -393,3 +394,28 @@ def test_a_chunk_writer_never_writes_after_abort(tmp_path: Path) -> None:
     assert not (tmp_path / "aborted").exists()
     with pytest.raises(OSError):
         writer.write_many([b"more"])
+
+
+def test_a_chunks_verified_memo_goes_with_it(tmp_path: Path) -> None:
+    """The 30-minute soak found the verified-chunk memo growing with churn:
+    an entry stayed after its chunk was evicted (bounded only at 2^20
+    entries, ~430 MiB). An entry now leaves with its chunk, and the memo's
+    bound is 2^16 entries (~30 MiB)."""
+    from nearstore.cache import store as store_mod
+
+    store = ChunkStore(tmp_path / "cache", capacity=2 * CS)
+    store.load()
+    chunks = []
+    for i in range(3):  # the third evicts the first
+        tmp = store.new_temp()
+        data = bytes([i]) * CS
+        tmp.write_bytes(data)
+        chunks.append(store.commit(f"{i:032x}", tmp, CS, xxhash.xxh3_64(data).hexdigest()))
+        # As open_verified records a file it hashed (older than a second).
+        store_mod._verified[store.path(chunks[-1])] = (0, CS, 0, 0, chunks[-1].checksum, time.monotonic())
+    assert store.lookup(chunks[0].id) is None  # evicted ...
+    assert store.path(chunks[0]) not in store_mod._verified  # ... with its memo entry
+    store.discard(chunks[1])
+    assert store.path(chunks[1]) not in store_mod._verified
+    assert store.path(chunks[2]) in store_mod._verified
+    assert store_mod._VERIFIED_MAX * 455 <= 32 * 1024 * 1024
