@@ -242,10 +242,13 @@ class _NodeDown(Fault):
 
 
 def _killer(ctx: Context) -> tuple[threading.Event, Callable[[], None]]:
-    """A kill -9 of the victim to run from a proxy's rule, noting when."""
+    """A kill -9 of the victim to run from a proxy's rule, noting when; only
+    the first call of a rule that fires more than once kills."""
     killed = threading.Event()
 
     def kill() -> None:
+        if killed.is_set():
+            return
         ctx.t_fault = time.monotonic()
         ctx.node.signal(9)
         killed.set()
@@ -345,8 +348,11 @@ class KillPeerMidStream(_NodeDown):
         killed, kill = _killer(ctx)
         relay = ctx.cluster.relays[ctx.victim]
         relay.clear_log()
-        relay.truncate_response(after=64 * KiB, method="GET", path="/_nearstore/peer/chunk",
-                                on_fire=kill)
+        # Every chunk answer, not just the next one: a rule is spent by the
+        # request it matched, and the next may be a range shorter than 64 KiB,
+        # which ends before the rule can fire.
+        relay.truncate_response(after=64 * KiB, times=None, method="GET",
+                                path="/_nearstore/peer/chunk", on_fire=kill)
         try:
             wait_until(killed.is_set, 30, f"node {ctx.victim} streaming a chunk to a peer")
         except TimeoutError:
@@ -356,10 +362,13 @@ class KillPeerMidStream(_NodeDown):
                              f"{dict(seen.most_common(5)) or 'none'}")
             raise
         ctx.node.kill()
-        cut = [e for e in ctx.cluster.relays[ctx.victim].events()
-               if e.action == "truncate_response"]
+        cut = [e for e in relay.events() if e.action == "truncate_response" and e.error]
         ctx.notes.append(f"chunk stream to a peer cut after {cut[0].response_bytes if cut else '?'} "
                          "bytes")
+
+    def heal(self, ctx: Context) -> None:
+        ctx.cluster.relays[ctx.victim].clear()  # before the node is back
+        super().heal(ctx)
 
 
 @fault
