@@ -26,6 +26,12 @@ BYTES_FROM_PEERS = Counter(
 BYTES_FROM_BACKING = Counter("nearstore_bytes_from_backing", "Bytes read from the backing store", registry=REGISTRY)
 FILLS_IN_FLIGHT = Gauge("nearstore_fills_in_flight", "Chunk fills in progress", registry=REGISTRY,
                         multiprocess_mode="livesum")
+PREFETCH_HINTS = Counter("nearstore_prefetch_hints", "Objects named by loaders' hints", registry=REGISTRY)
+PREFETCH_CHUNKS = Counter("nearstore_prefetch_chunks", "Chunk fills started from hints", registry=REGISTRY)
+PREFETCH_USED = Counter("nearstore_prefetch_used", "Prefetched chunks read before they were evicted",
+                        registry=REGISTRY)
+PREFETCH_WASTED = Counter("nearstore_prefetch_wasted_bytes", "Bytes of prefetched chunks evicted unread",
+                          registry=REGISTRY)
 FILLS_ABANDONED = Counter("nearstore_fills_abandoned", "Fills stopped because no reader waited for them any more",
                           registry=REGISTRY)
 LOCAL_READS = Counter("nearstore_local_reads", "Short-circuit reads answered on the Unix socket",

@@ -43,6 +43,9 @@ chunk file with sendfile. Routes:
   asker: a wrong size would cut a chunk to the wrong length for everyone)
   and answers 412 if its version is not ``etag``.
 - ``POST /_nearstore/peer/invalidate?bucket&key``
+- ``POST /_nearstore/peer/hint?bucket`` with JSON ``{"key", "etag", "size",
+  "indices"}``: fill those chunks of that version ahead of a reader
+  (cache.prefetch); the owner checks the version and size as any fill does.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -235,6 +239,23 @@ class Cluster:
             raise PeerFailed(f"{node.id}: chunk {index}: {e}") from e
         finally:
             resp.close()
+
+    async def hint(self, node: Node, bucket: str, info: ObjectInfo, indices: list[int]) -> None:
+        """Ask a chunk's owner to prefetch it (cache.prefetch); advice, so
+        a failure is only logged."""
+        if self.session is None:
+            return
+        path = f"/_nearstore/peer/hint?{urlencode({'bucket': bucket})}"
+        body = json.dumps({"key": info.key, "etag": info.etag, "size": info.size, "indices": indices}).encode()
+        try:
+            async with self.session.post(
+                URL(node.address.rstrip("/") + path, encoded=True), data=body,
+                headers={AUTH_HEADER: sign(self.secret, "POST", path, node.id), "Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=INVALIDATE_TIMEOUT_S), server_hostname=self.membership.link.hostname,
+            ) as r:
+                await r.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            log.debug("hint to %s failed: %r", node.id, e)
 
     async def broadcast_invalidate(self, bucket: str, key: str) -> None:
         """Tell every peer to drop its metadata of bucket/key; returns when

@@ -58,6 +58,7 @@ from nearstore.cache.errors import (
     PeerTampered,
 )
 from nearstore.cache.peers import Cluster
+from nearstore.cache.prefetch import Prefetcher
 from nearstore.cache.store import Chunk, ChunkStore, ChunkWriter, open_if_verified, open_verified
 from nearstore.metadata.backing import (
     Backend,
@@ -145,12 +146,22 @@ class CachedBackend:
         self._fill_tasks: set[asyncio.Task[Chunk]] = set()
         self.progress: dict[str, FillProgress] = {}
         self._holders: dict[str, int] = {}  # chunk id -> readers waiting for its fill
-        self._served: set[str] = set()  # fills in flight some reader was served from: kept
+        self._max_fills = max_fills
+        self._fills_queued = 0  # fills waiting for a slot
+        # Prefetched chunks (cache.prefetch) no reader has touched yet: id -> size.
+        self.prefetched_unread: dict[str, int] = {}
+        self.prefetched_unread_bytes = 0
+        store.on_drop.append(self._dropped)
+        # Fills in flight that no reader's leaving cancels: some reader was
+        # served from it, or a hint started it (cache.prefetch).
+        self._keep: set[str] = set()
         self._fill_slots = asyncio.Semaphore(max_fills)
         # Multi-process node (see cache.control): None when alone.
         self.control: Control | None = None
         # Cache peers (cache.peers): None for a node alone.
         self.cluster: Cluster | None = None
+        # Loaders' hints (cache.prefetch): None where they are turned off.
+        self.prefetcher: Prefetcher | None = None
         self.follower = False
         self._touched: set[str] = set()
         self._toucher: asyncio.Task[None] | None = None
@@ -183,10 +194,14 @@ class CachedBackend:
 
     async def start(self) -> None:
         await self.inner.start()
+        if self.prefetcher is not None:
+            self.prefetcher.start()
         if self.follower:
             self._toucher = asyncio.ensure_future(self._flush_touches())
 
     async def close(self) -> None:
+        if self.prefetcher is not None:
+            await self.prefetcher.close()
         if self._toucher is not None:
             self._toucher.cancel()
         for t in list(self._fill_tasks):
@@ -269,13 +284,60 @@ class CachedBackend:
         c = self.store.lookup(cid)
         if c is not None:
             metrics.HITS.inc()
+            if cid in self.prefetched_unread:
+                self._prefetch_read(cid)
             fut: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
             fut.set_result(c)
             return fut
         pending = self._fills.get(cid)
         if pending is not None:
+            if cid in self.prefetched_unread:
+                self._prefetch_read(cid)  # a reader caught its prefetch in flight
             return pending
         metrics.MISSES.inc()
+        return self._start_fill(cid, bucket, info, index)
+
+    def prefetch_chunk(self, bucket: str, info: ObjectInfo, index: int) -> asyncio.Future[Chunk] | None:
+        """Fill a chunk for a hint (cache.prefetch): None when it is cached
+        or filling already. Not a miss: no reader asked yet."""
+        cid = self._chunk_id(bucket, info, index)
+        if cid in self.store.index or cid in self._fills or self.follower:
+            return None
+        metrics.PREFETCH_CHUNKS.inc()
+        size = self.chunk_span(info, index)[1]
+        self.prefetched_unread[cid] = size
+        self.prefetched_unread_bytes += size
+        task = self._start_fill(cid, bucket, info, index)
+        self._keep.add(cid)
+
+        def failed(t: asyncio.Future[Chunk]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                self._prefetch_forget(cid)  # nothing was cached: neither read nor wasted
+
+        task.add_done_callback(failed)
+        return task
+
+    def fill_room(self) -> bool:
+        """Whether a hinted fill may start now: no client's fill waits for a
+        slot, and a quarter of the slots (at least one) stay free for them."""
+        running = self._max_fills - self._fill_slots._value  # (asyncio keeps no public count)
+        return self._fills_queued == 0 and running < self._max_fills - max(1, self._max_fills // 4)
+
+    def _prefetch_read(self, cid: str) -> None:
+        metrics.PREFETCH_USED.inc()
+        self._prefetch_forget(cid)
+
+    def _prefetch_forget(self, cid: str) -> None:
+        self.prefetched_unread_bytes -= self.prefetched_unread.pop(cid, 0)
+
+    def _dropped(self, cid: str) -> None:
+        """The store dropped a chunk: a prefetched one nobody read was waste."""
+        size = self.prefetched_unread.pop(cid, None)
+        if size is not None:
+            self.prefetched_unread_bytes -= size
+            metrics.PREFETCH_WASTED.inc(size)
+
+    def _start_fill(self, cid: str, bucket: str, info: ObjectInfo, index: int) -> asyncio.Future[Chunk]:
         progress = self.progress[cid] = FillProgress()
         task = asyncio.ensure_future(self._fill(cid, bucket, info, index, progress))
         self._fills[cid] = task
@@ -286,7 +348,7 @@ class CachedBackend:
             # under the same id.)
             if self._fills.get(cid) is t:
                 del self._fills[cid]
-                self._served.discard(cid)
+                self._keep.discard(cid)
             if self.progress.get(cid) is progress:
                 del self.progress[cid]
             progress.advance(0)  # wake readers: the fill is over
@@ -311,7 +373,7 @@ class CachedBackend:
         served from it (``served``: then it was wanted, and the next reader
         of that range will want it cached)."""
         if served and cid in self._fills:
-            self._served.add(cid)
+            self._keep.add(cid)
         n = self._holders.get(cid, 0) - 1
         if n > 0:
             self._holders[cid] = n
@@ -319,7 +381,7 @@ class CachedBackend:
         self._holders.pop(cid, None)
         task = self._fills.get(cid)
         progress = self.progress.get(cid)
-        if task is None or task.done() or self.follower or progress is None or cid in self._served:
+        if task is None or task.done() or self.follower or progress is None or cid in self._keep:
             return
         if progress.total and progress.written >= self.KEEP_FILL_AT * progress.total:
             return
@@ -374,8 +436,15 @@ class CachedBackend:
         start, length = self.chunk_span(info, index)
         if progress is not None:
             progress.total = length
-        async with self._fill_slots:
+        self._fills_queued += 1
+        try:
+            await self._fill_slots.acquire()
+        finally:
+            self._fills_queued -= 1
+        try:
             return await self._fill_now(cid, bucket, info, index, start, length, progress)
+        finally:
+            self._fill_slots.release()
 
     async def _fill_now(self, cid: str, bucket: str, info: ObjectInfo, index: int, start: int, length: int,
                         progress: FillProgress | None) -> Chunk:

@@ -95,6 +95,9 @@ class ChunkStore:
         self.pinned: set[str] = set()
         self.pinned_bytes = 0
         self.stats = StoreStats()
+        # Told of every chunk dropped (evicted, corrupt, not ours): the
+        # prefetch accounting (cache.readpath) counts those never read.
+        self.on_drop: list[Callable[[str], None]] = []
 
     # --- start-up -----------------------------------------------------------
 
@@ -176,6 +179,8 @@ class ChunkStore:
         c = self.index.pop(cid, None)
         if c is None:
             return
+        for listener in self.on_drop:
+            listener(cid)
         if cid in self.pinned:
             self.pinned.discard(cid)
             self.pinned_bytes -= c.size

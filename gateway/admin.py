@@ -11,9 +11,11 @@ here looks at backend types.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import os
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -23,6 +25,7 @@ from nearstore.cache import peers
 from nearstore.cache.errors import NotCached, PeerDenied
 from nearstore.cache.localsock import OpenRead
 from nearstore.cache.metrics import exposition as metrics_exposition
+from nearstore.cache.prefetch import Item
 from nearstore.cache.warm import WarmProgress, warm
 from nearstore.gateway import errors
 from nearstore.gateway.access import Op, authorize_owner, decide, requester
@@ -61,6 +64,8 @@ async def admin(request: web.Request, path: str) -> web.StreamResponse:
         return ring_route(request)
     if path == "/_nearstore/warm" and request.method == "POST":
         return await warm_route(request)
+    if path == "/_nearstore/hint" and request.method == "POST":
+        return await hint_route(request)
     raise errors.NoSuchKey("No such administrative route", Key=path)
 def control_plane(request: web.Request, *, operator: bool) -> None:
     """The control plane apart from the data plane: a control route answers
@@ -181,6 +186,16 @@ async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
     if path == "/_nearstore/peer/invalidate" and request.method == "POST":
         await peers.serve_invalidate(cache, bucket, q.get("key", ""))
         return web.Response(status=204)
+    if path == "/_nearstore/peer/hint" and request.method == "POST":
+        doc: dict[str, Any] = _json_body(await _small_body(request))
+        try:
+            info = ObjectInfo(key=str(doc["key"]), size=int(doc["size"]), etag=str(doc["etag"]), last_modified=0.0)
+            indices = [int(i) for i in doc["indices"]][:MAX_HINT_KEYS]
+        except (KeyError, TypeError, ValueError):
+            raise errors.InvalidRequest("A peer hint is {key, etag, size, indices}") from None
+        if cache is not None and cache.prefetcher is not None:
+            cache.prefetcher.add(f"peers:{bucket}", bucket, Item(info.key, info, indices))
+        return web.Response(status=204)
     if path != "/_nearstore/peer/chunk" or request.method != "GET":
         raise errors.NoSuchKey("No such peer route", Key=path)
     handle = await peers.serve_chunk(cache, bucket, q)
@@ -194,6 +209,77 @@ async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
         return resp
     finally:
         await handle.close()
+
+
+# --- hints: what loaders will read next (cache.prefetch) -----------------------
+
+MAX_HINT_BODY = 256 * 1024
+MAX_HINT_KEYS = 1000
+
+
+async def _small_body(request: web.Request) -> bytes:
+    """The whole body, at most MAX_HINT_BODY bytes (else 400)."""
+    data = bytearray()
+    while piece := await request.content.read(64 * 1024):
+        data += piece
+        if len(data) > MAX_HINT_BODY:
+            raise errors.InvalidRequest(f"At most {MAX_HINT_BODY} bytes of hints at a time")
+    return bytes(data)
+
+
+def _json_body(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise errors.InvalidRequest("The body is not JSON") from None
+    if not isinstance(doc, dict):
+        raise errors.InvalidRequest("The body is a JSON object")
+    return doc
+
+
+async def hint_route(request: web.Request) -> web.Response:
+    """POST /_nearstore/hint?bucket=B with ``{"stream": id, "keys": [...]}``:
+    the next objects (at most 1000, in read order) a loader's stream will
+    read; it replaces the stream's earlier hint (docs/CLIENTS.md). Signed
+    like any S3 request, never anonymous (the body's SHA-256 checked when
+    signed with one); each key
+    is decided as a GetObject by the signer, and keys it may not read are
+    left out. Answers ``{"accepted", "queued", "denied"}``; NotImplemented
+    for a bucket not read through the cache (nothing to prefetch into)."""
+    cfg = request.app[CONFIG_KEY]
+    raw_path, _, raw_query = request.raw_path.partition("?")
+    auth = authenticate(SignedRequest(request.method, raw_path, raw_query, request.headers), cfg.credentials)
+    user = requester(cfg, auth.access_key, auth.scheme == "anonymous")
+    if user is None:
+        raise errors.AccessDenied()  # work on the node's account: signed users only
+    bucket = parse_query(raw_query).get("bucket", "")
+    validate_bucket_name(bucket)
+    body = await _small_body(request)
+    claimed = request.headers.get("x-amz-content-sha256", "")
+    if len(claimed) == 64 and not hmac.compare_digest(hashlib.sha256(body).hexdigest(), claimed.lower()):
+        raise errors.XAmzContentSHA256Mismatch()
+    doc = _json_body(body)
+    stream, keys = doc.get("stream"), doc.get("keys")
+    if not isinstance(stream, str) or not 0 < len(stream) <= 200 or not isinstance(keys, list) \
+            or len(keys) > MAX_HINT_KEYS or not all(isinstance(k, str) and 0 < len(k) <= 1024 for k in keys):
+        raise errors.InvalidRequest(f"Hints are {{\"stream\": up to 200 characters, \"keys\": up to "
+                                   f"{MAX_HINT_KEYS} keys}}")
+    cache = request.app[CACHE_FOR_KEY](bucket)
+    backend = request.app[BACKEND_KEY]
+    await backend.head_bucket(bucket)  # NoSuchBucket first, as S3 would (one request per window)
+    if cache is None or cache.prefetcher is None:
+        raise errors.NotImplemented("Hints need a bucket read through the cache")
+    items, denied = [], 0
+    for key in keys:
+        try:
+            access = decide(cfg, backend, user, bucket, key, READ)
+        except errors.AccessDenied:
+            denied += 1
+            continue
+        items.append(Item(key, check=access.check))
+    # Streams are the signer's own: one user cannot replace another's.
+    accepted = cache.prefetcher.hint(f"{user.id}:{stream}", bucket, items)
+    return web.json_response({"accepted": accepted, "queued": cache.prefetcher.queued(), "denied": denied})
 
 
 # --- the short-circuit socket's requests (cache.localsock) ---------------------

@@ -95,6 +95,11 @@ class CacheConfig:
     # 1 MiB of write-behind; 64 x 16 MiB chunks keep any one backing store
     # busy, and more only queue inside its connection pool.
     max_fills: int = 64
+    # Loaders' hints (cache.prefetch): objects worked on at once, and the
+    # share of the budget prefetched chunks not read yet may take.
+    hints: bool = True
+    hint_lanes: int = 4
+    hint_share: float = 0.25
     # Verify each chunk's checksum before every send. Turning it off exists
     # to measure what it costs (bench/RESULTS.md); it gives up the promise
     # that a flipped bit is never served.
@@ -479,6 +484,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache", "max_fills", "cache.max_fills", _integer(1, 100_000), "Chunk fills from the backing store "
             "in flight at once on the node; more wait their turn. A fill no reader waits for any more stops "
             "unless three quarters done.", "NEARSTORE_MAX_FILLS", type_name=_INT),
+    Setting("cache", "hints", "cache.hints", _boolean, "Act on loaders' hints (`POST /_nearstore/hint`): fill "
+            "the chunks they will read next, below clients' fills.", "NEARSTORE_CACHE_HINTS", type_name=_BOOL),
+    Setting("cache", "hint_lanes", "cache.hint_lanes", _integer(1, 256), "Hinted objects prefetched at once.",
+            "NEARSTORE_HINT_LANES", type_name=_INT),
+    Setting("cache", "hint_share", "cache.hint_share", _number(0.0, 0.9), "Share of [cache] size that "
+            "prefetched chunks nobody has read yet may take.", "NEARSTORE_HINT_SHARE", type_name="number"),
     Setting("cache", "verify", "cache.verify", _boolean, "Check each chunk's checksum before it is sent "
             "(off only to measure what it costs).", "NEARSTORE_CACHE_VERIFY", type_name=_BOOL),
     Setting("cache", "reverify_s", "cache.reverify_s", _number(0, 86400), "A chunk hashed this recently, its "

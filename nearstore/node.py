@@ -32,6 +32,7 @@ from nearstore.cache import metrics
 from nearstore.cache.control import Control
 from nearstore.cache.localsock import LocalSocketServer
 from nearstore.cache.peers import Cluster
+from nearstore.cache.prefetch import Prefetcher
 from nearstore.cache.readpath import CachedBackend
 from nearstore.cache.store import ChunkStore
 from nearstore.gateway.access import recorded
@@ -79,6 +80,8 @@ class Stores:
             cache = CachedBackend(up, self.chunks, chunk_size=cfg.cache.chunk_size, meta_ttl=cfg.cache.meta_ttl,
                                   prefetch=cfg.cache.prefetch, verify=cfg.cache.verify,
                                   reverify_s=cfg.cache.reverify_s, max_fills=cfg.cache.max_fills)
+            if cfg.cache.hints:
+                cache.prefetcher = Prefetcher(cache, lanes=cfg.cache.hint_lanes, share=cfg.cache.hint_share)
             self.caches.append(cache)
             return cache
 

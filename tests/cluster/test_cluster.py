@@ -268,3 +268,37 @@ def test_a_peer_cannot_cut_a_chunk_to_a_wrong_size(cluster: Cluster) -> None:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 412
     e.value.close()
+
+
+@pytest.mark.timeout(120)
+def test_hints_through_one_node_fill_each_chunk_on_its_owner(cluster: Cluster) -> None:
+    """Issue 17: a loader hints its node; chunks other nodes own are hinted
+    to their owners, which fill them; the reads that follow, through any
+    node, are hits everywhere."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    s3 = [cluster.client(p) for p in cluster.ports]
+    s3[0].create_bucket(Bucket="hinted")
+    objects = {f"s{i}": os.urandom(3 * MiB) for i in range(4)}  # 12 chunks over 3 nodes
+    for key, data in objects.items():
+        s3[0].put_object(Bucket="hinted", Key=key, Body=data)
+    body = json.dumps({"stream": "job/0/0", "keys": sorted(objects)}).encode()
+    url = f"http://127.0.0.1:{cluster.ports[0]}/_nearstore/hint?bucket=hinted"
+    req = AWSRequest(method="POST", url=url, data=body, headers={"Content-Type": "application/json"})
+    S3SigV4Auth(Credentials(KEYS["NEARSTORE_ACCESS_KEY"], KEYS["NEARSTORE_SECRET_KEY"]), "s3",
+                "us-east-1").add_auth(req)
+    with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST",
+                                                       headers=dict(req.headers.items())), timeout=30) as r:
+        assert json.loads(r.read())["accepted"] == 4
+    deadline = time.monotonic() + 60
+    while sum(len(cluster.chunk_files(p)) for p in cluster.ports) < 12 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sum(len(cluster.chunk_files(p)) for p in cluster.ports) == 12
+    assert cluster.misplaced() == []
+    assert sum(1 for p in cluster.ports if cluster.chunk_files(p)) >= 2  # owners other than the hinted node
+    misses = sum(cluster.metric(p, "nearstore_cache_misses_total") for p in cluster.ports)
+    for key, data in objects.items():
+        assert s3[1].get_object(Bucket="hinted", Key=key)["Body"].read() == data
+    assert sum(cluster.metric(p, "nearstore_cache_misses_total") for p in cluster.ports) == misses
