@@ -30,6 +30,16 @@ shards) are in flight or buffered per iterator. Shards larger than
 ``max_buffer`` are streamed instead of buffered, so memory stays flat
 whatever the shard size.
 
+Read-ahead hints (``clients.hints``): as an iterable dataset reads, it
+tells the node the next keys of its epoch order (a window of about 30 s
+of reading, sent in the background every half window), so that the node
+fills them before they are asked for: a first epoch at nearly warm speed.
+``ObjectDataset`` is map-style: the sampler, not the dataset, knows the
+order, so it hints only when given the order (``hint(indices)``) or when
+read in key order. ``hints=False`` or ``NEARSTORE_HINTS=0`` turns them
+off; a local directory, or an endpoint that refuses the first hint (a
+plain S3), reads on without them.
+
 ``decode`` turns a raw sample into what the training step wants; it runs
 in the loader worker. Without torch these are plain Python iterables; with
 torch installed they are ``torch.utils.data`` datasets and work with
@@ -38,6 +48,7 @@ torch installed they are ``torch.utils.data`` datasets and work with
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 import sys
@@ -50,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Generic, Protocol, TypeVar
 
+from nearstore.clients import hints as _hints
 from nearstore.clients import ranged
 from nearstore.clients.connect import connect
 from nearstore.clients.local import LocalUnavailable, pread_all
@@ -119,11 +131,16 @@ class S3Source:
         self.url = f"s3://{bucket}"
         self._s3: Any = None
         self._pid = 0
+        self.hints_off = False  # set when the endpoint refused a hint (in this process)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_s3"], state["_pid"] = None, 0
         return state
+
+    def send_hint(self, stream: str, keys: list[str]) -> dict[str, Any]:
+        """Tell the node ``stream`` reads ``keys`` next (``clients.hints``)."""
+        return _hints.post(self.s3, self.bucket, stream, keys)
 
     @property
     def s3(self) -> Any:
@@ -328,7 +345,17 @@ class ObjectDataset(_MapBase, Generic[T]):
     """Map-style: ``ds[i]`` is ``decode((key, data))`` of the i-th object
     under the prefix, in key order. Sharding and shuffling are the
     sampler's job (torch's DistributedSampler, or ``split`` and
-    ``epoch_order`` here)."""
+    ``epoch_order`` here).
+
+    Hints: the sampler's order is not the dataset's to see, so it hints
+    (a) the order given to ``hint(indices)``: the indices this process's
+    loader will ask for, in order (e.g. ``order = list(sampler)``, then
+    ``DataLoader(ds, sampler=order)``; called before the DataLoader's
+    workers start, which is every epoch unless ``persistent_workers``);
+    or (b) key order, once it sees 4 consecutive indices asked in a row
+    (plain iteration, a SequentialSampler), until an index goes back."""
+
+    SEQUENTIAL_RUN = 4  # consecutive indices before key order is hinted
 
     def __init__(
         self,
@@ -337,9 +364,74 @@ class ObjectDataset(_MapBase, Generic[T]):
         *,
         decode: Callable[[tuple[str, bytes]], T] = _default_decode,  # type: ignore[assignment]
         suffixes: Sequence[str] | None = None,
+        hints: bool | None = None,
     ) -> None:
         self._listed = _Listed(url, prefix, suffixes)
         self.decode = decode
+        self.hints = hints
+        self._job = _hints.job_token(f"{self._listed.source.url}/{self._listed.prefix}")
+        self._plan: list[int] | None = None
+        self._reset_hints()
+
+    def _reset_hints(self) -> None:
+        self._hinter: _hints.Hinter | None = None
+        self._hint_pid = os.getpid()
+        self._where: dict[int, list[int]] = {}  # index -> its positions in the plan
+        self._last = -2
+        self._run = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_hinter"], state["_hint_pid"], state["_where"] = None, 0, {}
+        return state
+
+    def hint(self, indices: Iterable[int]) -> None:
+        """The indices this process's loader will read, in that order: hint
+        their keys ahead of the reads (replaces an earlier plan)."""
+        if self._hinter is not None:
+            self._hinter.close()
+        self._reset_hints()
+        self._plan = [int(i) for i in indices]
+
+    def _hint_at(self, index: int) -> None:
+        if os.getpid() != self._hint_pid:
+            self._reset_hints()  # a DataLoader worker: its own thread and position
+        if self._plan is not None:
+            self._hint_planned(index)
+            return
+        self._run = self._run + 1 if index == self._last + 1 else (self._run if index > self._last else 0)
+        self._last = index
+        if self._run < self.SEQUENTIAL_RUN - 1:
+            if self._hinter is not None and self._run == 0:
+                self._hinter.close()  # went back: not key order any more
+                self._hinter = None
+            return
+        if self._hinter is None:
+            self._hinter = self._make_hinter(self.keys)
+        if self._hinter is not None:
+            self._hinter.at(index)
+
+    def _hint_planned(self, index: int) -> None:
+        plan = self._plan or []
+        if self._hinter is None:
+            if not self._where:
+                for pos, i in enumerate(plan):
+                    self._where.setdefault(i, []).append(pos)
+            entries = self._listed.entries
+            self._hinter = self._make_hinter(_Keys(entries, plan))
+            if self._hinter is None:
+                self._plan = []
+                return
+        positions = self._where.get(index)
+        if positions:
+            at = bisect.bisect_right(positions, self._hinter.position)
+            if at < len(positions):
+                self._hinter.at(positions[at])
+
+    def _make_hinter(self, plan: Sequence[str]) -> _hints.Hinter | None:
+        rank, _ = distributed_rank()
+        worker, _ = loader_worker()
+        return _hints.for_source(self._listed.source, self.hints, _hints.stream_id(self._job, rank, worker), plan)
 
     @property
     def keys(self) -> list[str]:
@@ -350,7 +442,25 @@ class ObjectDataset(_MapBase, Generic[T]):
 
     def __getitem__(self, index: int) -> T:
         entry = self._listed.entries[index]
+        if self.hints is not False:
+            self._hint_at(index if index >= 0 else index + len(self))
         return self.decode((entry.name, bytes(self._listed.source.read(entry))))
+
+
+class _Keys(Sequence[str]):
+    """The keys of ``entries`` in ``order``, made as sliced (a plan of a
+    million indices is not a million strings up front)."""
+
+    def __init__(self, entries: Sequence[Entry], order: Sequence[int]) -> None:
+        self.entries, self.order = entries, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self.entries[j].name for j in self.order[i]]
+        return self.entries[self.order[i]].name
 
 
 class _Iterable(_IterBase, Generic[T]):
@@ -366,8 +476,12 @@ class _Iterable(_IterBase, Generic[T]):
         world_size: int | None,
         even: bool,
         prefetch: int,
+        hints: bool | None,
     ) -> None:
         self._listed = _Listed(url, prefix, suffixes)
+        self.hints = hints
+        # Made once, here: pickled into every DataLoader worker of this dataset.
+        self._job = _hints.job_token(f"{self._listed.source.url}/{self._listed.prefix}")
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
@@ -382,6 +496,11 @@ class _Iterable(_IterBase, Generic[T]):
 
     def _mine(self) -> list[Entry]:
         """This rank's and loader worker's entries for the current epoch."""
+        return self._share()[0]
+
+    def _share(self) -> tuple[list[Entry], _hints.Hinter | None]:
+        """This rank's and loader worker's entries for the current epoch, and
+        a hinter over their keys (None when not hinting)."""
         if self.rank is None or self.world_size is None:
             rank, world = distributed_rank()
         else:
@@ -389,8 +508,28 @@ class _Iterable(_IterBase, Generic[T]):
         worker, workers = loader_worker()
         entries = self._listed.entries
         order = epoch_order(len(entries), shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
-        return [entries[i] for i in split(order, rank=rank, world_size=world, worker=worker,
+        mine = [entries[i] for i in split(order, rank=rank, world_size=world, worker=worker,
                                           workers=workers, even=self.even)]
+        stream = _hints.stream_id(self._job, rank, worker)
+        return mine, _hints.for_source(self._listed.source, self.hints, stream, [e.name for e in mine])
+
+    def _read(self, fn: Callable[[Entry], U]) -> Iterator[U]:
+        """fn over this share's entries, ``prefetch`` ahead, hinting as each
+        read starts; an early stop closes the hinter (the node drops the
+        stream's window)."""
+        mine, hinter = self._share()
+        if hinter is None:
+            yield from prefetched(fn, mine, self.prefetch, self.prefetch)
+            return
+
+        def one(item: tuple[int, Entry]) -> U:
+            hinter.at(item[0])
+            return fn(item[1])
+
+        try:
+            yield from prefetched(one, enumerate(mine), self.prefetch, self.prefetch)
+        finally:
+            hinter.close()
 
 
 class ObjectStream(_Iterable[T]):
@@ -410,9 +549,10 @@ class ObjectStream(_Iterable[T]):
         world_size: int | None = None,
         even: bool = False,
         prefetch: int = 16,
+        hints: bool | None = None,
     ) -> None:
         super().__init__(url, prefix, suffixes=suffixes, shuffle=shuffle, seed=seed, rank=rank,
-                         world_size=world_size, even=even, prefetch=prefetch)
+                         world_size=world_size, even=even, prefetch=prefetch, hints=hints)
         self.decode = decode
 
     def __len__(self) -> int:
@@ -424,7 +564,7 @@ class ObjectStream(_Iterable[T]):
         def one(entry: Entry) -> T:
             return self.decode((entry.name, bytes(source.read(entry))))
 
-        return prefetched(one, self._mine(), self.prefetch, self.prefetch)
+        return self._read(one)
 
 
 class TarDataset(_Iterable[T]):
@@ -451,9 +591,10 @@ class TarDataset(_Iterable[T]):
         even: bool = False,
         prefetch: int = 2,
         max_buffer: int = 512 * 1024 * 1024,
+        hints: bool | None = None,
     ) -> None:
         super().__init__(url, prefix, suffixes=suffixes, shuffle=shuffle, seed=seed, rank=rank,
-                         world_size=world_size, even=even, prefetch=prefetch)
+                         world_size=world_size, even=even, prefetch=prefetch, hints=hints)
         self.decode = decode
         self.shuffle_buffer = shuffle_buffer
         self.max_buffer = max_buffer
@@ -471,7 +612,6 @@ class TarDataset(_Iterable[T]):
             yield from group_samples(iter_members(stream_reader(f)), url)
 
     def _raw(self) -> Iterator[Sample]:
-        mine = self._mine()
         source = self._listed.source
         # Shard buffers are reused: a fresh 100 MiB bytearray costs more in
         # page faults than reading the shard from a warm node. At most
@@ -492,7 +632,7 @@ class TarDataset(_Iterable[T]):
                 buf = bytearray(entry.size)
             return entry, buf, source.read_into(entry, buf)
 
-        for entry, buf, data in prefetched(fetch, mine, self.prefetch, self.prefetch):
+        for entry, buf, data in self._read(fetch):
             yield from self._samples(entry, data)
             if buf is not None:
                 del data
