@@ -22,6 +22,29 @@ read by the same loader code from three places, side by side in one run:
 Target (issue 14), printed met / not met under the table: nearstore cold at
 least 0.9 x boto3 reading the backing store directly (LOADER_COLD_VS_DIRECT).
 
+The first epoch with read-ahead hints (issue 17; ``--sections hints``, on by
+default): the same shards in a SeaweedFS behind bench/throttle.py, which
+holds each connection to ``--remote-rate`` (100 MB/s, a remote S3 stream),
+with a nearstore node and its cache in front. Rows, each first epoch on a
+cleared cache (the node restarted):
+
+- ``first epoch, hints off`` / ``first epoch, hints on``: ``hints=False``
+  against the default (``clients.hints``);
+- ``warm epoch``: the epoch after, every shard cached;
+- ``boto3 -> throttled store``: the same loader on the throttled store
+  directly (no node);
+- the three nearstore rows again with ``--ranks`` (2) rank processes of
+  ``--rank-workers`` (2) DataLoader workers each, read at once;
+- ``2x cache``: the node's cache budget set to half the dataset, and
+  ``--big-epochs`` (2) shuffled epochs read with hints off, then (cache
+  cleared) on: samples/s and the hit ratio, hits / (hits + misses) from
+  the node's ``/_nearstore/metrics`` (a read that joins a fill in flight,
+  a hinted one included, is neither), with the prefetch counters.
+
+Targets (issue 17): first epoch with hints at least 0.8 x the warm epoch
+(HINTED_VS_WARM) and at least 3 x the loader reading the throttled store
+directly (HINTED_VS_DIRECT), for one process and for the ranks.
+
 Each leg runs a warm-up pass, then ``--runs`` passes interleaved with the
 other legs; a cell is the median (min-max). ``--workers 0,2`` also runs
 each leg through torch's DataLoader with that many worker processes.
@@ -33,6 +56,7 @@ import argparse
 import functools
 import io
 import json
+import multiprocessing
 import random
 import shutil
 import statistics
@@ -40,12 +64,13 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from nearstore.bench.config import fmt_size, parse_size
-from nearstore.bench.peers import CacheSeaweedPeer, PeerContext
+from nearstore.bench.peers import CacheSeaweedPeer, PeerContext, RemoteCacheSeaweedPeer
 from nearstore.bench.verdicts import RatioTarget, ratio_table
 from nearstore.clients.connect import connect
 from nearstore.clients.datasets import LocalSource, S3Source, Source, TarDataset
@@ -53,6 +78,18 @@ from nearstore.clients.datasets import LocalSource, S3Source, Source, TarDataset
 BUCKET = "loader-bench"
 PREFIX = "shards/"
 LOADER_COLD_VS_DIRECT = 0.9  # cold samples/s over the backing store's, read directly
+HINTED_VS_WARM = 0.8  # first epoch with hints over the warm epoch (issue 17)
+HINTED_VS_DIRECT = 3.0  # first epoch with hints over the loader on the throttled store
+SECTIONS = ("warm", "hints")
+# The node's counters the hint rows read (cache/metrics.py), by short name.
+NODE_METRICS = {
+    "nearstore_cache_hits_total": "hits",
+    "nearstore_cache_misses_total": "misses",
+    "nearstore_prefetch_hints_total": "hinted",
+    "nearstore_prefetch_chunks_total": "prefetched",
+    "nearstore_prefetch_used_total": "prefetch_used",
+    "nearstore_prefetch_wasted_bytes_total": "prefetch_wasted_bytes",
+}
 
 
 def targets(results: dict[str, list[float]], suffixes: list[str]) -> list[RatioTarget]:
@@ -122,45 +159,214 @@ def one_pass(ds: TarDataset[int], workers: int) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
+def hint_targets(results: dict[str, list[float]], suffixes: list[str]) -> list[RatioTarget]:
+    """Issue 17's first-epoch targets for each setting (suffix)."""
+    def med(name: str) -> float | None:
+        vals = results.get(name)
+        return statistics.median(vals) if vals else None
+
+    out = []
+    for sfx in suffixes:
+        on, warm, direct = f"first epoch, hints on{sfx}", f"warm epoch{sfx}", f"boto3 -> throttled store{sfx}"
+        out += [RatioTarget("first epoch with hints >= 0.8 x warm epoch", on, warm, HINTED_VS_WARM,
+                            med(on), med(warm)),
+                RatioTarget("first epoch with hints >= 3 x boto3 on the throttled store", on, direct,
+                            HINTED_VS_DIRECT, med(on), med(direct))]  # fmt: skip
+    return out
+
+
+def node_counters(endpoint: str) -> dict[str, float]:
+    """The node's NODE_METRICS, by short name (missing ones are 0)."""
+    out = dict.fromkeys(NODE_METRICS.values(), 0.0)
+    with urllib.request.urlopen(f"{endpoint}/_nearstore/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in NODE_METRICS:
+            out[NODE_METRICS[name]] = float(value)
+    return out
+
+
+def hit_ratio(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """hits / (hits + misses) between two readings of `node_counters`."""
+    hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
+    return hits / (hits + misses) if hits + misses > 0 else None
+
+
+def ranks_pass(make: Callable[[int, int], TarDataset[int]], ranks: int, workers: int) -> tuple[int, float]:
+    """(samples, seconds) of one epoch read by ``ranks`` processes at once,
+    each with its own dataset (as a job's ranks each make theirs) and a
+    DataLoader of ``workers``; the seconds run from the first rank's start
+    to the last one's end. Forked: the factories are closures."""
+    if ranks == 1:
+        return one_pass(make(0, 1), workers)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(ranks)
+    done: Any = ctx.Queue()
+
+    def rank_main(rank: int) -> None:
+        try:
+            ds = make(rank, ranks)
+            barrier.wait(timeout=120)
+            t0 = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process
+            n, secs = one_pass(ds, workers)
+            done.put((n, t0, t0 + secs, ""))
+        except BaseException as e:  # reported by the parent, which raises
+            done.put((0, 0.0, 0.0, f"rank {rank}: {e!r}"))
+
+    procs = [ctx.Process(target=rank_main, args=(r,)) for r in range(ranks)]
+    for proc in procs:
+        proc.start()
+    try:
+        got = [done.get(timeout=1800) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+    errors = [g[3] for g in got if g[3]]
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return sum(g[0] for g in got), max(g[2] for g in got) - min(g[1] for g in got)
+
+
+def hints_section(args: argparse.Namespace, root: Path, data_dir: Path, paths: list[Path],
+                  total: int) -> tuple[dict[str, list[float]], dict[str, Any]] | None:
+    """The first-epoch rows, the ranks and the 2x-cache epochs (see the
+    module docstring): (samples/s by row, everything else for the JSON
+    and the tables), or None when the servers cannot run here."""
+    peer_dir = Path(tempfile.mkdtemp(dir=root, prefix="remote-"))
+    peer = RemoteCacheSeaweedPeer(PeerContext(peer_dir, data_dir, BUCKET, Path(sys.executable).parent,
+                                              remote_rate=args.remote_rate))
+    why = peer.unavailable()
+    if why:
+        print(f"hints rows: cannot run: {why}")
+        return None
+    results: dict[str, list[float]] = {}
+    extra: dict[str, Any] = {"counters": {}, "big": []}
+    try:
+        peer.start()
+        up = peer.backing.client()
+        up.create_bucket(Bucket=BUCKET)
+        for p in paths:
+            up.upload_file(str(p), BUCKET, PREFIX + p.name)
+        direct = peer.direct_target()
+
+        def dataset(endpoint: str, access: str, secret: str, hints: bool) -> Callable[[int, int], TarDataset[int]]:
+            def make(rank: int, world: int) -> TarDataset[int]:
+                source = S3Source(BUCKET, client=functools.partial(connect, endpoint, access_key=access,
+                                                                    secret_key=secret))
+                return TarDataset(source, PREFIX, decode=decode, prefetch=args.prefetch, shuffle=True, seed=0,
+                                  rank=rank, world_size=world, hints=hints)
+            return make
+
+        node = functools.partial(dataset, peer.endpoint(), peer.access_key, peer.secret_key)
+        settings = [(1, w) for w in args.worker_list] + ([(args.ranks, args.rank_workers)] if args.ranks > 1 else [])
+        for ranks, w in settings:
+            sfx = suffix_of(w) if ranks == 1 else f", {ranks} ranks x {w} workers"
+
+            def leg(name: str, make: Callable[[int, int], TarDataset[int]], ranks: int = ranks, w: int = w,
+                    sfx: str = sfx) -> None:
+                before = node_counters(peer.endpoint())
+                n, secs = ranks_pass(make, ranks, w)
+                if n != args.samples:
+                    raise RuntimeError(f"{name}{sfx}: {n} samples, expected {args.samples}")
+                after = node_counters(peer.endpoint())
+                results.setdefault(name + sfx, []).append(n / secs)
+                extra["counters"].setdefault(name + sfx, []).append(
+                    {k: after[k] - before[k] for k in after} | {"hit_ratio": hit_ratio(before, after)})
+                print(f"  {name}{sfx}: {n / secs:,.0f} samples/s", flush=True)
+
+            for run in range(args.runs):
+                for hinted in (False, True) if run % 2 == 0 else (True, False):
+                    peer.clear_cache()
+                    leg(f"first epoch, hints {'on' if hinted else 'off'}", node(hinted))
+                leg("warm epoch", node(True))  # every shard cached by the first epoch just read
+                leg("boto3 -> throttled store", dataset(direct.endpoint, direct.access_key, direct.secret_key,
+                                                        False))
+        if args.big_epochs > 0:
+            # A budget of half the dataset (at least 4 chunks): every epoch partly cold.
+            peer.cache_size = f"{max(64, total // 2 // 2**20)}MiB"
+            (peer.ctx.workdir / "nearstore.toml").write_text(peer.config_text())
+            for hinted in (False, True):
+                peer.clear_cache()
+                ds = node(hinted)(0, 1)
+                for epoch in range(args.big_epochs):
+                    ds.set_epoch(epoch)
+                    before = node_counters(peer.endpoint())
+                    n, secs = one_pass(ds, 0)
+                    after = node_counters(peer.endpoint())
+                    ratio = hit_ratio(before, after)
+                    extra["big"].append({"hints": hinted, "epoch": epoch, "samples_per_s": n / secs,
+                                         "hit_ratio": ratio, "cache_size": peer.cache_size,
+                                         **{k: after[k] - before[k] for k in after}})
+                    print(f"  2x cache, hints {'on' if hinted else 'off'}, epoch {epoch}: {n / secs:,.0f} "
+                          f"samples/s, hit ratio {fmt_ratio(ratio)}", flush=True)
+    finally:
+        peer.stop()
+        shutil.rmtree(peer_dir, ignore_errors=True)
+    extra["suffixes"] = [suffix_of(w) for w in args.worker_list] + (
+        [f", {args.ranks} ranks x {args.rank_workers} workers"] if args.ranks > 1 else [])
+    return results, extra
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def print_hints(args: argparse.Namespace, results: dict[str, list[float]], extra: dict[str, Any],
+                total: int) -> list[RatioTarget]:
+    """The hint rows, the 2x-cache table and the targets; the targets judged."""
+    print()
+    print(f"first epoch with read-ahead hints: the store behind a proxy at {args.remote_rate / 1e6:g} MB/s "
+          f"per connection; samples/s, median (min-max) of {args.runs} runs")
+    print()
+    print("| leg | samples/s | GB/s | vs warm epoch | hit ratio | prefetched chunks | prefetched read |")
+    print("|---|---|---|---|---|---|---|")
+    for sfx in extra["suffixes"]:
+        warm = results.get("warm epoch" + sfx)
+        base = statistics.median(warm) if warm else None
+        for name in ["first epoch, hints off", "first epoch, hints on", "warm epoch", "boto3 -> throttled store"]:
+            vals = results.get(name + sfx)
+            if not vals:
+                continue
+            med = statistics.median(vals)
+            gbps = med * total / args.samples / 1e9
+            last = extra["counters"].get(name + sfx, [{}])[-1]
+            vs = f"{med / base:.2f}" if base else "-"
+            print(f"| {name}{sfx} | {fmt_cell(vals)} | {gbps:.2f} | {vs} | {fmt_ratio(last.get('hit_ratio'))} "
+                  f"| {last.get('prefetched', 0):,.0f} | {last.get('prefetch_used', 0):,.0f} |")
+    if extra["big"]:
+        print()
+        print(f"dataset 2 x the cache budget ({fmt_size(total)} over a {extra['big'][0]['cache_size']} cache), "
+              "shuffled epochs:")
+        print()
+        print("| hints | epoch | samples/s | hit ratio | prefetched chunks | prefetched read | wasted prefetch |")
+        print("|---|---|---|---|---|---|---|")
+        for row in extra["big"]:
+            print(f"| {'on' if row['hints'] else 'off'} | {row['epoch']} | {row['samples_per_s']:,.0f} | "
+                  f"{fmt_ratio(row['hit_ratio'])} | {row['prefetched']:,.0f} | {row['prefetch_used']:,.0f} | "
+                  f"{fmt_size(int(row['prefetch_wasted_bytes']))} |")
+    goals = hint_targets(results, extra["suffixes"])
+    print()
+    print(ratio_table(goals, "samples/s"))
+    return goals
+
+
 def fmt_cell(values: list[float]) -> str:
     med = statistics.median(values)
     return f"{med:,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="nearstore bench loader", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=10_000)
-    ap.add_argument("--sample-size", type=parse_size, default=100 * 1024)
-    ap.add_argument("--shard-samples", type=int, default=1000)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--prefetch", type=int, default=2, help="shards read ahead per loader (TarDataset prefetch)")
-    ap.add_argument("--workers", default="0", help="DataLoader workers to try, e.g. 0,2 (0: plain iteration)")
-    ap.add_argument("--quick", action="store_true", help="2,000 samples, 1 run")
-    ap.add_argument("--workdir", type=Path, default=None, help="keep the shards here between runs")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.samples, args.runs = min(args.samples, 2000), 1
-    workers = [int(w) for w in args.workers.split(",") if w.strip()]
-
-    tmp = None
-    root = args.workdir
-    if root is None:
-        tmp = tempfile.mkdtemp(prefix="nearstore-loader-bench-")
-        root = Path(tmp)
-    data_dir = root / "data"
-    paths = write_shards(data_dir, args.samples, args.sample_size, args.shard_samples)
-    total = sum(p.stat().st_size for p in paths)
-    print(f"{len(paths)} shards, {args.samples:,} samples of {fmt_size(args.sample_size)}, "
-          f"{fmt_size(total)} in all", flush=True)
-
+def warm_section(args: argparse.Namespace, root: Path, data_dir: Path,
+                 paths: list[Path]) -> dict[str, list[float]] | None:
+    """The warm node against local disk and boto3 on the store (issue 14's
+    rows): samples/s by row, or None when the servers cannot run here."""
+    workers = args.worker_list
     peer_dir = Path(tempfile.mkdtemp(dir=root, prefix="peer-"))  # fresh servers every run
     peer = CacheSeaweedPeer(PeerContext(peer_dir, data_dir, BUCKET, Path(sys.executable).parent))
     why = peer.unavailable()
     if why:
         print(f"cannot run: {why}")
-        return 2
+        return None
     results: dict[str, list[float]] = {}
     try:
         peer.start()
@@ -203,9 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         peer.stop()
         shutil.rmtree(peer_dir, ignore_errors=True)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
+    return results
+
+
+def print_warm(args: argparse.Namespace, results: dict[str, list[float]], paths: list[Path],
+               total: int) -> list[RatioTarget]:
+    workers = args.worker_list
     print()
     print(f"loader: {args.samples:,} samples of {fmt_size(args.sample_size)} in "
           f"{len(paths)} tar shards; samples/s, median (min-max) of {args.runs} runs")
@@ -225,13 +435,80 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name}{suffix} | {fmt_cell(vals)} | {gbps:.2f} | {med / base:.2f} |")
     print()
     print(ratio_table(targets(results, [suffix_of(w) for w in workers]), "samples/s"))
+    return targets(results, [suffix_of(w) for w in workers])
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="nearstore bench loader", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=10_000)
+    ap.add_argument("--sample-size", type=parse_size, default=100 * 1024)
+    ap.add_argument("--shard-samples", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--prefetch", type=int, default=2, help="shards read ahead per loader (TarDataset prefetch)")
+    ap.add_argument("--workers", default="0", help="DataLoader workers to try, e.g. 0,2 (0: plain iteration)")
+    ap.add_argument("--quick", action="store_true", help="2,000 samples, 1 run")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="which tables: warm (the warm node against local disk and boto3), hints "
+                         "(first epochs with and without hints, behind a throttled store)")
+    ap.add_argument("--remote-rate", type=float, default=100e6, metavar="BYTES/S",
+                    help="the throttled store's bytes/s per connection (hints section)")
+    ap.add_argument("--ranks", type=int, default=2, help="rank processes of the hints section's ranks rows (1: none)")
+    ap.add_argument("--rank-workers", type=int, default=2, help="DataLoader workers of each rank")
+    ap.add_argument("--big-epochs", type=int, default=2,
+                    help="shuffled epochs over a cache half the dataset's size, hints off then on (0: none)")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the shards here between runs")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.samples, args.runs = min(args.samples, 2000), 1
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    args.worker_list = workers
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if not sections <= set(SECTIONS):
+        ap.error(f"--sections: {', '.join(sorted(sections - set(SECTIONS)))} unknown (of {', '.join(SECTIONS)})")
+
+    tmp = None
+    root = args.workdir
+    if root is None:
+        tmp = tempfile.mkdtemp(prefix="nearstore-loader-bench-")
+        root = Path(tmp)
+    data_dir = root / "data"
+    paths = write_shards(data_dir, args.samples, args.sample_size, args.shard_samples)
+    total = sum(p.stat().st_size for p in paths)
+    print(f"{len(paths)} shards, {args.samples:,} samples of {fmt_size(args.sample_size)}, "
+          f"{fmt_size(total)} in all", flush=True)
+
+    results: dict[str, list[float]] = {}
+    goals: list[RatioTarget] = []
+    extra: dict[str, Any] = {}
+    try:
+        if "warm" in sections:
+            warm = warm_section(args, root, data_dir, paths)
+            if warm is None:
+                return 2
+            results |= warm
+        if "hints" in sections:
+            hinted = hints_section(args, root, data_dir, paths, total)
+            if hinted is None:
+                return 2
+            results |= hinted[0]
+            extra = hinted[1]
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if "warm" in sections:
+        goals += print_warm(args, results, paths, total)
+    if extra:
+        goals += print_hints(args, results, extra, total)
     if args.json:
-        goals = [{"target": t.text, "subject": t.subject, "reference": t.reference,
-                  "ratio": t.ratio, "met": t.met}
-                 for t in targets(results, [suffix_of(w) for w in workers])]  # fmt: skip
-        args.json.write_text(json.dumps({"samples": args.samples, "sample_size": args.sample_size,
-                                         "shards": len(paths), "bytes": total, "results": results,
-                                         "targets": goals}, indent=1))
+        args.json.write_text(json.dumps({
+            "samples": args.samples, "sample_size": args.sample_size, "shards": len(paths), "bytes": total,
+            "results": results, "hint_counters": extra.get("counters", {}), "big_cache": extra.get("big", []),
+            "targets": [{"target": t.text, "subject": t.subject, "reference": t.reference, "ratio": t.ratio,
+                         "met": t.met} for t in goals]}, indent=1))
     return 0
 
 
