@@ -220,6 +220,8 @@ def test_a_million_object_plan_sends_bounded_bodies(node: FakeNode, tmp_path: Pa
     assert h is not None
     for i in range(0, 20_000):
         h.at(i)
+        if i % 500 == 0:
+            wait_calls(node, min(i // 500 + 1, 3), timeout=1)  # let the sender catch up now and then
     h.close(wait=3)
     wait_calls(node, 2)
     assert 1 <= len(node.calls) <= 200
