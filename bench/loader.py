@@ -35,6 +35,9 @@ cleared cache (the node restarted):
   directly (no node);
 - the three nearstore rows again with ``--ranks`` (2) rank processes of
   ``--rank-workers`` (2) DataLoader workers each, read at once;
+- ``--step-ms``: a training step slept per batch of 64 (per rank), as a GPU
+  paces a real loader; 0 (the default) measures the loader alone, which on a
+  small machine is bound by the CPU the node's fills share with it;
 - ``2x cache``: the node's cache budget set to half the dataset, and
   ``--big-epochs`` (2) shuffled epochs read with hints off, then (cache
   cleared) on: samples/s and the hit ratio, hits / (hits + misses) from
@@ -142,20 +145,29 @@ def decode(sample: dict[str, Any]) -> int:
     return len(sample["bin"]) + int(sample["cls"])
 
 
-def one_pass(ds: TarDataset[int], workers: int) -> tuple[int, float]:
+BATCH = 64
+
+
+def one_pass(ds: TarDataset[int], workers: int, step_s: float = 0.0) -> tuple[int, float]:
     """(samples, seconds) of one epoch through the loader. The dataset (its
     listing and, in-process, its connections) is made once per leg, as a
-    training job makes it once for all its epochs."""
+    training job makes it once for all its epochs. ``step_s``: a training
+    step's time per batch of BATCH samples, slept (the GPU's time, not
+    this machine's CPU); 0 measures the loader alone."""
     t0 = time.perf_counter()
     n = 0
     if workers == 0:
         for _ in ds:
             n += 1
+            if step_s and n % BATCH == 0:
+                time.sleep(step_s)
     else:
         from torch.utils.data import DataLoader
 
-        for batch in DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=list):
+        for batch in DataLoader(ds, batch_size=BATCH, num_workers=workers, collate_fn=list):
             n += len(batch)
+            if step_s:
+                time.sleep(step_s)
     return n, time.perf_counter() - t0
 
 
@@ -193,13 +205,14 @@ def hit_ratio(before: dict[str, float], after: dict[str, float]) -> float | None
     return hits / (hits + misses) if hits + misses > 0 else None
 
 
-def ranks_pass(make: Callable[[int, int], TarDataset[int]], ranks: int, workers: int) -> tuple[int, float]:
+def ranks_pass(make: Callable[[int, int], TarDataset[int]], ranks: int, workers: int,
+               step_s: float = 0.0) -> tuple[int, float]:
     """(samples, seconds) of one epoch read by ``ranks`` processes at once,
     each with its own dataset (as a job's ranks each make theirs) and a
     DataLoader of ``workers``; the seconds run from the first rank's start
     to the last one's end. Forked: the factories are closures."""
     if ranks == 1:
-        return one_pass(make(0, 1), workers)
+        return one_pass(make(0, 1), workers, step_s)
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(ranks)
     done: Any = ctx.Queue()
@@ -209,7 +222,7 @@ def ranks_pass(make: Callable[[int, int], TarDataset[int]], ranks: int, workers:
             ds = make(rank, ranks)
             barrier.wait(timeout=120)
             t0 = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process
-            n, secs = one_pass(ds, workers)
+            n, secs = one_pass(ds, workers, step_s)
             done.put((n, t0, t0 + secs, ""))
         except BaseException as e:  # reported by the parent, which raises
             done.put((0, 0.0, 0.0, f"rank {rank}: {e!r}"))
@@ -266,7 +279,7 @@ def hints_section(args: argparse.Namespace, root: Path, data_dir: Path, paths: l
             def leg(name: str, make: Callable[[int, int], TarDataset[int]], ranks: int = ranks, w: int = w,
                     sfx: str = sfx) -> None:
                 before = node_counters(peer.endpoint())
-                n, secs = ranks_pass(make, ranks, w)
+                n, secs = ranks_pass(make, ranks, w, args.step_ms / 1000)
                 if n != args.samples:
                     raise RuntimeError(f"{name}{sfx}: {n} samples, expected {args.samples}")
                 after = node_counters(peer.endpoint())
@@ -292,7 +305,7 @@ def hints_section(args: argparse.Namespace, root: Path, data_dir: Path, paths: l
                 for epoch in range(args.big_epochs):
                     ds.set_epoch(epoch)
                     before = node_counters(peer.endpoint())
-                    n, secs = one_pass(ds, 0)
+                    n, secs = one_pass(ds, 0, args.step_ms / 1000)
                     after = node_counters(peer.endpoint())
                     ratio = hit_ratio(before, after)
                     extra["big"].append({"hints": hinted, "epoch": epoch, "samples_per_s": n / secs,
@@ -316,8 +329,10 @@ def print_hints(args: argparse.Namespace, results: dict[str, list[float]], extra
                 total: int) -> list[RatioTarget]:
     """The hint rows, the 2x-cache table and the targets; the targets judged."""
     print()
+    paced = f"a training step of {args.step_ms:g} ms per {BATCH} samples (slept)" if args.step_ms \
+        else "the loader alone (no training step)"
     print(f"first epoch with read-ahead hints: the store behind a proxy at {args.remote_rate / 1e6:g} MB/s "
-          f"per connection; samples/s, median (min-max) of {args.runs} runs")
+          f"per connection; {paced}; samples/s, median (min-max) of {args.runs} runs")
     print()
     print("| leg | samples/s | GB/s | vs warm epoch | hit ratio | prefetched chunks | prefetched read |")
     print("|---|---|---|---|---|---|---|")
@@ -457,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the throttled store's bytes/s per connection (hints section)")
     ap.add_argument("--ranks", type=int, default=2, help="rank processes of the hints section's ranks rows (1: none)")
     ap.add_argument("--rank-workers", type=int, default=2, help="DataLoader workers of each rank")
+    ap.add_argument("--step-ms", type=float, default=0.0,
+                    help="hints section: a training step slept per batch of 64 samples per rank (0: the loader alone)")
     ap.add_argument("--big-epochs", type=int, default=2,
                     help="shuffled epochs over a cache half the dataset's size, hints off then on (0: none)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the shards here between runs")
