@@ -379,6 +379,7 @@ class ObjectDataset(_MapBase, Generic[T]):
         self._where: dict[int, list[int]] = {}  # index -> its positions in the plan
         self._last = -2
         self._run = 0
+        self._no_hints = False  # nothing to tell here (hints off, a local source, refused): stop trying
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -396,6 +397,8 @@ class ObjectDataset(_MapBase, Generic[T]):
     def _hint_at(self, index: int) -> None:
         if os.getpid() != self._hint_pid:
             self._reset_hints()  # a DataLoader worker: its own thread and position
+        if self._no_hints:
+            return
         if self._plan is not None:
             self._hint_planned(index)
             return
@@ -407,9 +410,10 @@ class ObjectDataset(_MapBase, Generic[T]):
                 self._hinter = None
             return
         if self._hinter is None:
-            self._hinter = self._make_hinter(self.keys)
-        if self._hinter is not None:
-            self._hinter.at(index)
+            self._hinter = self._make_hinter(_Keys(self._listed.entries, range(len(self))))
+            if self._hinter is None:
+                return
+        self._hinter.at(index)
 
     def _hint_planned(self, index: int) -> None:
         plan = self._plan or []
@@ -417,10 +421,8 @@ class ObjectDataset(_MapBase, Generic[T]):
             if not self._where:
                 for pos, i in enumerate(plan):
                     self._where.setdefault(i, []).append(pos)
-            entries = self._listed.entries
-            self._hinter = self._make_hinter(_Keys(entries, plan))
+            self._hinter = self._make_hinter(_Keys(self._listed.entries, plan))
             if self._hinter is None:
-                self._plan = []
                 return
         positions = self._where.get(index)
         if positions:
@@ -431,7 +433,9 @@ class ObjectDataset(_MapBase, Generic[T]):
     def _make_hinter(self, plan: Sequence[str]) -> _hints.Hinter | None:
         rank, _ = distributed_rank()
         worker, _ = loader_worker()
-        return _hints.for_source(self._listed.source, self.hints, _hints.stream_id(self._job, rank, worker), plan)
+        hinter = _hints.for_source(self._listed.source, self.hints, _hints.stream_id(self._job, rank, worker), plan)
+        self._no_hints = hinter is None
+        return hinter
 
     @property
     def keys(self) -> list[str]:

@@ -419,7 +419,7 @@ def test_dataloader_workers(node: FakeNode, tmp_path: Path) -> None:
     torch_data = pytest.importorskip("torch.utils.data")
     keys = write_objects(tmp_path, 400)
     ds = ObjectStream(HintedLocal(tmp_path, node.endpoint), shuffle=True, seed=7, rank=0, world_size=1,
-                      decode=lambda kv: kv[0], prefetch=2)
+                      decode=slow_key, prefetch=2)
     loader = torch_data.DataLoader(ds, batch_size=20, num_workers=2, collate_fn=list,
                                    multiprocessing_context="fork")
     got = [k for batch in loader for k in batch]
@@ -433,3 +433,37 @@ def test_dataloader_workers(node: FakeNode, tmp_path: Path) -> None:
         worker = int(stream.rsplit("/", 1)[1])
         assert_slices(windows, [keys[i] for i in split(order, rank=0, world_size=1, worker=worker, workers=2)])
         assert len(windows) <= 20
+
+
+def test_object_dataset_without_a_node_stops_trying(tmp_path: Path) -> None:
+    keys = write_objects(tmp_path, 20)
+    ds = ObjectDataset(LocalSource(tmp_path))
+    assert [ds[i][0] for i in range(20)] == keys
+    assert ds._no_hints and ds._hinter is None  # decided once, not at every read
+
+
+def slow_key(kv: tuple[str, bytes]) -> str:
+    """A training step's worth of time per sample: a worker that ends in a
+    few ms (a test's) ends before its first hint is made (a boto3 client)."""
+    time.sleep(0.003)
+    return kv[0]
+
+
+def test_object_dataset_in_dataloader_workers(node: FakeNode, tmp_path: Path) -> None:
+    """The order given to hint() before the workers start reaches each
+    worker, which hints it from where its own reads are."""
+    torch_data = pytest.importorskip("torch.utils.data")
+    keys = write_objects(tmp_path, 300)
+    ds = ObjectDataset(HintedLocal(tmp_path, node.endpoint), decode=slow_key)
+    order = list(range(300))
+    random.Random(2).shuffle(order)
+    ds.hint(order)
+    loader = torch_data.DataLoader(ds, batch_size=10, sampler=order, num_workers=2, collate_fn=list,
+                                   multiprocessing_context="fork")
+    assert [k for batch in loader for k in batch] == [keys[i] for i in order]
+    wait_calls(node, 2)
+    streams = node.streams()
+    assert sorted(s.rsplit("/", 1)[1] for s in streams) == ["0", "1"]
+    for windows in streams.values():
+        assert_slices(windows, [keys[i] for i in order])
+        assert len(windows) <= 30
