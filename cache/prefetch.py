@@ -13,9 +13,11 @@ This module turns those windows into chunk fills, with bounded effort:
   a stream not heard from for ``STALE_S`` is forgotten (a loader stopped
   early leaves nothing queued for long).
 - **Deduplicated.** Every rank of a job sends the same order. An object
-  queued by several streams is filled once: a recently done object is
-  skipped (``_done``), and fills already in flight are joined
+  queued by several streams is filled once: its metadata comes from the
+  node's metadata cache, and a chunk cached or filling already is skipped
   (``CachedBackend.prefetch_chunk``: one fill per chunk, as for reads).
+  Nothing else is remembered, so an object evicted since it was hinted
+  (a dataset larger than the cache) is filled again when hinted again.
 - **Below clients.** At most ``lanes`` objects are worked on at once, and a
   hinted chunk starts filling only when no client's fill waits for a slot
   and the node has slots to spare (``CachedBackend.fill_room``).
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 MAX_KEYS = 1000  # per hint: a window, not a dataset
 MAX_STREAMS = 256
 STALE_S = 120.0
-DONE_S = 30.0  # an object prefetched this recently is not prefetched again
 
 
 @dataclass
@@ -89,7 +89,6 @@ class Prefetcher:
         self.lanes = lanes
         self.share = share
         self._streams: collections.OrderedDict[str, _Stream] = collections.OrderedDict()
-        self._done: dict[tuple[str, str, str], float] = {}  # (bucket, key, etag) -> when
         self._work = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._turn = 0
@@ -172,16 +171,10 @@ class Prefetcher:
         info = item.info if item.info is not None else await cache.head_object(bucket, item.key)
         if item.check is not None:
             item.check(info)
-        done_key = (bucket, info.key, info.etag)
-        now = time.monotonic()
-        if item.indices is None and now - self._done.get(done_key, -DONE_S) < DONE_S:
-            return  # another stream's hint of the same object, just done
-        if len(self._done) > 100_000:
-            self._done.clear()
-        self._done[done_key] = now
         count = max(1, -(-info.size // cache.chunk_size)) if info.size else 0
         indices = item.indices if item.indices is not None else range(count)
         remote: dict[str, tuple[Node, list[int]]] = {}
+        fills: list[asyncio.Future[object]] = []
         for index in indices:
             if not 0 <= index < count:
                 continue
@@ -189,13 +182,16 @@ class Prefetcher:
             if owner is not None:
                 remote.setdefault(owner.id, (owner, []))[1].append(index)
                 continue
+            # An object's chunks fill side by side, each started only when
+            # there is room (a lane filling them one by one was capped at
+            # one connection's speed; measured by bench loader).
             await self._room()
-            fill = cache.prefetch_chunk(bucket, info, index)
+            fill = cache.prefetch_chunk(bucket, info, index)  # None: cached or filling already
             if fill is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(fill)
+                fills.append(asyncio.shield(fill))
         if remote and cache.cluster is not None:
             await asyncio.gather(*(cache.cluster.hint(node, bucket, info, idx) for node, idx in remote.values()))
+        await asyncio.gather(*fills, return_exceptions=True)
 
     async def _room(self) -> None:
         """Until a hinted fill may start: clients' fills first, and the
