@@ -482,18 +482,10 @@ class Node:
 
     def metrics(self) -> dict[str, float]:
         """Unlabelled samples of /_nearstore/metrics (empty if unreachable)."""
-        out: dict[str, float] = {}
         try:
-            with urllib.request.urlopen(f"{self.url}/_nearstore/metrics", timeout=5) as resp:
-                text = resp.read().decode()
+            return procs.node_metrics(self.url)
         except OSError:
-            return out
-        for line in text.splitlines():
-            if line and not line.startswith("#") and "{" not in line:
-                name, _, value = line.partition(" ")
-                with contextlib.suppress(ValueError):
-                    out[name] = float(value.split()[0])
-        return out
+            return {}
 
     def chunk_files(self) -> list[Path]:
         root = self.cache_dir / "chunks"

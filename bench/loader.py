@@ -67,13 +67,13 @@ import sys
 import tarfile
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from nearstore.bench.config import fmt_size, parse_size
 from nearstore.bench.peers import CacheSeaweedPeer, PeerContext, RemoteCacheSeaweedPeer
+from nearstore.bench.procs import node_metrics
 from nearstore.bench.verdicts import RatioTarget, ratio_table
 from nearstore.clients.connect import connect
 from nearstore.clients.datasets import LocalSource, S3Source, Source, TarDataset
@@ -189,14 +189,8 @@ def hint_targets(results: dict[str, list[float]], suffixes: list[str]) -> list[R
 
 def node_counters(endpoint: str) -> dict[str, float]:
     """The node's NODE_METRICS, by short name (missing ones are 0)."""
-    out = dict.fromkeys(NODE_METRICS.values(), 0.0)
-    with urllib.request.urlopen(f"{endpoint}/_nearstore/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in NODE_METRICS:
-            out[NODE_METRICS[name]] = float(value)
-    return out
+    samples = node_metrics(endpoint)
+    return {short: samples.get(name, 0.0) for name, short in NODE_METRICS.items()}
 
 
 def hit_ratio(before: dict[str, float], after: dict[str, float]) -> float | None:

@@ -675,17 +675,10 @@ class CachePeer(ProxyPeer):
 
     def counters_at(self, endpoint: str) -> dict[str, float]:
         try:
-            url = f"{endpoint}/_nearstore/metrics"
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                text = resp.read().decode()
+            samples = procs.node_metrics(endpoint)
         except OSError:
             return {}
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            if name in self.METRICS:
-                out[self.METRICS[name]] = float(value)
-        return out
+        return {short: samples[name] for name, short in self.METRICS.items() if name in samples}
 
 
 @peer

@@ -182,3 +182,21 @@ def timed() -> Iterator[list[float]]:
         yield box
     finally:
         box[0] = time.perf_counter() - t0
+
+
+def node_metrics(endpoint: str, timeout: float = 5.0) -> dict[str, float]:
+    """A nearstore node's unlabelled samples of ``/_nearstore/metrics``
+    (name -> value): the one reader of it the benches and tests share.
+    Raises OSError when the node does not answer."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{endpoint}/_nearstore/metrics", timeout=timeout) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#") or "{" in line:
+            continue
+        name, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError, IndexError):
+            out[name] = float(value.split()[0])
+    return out

@@ -62,8 +62,9 @@ class Cluster:
                             aws_secret_access_key=KEYS["NEARSTORE_SECRET_KEY"], region_name="us-east-1")
 
     def metric(self, port: int, name: str) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/_nearstore/metrics", timeout=5).read().decode()
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+        from nearstore.bench.procs import node_metrics
+
+        return node_metrics(f"http://127.0.0.1:{port}").get(name, 0.0)
 
     def chunk_files(self, port: int) -> list[str]:
         root = self.tmp / f"d{port}" / "cache" / "chunks"

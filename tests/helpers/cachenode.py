@@ -22,6 +22,7 @@ from urllib.parse import urlencode
 import boto3
 import xxhash
 
+from nearstore.bench.procs import node_metrics
 from tests.helpers.servers import S3Server, free_port
 
 ACCESS_KEY = "CACHETESTACCESSKEY01"
@@ -157,16 +158,7 @@ class CacheNode:
     # -- observation ------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
         """Unlabelled samples of /_nearstore/metrics (name -> value)."""
-        with urllib.request.urlopen(f"{self.url}/_nearstore/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if not line or line.startswith("#") or "{" in line:
-                continue
-            name, _, value = line.partition(" ")
-            with contextlib.suppress(ValueError):
-                out[name] = float(value.split()[0])
-        return out
+        return node_metrics(self.url, timeout=10)
 
     def chunk_files(self) -> list[Path]:
         root = self.cache_dir / "chunks"
