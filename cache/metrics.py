@@ -14,6 +14,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 HITS = Counter("nearstore_cache_hits", "Chunk reads served from the cache", registry=REGISTRY)
 MISSES = Counter("nearstore_cache_misses", "Chunk reads that needed a fill", registry=REGISTRY)
+JOINS = Counter("nearstore_cache_joins", "Chunk reads that waited for a fill already in flight (neither a hit "
+                "nor a miss: the read started no fill, and waited)", registry=REGISTRY)
 BYTES_FROM_CACHE = Counter("nearstore_bytes_from_cache", "Bytes sent to clients from cached chunks", registry=REGISTRY)
 BYTES_FROM_BACKING_STREAMED = Counter(
     "nearstore_bytes_streamed_while_filling",
@@ -30,6 +32,10 @@ PREFETCH_HINTS = Counter("nearstore_prefetch_hints", "Objects named by loaders' 
 PREFETCH_CHUNKS = Counter("nearstore_prefetch_chunks", "Chunk fills started from hints", registry=REGISTRY)
 PREFETCH_USED = Counter("nearstore_prefetch_used", "Prefetched chunks read before they were evicted",
                         registry=REGISTRY)
+PREFETCH_LATE = Counter("nearstore_prefetch_late", "Prefetched chunks a reader asked for while they were "
+                        "still filling (the prefetch was not far enough ahead)", registry=REGISTRY)
+PREFETCH_LANES = Gauge("nearstore_prefetch_lanes", "Objects the prefetcher may work on at once (grows while "
+                       "readers catch it up)", registry=REGISTRY, multiprocess_mode="max")
 PREFETCH_WASTED = Counter("nearstore_prefetch_wasted_bytes", "Bytes of prefetched chunks evicted unread",
                           registry=REGISTRY)
 FILLS_ABANDONED = Counter("nearstore_fills_abandoned", "Fills stopped because no reader waited for them any more",

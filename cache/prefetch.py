@@ -21,10 +21,20 @@ This module turns those windows into chunk fills, with bounded effort:
 - **Below clients.** At most ``lanes`` objects are worked on at once, and a
   hinted chunk starts filling only when no client's fill waits for a slot
   and the node has slots to spare (``CachedBackend.fill_room``).
+- **As far ahead as the readers need.** A reader that catches a prefetched
+  chunk still filling (``behind``) shows the prefetch too close to it: one
+  more lane is added, up to ``max_lanes``; an added lane ends when the
+  queues are empty. A remote store serves each connection at a fixed rate
+  (100-200 MB/s), so the lanes a loader needs are its reading rate over
+  that; a fixed 4 capped a first epoch at 4 connections' speed (bench
+  loader, bench/RESULTS.md).
 - **Bounded in the cache.** Prefetched chunks nobody has read yet may take
   at most ``share`` of the cache's budget. They enter the cache as new
   chunks (the eviction policy's coldest go first, never a pinned one), and a
-  window's worth cannot flush the working set.
+  window's worth cannot flush the working set. Until read (at most
+  ``CachedBackend.PROTECT_S``) they are kept from eviction themselves: a
+  policy sees a chunk nobody has read as the coldest of all, and over a
+  dataset twice the cache SIEVE evicted a third of them unread.
 - **Routed.** In a cluster, a chunk another node owns is hinted to its
   owner (``Cluster.hint``, signed like all peer requests) with the
   object's ETag and size, and the owner fills it; the asker's node never
@@ -84,24 +94,48 @@ class _Stream:
 class Prefetcher:
     """The hints of every stream, and the lanes that act on them."""
 
-    def __init__(self, cache: CachedBackend, *, lanes: int = 4, share: float = 0.25) -> None:
+    def __init__(self, cache: CachedBackend, *, lanes: int = 4, max_lanes: int = 0, share: float = 0.25) -> None:
         self.cache = cache
-        self.lanes = lanes
+        self.lanes = lanes  # always running
+        self.max_lanes = max(lanes, max_lanes)
         self.share = share
         self._streams: collections.OrderedDict[str, _Stream] = collections.OrderedDict()
         self._work = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._added: set[asyncio.Task[None]] = set()  # lanes added by `behind`
         self._turn = 0
         self.busy = 0  # lanes working on an object
 
     def start(self) -> None:
         self._tasks = [asyncio.ensure_future(self._lane()) for _ in range(self.lanes)]
+        metrics.PREFETCH_LANES.set(self.running)
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        tasks = self._tasks + list(self._added)
         self._tasks = []
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def running(self) -> int:
+        """Lanes now: the permanent ones and those added."""
+        return len(self._tasks) + len(self._added)
+
+    def behind(self) -> None:
+        """A reader caught a prefetched chunk still filling: one more lane,
+        up to ``max_lanes``, while anything is queued."""
+        if not self._tasks or self.running >= self.max_lanes or not self.queued():
+            return
+        task = asyncio.ensure_future(self._lane(added=True))
+        self._added.add(task)
+
+        def ended(t: asyncio.Task[None]) -> None:
+            self._added.discard(t)
+            metrics.PREFETCH_LANES.set(self.running)
+
+        task.add_done_callback(ended)
+        metrics.PREFETCH_LANES.set(self.running)
 
     # --- hints in ---------------------------------------------------------
 
@@ -148,10 +182,12 @@ class Prefetcher:
 
     # --- acting on them ---------------------------------------------------
 
-    async def _lane(self) -> None:
+    async def _lane(self, added: bool = False) -> None:
         while True:
             nxt = self._next()
             if nxt is None:
+                if added:
+                    return  # the queues are empty: back to the permanent lanes
                 self._work.clear()
                 await self._work.wait()
                 continue

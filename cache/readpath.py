@@ -151,6 +151,7 @@ class CachedBackend:
         # Prefetched chunks (cache.prefetch) no reader has touched yet: id -> size.
         self.prefetched_unread: dict[str, int] = {}
         self.prefetched_unread_bytes = 0
+        self._unprotect_at: dict[str, asyncio.TimerHandle] = {}  # prefetched chunks kept until read
         store.on_drop.append(self._dropped)
         # Fills in flight that no reader's leaving cancels: some reader was
         # served from it, or a hint started it (cache.prefetch).
@@ -179,6 +180,8 @@ class CachedBackend:
     def _touch_from_worker(self, ids: list[str]) -> None:
         for cid in ids:
             self.store.lookup(cid)
+            if cid in self.prefetched_unread:
+                self._prefetch_read(cid)
 
     async def _fill_for_worker(self, req: dict[str, object]) -> int:
         info = ObjectInfo(key=str(req["key"]), size=int(str(req["size"])), etag=str(req["etag"]), last_modified=0.0)
@@ -204,6 +207,9 @@ class CachedBackend:
             await self.prefetcher.close()
         if self._toucher is not None:
             self._toucher.cancel()
+        for timer in self._unprotect_at.values():
+            timer.cancel()
+        self._unprotect_at.clear()
         for t in list(self._fill_tasks):
             t.cancel()
         await self.inner.close()
@@ -291,8 +297,13 @@ class CachedBackend:
             return fut
         pending = self._fills.get(cid)
         if pending is not None:
+            metrics.JOINS.inc()
             if cid in self.prefetched_unread:
-                self._prefetch_read(cid)  # a reader caught its prefetch in flight
+                # A reader caught its prefetch in flight: read, but late.
+                metrics.PREFETCH_LATE.inc()
+                self._prefetch_read(cid)
+                if self.prefetcher is not None:
+                    self.prefetcher.behind()
             return pending
         metrics.MISSES.inc()
         return self._start_fill(cid, bucket, info, index)
@@ -310,11 +321,20 @@ class CachedBackend:
         task = self._start_fill(cid, bucket, info, index)
         self._keep.add(cid)
 
-        def failed(t: asyncio.Future[Chunk]) -> None:
-            if not t.cancelled() and t.exception() is not None:
+        def done(t: asyncio.Future[Chunk]) -> None:
+            if t.cancelled() or t.exception() is not None:
                 self._prefetch_forget(cid)  # nothing was cached: neither read nor wasted
+            elif cid in self.prefetched_unread and self.store.protect(cid):
+                # Kept until read: an eviction policy sees a chunk nobody
+                # read as the coldest (SIEVE takes the unvisited first), and
+                # a scan larger than the cache evicted half of them unread.
+                # The share bounds what is kept; STALE_S bounds how long.
+                old = self._unprotect_at.pop(cid, None)
+                if old is not None:
+                    old.cancel()
+                self._unprotect_at[cid] = asyncio.get_running_loop().call_later(self.PROTECT_S, self._lapse, cid)
 
-        task.add_done_callback(failed)
+        task.add_done_callback(done)
         return task
 
     def fill_room(self) -> bool:
@@ -326,12 +346,24 @@ class CachedBackend:
     def _prefetch_read(self, cid: str) -> None:
         metrics.PREFETCH_USED.inc()
         self._prefetch_forget(cid)
+        self._lapse(cid)  # read: an ordinary chunk from now on
+
+    def _lapse(self, cid: str) -> None:
+        """A prefetched chunk is no longer kept from eviction: read, or
+        PROTECT_S unread."""
+        timer = self._unprotect_at.pop(cid, None)
+        if timer is not None:
+            timer.cancel()
+        self.store.unprotect(cid)
 
     def _prefetch_forget(self, cid: str) -> None:
         self.prefetched_unread_bytes -= self.prefetched_unread.pop(cid, 0)
 
     def _dropped(self, cid: str) -> None:
         """The store dropped a chunk: a prefetched one nobody read was waste."""
+        timer = self._unprotect_at.pop(cid, None)
+        if timer is not None:
+            timer.cancel()
         size = self.prefetched_unread.pop(cid, None)
         if size is not None:
             self.prefetched_unread_bytes -= size
@@ -358,6 +390,10 @@ class CachedBackend:
 
         task.add_done_callback(done)
         return task
+
+    # How long a prefetched chunk nobody has read is kept from eviction (a
+    # hint's window is about 30 s of reading ahead: cache.prefetch).
+    PROTECT_S = 120.0
 
     # A fill nobody waits for is kept if this much of its chunk is written:
     # the rest costs less than the next reader's fill from the start.

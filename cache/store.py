@@ -94,6 +94,10 @@ class ChunkStore:
         self.used = 0
         self.pinned: set[str] = set()
         self.pinned_bytes = 0
+        # Chunks the cache keeps from eviction for a while (prefetched and
+        # not read yet), apart from users' pins: neither undoes the other.
+        self.protected: dict[str, int] = {}
+        self.protected_bytes = 0
         self.stats = StoreStats()
         # Told of every chunk dropped (evicted, corrupt, not ours): the
         # prefetch accounting (cache.readpath) counts those never read.
@@ -184,6 +188,7 @@ class ChunkStore:
         if cid in self.pinned:
             self.pinned.discard(cid)
             self.pinned_bytes -= c.size
+        self.protected_bytes -= self.protected.pop(cid, 0)
         self.used -= c.size
         self.policy.remove(cid)
         _verified.pop(self.path(c), None)
@@ -214,13 +219,14 @@ class ChunkStore:
 
     def pin(self, cid: str) -> bool:
         """Protect a chunk from eviction. False when it is not cached or
-        pinning it would take pins past MAX_PINNED_SHARE of the budget."""
+        pinning it would take pins (and the cache's own protections) past
+        MAX_PINNED_SHARE of the budget."""
         c = self.index.get(cid)
         if c is None:
             return False
         if cid in self.pinned:
             return True
-        if self.pinned_bytes + c.size > self.capacity * self.MAX_PINNED_SHARE:
+        if self.pinned_bytes + self.protected_bytes + c.size > self.capacity * self.MAX_PINNED_SHARE:
             return False
         self.pinned.add(cid)
         self.pinned_bytes += c.size
@@ -232,6 +238,31 @@ class ChunkStore:
         if cid in self.pinned:
             self.pinned.discard(cid)
             self.pinned_bytes -= c.size if c else 0
+            if cid not in self.protected:
+                self.policy.unpin(cid)
+
+    def protect(self, cid: str) -> bool:
+        """Keep a chunk from eviction until `unprotect` (the cache's own
+        hold, apart from users' pins). False when it is not cached, or when
+        pins and protections would pass MAX_PINNED_SHARE of the budget."""
+        c = self.index.get(cid)
+        if c is None:
+            return False
+        if cid in self.protected:
+            return True
+        if self.pinned_bytes + self.protected_bytes + c.size > self.capacity * self.MAX_PINNED_SHARE:
+            return False
+        self.protected[cid] = c.size
+        self.protected_bytes += c.size
+        self.policy.pin(cid)
+        return True
+
+    def unprotect(self, cid: str) -> None:
+        size = self.protected.pop(cid, None)
+        if size is None:
+            return
+        self.protected_bytes -= size
+        if cid not in self.pinned:
             self.policy.unpin(cid)
 
     def _evict(self) -> None:

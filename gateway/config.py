@@ -99,6 +99,7 @@ class CacheConfig:
     # share of the budget prefetched chunks not read yet may take.
     hints: bool = True
     hint_lanes: int = 4
+    hint_lanes_max: int = 32
     hint_share: float = 0.25
     # Verify each chunk's checksum before every send. Turning it off exists
     # to measure what it costs (bench/RESULTS.md); it gives up the promise
@@ -486,8 +487,11 @@ SETTINGS: tuple[Setting, ...] = (
             "unless three quarters done.", "NEARSTORE_MAX_FILLS", type_name=_INT),
     Setting("cache", "hints", "cache.hints", _boolean, "Act on loaders' hints (`POST /_nearstore/hint`): fill "
             "the chunks they will read next, below clients' fills.", "NEARSTORE_CACHE_HINTS", type_name=_BOOL),
-    Setting("cache", "hint_lanes", "cache.hint_lanes", _integer(1, 256), "Hinted objects prefetched at once.",
-            "NEARSTORE_HINT_LANES", type_name=_INT),
+    Setting("cache", "hint_lanes", "cache.hint_lanes", _integer(1, 256), "Hinted objects prefetched at once at "
+            "first (and always).", "NEARSTORE_HINT_LANES", type_name=_INT),
+    Setting("cache", "hint_lanes_max", "cache.hint_lanes_max", _integer(1, 256), "Hinted objects prefetched at "
+            "once at most: a lane is added each time a reader catches a prefetched chunk still filling (below "
+            "`hint_lanes`, `hint_lanes` holds).", "NEARSTORE_HINT_LANES_MAX", type_name=_INT),
     Setting("cache", "hint_share", "cache.hint_share", _number(0.0, 0.9), "Share of [cache] size that "
             "prefetched chunks nobody has read yet may take.", "NEARSTORE_HINT_SHARE", type_name="number"),
     Setting("cache", "verify", "cache.verify", _boolean, "Check each chunk's checksum before it is sent "

@@ -81,7 +81,8 @@ class Stores:
                                   prefetch=cfg.cache.prefetch, verify=cfg.cache.verify,
                                   reverify_s=cfg.cache.reverify_s, max_fills=cfg.cache.max_fills)
             if cfg.cache.hints:
-                cache.prefetcher = Prefetcher(cache, lanes=cfg.cache.hint_lanes, share=cfg.cache.hint_share)
+                cache.prefetcher = Prefetcher(cache, lanes=cfg.cache.hint_lanes,
+                                              max_lanes=cfg.cache.hint_lanes_max, share=cfg.cache.hint_share)
             self.caches.append(cache)
             return cache
 

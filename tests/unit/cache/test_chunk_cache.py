@@ -419,3 +419,39 @@ def test_a_chunks_verified_memo_goes_with_it(tmp_path: Path) -> None:
     assert store.path(chunks[1]) not in store_mod._verified
     assert store.path(chunks[2]) in store_mod._verified
     assert store_mod._VERIFIED_MAX * 455 <= 32 * 1024 * 1024
+
+
+async def test_protections_and_pins_keep_chunks_apart_and_within_the_pin_share(
+        env: tuple[CachedBackend, LocalStore, Path]) -> None:
+    cb, local, _ = env
+    store = cb.store
+    await local.put_object("bkt", "k", Body(os.urandom(4 * CS)), ObjectMeta())
+    await read(cb, "k")
+    a, b, c, d = sorted(store.index)
+    assert store.protect(a) and store.pin(a)
+    store.unprotect(a)  # the user's pin stands
+    assert a in store.pinned and store.policy.victim() != a
+    assert store.protect(b)
+    store.unpin(b)  # not pinned by the user: the protection stands
+    store.pin(b)
+    store.unpin(b)
+    assert b in store.protected and b not in store.pinned
+    for _ in range(2):
+        victim = store.policy.victim()
+        assert victim in (c, d)
+        store.drop(victim)
+        store.stats.evictions += 1
+    assert set(store.index) == {a, b} and store.policy.victim() is None  # neither may be evicted
+    store.unprotect(b)
+    assert store.policy.victim() == b and store.protected_bytes == 0
+    store.drop(b)
+    # Pins and protections share MAX_PINNED_SHARE of the budget.
+    store.unpin(a)
+    store.MAX_PINNED_SHARE = 1.5 * CS / store.capacity  # room for one chunk
+    assert store.protect(a)
+    await local.put_object("bkt", "j", Body(os.urandom(CS)), ObjectMeta())
+    await read(cb, "j")
+    (j,) = set(store.index) - {a}
+    assert not store.protect(j) and not store.pin(j)
+    store.unprotect(a)
+    assert store.pin(j)

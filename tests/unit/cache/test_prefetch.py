@@ -20,6 +20,7 @@ from nearstore.cache.readpath import CachedBackend
 from nearstore.cache.store import ChunkStore
 from nearstore.gateway.backends.local import LocalStore
 from nearstore.metadata.backing import ObjectHandle, ObjectMeta, ReadOptions
+from tests.unit.cache.test_fill_limits import until
 from tests.unit.gateway.test_local_store import Body
 
 CS = 64 * 1024
@@ -97,6 +98,7 @@ async def test_hints_are_filled_in_order_and_read_as_hits(env: tuple[CachedBacke
     assert metrics.HITS._value.get() - hits == 8  # every chunk was there
     assert metrics.PREFETCH_USED._value.get() - used == 8
     assert cb.prefetched_unread_bytes == 0
+    assert not cb.store.protected and not cb._unprotect_at  # read: ordinary chunks again
 
 
 async def test_every_rank_sending_the_same_order_fills_each_chunk_once(
@@ -172,12 +174,26 @@ async def test_prefetched_chunks_take_at_most_their_share_and_evicted_unread_is_
             await asyncio.sleep(0.002)
             assert cb.prefetched_unread_bytes <= 2 * CS
         assert cb.prefetched_unread_bytes == 2 * CS and store.used == 2 * CS  # waiting for readers
+        kept = set(cb.prefetched_unread)
+        assert set(store.protected) == kept == set(cb._unprotect_at)
+        loop = asyncio.get_running_loop()
+        assert all(cb.PROTECT_S - 1 < t.when() - loop.time() <= cb.PROTECT_S for t in cb._unprotect_at.values())
         wasted = metrics.PREFETCH_WASTED._value.get()
-        for i in range(10):  # other reads push the unread prefetches out
-            await local.put_object("b", f"o{i}", Body(os.urandom(CS)), ObjectMeta())
-            h = await cb.open_object("b", f"o{i}")
-            await asyncio.gather(*(h.read_range(0, CS).__anext__() for _ in range(1)))
-            await h.close()
+
+        async def other_reads(tag: str) -> None:
+            for i in range(10):  # more than the cache holds
+                await local.put_object("b", f"{tag}{i}", Body(os.urandom(CS)), ObjectMeta())
+                h = await cb.open_object("b", f"{tag}{i}")
+                await asyncio.gather(*(h.read_range(0, CS).__anext__() for _ in range(1)))
+                await h.close()
+
+        await other_reads("o")
+        assert kept <= set(store.index)  # kept from eviction until read
+        assert metrics.PREFETCH_WASTED._value.get() == wasted
+        for cid in kept:
+            cb._lapse(cid)  # PROTECT_S later, still unread
+        assert not store.protected and store.protected_bytes == 0
+        await other_reads("p")  # now they go, and are counted as waste
         for _ in range(1000):
             if metrics.PREFETCH_WASTED._value.get() - wasted >= 2 * CS:
                 break
@@ -200,3 +216,49 @@ async def test_hinted_fills_wait_while_clients_wait(env: tuple[CachedBackend, Co
     assert not cb.fill_room()
     for _ in range(cb._max_fills * 3 // 4):
         cb._fill_slots.release()
+
+
+async def test_readers_that_catch_the_prefetch_in_flight_add_lanes_up_to_the_most(
+        env: tuple[CachedBackend, Counted, Prefetcher]) -> None:
+    cb, counted, pf = env
+    cb.prefetcher = pf = Prefetcher(cb, lanes=1, max_lanes=3, share=0.5)
+    pf.start()
+    counted.gate = asyncio.Event()  # fills hang until the readers are counted
+    data = {f"k{i}": os.urandom(CS) for i in range(8)}
+    for k, v in data.items():
+        await put(counted, k, v)
+    late, joins, misses = (metrics.PREFETCH_LATE._value.get(), metrics.JOINS._value.get(),
+                           metrics.MISSES._value.get())
+    pf.hint("job/0/0", "b", [Item(k) for k in data])
+    readers = []
+    for i in range(3):
+        await until(lambda i=i: len(cb._fills) == i + 1, f"{i + 1} prefetches in flight")
+        assert pf.running == i + 1
+        readers.append(asyncio.ensure_future(read(cb, f"k{i}")))  # catches k{i}'s prefetch filling
+        await until(lambda i=i: metrics.PREFETCH_LATE._value.get() - late == i + 1, "the reader counted late")
+    assert pf.running == 3  # the most: the third late read added none
+    await asyncio.sleep(0.01)
+    assert len(cb._fills) == 3  # and no fourth lane started a fourth object
+    assert metrics.JOINS._value.get() - joins == 3 and metrics.MISSES._value.get() == misses
+    counted.gate.set()
+    assert await asyncio.gather(*readers) == [data[f"k{i}"] for i in range(3)]
+    await idle(cb, pf)
+    await until(lambda: pf.running == 1, "the added lanes ended with the queues")
+    assert sorted(k for k, _ in counted.reads) == sorted(data)  # each object filled once
+    await pf.close()
+
+
+async def test_without_readers_catching_up_the_lanes_stay_as_configured(
+        env: tuple[CachedBackend, Counted, Prefetcher]) -> None:
+    cb, counted, pf = env
+    cb.prefetcher = pf = Prefetcher(cb, lanes=2, max_lanes=8, share=0.5)
+    pf.start()
+    for i in range(6):
+        await put(counted, f"k{i}", os.urandom(CS))
+    pf.hint("job/0/0", "b", [Item(f"k{i}") for i in range(6)])
+    await idle(cb, pf)
+    hits = metrics.HITS._value.get()
+    for i in range(6):
+        await read(cb, f"k{i}")
+    assert metrics.HITS._value.get() - hits == 6 and pf.running == 2
+    await pf.close()
