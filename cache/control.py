@@ -8,6 +8,8 @@ fills. Every process listens on a Unix socket in a private directory (``run_dir`
 
 - ``POST /fill``        owner: fill one chunk (single flight), answer when done
 - ``POST /touch``       owner: chunk ids a worker served (for the policy)
+- ``POST /hint``        owner: a loader's hint a worker received (the owner
+  prefetches for all; gateway.admin checks it again there)
 - ``POST /invalidate``  everyone: drop an object's cached metadata
 
 Writes through any process invalidate every process's metadata before the
@@ -28,6 +30,7 @@ import stat
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -70,6 +73,7 @@ class Control:
         self.on_fill: Callable[[dict[str, object]], Awaitable[int]] | None = None
         self.on_touch: Callable[[list[str]], None] | None = None
         self.on_invalidate: Callable[[str, str], None] | None = None
+        self.on_hint: Callable[[dict[str, Any]], dict[str, int]] | None = None
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._connectors: dict[str, aiohttp.UnixConnector] = {}
@@ -82,6 +86,7 @@ class Control:
         app.router.add_post("/fill", self._fill)
         app.router.add_post("/touch", self._touch)
         app.router.add_post("/invalidate", self._invalidate)
+        app.router.add_post("/hint", self._hint)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.UnixSite(self._runner, str(path)).start()
@@ -113,6 +118,11 @@ class Control:
             self.on_touch(list(await request.json()))
         return web.Response(status=204)
 
+    async def _hint(self, request: web.Request) -> web.Response:
+        if self.on_hint is None:
+            return web.Response(status=404)
+        return web.json_response(self.on_hint(await request.json()))
+
     async def _invalidate(self, request: web.Request) -> web.Response:
         body = await request.json()
         if self.on_invalidate is not None:
@@ -136,6 +146,17 @@ class Control:
         if resp.status != 200:
             raise OSError(f"owner could not fill: {resp.status}")
         return int((await resp.json())["size"])
+
+    async def hint(self, doc: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """Hand a hint to the owner; its answer (OSError when it has none)."""
+        try:
+            resp = await self._post(OWNER_SOCKET, "/hint", doc, timeout)
+            if resp.status != 200:
+                raise OSError(f"owner answered {resp.status}")
+            answer = await resp.json()
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise OSError(f"owner unreachable: {e}") from e
+        return dict(answer)
 
     async def touch(self, ids: list[str]) -> None:
         with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):

@@ -15,7 +15,8 @@ import hashlib
 import hmac
 import json
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -31,7 +32,7 @@ from nearstore.gateway import errors
 from nearstore.gateway.access import Op, authorize_owner, decide, requester
 from nearstore.gateway.auth import SignedRequest, authenticate
 from nearstore.gateway.conditions import check_read_conditions
-from nearstore.gateway.config import Config, is_loopback
+from nearstore.gateway.config import Config, User, is_loopback
 from nearstore.gateway.request import check_key, parse_query, split_target, validate_bucket_name
 from nearstore.gateway.routes import S3_SUBRESOURCES
 from nearstore.gateway.sendfile import send_body
@@ -45,6 +46,9 @@ from nearstore.gateway.state import (
     PEER_NONCES_KEY,
 )
 from nearstore.metadata.backing import Backend, ObjectHandle, ObjectInfo, ReadOptions
+
+if TYPE_CHECKING:
+    from nearstore.cache.readpath import CachedBackend
 
 
 async def admin(request: web.Request, path: str) -> web.StreamResponse:
@@ -265,10 +269,26 @@ async def hint_route(request: web.Request) -> web.Response:
         raise errors.InvalidRequest(f"Hints are {{\"stream\": up to 200 characters, \"keys\": up to "
                                    f"{MAX_HINT_KEYS} keys}}")
     cache = request.app[CACHE_FOR_KEY](bucket)
-    backend = request.app[BACKEND_KEY]
-    await backend.head_bucket(bucket)  # NoSuchBucket first, as S3 would (one request per window)
+    await request.app[BACKEND_KEY].head_bucket(bucket)  # NoSuchBucket first, as S3 would (one request per window)
     if cache is None or cache.prefetcher is None:
         raise errors.NotImplemented("Hints need a bucket read through the cache")
+    if cache.follower and cache.control is not None:
+        # One process of several: the owner fills for all, so it takes the
+        # hint (a follower's own prefetcher could start no fill).
+        try:
+            answer = await cache.control.hint({"access_key": auth.access_key, "bucket": bucket, "stream": stream,
+                                               "keys": keys})
+        except OSError as e:
+            raise errors.ServiceUnavailable(f"The node's owner process did not take the hint: {e}") from None
+        return web.json_response(answer)
+    return web.json_response(apply_hint(cfg, request.app[BACKEND_KEY], cache, user, bucket, stream, keys))
+
+
+def apply_hint(cfg: Config, backend: Backend, cache: CachedBackend, user: User, bucket: str, stream: str,
+               keys: list[str]) -> dict[str, int]:
+    """Hand a stream's window to the prefetcher: each key decided as the
+    user's GetObject (those refused counted in ``denied``)."""
+    assert cache.prefetcher is not None
     items, denied = [], 0
     for key in keys:
         try:
@@ -279,7 +299,24 @@ async def hint_route(request: web.Request) -> web.Response:
         items.append(Item(key, check=access.check))
     # Streams are the signer's own: one user cannot replace another's.
     accepted = cache.prefetcher.hint(f"{user.id}:{stream}", bucket, items)
-    return web.json_response({"accepted": accepted, "queued": cache.prefetcher.queued(), "denied": denied})
+    return {"accepted": accepted, "queued": cache.prefetcher.queued(), "denied": denied}
+
+
+def hint_from_worker(app: web.Application) -> Callable[[dict[str, Any]], dict[str, int]]:
+    """The owner's end of a follower's hint (cache.control ``/hint``):
+    checked again here, as the follower checked it, from the signer's
+    access key (the request was authenticated there)."""
+
+    def take(doc: dict[str, Any]) -> dict[str, int]:
+        cfg = app[CONFIG_KEY]
+        user = requester(cfg, str(doc["access_key"]), False)
+        bucket, keys = str(doc["bucket"]), [str(k) for k in doc["keys"]][:MAX_HINT_KEYS]
+        cache = app[CACHE_FOR_KEY](bucket)
+        if user is None or cache is None or cache.prefetcher is None:
+            return {"accepted": 0, "queued": 0, "denied": len(keys)}
+        return apply_hint(cfg, app[BACKEND_KEY], cache, user, bucket, str(doc["stream"]), keys)
+
+    return take
 
 
 # --- the short-circuit socket's requests (cache.localsock) ---------------------

@@ -36,7 +36,7 @@ from nearstore.cache.prefetch import Prefetcher
 from nearstore.cache.readpath import CachedBackend
 from nearstore.cache.store import ChunkStore
 from nearstore.gateway.access import recorded
-from nearstore.gateway.admin import describe, local_reads
+from nearstore.gateway.admin import describe, hint_from_worker, local_reads
 from nearstore.gateway.app import build_app
 from nearstore.gateway.backends.local import LocalStore
 from nearstore.gateway.backends.router import Router
@@ -161,6 +161,8 @@ def build_node(cfg: Config, stores: Stores | None = None) -> web.Application:
         control = Control(cfg.data_dir, owner=not cfg.worker)
         for cache in stores.caches:
             cache.attach(control)
+        if control.owner:
+            control.on_hint = hint_from_worker(app)
         await control.start()
         yield
         await control.close()

@@ -69,6 +69,12 @@ def post_hint(node: CacheNode, bucket: str, doc: Any, *, signed: bool = True,
         return e.code, {"body": e.read().decode()}
 
 
+def health_pid(node: CacheNode) -> int:
+    """The process that answered (a new connection each time)."""
+    with urllib.request.urlopen(f"{node.url}/_nearstore/health", timeout=10) as resp:
+        return int(json.loads(resp.read())["pid"])
+
+
 def until(cond: Any, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -117,3 +123,32 @@ def test_the_hint_route_refuses_what_it_must(node: CacheNode, moto: Proc, tmp_pa
     # Stopping: an empty window drops the stream.
     status, answer = post_hint(node, bucket, {"stream": "s", "keys": []})
     assert status == 200 and answer["accepted"] == 0
+
+
+@pytest.mark.timeout(180)
+def test_hints_to_any_process_of_a_multi_process_node_are_filled(
+        tmp_path: Path, moto: Proc, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``workers = 2`` a hint reaches whichever process the kernel gave
+    the connection; only the owner fills, so a follower hands the hint to
+    it. Eight hints on eight connections: every one is acted on."""
+    monkeypatch.setenv("NEARSTORE_WORKERS", "2")
+    node = CacheNode(tmp_path / "node", moto.url, {"chunk_size": "1MiB", "size": "64MiB"}).start()
+    try:
+        backing = moto_client(moto)
+        bucket = f"hints-{uuid.uuid4().hex[:8]}"
+        backing.create_bucket(Bucket=bucket)
+        objects = put_objects(backing, bucket, "shard-", 8, MiB)  # a chunk each
+        pids: set[int] = set()
+        until(lambda: pids.add(health_pid(node)) or len(pids) == 2, "both processes serving")
+        before = node.metrics()
+        for i, key in enumerate(sorted(objects)):
+            status, answer = post_hint(node, bucket, {"stream": f"job/{i}/0", "keys": [key]})
+            assert status == 200 and answer["accepted"] == 1, answer
+        until(lambda: delta(node.metrics(), before, HINTED) == 8
+              and node.metrics().get("nearstore_fills_in_flight", 0) == 0, "8 chunks prefetched")
+        s3 = node.client()
+        for key, data in objects.items():
+            assert get(s3, bucket, key) == data
+        assert delta(node.metrics(), before, "nearstore_cache_misses_total") == 0
+    finally:
+        node.stop()
