@@ -40,9 +40,13 @@ cleared cache (the node restarted):
   small machine is bound by the CPU the node's fills share with it;
 - ``2x cache``: the node's cache budget set to half the dataset, and
   ``--big-epochs`` (2) shuffled epochs read with hints off, then (cache
-  cleared) on: samples/s and the hit ratio, hits / (hits + misses) from
-  the node's ``/_nearstore/metrics`` (a read that joins a fill in flight,
-  a hinted one included, is neither), with the prefetch counters.
+  cleared) on: samples/s and the hit ratio, hits / chunk reads from the
+  node's ``/_nearstore/metrics`` (a read that waited for a fill in flight,
+  a prefetch included, is not a hit), with the prefetch counters;
+- CPU seconds per GB of each process (node, backing store, proxy,
+  loader) in each leg, and the cores a first epoch at 0.8 x warm would
+  need at the hinted leg's cost: on a small machine these processes
+  share its cores, so the sum bounds a first epoch.
 
 Targets (issue 17): first epoch with hints at least 0.8 x the warm epoch
 (HINTED_VS_WARM) and at least 3 x the loader reading the throttled store
@@ -60,7 +64,9 @@ import functools
 import io
 import json
 import multiprocessing
+import os
 import random
+import resource
 import shutil
 import statistics
 import sys
@@ -72,7 +78,7 @@ from pathlib import Path
 from typing import Any
 
 from nearstore.bench.config import fmt_size, parse_size
-from nearstore.bench.peers import CacheSeaweedPeer, PeerContext, RemoteCacheSeaweedPeer
+from nearstore.bench.peers import CacheSeaweedPeer, PeerContext, ProcessPeer, RemoteCacheSeaweedPeer
 from nearstore.bench.procs import node_metrics
 from nearstore.bench.verdicts import RatioTarget, ratio_table
 from nearstore.clients.connect import connect
@@ -88,6 +94,9 @@ SECTIONS = ("warm", "hints")
 NODE_METRICS = {
     "nearstore_cache_hits_total": "hits",
     "nearstore_cache_misses_total": "misses",
+    "nearstore_cache_joins_total": "joins",
+    "nearstore_prefetch_late_total": "prefetch_late",
+    "nearstore_prefetch_lanes": "lanes",
     "nearstore_prefetch_hints_total": "hinted",
     "nearstore_prefetch_chunks_total": "prefetched",
     "nearstore_prefetch_used_total": "prefetch_used",
@@ -194,9 +203,25 @@ def node_counters(endpoint: str) -> dict[str, float]:
 
 
 def hit_ratio(before: dict[str, float], after: dict[str, float]) -> float | None:
-    """hits / (hits + misses) between two readings of `node_counters`."""
-    hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
-    return hits / (hits + misses) if hits + misses > 0 else None
+    """hits / chunk reads between two readings of `node_counters`: a read
+    that waited for a fill in flight (a prefetch caught up with included)
+    is not a hit."""
+    hits = after["hits"] - before["hits"]
+    reads = hits + after["misses"] - before["misses"] + after["joins"] - before["joins"]
+    return hits / reads if reads > 0 else None
+
+
+def cpu_now(peer: RemoteCacheSeaweedPeer) -> dict[str, float]:
+    """CPU seconds so far of each process in the hint rows: the node, the
+    backing store, the throttling proxy and the loader (this process and
+    its reaped children: the rank processes and their DataLoader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def tree(p: ProcessPeer) -> float:
+        return p.monitor.cpu_seconds() if p.monitor is not None and p.proc is not None else 0.0
+
+    return {"node": tree(peer), "store": tree(peer.backing), "proxy": tree(peer.throttle),
+            "loader": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime}
 
 
 def ranks_pass(make: Callable[[int, int], TarDataset[int]], ranks: int, workers: int,
@@ -272,14 +297,17 @@ def hints_section(args: argparse.Namespace, root: Path, data_dir: Path, paths: l
 
             def leg(name: str, make: Callable[[int, int], TarDataset[int]], ranks: int = ranks, w: int = w,
                     sfx: str = sfx) -> None:
-                before = node_counters(peer.endpoint())
+                before, cpu0 = node_counters(peer.endpoint()), cpu_now(peer)
                 n, secs = ranks_pass(make, ranks, w, args.step_ms / 1000)
+                cpu1 = cpu_now(peer)
                 if n != args.samples:
                     raise RuntimeError(f"{name}{sfx}: {n} samples, expected {args.samples}")
                 after = node_counters(peer.endpoint())
                 results.setdefault(name + sfx, []).append(n / secs)
                 extra["counters"].setdefault(name + sfx, []).append(
-                    {k: after[k] - before[k] for k in after} | {"hit_ratio": hit_ratio(before, after)})
+                    {k: after[k] - before[k] for k in after} | {"hit_ratio": hit_ratio(before, after),
+                                                                 "lanes": after["lanes"], "seconds": secs}
+                    | {f"cpu_{k}": cpu1[k] - cpu0[k] for k in cpu1})
                 print(f"  {name}{sfx}: {n / secs:,.0f} samples/s", flush=True)
 
             for run in range(args.runs):
@@ -315,6 +343,46 @@ def hints_section(args: argparse.Namespace, root: Path, data_dir: Path, paths: l
     return results, extra
 
 
+CPU_PARTS = ("node", "store", "proxy", "loader")
+
+
+def print_cpu(args: argparse.Namespace, results: dict[str, list[float]], extra: dict[str, Any], total: int) -> None:
+    """Where the CPU went in each leg (its last run), per GB read: the two
+    cores are shared by the node, the backing store, the proxy standing in
+    for the network and the loader, so a first epoch here is bound by the
+    sum. And what that sum makes of the targets: the cores a first epoch at
+    0.8 x the warm epoch would need at these costs."""
+    cores = os.cpu_count() or 1
+    print()
+    print(f"CPU seconds per GB read, by process (last run of each leg; this machine has {cores} cores); "
+          "samples per node CPU-second:")
+    print()
+    print("| leg | node | backing store | throttling proxy | loader | all | cores busy | samples per node CPU-s |")
+    print("|---|---|---|---|---|---|---|---|")
+    gb = total / 1e9
+    needs = []
+    for sfx in extra["suffixes"]:
+        for name in ["first epoch, hints off", "first epoch, hints on", "warm epoch", "boto3 -> throttled store"]:
+            last = extra["counters"].get(name + sfx, [{}])[-1]
+            if "cpu_node" not in last:
+                continue
+            per = [last[f"cpu_{k}"] / gb for k in CPU_PARTS]
+            node_cpu = last["cpu_node"]
+            per_node = f"{args.samples / node_cpu:,.0f}" if node_cpu > 0.05 else "-"
+            print(f"| {name}{sfx} | " + " | ".join(f"{v:.2f}" for v in per)
+                  + f" | {sum(per):.2f} | {sum(per) * gb / last['seconds']:.2f} | {per_node} |")
+        hinted = extra["counters"].get("first epoch, hints on" + sfx, [{}])[-1]
+        warm = results.get("warm epoch" + sfx)
+        if "cpu_node" in hinted and warm:
+            cost = sum(hinted[f"cpu_{k}"] for k in CPU_PARTS) / gb  # CPU-s per GB
+            want = HINTED_VS_WARM * statistics.median(warm) * total / args.samples / 1e9  # GB/s
+            needs.append(f"A first epoch{sfx} at {HINTED_VS_WARM} x warm is {want:.2f} GB/s; at the hinted leg's "
+                         f"{cost:.2f} CPU-s per GB that needs {want * cost:.1f} busy cores (this machine: {cores}).")
+    for line in needs:
+        print()
+        print(line)
+
+
 def fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -328,8 +396,9 @@ def print_hints(args: argparse.Namespace, results: dict[str, list[float]], extra
     print(f"first epoch with read-ahead hints: the store behind a proxy at {args.remote_rate / 1e6:g} MB/s "
           f"per connection; {paced}; samples/s, median (min-max) of {args.runs} runs")
     print()
-    print("| leg | samples/s | GB/s | vs warm epoch | hit ratio | prefetched chunks | prefetched read |")
-    print("|---|---|---|---|---|---|---|")
+    print("| leg | samples/s | GB/s | vs warm epoch | hit ratio | prefetched chunks | prefetched read "
+          "| read late | lanes at the end |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for sfx in extra["suffixes"]:
         warm = results.get("warm epoch" + sfx)
         base = statistics.median(warm) if warm else None
@@ -342,7 +411,9 @@ def print_hints(args: argparse.Namespace, results: dict[str, list[float]], extra
             last = extra["counters"].get(name + sfx, [{}])[-1]
             vs = f"{med / base:.2f}" if base else "-"
             print(f"| {name}{sfx} | {fmt_cell(vals)} | {gbps:.2f} | {vs} | {fmt_ratio(last.get('hit_ratio'))} "
-                  f"| {last.get('prefetched', 0):,.0f} | {last.get('prefetch_used', 0):,.0f} |")
+                  f"| {last.get('prefetched', 0):,.0f} | {last.get('prefetch_used', 0):,.0f} "
+                  f"| {last.get('prefetch_late', 0):,.0f} | {last.get('lanes', 0):,.0f} |")
+    print_cpu(args, results, extra, total)
     if extra["big"]:
         print()
         print(f"dataset 2 x the cache budget ({fmt_size(total)} over a {extra['big'][0]['cache_size']} cache), "
