@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -132,6 +133,7 @@ class CachedBackend:
         verify: bool = True,
         reverify_s: float = 0.0,
         max_fills: int = 64,
+        prefetch_direct: bool = False,
     ) -> None:
         self.inner = inner
         self.name = inner.name
@@ -151,6 +153,7 @@ class CachedBackend:
         # Prefetched chunks (cache.prefetch) no reader has touched yet: id -> size.
         self.prefetched_unread: dict[str, int] = {}
         self.prefetched_unread_bytes = 0
+        self.prefetch_direct = prefetch_direct  # prefetch fills written with O_DIRECT (ChunkWriter)
         self._unprotect_at: dict[str, asyncio.TimerHandle] = {}  # prefetched chunks kept until read
         store.on_drop.append(self._dropped)
         # Fills in flight that no reader's leaving cancels: some reader was
@@ -318,7 +321,7 @@ class CachedBackend:
         size = self.chunk_span(info, index)[1]
         self.prefetched_unread[cid] = size
         self.prefetched_unread_bytes += size
-        task = self._start_fill(cid, bucket, info, index)
+        task = self._start_fill(cid, bucket, info, index, direct=self.prefetch_direct)
         self._keep.add(cid)
 
         def done(t: asyncio.Future[Chunk]) -> None:
@@ -369,9 +372,10 @@ class CachedBackend:
             self.prefetched_unread_bytes -= size
             metrics.PREFETCH_WASTED.inc(size)
 
-    def _start_fill(self, cid: str, bucket: str, info: ObjectInfo, index: int) -> asyncio.Future[Chunk]:
+    def _start_fill(self, cid: str, bucket: str, info: ObjectInfo, index: int,
+                    direct: bool = False) -> asyncio.Future[Chunk]:
         progress = self.progress[cid] = FillProgress()
-        task = asyncio.ensure_future(self._fill(cid, bucket, info, index, progress))
+        task = asyncio.ensure_future(self._fill(cid, bucket, info, index, progress, direct))
         self._fills[cid] = task
         self._fill_tasks.add(task)
 
@@ -467,7 +471,8 @@ class CachedBackend:
         return c
 
     async def _fill(
-        self, cid: str, bucket: str, info: ObjectInfo, index: int, progress: FillProgress | None = None
+        self, cid: str, bucket: str, info: ObjectInfo, index: int, progress: FillProgress | None = None,
+        direct: bool = False,
     ) -> Chunk:
         start, length = self.chunk_span(info, index)
         if progress is not None:
@@ -478,12 +483,14 @@ class CachedBackend:
         finally:
             self._fills_queued -= 1
         try:
-            return await self._fill_now(cid, bucket, info, index, start, length, progress)
+            return await self._fill_now(cid, bucket, info, index, start, length, progress, direct)
         finally:
             self._fill_slots.release()
 
     async def _fill_now(self, cid: str, bucket: str, info: ObjectInfo, index: int, start: int, length: int,
-                        progress: FillProgress | None) -> Chunk:
+                        progress: FillProgress | None, direct: bool = False) -> Chunk:
+        """Fill one chunk from the backing store (``direct``: written with
+        O_DIRECT, for prefetches: see ChunkWriter)."""
         loop = asyncio.get_running_loop()
         began = time.monotonic()
         metrics.FILLS_IN_FLIGHT.inc()
@@ -503,7 +510,8 @@ class CachedBackend:
                     # the one place that sees the backing store's answer): a
                     # chunk cut to the wrong length must never be stored.
                     raise ObjectChanged(info.key)
-                writer = await loop.run_in_executor(None, ChunkWriter, self.store.new_temp())
+                writer = await loop.run_in_executor(
+                    None, functools.partial(ChunkWriter, self.store.new_temp(), direct=direct))
                 if progress is not None:
                     progress.path = writer.path
                     progress.advance(0)
@@ -518,6 +526,8 @@ class CachedBackend:
             if writer.size != length:
                 raise OSError(f"fill of {info.key} chunk {index}: {writer.size} bytes, expected {length}")
             checksum = await loop.run_in_executor(None, writer.close)
+            if progress is not None and writer.written > progress.written:
+                progress.advance(writer.written - progress.written)  # an O_DIRECT writer's last block
             tmp, writer = writer.path, None
             chunk = self.store.commit(cid, tmp, length, checksum)
             metrics.BACKING_LATENCY.observe(time.monotonic() - began)
@@ -545,15 +555,14 @@ class CachedBackend:
         batch: list[bytes] = []
         queued = 0
         writing: asyncio.Future[None] | None = None
-        written = 0
 
         async def settle() -> None:
-            nonlocal writing, written
+            nonlocal writing
             if writing is not None:
                 await writing
                 writing = None
-                if progress is not None:
-                    progress.advance(written)
+                if progress is not None and writer.written > progress.written:
+                    progress.advance(writer.written - progress.written)  # what readers may read now
 
         try:
             async for piece in pieces:
@@ -564,10 +573,10 @@ class CachedBackend:
                     continue
                 await settle()
                 writing = loop.run_in_executor(None, writer.write_many, batch)
-                batch, written, queued = [], queued, 0
+                batch, queued = [], 0
             await settle()
             if batch:
-                writing, written = loop.run_in_executor(None, writer.write_many, batch), queued
+                writing = loop.run_in_executor(None, writer.write_many, batch)
                 await settle()
         finally:
             if writing is not None and not writing.done():

@@ -79,7 +79,8 @@ class Stores:
                 return up
             cache = CachedBackend(up, self.chunks, chunk_size=cfg.cache.chunk_size, meta_ttl=cfg.cache.meta_ttl,
                                   prefetch=cfg.cache.prefetch, verify=cfg.cache.verify,
-                                  reverify_s=cfg.cache.reverify_s, max_fills=cfg.cache.max_fills)
+                                  reverify_s=cfg.cache.reverify_s, max_fills=cfg.cache.max_fills,
+                                  prefetch_direct=cfg.cache.hint_direct)
             if cfg.cache.hints:
                 cache.prefetcher = Prefetcher(cache, lanes=cfg.cache.hint_lanes,
                                               max_lanes=cfg.cache.hint_lanes_max, share=cfg.cache.hint_share)

@@ -384,6 +384,86 @@ async def test_a_fill_writes_in_batches_and_readers_see_only_written_bytes(tmp_p
     assert calls[0] == 1 and calls[1] >= 9  # batched while the first write ran, not a hop per piece
 
 
+def _has_o_direct(where: Path) -> bool:
+    try:
+        fd = os.open(where / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(where / "probe")
+    return True
+
+
+async def test_a_direct_chunk_writer_shows_readers_whole_blocks_and_ends_exact(tmp_path: Path) -> None:
+    """Prefetch fills write with O_DIRECT: readers of the growing file see
+    only flushed blocks, and the closed file is exactly the bytes, cut
+    from its padded last block; the staging buffer is reused."""
+    import asyncio
+    import types
+
+    from nearstore.cache import store as store_mod
+    from nearstore.cache.readpath import FillProgress
+    from nearstore.cache.store import ChunkWriter
+
+    rng = random.Random(5)
+    pieces = [rng.randbytes(rng.randint(1, 200_000)) for _ in range(40)]
+    content = b"".join(pieces)
+    writer = ChunkWriter(tmp_path / "fill", direct=True)
+    direct, stage = writer.direct, writer._stage
+    assert direct == _has_o_direct(tmp_path)  # where the filesystem has it (ext4 here)
+    progress = FillProgress()
+    seen: list[tuple[int, bytes]] = []
+    advance = progress.advance
+
+    def checked_advance(n: int) -> None:
+        advance(n)
+        with open(writer.path, "rb") as f:
+            seen.append((progress.written, f.read(progress.written)))
+
+    progress.advance = checked_advance  # type: ignore[method-assign]
+
+    async def arriving() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            await asyncio.sleep(0)
+            yield piece
+
+    fake = types.SimpleNamespace(WRITE_BEHIND=CachedBackend.WRITE_BEHIND)
+    await CachedBackend._receive(fake, arriving(), writer, progress)  # type: ignore[arg-type]
+    assert seen and all(data == content[:n] for n, data in seen)  # never a byte past what was flushed
+    if direct:
+        assert writer.written == len(content) // ChunkWriter.BLOCK * ChunkWriter.BLOCK < writer.size
+    assert writer.close() == xxhash.xxh3_64(content).hexdigest()
+    assert writer.written == writer.size == len(content)
+    assert (tmp_path / "fill").read_bytes() == content
+    if direct:
+        again = ChunkWriter(tmp_path / "again", direct=True)
+        assert again._stage is stage  # the buffer of the last fill, not new memory
+        again.abort()
+        assert not (tmp_path / "again").exists() and stage in store_mod._STAGES
+
+
+def test_a_direct_chunk_writer_without_o_direct_writes_plainly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from nearstore.cache.store import ChunkWriter
+
+    real_open = os.open
+
+    def no_direct(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "O_DIRECT not supported")  # tmpfs
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    writer = ChunkWriter(tmp_path / "plain", direct=True)
+    assert not writer.direct
+    writer.write_many([b"x" * 5000, b"y" * 3])
+    assert writer.written == writer.size == 5003
+    writer.close()
+    assert (tmp_path / "plain").read_bytes() == b"x" * 5000 + b"y" * 3
+
+
 def test_a_chunk_writer_never_writes_after_abort(tmp_path: Path) -> None:
     from nearstore.cache.store import ChunkWriter
 

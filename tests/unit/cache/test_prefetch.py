@@ -262,3 +262,30 @@ async def test_without_readers_catching_up_the_lanes_stay_as_configured(
         await read(cb, f"k{i}")
     assert metrics.HITS._value.get() - hits == 6 and pf.running == 2
     await pf.close()
+
+
+async def test_with_hint_direct_only_prefetch_fills_write_with_o_direct(
+        env: tuple[CachedBackend, Counted, Prefetcher], monkeypatch: pytest.MonkeyPatch) -> None:
+    from nearstore.cache import readpath
+    from nearstore.cache.store import ChunkWriter
+
+    cb, counted, pf = env
+    writers: list[tuple[str, bool]] = []
+
+    def recorded(path: Path, *, direct: bool = False) -> ChunkWriter:
+        w = ChunkWriter(path, direct=direct)
+        writers.append((path.name, direct))
+        return w
+
+    monkeypatch.setattr(readpath, "ChunkWriter", recorded)
+    cb.prefetch_direct = True
+    hinted, other = os.urandom(3 * CS + 7), os.urandom(CS)
+    await put(counted, "hinted", hinted)
+    await put(counted, "other", other)
+    pf.hint("job/0/0", "b", [Item("hinted")])
+    await idle(cb, pf)
+    assert [d for _, d in writers] == [True] * 4
+    assert await read(cb, "other") == other  # a client's fill: through the page cache
+    await idle(cb, pf)
+    assert [d for _, d in writers] == [True] * 4 + [False]
+    assert await read(cb, "hinted") == hinted
