@@ -34,7 +34,8 @@ This module turns those windows into chunk fills, with bounded effort:
   window's worth cannot flush the working set. Until read (at most
   ``CachedBackend.PROTECT_S``) they are kept from eviction themselves: a
   policy sees a chunk nobody has read as the coldest of all, and over a
-  dataset twice the cache SIEVE evicted a third of them unread.
+  dataset twice the cache SIEVE evicted a third to two thirds of them
+  unread.
 - **Routed.** In a cluster, a chunk another node owns is hinted to its
   owner (``Cluster.hint``, signed like all peer requests) with the
   object's ETag and size, and the owner fills it; the asker's node never

@@ -330,8 +330,9 @@ class CachedBackend:
             elif cid in self.prefetched_unread and self.store.protect(cid):
                 # Kept until read: an eviction policy sees a chunk nobody
                 # read as the coldest (SIEVE takes the unvisited first), and
-                # a scan larger than the cache evicted half of them unread.
-                # The share bounds what is kept; STALE_S bounds how long.
+                # over a dataset twice the cache a third to two thirds of
+                # them went unread (bench loader). The hint share bounds
+                # what is kept; PROTECT_S bounds how long.
                 old = self._unprotect_at.pop(cid, None)
                 if old is not None:
                     old.cancel()

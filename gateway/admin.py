@@ -303,9 +303,9 @@ def apply_hint(cfg: Config, backend: Backend, cache: CachedBackend, user: User, 
 
 
 def hint_from_worker(app: web.Application) -> Callable[[dict[str, Any]], dict[str, int]]:
-    """The owner's end of a follower's hint (cache.control ``/hint``):
-    checked again here, as the follower checked it, from the signer's
-    access key (the request was authenticated there)."""
+    """The owner's end of a follower's hint (cache.control ``/hint``): the
+    follower authenticated the request; each key is decided here, as the
+    signer's GetObject, from its access key."""
 
     def take(doc: dict[str, Any]) -> dict[str, int]:
         cfg = app[CONFIG_KEY]
