@@ -226,7 +226,7 @@ class ChunkStore:
             return False
         if cid in self.pinned:
             return True
-        if self.pinned_bytes + self.protected_bytes + c.size > self.capacity * self.MAX_PINNED_SHARE:
+        if not self._may_hold(c.size):
             return False
         self.pinned.add(cid)
         self.pinned_bytes += c.size
@@ -250,12 +250,16 @@ class ChunkStore:
             return False
         if cid in self.protected:
             return True
-        if self.pinned_bytes + self.protected_bytes + c.size > self.capacity * self.MAX_PINNED_SHARE:
+        if not self._may_hold(c.size):
             return False
         self.protected[cid] = c.size
         self.protected_bytes += c.size
         self.policy.pin(cid)
         return True
+
+    def _may_hold(self, size: int) -> bool:
+        """Whether pins and protections may take ``size`` more bytes."""
+        return self.pinned_bytes + self.protected_bytes + size <= self.capacity * self.MAX_PINNED_SHARE
 
     def unprotect(self, cid: str) -> None:
         size = self.protected.pop(cid, None)

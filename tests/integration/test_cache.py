@@ -40,20 +40,12 @@ from tests.helpers.cachenode import (
     chunk_file_ok,
     flip_byte,
     moto_client,
-    start_moto,
 )
 
 NodeFactory = Callable[..., CacheNode]
 
 
 # -- fixtures ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    proc = start_moto(tmp_path_factory.mktemp("moto"))
-    yield proc
-    proc.stop(timeout=5)
 
 
 @pytest.fixture(scope="module")

@@ -29,18 +29,10 @@ from tests.helpers.cachenode import (
     CacheNode,
     Proc,
     moto_client,
-    start_moto,
 )
 from tests.integration.test_cache import MiB, delta, get, put_objects
 
 HINTED, USED = "nearstore_prefetch_chunks_total", "nearstore_prefetch_used_total"
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    proc = start_moto(tmp_path_factory.mktemp("moto"))
-    yield proc
-    proc.stop(timeout=5)
 
 
 @pytest.fixture

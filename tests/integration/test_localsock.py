@@ -29,7 +29,6 @@ from tests.helpers.cachenode import (
     Proc,
     flip_byte,
     moto_client,
-    start_moto,
 )
 from tests.helpers.servers import S3Server
 from tests.unit.clients.test_datasets import make_tar
@@ -109,13 +108,6 @@ def test_discovery_can_be_turned_off(node: tuple[Any, LocalNode, str], monkeypat
 
 
 # -- through the chunk cache ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    proc = start_moto(tmp_path_factory.mktemp("moto"))
-    yield proc
-    proc.stop(timeout=5)
 
 
 @pytest.fixture

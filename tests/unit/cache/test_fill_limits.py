@@ -90,8 +90,9 @@ async def env(tmp_path: Path) -> AsyncIterator[tuple[CachedBackend, Paced]]:
     await cb.close()
 
 
-async def until(cond: Any, what: str) -> None:
-    for _ in range(2000):
+async def until(cond: Any, what: str, tries: int = 2000) -> None:
+    """Until ``cond()``, polled every millisecond or so, at most ``tries`` times."""
+    for _ in range(tries):
         if cond():
             return
         await asyncio.sleep(0.001)

@@ -20,6 +20,7 @@ from nearstore.cache.readpath import CachedBackend
 from nearstore.cache.store import ChunkStore
 from nearstore.gateway.backends.local import LocalStore
 from nearstore.metadata.backing import ObjectHandle, ObjectMeta, ReadOptions
+from tests.unit.cache.test_fill_limits import read_all as read
 from tests.unit.cache.test_fill_limits import until
 from tests.unit.gateway.test_local_store import Body
 
@@ -68,19 +69,8 @@ async def put(counted: Counted, key: str, data: bytes) -> None:
 
 async def idle(cb: CachedBackend, pf: Prefetcher) -> None:
     """Until every hint is acted on and every fill has landed."""
-    for _ in range(5000):
-        if not pf.queued() and not pf.busy and not cb._fills:
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError(f"still busy: {pf.queued()} queued, {len(cb._fills)} fills")
-
-
-async def read(cb: CachedBackend, key: str) -> bytes:
-    h = await cb.open_object("b", key)
-    try:
-        return b"".join([p async for p in h.read_range(0, h.info.size)])
-    finally:
-        await h.close()
+    await until(lambda: not pf.queued() and not pf.busy and not cb._fills,
+                "every hint acted on and every fill landed", tries=5000)
 
 
 async def test_hints_are_filled_in_order_and_read_as_hits(env: tuple[CachedBackend, Counted, Prefetcher]) -> None:
