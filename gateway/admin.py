@@ -192,13 +192,10 @@ async def peer_route(request: web.Request, path: str) -> web.StreamResponse:
         return web.Response(status=204)
     if path == "/_nearstore/peer/hint" and request.method == "POST":
         doc: dict[str, Any] = _json_body(await _small_body(request))
-        try:
-            info = ObjectInfo(key=str(doc["key"]), size=int(doc["size"]), etag=str(doc["etag"]), last_modified=0.0)
-            indices = [int(i) for i in doc["indices"]][:MAX_HINT_KEYS]
-        except (KeyError, TypeError, ValueError):
-            raise errors.InvalidRequest("A peer hint is {key, etag, size, indices}") from None
+        item = _peer_item(doc)  # 400 before anything is handed on
         if cache is not None and cache.prefetcher is not None:
-            cache.prefetcher.add(f"peers:{bucket}", bucket, Item(info.key, info, indices))
+            if await _at_owner(cache, {**doc, "peer": True, "bucket": bucket}) is None:
+                cache.prefetcher.add(f"peers:{bucket}", bucket, item)
         return web.Response(status=204)
     if path != "/_nearstore/peer/chunk" or request.method != "GET":
         raise errors.NoSuchKey("No such peer route", Key=path)
@@ -272,16 +269,33 @@ async def hint_route(request: web.Request) -> web.Response:
     await request.app[BACKEND_KEY].head_bucket(bucket)  # NoSuchBucket first, as S3 would (one request per window)
     if cache is None or cache.prefetcher is None:
         raise errors.NotImplemented("Hints need a bucket read through the cache")
-    if cache.follower and cache.control is not None:
-        # One process of several: the owner fills for all, so it takes the
-        # hint (a follower's own prefetcher could start no fill).
-        try:
-            answer = await cache.control.hint({"access_key": auth.access_key, "bucket": bucket, "stream": stream,
-                                               "keys": keys})
-        except OSError as e:
-            raise errors.ServiceUnavailable(f"The node's owner process did not take the hint: {e}") from None
-        return web.json_response(answer)
-    return web.json_response(apply_hint(cfg, request.app[BACKEND_KEY], cache, user, bucket, stream, keys))
+    answer = await _at_owner(cache, {"access_key": auth.access_key, "bucket": bucket, "stream": stream, "keys": keys})
+    if answer is None:
+        answer = apply_hint(cfg, request.app[BACKEND_KEY], cache, user, bucket, stream, keys)
+    return web.json_response(answer)
+
+
+def _peer_item(doc: dict[str, Any]) -> Item:
+    """A peer's hint ``{key, etag, size, indices}``: those chunks of that
+    version (the owner checks version and size as any fill does)."""
+    try:
+        info = ObjectInfo(key=str(doc["key"]), size=int(doc["size"]), etag=str(doc["etag"]), last_modified=0.0)
+        return Item(info.key, info, [int(i) for i in doc["indices"]][:MAX_HINT_KEYS])
+    except (KeyError, TypeError, ValueError):
+        raise errors.InvalidRequest("A peer hint is {key, etag, size, indices}") from None
+
+
+async def _at_owner(cache: CachedBackend, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """In one process of several, a hint (a loader's or a peer's) goes to
+    the owner, which fills for all (a follower's own prefetcher could start
+    no fill): the owner's answer. None in the owner or a node alone: act
+    on it here."""
+    if not cache.follower or cache.control is None:
+        return None
+    try:
+        return await cache.control.hint(doc)
+    except OSError as e:
+        raise errors.ServiceUnavailable(f"The node's owner process did not take the hint: {e}") from None
 
 
 def apply_hint(cfg: Config, backend: Backend, cache: CachedBackend, user: User, bucket: str, stream: str,
@@ -304,14 +318,20 @@ def apply_hint(cfg: Config, backend: Backend, cache: CachedBackend, user: User, 
 
 def hint_from_worker(app: web.Application) -> Callable[[dict[str, Any]], dict[str, int]]:
     """The owner's end of a follower's hint (cache.control ``/hint``): the
-    follower authenticated the request; each key is decided here, as the
-    signer's GetObject, from its access key."""
+    follower authenticated the request. A loader's keys are decided here,
+    each as the signer's GetObject, from its access key; a peer's chunks
+    are queued as the peer route would."""
 
     def take(doc: dict[str, Any]) -> dict[str, int]:
         cfg = app[CONFIG_KEY]
-        user = requester(cfg, str(doc["access_key"]), False)
-        bucket, keys = str(doc["bucket"]), [str(k) for k in doc["keys"]][:MAX_HINT_KEYS]
+        bucket = str(doc["bucket"])
         cache = app[CACHE_FOR_KEY](bucket)
+        if doc.get("peer"):  # a peer's, authenticated by the cluster secret there
+            if cache is not None and cache.prefetcher is not None:
+                cache.prefetcher.add(f"peers:{bucket}", bucket, _peer_item(doc))
+            return {}
+        user = requester(cfg, str(doc["access_key"]), False)
+        keys = [str(k) for k in doc["keys"]][:MAX_HINT_KEYS]
         if user is None or cache is None or cache.prefetcher is None:
             return {"accepted": 0, "queued": 0, "denied": len(keys)}
         return apply_hint(cfg, app[BACKEND_KEY], cache, user, bucket, str(doc["stream"]), keys)

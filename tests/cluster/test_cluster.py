@@ -37,8 +37,8 @@ def moto() -> Iterator[str]:
 
 
 class Cluster:
-    def __init__(self, tmp: Path, moto: str, n: int = 3) -> None:
-        self.tmp, self.moto = tmp, moto
+    def __init__(self, tmp: Path, moto: str, n: int = 3, workers: int = 1) -> None:
+        self.tmp, self.moto, self.workers = tmp, moto, workers
         self.ports = [free_port() for _ in range(n)]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -52,7 +52,7 @@ class Cluster:
         log = open(self.tmp / f"n{port}.log", "ab")
         self.procs[port] = subprocess.Popen(
             [str(BIN / "nearstore"), "serve", "--port", str(port), "--data-dir", str(self.tmp / f"d{port}"),
-             "--config", str(cfg)], env={**os.environ, **KEYS}, stderr=log)
+             "--config", str(cfg), "--workers", str(self.workers)], env={**os.environ, **KEYS}, stderr=log)
         log.close()
         wait_ready(f"http://127.0.0.1:{port}/_nearstore/health", self.procs[port])
 
@@ -87,8 +87,10 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, moto: str) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, moto)
+def cluster(tmp_path: Path, moto: str, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """Three nodes; ``@pytest.mark.parametrize("cluster", [N], indirect=True)``
+    gives each N processes."""
+    c = Cluster(tmp_path, moto, workers=getattr(request, "param", 1))
     try:
         for p in c.ports:
             c.start(p)
@@ -272,10 +274,12 @@ def test_a_peer_cannot_cut_a_chunk_to_a_wrong_size(cluster: Cluster) -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("cluster", [1, 2], indirect=True, ids=["1 process", "2 processes"])
 def test_hints_through_one_node_fill_each_chunk_on_its_owner(cluster: Cluster) -> None:
     """Issue 17: a loader hints its node; chunks other nodes own are hinted
     to their owners, which fill them; the reads that follow, through any
-    node, are hits everywhere."""
+    node, are hits everywhere. With 2 processes a node, a hint (the
+    loader's or a peer's) that reaches a follower is handed to its owner."""
     from botocore.auth import S3SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
